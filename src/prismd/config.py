@@ -1,0 +1,190 @@
+"""Configuration: a TOML file, overridden by environment variables, overridden by flags.
+
+`$PRISMD_HOME/config.toml` (PRISMD_HOME defaults to ~/.prismd). A bad file is reported as a
+ConfigError whose message names the key and the problem; the CLI prints it without a traceback.
+"""
+
+from __future__ import annotations
+
+import os
+import tomllib
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+ProviderKind = Literal["openai", "anthropic", "ollama"]
+PROVIDER_KINDS: tuple[str, ...] = ("openai", "anthropic", "ollama")
+
+DEFAULT_SYSTEM_PROMPT = (
+    "You are a helpful assistant running inside prismd, a self-hosted AI server. "
+    "Answer clearly and concisely; use Markdown where it helps."
+)
+
+
+class ConfigError(Exception):
+    """The configuration cannot be used; the message says which key and why."""
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class ServerSettings(_Section):
+    host: str = "127.0.0.1"
+    port: Annotated[int, Field(ge=0, le=65535)] = 3000
+    data_dir: Path | None = None
+    # A text frame larger than this gets `payload_too_large` (the socket stays open). Frames over
+    # `hard_frame_bytes` are refused by the WebSocket layer itself (close code 1009).
+    max_frame_bytes: Annotated[int, Field(ge=1024)] = 16 * 1024 * 1024
+    hard_frame_bytes: Annotated[int, Field(ge=1024)] = 64 * 1024 * 1024
+    max_files: Annotated[int, Field(ge=0)] = 10
+    max_file_bytes: Annotated[int, Field(ge=1)] = 10 * 1024 * 1024
+    # Frames queued for one connection before it is considered stuck and dropped.
+    send_queue_frames: Annotated[int, Field(ge=16)] = 10_000
+    # Events kept per session for `resume`; older ones are pruned (a resume before them gets
+    # `resume_gap`).
+    max_events_per_session: Annotated[int, Field(ge=100)] = 50_000
+    log_level: Literal["debug", "info", "warning", "error"] = "info"
+
+
+class ProviderSettings(_Section):
+    base_url: str | None = None
+    api_key: str | None = None
+    model: str | None = None
+    # Idle time allowed between two pieces of a stream (and for the response headers).
+    timeout_s: Annotated[float, Field(gt=0)] = 120.0
+    connect_timeout_s: Annotated[float, Field(gt=0)] = 10.0
+    # Retries with backoff on 429/5xx/connection errors, only before the first token.
+    max_retries: Annotated[int, Field(ge=0, le=10)] = 2
+    context_window: Annotated[int, Field(gt=0)] | None = None
+    vision: bool = True
+    max_output_tokens: Annotated[int, Field(gt=0)] = 4096
+
+
+class AgentSettings(_Section):
+    id: Annotated[str, Field(pattern=r"^[A-Za-z0-9_-]{1,64}$")]
+    name: str
+    description: str = ""
+    provider: ProviderKind | None = None
+    model: str | None = None
+    system_prompt: str = DEFAULT_SYSTEM_PROMPT
+    temperature: Annotated[float, Field(ge=0, le=2)] | None = None
+    tools: list[str] = Field(default_factory=list)
+
+
+BUILTIN_AGENT = AgentSettings(
+    id="assistant",
+    name="Assistant",
+    description="A general-purpose assistant (built in).",
+)
+
+
+class Settings(_Section):
+    home: Path = Path("~/.prismd")
+    provider: ProviderKind | None = None
+    model: str | None = None
+    default_agent: str = "assistant"
+    server: ServerSettings = Field(default_factory=ServerSettings)
+    providers: dict[ProviderKind, ProviderSettings] = Field(default_factory=dict)
+    agents: list[AgentSettings] = Field(default_factory=list)
+
+    @property
+    def data_dir(self) -> Path:
+        return (self.server.data_dir or self.home / "data").expanduser()
+
+    def provider_settings(self, kind: str) -> ProviderSettings:
+        return self.providers.get(kind, ProviderSettings())  # type: ignore[call-overload]
+
+    def all_agents(self) -> list[AgentSettings]:
+        configured = {a.id: a for a in self.agents}
+        builtin = [] if BUILTIN_AGENT.id in configured else [BUILTIN_AGENT]
+        return builtin + list(configured.values())
+
+
+# Environment variables that override the file: name -> path of keys in the settings dict.
+ENV_OVERRIDES: dict[str, tuple[str, ...]] = {
+    "PRISMD_HOST": ("server", "host"),
+    "PRISMD_PORT": ("server", "port"),
+    "PRISMD_DATA_DIR": ("server", "data_dir"),
+    "PRISMD_LOG_LEVEL": ("server", "log_level"),
+    "PRISMD_PROVIDER": ("provider",),
+    "PRISMD_MODEL": ("model",),
+    "PRISMD_DEFAULT_AGENT": ("default_agent",),
+    # The SDKs' own variables, so that detection and the SDK agree.
+    "OPENAI_BASE_URL": ("providers", "openai", "base_url"),
+    "OPENAI_API_KEY": ("providers", "openai", "api_key"),
+    "ANTHROPIC_BASE_URL": ("providers", "anthropic", "base_url"),
+    "ANTHROPIC_API_KEY": ("providers", "anthropic", "api_key"),
+    "OLLAMA_BASE_URL": ("providers", "ollama", "base_url"),
+}
+
+
+def home_dir(env: dict[str, str] | None = None) -> Path:
+    env = dict(os.environ) if env is None else env
+    return Path(env.get("PRISMD_HOME") or "~/.prismd").expanduser()
+
+
+def _set(tree: dict[str, Any], path: tuple[str, ...], value: Any) -> None:
+    for key in path[:-1]:
+        node = tree.get(key)
+        if not isinstance(node, dict):
+            node = tree[key] = {}
+        tree = node
+    tree[path[-1]] = value
+
+
+def _describe(exc: ValidationError, source: str) -> str:
+    lines = [f"Invalid configuration ({source}):"]
+    for err in exc.errors(include_url=False):
+        key = ".".join(str(p) for p in err["loc"]) or "(top level)"
+        msg = err["msg"]
+        if err["type"] == "extra_forbidden":
+            msg = "unknown key"
+        lines.append(f"  {key}: {msg}")
+    return "\n".join(lines)
+
+
+def load_settings(
+    config_file: Path | str | None = None,
+    overrides: dict[tuple[str, ...], Any] | None = None,
+    env: dict[str, str] | None = None,
+) -> Settings:
+    """Read the file (if any), then environment variables, then `overrides` (from flags)."""
+    env = dict(os.environ) if env is None else env
+    home = home_dir(env)
+    path = Path(config_file).expanduser() if config_file else home / "config.toml"
+    tree: dict[str, Any] = {}
+    if path.exists():
+        try:
+            tree = tomllib.loads(path.read_text(encoding="utf-8"))
+        except tomllib.TOMLDecodeError as exc:
+            raise ConfigError(f"Invalid configuration ({path}): not valid TOML: {exc}") from None
+        except OSError as exc:
+            raise ConfigError(f"Cannot read configuration file {path}: {exc}") from None
+    elif config_file:
+        raise ConfigError(f"Configuration file not found: {path}")
+    sources = [str(path) if path.exists() else "defaults"]
+    for name, key_path in ENV_OVERRIDES.items():
+        value = env.get(name)
+        if value:
+            _set(tree, key_path, value)
+            sources.append(name)
+    for key_path, value in (overrides or {}).items():
+        if value is not None:
+            _set(tree, key_path, value)
+    tree.setdefault("home", str(home))
+    try:
+        settings = Settings.model_validate(tree)
+    except ValidationError as exc:
+        raise ConfigError(_describe(exc, ", ".join(sources))) from None
+    ids = [a.id for a in settings.agents]
+    dupes = sorted({i for i in ids if ids.count(i) > 1})
+    if dupes:
+        raise ConfigError(f"Invalid configuration ({path}): agents: duplicate id {dupes[0]!r}")
+    if settings.default_agent not in {a.id for a in settings.all_agents()}:
+        raise ConfigError(
+            f"Invalid configuration ({path}): default_agent: no agent with id "
+            f"{settings.default_agent!r}"
+        )
+    return settings

@@ -1,0 +1,223 @@
+"""The wire protocol: every client message, every server event, every error code.
+
+The tables in PROTOCOL.md (parts A and B) and this module are meant to be read side by side.
+Client messages are pydantic models, so a validation failure names the field; server frames are
+plain dicts built by the helpers at the bottom, because they are produced on the hot path.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from enum import StrEnum
+from typing import Annotated, Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError
+
+PROTOCOL_VERSION = 1
+SESSION_ID_RE = re.compile(r"^[A-Za-z0-9_-]{1,128}$")
+
+
+class ErrorCode(StrEnum):
+    INVALID_JSON = "invalid_json"
+    INVALID_MESSAGE = "invalid_message"
+    UNKNOWN_TYPE = "unknown_type"
+    EMPTY_MESSAGE = "empty_message"
+    TURN_IN_PROGRESS = "turn_in_progress"
+    AGENT_NOT_FOUND = "agent_not_found"
+    INVALID_SESSION_ID = "invalid_session_id"
+    SESSION_NOT_FOUND = "session_not_found"
+    PAYLOAD_TOO_LARGE = "payload_too_large"
+    RATE_LIMITED = "rate_limited"
+    UNAUTHORIZED = "unauthorized"
+    PROVIDER_UNCONFIGURED = "provider_unconfigured"
+    PROVIDER_ERROR = "provider_error"
+    PROVIDER_TIMEOUT = "provider_timeout"
+    TOOL_ERROR = "tool_error"
+    STT_UNAVAILABLE = "stt_unavailable"
+    TTS_UNAVAILABLE = "tts_unavailable"
+    TRANSCRIPTION_FAILED = "transcription_failed"
+    RESUME_GAP = "resume_gap"
+    INTERNAL = "internal"
+
+
+class ProtocolError(Exception):
+    """A request the server refuses; becomes an `error` frame with a code (no seq)."""
+
+    def __init__(self, code: ErrorCode, message: str, details: dict[str, Any] | None = None):
+        super().__init__(message)
+        self.code = code
+        self.message = message
+        self.details = details
+
+
+# ---------------------------------------------------------------- client -> server
+
+
+class _Msg(BaseModel):
+    # Unknown extra fields are ignored (forward compatibility), types are strict enough to
+    # reject a number where a string belongs.
+    model_config = ConfigDict(extra="ignore", populate_by_name=True)
+
+
+SessionId = Annotated[str, Field(max_length=256)]
+
+
+class FileIn(_Msg):
+    filename: Annotated[str, Field(min_length=1, max_length=255)]
+    mimeType: str = "application/octet-stream"
+    data: str  # base64
+
+
+class Ping(_Msg):
+    type: Literal["ping"]
+
+
+class Chat(_Msg):
+    type: Literal["chat"]
+    message: str = ""
+    sessionId: SessionId | None = None
+    agentId: str | None = None
+    model: str | None = None
+    modelMode: Literal["manual", "auto"] | None = None
+    reasoningEffort: Literal["low", "medium", "high"] | None = None
+    files: list[FileIn] = Field(default_factory=list)
+    clientMessageId: Annotated[str, Field(min_length=1, max_length=128)] | None = None
+    speak: bool = False
+
+
+class Stop(_Msg):
+    type: Literal["stop"]
+
+
+class NewSession(_Msg):
+    type: Literal["new_session"]
+
+
+class SelectAgent(_Msg):
+    type: Literal["select_agent"]
+    agentId: str
+
+
+class Resume(_Msg):
+    type: Literal["resume"]
+    sessionId: SessionId
+    lastSeq: Annotated[int, Field(ge=0)] | None = None
+
+
+class ApprovalResponse(_Msg):
+    type: Literal["approval_response"]
+    requestId: str
+    approved: bool
+
+
+class AudioChunk(_Msg):
+    type: Literal["audio_chunk"]
+    data: str = ""
+    format: str | None = None
+    session: Any = None
+
+
+class AudioEnd(_Msg):
+    type: Literal["audio_end"]
+    session: Any = None
+
+
+class Speak(_Msg):
+    type: Literal["speak"]
+    text: str
+    voice: str | None = None
+
+
+class VoiceState(_Msg):
+    type: Literal["voice_state"]
+    speaking: bool | None = None
+    enabled: bool | None = None
+
+
+ClientMessage = Annotated[
+    Ping
+    | Chat
+    | Stop
+    | NewSession
+    | SelectAgent
+    | Resume
+    | ApprovalResponse
+    | AudioChunk
+    | AudioEnd
+    | Speak
+    | VoiceState,
+    Field(discriminator="type"),
+]
+_client_adapter: TypeAdapter[ClientMessage] = TypeAdapter(ClientMessage)
+CLIENT_TYPES = frozenset(
+    m.model_fields["type"].annotation.__args__[0]  # type: ignore[union-attr]
+    for m in (
+        Ping,
+        Chat,
+        Stop,
+        NewSession,
+        SelectAgent,
+        Resume,
+        ApprovalResponse,
+        AudioChunk,
+        AudioEnd,
+        Speak,
+        VoiceState,
+    )
+)
+
+
+def parse_client_message(text: str) -> ClientMessage:
+    """Parse one text frame. Raises ProtocolError with the right code."""
+    try:
+        raw = json.loads(text)
+    except (ValueError, RecursionError) as exc:
+        raise ProtocolError(ErrorCode.INVALID_JSON, f"Invalid JSON: {exc}") from None
+    if not isinstance(raw, dict):
+        raise ProtocolError(
+            ErrorCode.INVALID_MESSAGE,
+            "A message must be a JSON object with a string `type`",
+            {"field": "", "reason": f"expected an object, got {type(raw).__name__}"},
+        )
+    kind = raw.get("type")
+    if not isinstance(kind, str):
+        raise ProtocolError(
+            ErrorCode.INVALID_MESSAGE,
+            "A message needs a string `type`",
+            {"field": "type", "reason": "missing or not a string"},
+        )
+    if kind not in CLIENT_TYPES:
+        raise ProtocolError(ErrorCode.UNKNOWN_TYPE, f"Unknown message type {kind[:64]!r}")
+    try:
+        return _client_adapter.validate_python(raw)
+    except ValidationError as exc:
+        err = exc.errors(include_url=False, include_input=False)[0]
+        field = ".".join(str(p) for p in err["loc"][1:])  # drop the discriminator tag
+        raise ProtocolError(
+            ErrorCode.INVALID_MESSAGE,
+            f"Invalid `{kind}` message: {field or 'message'}: {err['msg']}",
+            {"field": field, "reason": err["msg"]},
+        ) from None
+
+
+def check_session_id(session_id: str) -> str:
+    if not SESSION_ID_RE.match(session_id):
+        raise ProtocolError(
+            ErrorCode.INVALID_SESSION_ID,
+            "Invalid session id: use 1-128 characters from A-Z, a-z, 0-9, '_' and '-'",
+        )
+    return session_id
+
+
+# ---------------------------------------------------------------- server -> client
+
+
+def error_frame(code: ErrorCode | str, message: str, **extra: Any) -> dict[str, Any]:
+    frame: dict[str, Any] = {"type": "error", "error": message, "code": str(code)}
+    frame.update({k: v for k, v in extra.items() if v is not None})
+    return frame
+
+
+def dumps(frame: dict[str, Any]) -> str:
+    return json.dumps(frame, ensure_ascii=False, separators=(",", ":"))

@@ -1,0 +1,142 @@
+"""Choose and build model providers from the settings.
+
+Selection: the configured provider (`provider` / PRISMD_PROVIDER), else the first of an OpenAI
+key, an Anthropic key, a reachable local Ollama. With none the server still runs, and a chat gets
+`provider_unconfigured` with UNCONFIGURED_HELP.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import httpx
+
+from ..config import AgentSettings, Settings
+from ..protocol import ErrorCode, ProtocolError
+from . import pricing
+from .base import Provider
+
+log = logging.getLogger("prismd.providers")
+
+OLLAMA_URL = "http://127.0.0.1:11434"
+DEFAULT_MODELS = {"openai": "gpt-4o-mini", "anthropic": "claude-sonnet-4-5"}
+FALLBACK_CONTEXT_WINDOW = 8192
+
+UNCONFIGURED_HELP = (
+    "No model provider is configured. Set one of: OPENAI_API_KEY (optionally OPENAI_BASE_URL "
+    "for any OpenAI-compatible server such as vLLM, llama.cpp or LM Studio), ANTHROPIC_API_KEY, "
+    "or run Ollama on 127.0.0.1:11434; or set PRISMD_PROVIDER=openai|anthropic|ollama and "
+    "PRISMD_MODEL, or the same keys (provider, model, [providers.<name>]) in "
+    "$PRISMD_HOME/config.toml. Then restart prismd."
+)
+
+
+def _probe_ollama(base: str) -> list[str] | None:
+    """Model names of a reachable Ollama, or None."""
+    try:
+        resp = httpx.get(f"{base.rstrip('/')}/api/tags", timeout=0.5)
+        resp.raise_for_status()
+        return [m["name"] for m in resp.json().get("models", [])]
+    except (httpx.HTTPError, ValueError, KeyError, TypeError):
+        return None
+
+
+class ProviderRegistry:
+    """Builds one Provider per kind, lazily, and resolves the provider/model of a turn."""
+
+    def __init__(self, settings: Settings, probe_ollama: bool = True) -> None:
+        self.settings = settings
+        self._providers: dict[str, Provider] = {}
+        self._ollama_models: list[str] | None = None
+        self.default_kind = self._detect(probe_ollama)
+        if self.default_kind:
+            log.info("default model provider: %s", self.default_kind)
+        else:
+            log.warning(UNCONFIGURED_HELP)
+
+    def _detect(self, probe_ollama: bool) -> str | None:
+        if self.settings.provider:
+            return self.settings.provider
+        if self.settings.provider_settings("openai").api_key:
+            return "openai"
+        if self.settings.provider_settings("anthropic").api_key:
+            return "anthropic"
+        if probe_ollama and self._ollama():
+            return "ollama"
+        return None
+
+    def _ollama(self) -> list[str] | None:
+        if self._ollama_models is None:
+            base = self.settings.provider_settings("ollama").base_url or OLLAMA_URL
+            self._ollama_models = _probe_ollama(base.removesuffix("/v1"))
+        return self._ollama_models
+
+    def _default_model(self, kind: str) -> str | None:
+        ps = self.settings.provider_settings(kind)
+        if ps.model:
+            return ps.model
+        if self.settings.model and (self.settings.provider in (None, kind)):
+            return self.settings.model
+        if kind == "ollama":
+            models = self._ollama()
+            return models[0] if models else None
+        return DEFAULT_MODELS.get(kind)
+
+    def get(self, kind: str) -> Provider:
+        provider = self._providers.get(kind)
+        if provider is None:
+            provider = self._providers[kind] = self._build(kind)
+        return provider
+
+    def _build(self, kind: str) -> Provider:
+        # The SDKs are imported on first use: they take seconds and tens of MB to load.
+        from .anthropic import AnthropicProvider
+        from .openai_compat import OpenAICompatProvider
+
+        ps = self.settings.provider_settings(kind)
+        model = self._default_model(kind)
+        if model is None:
+            raise ProtocolError(
+                ErrorCode.PROVIDER_UNCONFIGURED,
+                f"No model is configured for provider {kind!r}: set PRISMD_MODEL or "
+                f"[providers.{kind}] model in config.toml.",
+            )
+        if kind == "anthropic":
+            if not ps.api_key:
+                raise ProtocolError(
+                    ErrorCode.PROVIDER_UNCONFIGURED,
+                    "Provider 'anthropic' needs ANTHROPIC_API_KEY (or [providers.anthropic] "
+                    "api_key in config.toml).",
+                )
+            return AnthropicProvider(ps, model, ps.base_url, ps.api_key)
+        if kind == "ollama":
+            base = (ps.base_url or OLLAMA_URL).rstrip("/")
+            base = base if base.endswith("/v1") else base + "/v1"
+            return OpenAICompatProvider("ollama", ps, model, base, ps.api_key)
+        if not ps.api_key and not ps.base_url:
+            raise ProtocolError(
+                ErrorCode.PROVIDER_UNCONFIGURED,
+                "Provider 'openai' needs OPENAI_API_KEY, or OPENAI_BASE_URL for a local "
+                "OpenAI-compatible server.",
+            )
+        return OpenAICompatProvider("openai", ps, model, ps.base_url, ps.api_key)
+
+    def resolve(self, agent: AgentSettings, model: str | None) -> tuple[Provider, str]:
+        """The provider and model of a turn: the chat's `model`, else the agent's, else the
+        provider's default."""
+        kind = agent.provider or self.default_kind
+        if kind is None:
+            raise ProtocolError(ErrorCode.PROVIDER_UNCONFIGURED, UNCONFIGURED_HELP)
+        provider = self.get(kind)
+        return provider, model or agent.model or provider.default_model
+
+    def context_window(self, provider: Provider, model: str) -> int:
+        configured = self.settings.provider_settings(provider.kind).context_window
+        if configured:
+            return configured
+        known = pricing.context_window(provider.kind, provider.base_url, model)
+        return known or FALLBACK_CONTEXT_WINDOW
+
+    async def aclose(self) -> None:
+        for provider in self._providers.values():
+            await provider.aclose()

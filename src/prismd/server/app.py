@@ -1,0 +1,77 @@
+"""The ASGI application: wiring of store, bus, sessions, providers and routes."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import AsyncIterator
+
+from fastapi import FastAPI
+
+from .. import __version__
+from ..agent.agents import AgentDirectory
+from ..agent.runner import TurnRunner
+from ..config import Settings
+from ..providers.registry import ProviderRegistry
+from ..sessions.bus import LocalBus
+from ..sessions.manager import SessionManager
+from ..store.sqlite import SqliteStore
+
+log = logging.getLogger("prismd")
+
+
+class Prismd:
+    """Everything a request handler needs, built once per server."""
+
+    def __init__(self, settings: Settings, probe_ollama: bool = True) -> None:
+        self.settings = settings
+        self.store = SqliteStore(settings.data_dir)
+        self.bus = LocalBus()
+        self.manager = SessionManager(
+            self.store, self.bus, max_events=settings.server.max_events_per_session
+        )
+        self.providers = ProviderRegistry(settings, probe_ollama=probe_ollama)
+        self.agents = AgentDirectory(settings)
+        self.runner = TurnRunner(settings, self.providers, self.manager)
+        self.connections: set[object] = set()
+
+    async def start(self) -> None:
+        await self.store.open()
+        await self.store.sync_agents(self.agents.rows())
+
+    async def stop(self) -> None:
+        turns = [t.task for t in self.manager.running_turns() if t.task is not None]
+        for task in turns:
+            task.cancel()
+        if turns:
+            await asyncio.gather(*turns, return_exceptions=True)
+        await self.providers.aclose()
+        await self.store.close()
+
+
+def create_app(settings: Settings, probe_ollama: bool = True) -> FastAPI:
+    core = Prismd(settings, probe_ollama=probe_ollama)
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        await core.start()
+        log.info("prismd %s serving data from %s", __version__, settings.data_dir)
+        try:
+            yield
+        finally:
+            await core.stop()
+
+    app = FastAPI(
+        title="prismd",
+        version=__version__,
+        description="A self-hosted agentic AI harness speaking CortexPrism's WebSocket protocol.",
+        lifespan=lifespan,
+    )
+    app.state.prismd = core
+
+    from . import rest, ws
+
+    app.include_router(rest.router)
+    app.include_router(ws.router)
+    return app

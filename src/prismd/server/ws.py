@@ -1,0 +1,338 @@
+"""`/ws`: translate client frames into commands and session events into frames.
+
+A connection owns no turn. It binds to at most one session at a time and subscribes to that
+session's events; its frames go out through a bounded queue drained by one writer task, so a
+slow client never slows a turn or another client.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections import deque
+from typing import Any
+
+from fastapi import APIRouter, Request, WebSocket
+from fastapi.responses import JSONResponse
+from starlette.websockets import WebSocketDisconnect, WebSocketState
+
+from .. import __version__
+from ..protocol import (
+    PROTOCOL_VERSION,
+    ApprovalResponse,
+    AudioChunk,
+    AudioEnd,
+    Chat,
+    ErrorCode,
+    NewSession,
+    Ping,
+    ProtocolError,
+    Resume,
+    SelectAgent,
+    Speak,
+    Stop,
+    VoiceState,
+    check_session_id,
+    dumps,
+    error_frame,
+    parse_client_message,
+)
+from ..sessions.manager import LiveSession, new_id
+from .app import Prismd
+
+log = logging.getLogger("prismd.ws")
+router = APIRouter()
+
+
+@router.get("/ws", include_in_schema=False)
+async def ws_without_upgrade(request: Request) -> JSONResponse:
+    return JSONResponse(
+        {"error": "This endpoint speaks WebSocket: send an Upgrade request", "code": "upgrade"},
+        status_code=426,
+        headers={"Upgrade": "websocket", "Connection": "Upgrade"},
+    )
+
+
+@router.websocket("/ws")
+async def ws_endpoint(websocket: WebSocket) -> None:
+    core: Prismd = websocket.app.state.prismd
+    await Connection(websocket, core).run()
+
+
+class Connection:
+    def __init__(self, ws: WebSocket, core: Prismd) -> None:
+        self.ws = ws
+        self.core = core
+        self.id = new_id("conn")
+        self.live: LiveSession | None = None
+        self.agent_id: str | None = None  # from select_agent
+        self._out: deque[str] = deque()
+        self._wake = asyncio.Event()
+        self._held: list[tuple[int, str]] | None = None
+        self._limit = core.settings.server.send_queue_frames
+        self._closing = False
+
+    # ------------------------------------------------------------ outgoing
+
+    def deliver(self, seq: int, frame: str) -> None:
+        if self._held is not None:
+            self._held.append((seq, frame))
+        else:
+            self._enqueue(frame)
+
+    def hold(self) -> None:
+        if self._held is None:
+            self._held = []
+
+    def push(self, frame: str) -> None:
+        self._enqueue(frame)
+
+    def release(self, after_seq: int) -> None:
+        held, self._held = self._held or [], None
+        for seq, frame in held:
+            if seq > after_seq:
+                self._enqueue(frame)
+
+    def send(self, frame: dict[str, Any]) -> None:
+        self._enqueue(dumps(frame))
+
+    def _enqueue(self, frame: str) -> None:
+        if self._closing:
+            return
+        if len(self._out) >= self._limit:
+            # The client does not read: drop it rather than grow without bound. Its session's
+            # turn goes on and stays resumable.
+            log.warning("connection %s dropped: %d frames unsent", self.id, len(self._out))
+            self._closing = True
+            self._out.clear()
+        else:
+            self._out.append(frame)
+        self._wake.set()
+
+    async def _writer(self) -> None:
+        out, ws = self._out, self.ws
+        while True:
+            await self._wake.wait()
+            self._wake.clear()
+            while out:
+                await ws.send_text(out.popleft())
+            if self._closing:
+                await ws.close(code=1013, reason="send queue overflow")
+                return
+
+    # ------------------------------------------------------------ incoming
+
+    async def run(self) -> None:
+        await self.ws.accept()
+        self.core.connections.add(self)
+        self.send(
+            {
+                "type": "connected",
+                "protocol": PROTOCOL_VERSION,
+                "server": f"prismd/{__version__}",
+                "connectionId": self.id,
+            }
+        )
+        writer = asyncio.create_task(self._writer())
+        max_frame = self.core.settings.server.max_frame_bytes
+        try:
+            while not self._closing:
+                receiving = asyncio.ensure_future(self.ws.receive())
+                done, _ = await asyncio.wait(
+                    {receiving, writer}, return_when=asyncio.FIRST_COMPLETED
+                )
+                if receiving not in done:  # the writer ended: the socket is gone or dropped
+                    receiving.cancel()
+                    break
+                message = receiving.result()
+                if message["type"] == "websocket.disconnect":
+                    break
+                text = message.get("text")
+                if text is None:
+                    data = message.get("bytes") or b""
+                    if len(data) > max_frame:
+                        self._error(ErrorCode.PAYLOAD_TOO_LARGE, self._too_large(len(data)))
+                    else:
+                        self._error(
+                            ErrorCode.INVALID_MESSAGE,
+                            "Binary frames are not accepted: send JSON text frames",
+                            details={"field": "", "reason": "binary frame"},
+                        )
+                    continue
+                if len(text) > max_frame or (
+                    len(text) * 4 > max_frame and len(text.encode()) > max_frame
+                ):
+                    self._error(ErrorCode.PAYLOAD_TOO_LARGE, self._too_large(len(text.encode())))
+                    continue
+                await self._handle(text)
+        except WebSocketDisconnect:
+            pass
+        finally:
+            self.core.connections.discard(self)
+            self._unbind()
+            if not writer.done():
+                writer.cancel()
+            await asyncio.gather(writer, return_exceptions=True)
+            if self.ws.application_state != WebSocketState.DISCONNECTED:
+                try:
+                    await self.ws.close()
+                except (RuntimeError, WebSocketDisconnect):
+                    pass
+
+    def _too_large(self, size: int) -> str:
+        limit = self.core.settings.server.max_frame_bytes
+        return f"Frame of {size} bytes exceeds the limit of {limit} bytes"
+
+    def _error(self, code: ErrorCode, message: str, **extra: Any) -> None:
+        self.send(error_frame(code, message, **extra))
+
+    async def _handle(self, text: str) -> None:
+        try:
+            msg = parse_client_message(text)
+            handler = self._handlers[type(msg)]
+            await handler(self, msg)
+        except ProtocolError as exc:
+            self._error(exc.code, exc.message, details=exc.details)
+        except Exception:  # noqa: BLE001 - one bad frame must never end the connection
+            log.exception("connection %s: handler failed", self.id)
+            self._error(ErrorCode.INTERNAL, "Internal server error")
+
+    # ------------------------------------------------------------ binding
+
+    def _bind(self, live: LiveSession, **extra: Any) -> None:
+        if self.live is not live:
+            self._unbind()
+            self.live = live
+            self.core.manager.subscribe(live, self)
+        agent = self.core.agents.get(live.record.agent_id) if live.record.agent_id else None
+        self.send(
+            {
+                "type": "session",
+                "sessionId": live.id,
+                "agentId": live.record.agent_id,
+                "agentName": agent.name if agent else None,
+                **extra,
+            }
+        )
+
+    def _unbind(self) -> None:
+        if self.live is not None:
+            live, self.live = self.live, None
+            self.core.manager.unsubscribe(live, self)
+
+    # ------------------------------------------------------------ handlers
+
+    async def _ping(self, msg: Ping) -> None:
+        self.send({"type": "pong"})
+
+    async def _chat(self, msg: Chat) -> None:
+        core = self.core
+        if not msg.message.strip() and not msg.files:
+            raise ProtocolError(ErrorCode.EMPTY_MESSAGE, "Empty message")
+        agent_id = msg.agentId or self.agent_id
+        if agent_id is None and self.live is not None and msg.sessionId in (None, self.live.id):
+            agent_id = self.live.record.agent_id
+        agent = core.agents.get(agent_id)
+        # Everything that can refuse the chat (files, limits, provider) is checked before a
+        # session is created or anything is stored.
+        plan = core.runner.plan(msg, agent)
+
+        if msg.sessionId is not None:
+            sid = check_session_id(msg.sessionId)
+            if self.live is None or self.live.id != sid:
+                live = await core.manager.get_or_create(sid, agent.id)
+                self._bind(live)
+            live = self.live
+            assert live is not None
+            core.manager.activate(live)
+        elif self.live is not None:
+            live = self.live
+        else:
+            live = await core.manager.create(agent.id)
+            self._bind(live)
+
+        if msg.clientMessageId and msg.clientMessageId in live.client_turns:
+            await core.manager.replay(live, self, 0, live.client_turns[msg.clientMessageId])
+            return
+        if live.record.agent_id != agent.id:
+            live.record.agent_id = agent.id
+            core.store.update_session(live.id, agent_id=agent.id)
+        core.runner.start(live, plan)
+
+    async def _stop(self, msg: Stop) -> None:
+        if self.live is None or not self.core.runner.stop(self.live):
+            # Not a session event (no seq): tells this client that nothing is running.
+            self.send({"type": "stopped", "turnRunning": False})
+
+    async def _new_session(self, msg: NewSession) -> None:
+        if self.live is not None:
+            live = self.live
+            self._unbind()
+            self.core.manager.close(live)
+        self.send({"type": "session_ended"})
+
+    async def _select_agent(self, msg: SelectAgent) -> None:
+        agent = self.core.agents.get(msg.agentId)
+        self.agent_id = agent.id
+        self.send({"type": "agent_selected", "agentId": agent.id, "agentName": agent.name})
+
+    async def _resume(self, msg: Resume) -> None:
+        sid = check_session_id(msg.sessionId)
+        live = await self.core.manager.get(sid)
+        if live is None:
+            raise ProtocolError(ErrorCode.SESSION_NOT_FOUND, f'Session "{sid}" not found')
+        last = msg.lastSeq
+        if last is not None and (last < live.first_seq - 1 or last > live.last_seq):
+            self.core.manager.maybe_evict(live)
+            raise ProtocolError(
+                ErrorCode.RESUME_GAP,
+                f"Cannot replay after seq {last}: the server holds seq {live.first_seq} to "
+                f"{live.last_seq}; reload the history over REST",
+                {"field": "lastSeq", "reason": "outside the held event log"},
+            )
+        turn = live.turn
+        self._bind(live, lastSeq=live.last_seq, turnRunning=turn is not None)
+        if last is not None:
+            await self.core.manager.replay(live, self, last)
+        elif turn is not None:
+            # No position given: show the turn in progress from its start.
+            await self.core.manager.replay(live, self, 0, turn.id)
+
+    async def _approval_response(self, msg: ApprovalResponse) -> None:
+        raise ProtocolError(
+            ErrorCode.TOOL_ERROR,
+            f'No approval request "{msg.requestId}" is pending (tools are not enabled yet)',
+        )
+
+    async def _audio(self, msg: AudioChunk | AudioEnd) -> None:
+        raise ProtocolError(
+            ErrorCode.STT_UNAVAILABLE, "Speech-to-text is not available on this server yet"
+        )
+
+    async def _speak(self, msg: Speak) -> None:
+        raise ProtocolError(
+            ErrorCode.TTS_UNAVAILABLE, "Text-to-speech is not available on this server yet"
+        )
+
+    async def _voice_state(self, msg: VoiceState) -> None:
+        if self.live is None:
+            raise ProtocolError(
+                ErrorCode.SESSION_NOT_FOUND, "voice_state needs a bound session (send chat first)"
+            )
+        speaking = msg.speaking if msg.speaking is not None else bool(msg.enabled)
+        frame = dumps({"type": "voice_state", "sessionId": self.live.id, "speaking": speaking})
+        self.core.bus.publish(self.live.id, 0, frame, exclude=self)
+
+    _handlers: dict[type, Any] = {
+        Ping: _ping,
+        Chat: _chat,
+        Stop: _stop,
+        NewSession: _new_session,
+        SelectAgent: _select_agent,
+        Resume: _resume,
+        ApprovalResponse: _approval_response,
+        AudioChunk: _audio,
+        AudioEnd: _audio,
+        Speak: _speak,
+        VoiceState: _voice_state,
+    }

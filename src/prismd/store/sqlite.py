@@ -1,0 +1,512 @@
+"""SQLite store: a core database plus one database per session, written by one thread.
+
+Every operation is queued to a single worker thread that owns all connections. The worker
+drains whatever is queued, runs it, and commits each touched database once per batch: under
+load many small writes (stream events) share one commit, and the event loop never waits on
+disk. Reads go through the same queue, so they see every write queued before them.
+
+Durability: WAL with synchronous=NORMAL. A committed batch survives a process crash (kill -9);
+an OS crash or power loss may lose the last batches, never corrupt the file. Batches are
+committed as soon as they are drained, so at most the writes of one batch (a few milliseconds
+of a busy server) are in flight at any moment.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import queue
+import sqlite3
+import threading
+from collections import OrderedDict
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any, TypeVar
+
+from ..protocol import SESSION_ID_RE
+from .base import FileRecord, MessageRecord, SessionLog, SessionRecord, Store
+
+log = logging.getLogger("prismd.store")
+T = TypeVar("T")
+
+CORE_SCHEMA = """
+CREATE TABLE IF NOT EXISTS sessions (
+  id TEXT PRIMARY KEY,
+  name TEXT NOT NULL DEFAULT '',
+  agent_id TEXT NOT NULL,
+  channel TEXT NOT NULL DEFAULT 'web',
+  status TEXT NOT NULL DEFAULT 'active',
+  turn_count INTEGER NOT NULL DEFAULT 0,
+  started_at TEXT NOT NULL,
+  last_turn_at TEXT,
+  closed_at TEXT,
+  parent_session_id TEXT,
+  tokens_in INTEGER NOT NULL DEFAULT 0,
+  tokens_out INTEGER NOT NULL DEFAULT 0,
+  cost_usd REAL
+);
+CREATE INDEX IF NOT EXISTS sessions_recent ON sessions(last_turn_at DESC, started_at DESC);
+CREATE TABLE IF NOT EXISTS agents (
+  id TEXT PRIMARY KEY,
+  name TEXT NOT NULL,
+  description TEXT NOT NULL DEFAULT '',
+  provider TEXT,
+  model TEXT,
+  system_prompt TEXT NOT NULL DEFAULT '',
+  temperature REAL,
+  tools TEXT NOT NULL DEFAULT '[]',
+  builtin INTEGER NOT NULL DEFAULT 0,
+  source TEXT NOT NULL DEFAULT 'config'
+);
+"""
+
+SESSION_SCHEMA = """
+CREATE TABLE IF NOT EXISTS session_messages (
+  id TEXT PRIMARY KEY,
+  role TEXT NOT NULL,
+  content TEXT NOT NULL DEFAULT '',
+  tool_calls TEXT,
+  tool_result TEXT,
+  token_count INTEGER NOT NULL DEFAULT 0,
+  created_at TEXT NOT NULL,
+  turn_id TEXT,
+  status TEXT NOT NULL DEFAULT 'complete',
+  reasoning TEXT,
+  meta TEXT NOT NULL DEFAULT '{}'
+);
+CREATE TABLE IF NOT EXISTS session_files (
+  id TEXT PRIMARY KEY,
+  message_id TEXT NOT NULL,
+  filename TEXT NOT NULL,
+  mime_type TEXT NOT NULL,
+  size INTEGER NOT NULL,
+  data BLOB NOT NULL,
+  text TEXT
+);
+CREATE TABLE IF NOT EXISTS session_events (
+  seq INTEGER PRIMARY KEY,
+  turn_id TEXT,
+  frame TEXT NOT NULL
+);
+CREATE INDEX IF NOT EXISTS session_events_turn ON session_events(turn_id);
+CREATE TABLE IF NOT EXISTS turns (
+  id TEXT PRIMARY KEY,
+  client_message_id TEXT UNIQUE,
+  status TEXT NOT NULL DEFAULT 'running',
+  stop_reason TEXT,
+  started_at TEXT,
+  ended_at TEXT,
+  provider TEXT,
+  model TEXT,
+  tokens_in INTEGER NOT NULL DEFAULT 0,
+  tokens_out INTEGER NOT NULL DEFAULT 0,
+  cost_usd REAL
+);
+"""
+
+_SESSION_FIELDS_ORDER = (
+    "id",
+    "name",
+    "agent_id",
+    "channel",
+    "status",
+    "turn_count",
+    "started_at",
+    "last_turn_at",
+    "closed_at",
+    "parent_session_id",
+    "tokens_in",
+    "tokens_out",
+    "cost_usd",
+)
+_SESSION_COLUMNS = ", ".join(_SESSION_FIELDS_ORDER)
+_MESSAGE_FIELDS = {"content", "status", "token_count", "reasoning", "meta", "tool_calls"}
+_SESSION_FIELDS = {"name", "agent_id", "status", "closed_at", "last_turn_at", "channel"}
+_TURN_FIELDS = {
+    "client_message_id",
+    "status",
+    "stop_reason",
+    "started_at",
+    "ended_at",
+    "provider",
+    "model",
+    "tokens_in",
+    "tokens_out",
+    "cost_usd",
+}
+_STOP = object()
+
+
+def _connect(path: Path) -> sqlite3.Connection:
+    conn = sqlite3.connect(path, check_same_thread=False)
+    conn.execute("PRAGMA journal_mode=WAL")
+    conn.execute("PRAGMA synchronous=NORMAL")
+    conn.execute("PRAGMA busy_timeout=5000")
+    return conn
+
+
+class SqliteStore(Store):
+    def __init__(self, data_dir: Path, max_open_sessions: int = 256) -> None:
+        self.data_dir = data_dir
+        self.sessions_dir = data_dir / "sessions"
+        self._queue: queue.SimpleQueue[Any] = queue.SimpleQueue()
+        self._thread: threading.Thread | None = None
+        self._core: sqlite3.Connection | None = None
+        self._open: OrderedDict[str, sqlite3.Connection] = OrderedDict()
+        self._max_open = max_open_sessions
+        self._dirty: set[sqlite3.Connection] = set()
+        self._loop: asyncio.AbstractEventLoop | None = None
+
+    # ------------------------------------------------------------ worker machinery
+
+    async def open(self) -> None:
+        self.sessions_dir.mkdir(parents=True, exist_ok=True)
+        self._loop = asyncio.get_running_loop()
+        self._thread = threading.Thread(target=self._run, name="prismd-store", daemon=True)
+        self._thread.start()
+        await self._call(self._open_core)
+
+    def _open_core(self) -> None:
+        self._core = _connect(self.data_dir / "prismd.db")
+        self._core.executescript(CORE_SCHEMA)
+        # A session left `streaming` by a crash is repaired lazily when it is opened.
+
+    async def close(self) -> None:
+        if self._thread is None:
+            return
+        await self.flush()
+        self._queue.put(_STOP)
+        await asyncio.to_thread(self._thread.join)
+        self._thread = None
+
+    def _run(self) -> None:
+        while True:
+            batch = [self._queue.get()]
+            while len(batch) < 4096:
+                try:
+                    batch.append(self._queue.get_nowait())
+                except queue.Empty:
+                    break
+            results: list[tuple[asyncio.Future[Any], Any, BaseException | None]] = []
+            stop = False
+            for item in batch:
+                if item is _STOP:
+                    stop = True
+                    continue
+                fn, fut = item
+                try:
+                    value = fn()
+                except Exception as exc:  # noqa: BLE001 - reported to the caller or logged
+                    if fut is None:
+                        log.exception("store write failed")
+                    results.append((fut, None, exc))
+                else:
+                    results.append((fut, value, None))
+            self._commit()
+            for fut, value, exc in results:
+                if fut is not None:
+                    fut.get_loop().call_soon_threadsafe(_resolve, fut, value, exc)
+            if stop:
+                self._close_all()
+                return
+
+    def _commit(self) -> None:
+        for conn in self._dirty:
+            try:
+                conn.commit()
+            except sqlite3.Error:
+                log.exception("store commit failed")
+        self._dirty.clear()
+
+    def _close_all(self) -> None:
+        for conn in self._open.values():
+            conn.close()
+        self._open.clear()
+        if self._core is not None:
+            self._core.close()
+            self._core = None
+
+    def _submit(self, fn: Callable[[], Any]) -> None:
+        self._queue.put((fn, None))
+
+    async def _call(self, fn: Callable[[], T]) -> T:
+        fut: asyncio.Future[T] = asyncio.get_running_loop().create_future()
+        self._queue.put((fn, fut))
+        return await fut
+
+    async def flush(self) -> None:
+        await self._call(lambda: None)
+
+    def _core_db(self) -> sqlite3.Connection:
+        assert self._core is not None, "store is not open"
+        self._dirty.add(self._core)
+        return self._core
+
+    def _path(self, session_id: str) -> Path:
+        # Defence in depth: nothing reaches a file path unchecked.
+        if not SESSION_ID_RE.match(session_id):
+            raise ValueError(f"invalid session id {session_id!r}")
+        return self.sessions_dir / f"{session_id}.db"
+
+    def _db(self, session_id: str) -> sqlite3.Connection:
+        conn = self._open.get(session_id)
+        if conn is None:
+            conn = _connect(self._path(session_id))
+            conn.executescript(SESSION_SCHEMA)
+            self._open[session_id] = conn
+            while len(self._open) > self._max_open:
+                _, old = self._open.popitem(last=False)
+                if old in self._dirty:
+                    old.commit()
+                    self._dirty.discard(old)
+                old.close()
+        else:
+            self._open.move_to_end(session_id)
+        self._dirty.add(conn)
+        return conn
+
+    # ------------------------------------------------------------ sessions
+
+    async def create_session(self, record: SessionRecord) -> None:
+        def op() -> None:
+            self._db(record.id)
+            self._core_db().execute(
+                f"INSERT INTO sessions ({_SESSION_COLUMNS}) VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?)",
+                _session_row(record),
+            )
+
+        await self._call(op)
+
+    async def get_session(self, session_id: str) -> SessionRecord | None:
+        def op() -> SessionRecord | None:
+            row = (
+                self._core_db()
+                .execute(f"SELECT {_SESSION_COLUMNS} FROM sessions WHERE id=?", (session_id,))
+                .fetchone()
+            )
+            return _session_record(row) if row else None
+
+        return await self._call(op)
+
+    async def list_sessions(
+        self, limit: int, offset: int, agent_id: str | None = None
+    ) -> tuple[list[SessionRecord], int]:
+        def op() -> tuple[list[SessionRecord], int]:
+            where, args = ("WHERE agent_id=?", [agent_id]) if agent_id else ("", [])
+            db = self._core_db()
+            total = db.execute(f"SELECT COUNT(*) FROM sessions {where}", args).fetchone()[0]
+            rows = db.execute(
+                f"SELECT {_SESSION_COLUMNS} FROM sessions {where} "
+                "ORDER BY COALESCE(last_turn_at, started_at) DESC, rowid DESC LIMIT ? OFFSET ?",
+                [*args, limit, offset],
+            ).fetchall()
+            return [_session_record(r) for r in rows], total
+
+        return await self._call(op)
+
+    def update_session(self, session_id: str, **fields: Any) -> None:
+        _check_fields(fields, _SESSION_FIELDS)
+        sets = ", ".join(f"{k}=?" for k in fields)
+        self._submit(
+            lambda: self._core_db().execute(
+                f"UPDATE sessions SET {sets} WHERE id=?", [*fields.values(), session_id]
+            )
+        )
+
+    def add_turn_totals(
+        self, session_id: str, tokens_in: int, tokens_out: int, cost_usd: float | None, at: str
+    ) -> None:
+        self._submit(
+            lambda: self._core_db().execute(
+                "UPDATE sessions SET turn_count=turn_count+1, last_turn_at=?, "
+                "tokens_in=tokens_in+?, tokens_out=tokens_out+?, "
+                "cost_usd=CASE WHEN ? IS NULL THEN cost_usd ELSE COALESCE(cost_usd,0)+? END "
+                "WHERE id=?",
+                (at, tokens_in, tokens_out, cost_usd, cost_usd, session_id),
+            )
+        )
+
+    async def delete_session(self, session_id: str) -> bool:
+        def op() -> bool:
+            conn = self._open.pop(session_id, None)
+            if conn is not None:
+                self._dirty.discard(conn)
+                conn.close()
+            path = self._path(session_id)
+            for suffix in ("", "-wal", "-shm"):
+                Path(f"{path}{suffix}").unlink(missing_ok=True)
+            cur = self._core_db().execute("DELETE FROM sessions WHERE id=?", (session_id,))
+            return cur.rowcount > 0
+
+        return await self._call(op)
+
+    async def sync_agents(self, agents: list[dict[str, Any]]) -> None:
+        def op() -> None:
+            db = self._core_db()
+            db.execute("DELETE FROM agents WHERE source='config'")
+            db.executemany(
+                "INSERT OR REPLACE INTO agents (id, name, description, provider, model, "
+                "system_prompt, temperature, tools, builtin, source) "
+                "VALUES (:id,:name,:description,:provider,:model,:system_prompt,:temperature,"
+                ":tools,:builtin,'config')",
+                [{**a, "tools": json.dumps(a.get("tools", []))} for a in agents],
+            )
+
+        await self._call(op)
+
+    # ------------------------------------------------------------ one session
+
+    async def open_log(self, session_id: str) -> SessionLog:
+        def op() -> SessionLog:
+            db = self._db(session_id)
+            lo, hi = db.execute("SELECT MIN(seq), MAX(seq) FROM session_events").fetchone()
+            turns = dict(
+                db.execute(
+                    "SELECT client_message_id, id FROM turns WHERE client_message_id IS NOT NULL"
+                ).fetchall()
+            )
+            # A crash mid-turn leaves rows `streaming`/`running`: they are what was saved.
+            db.execute("UPDATE session_messages SET status='interrupted' WHERE status='streaming'")
+            db.execute(
+                "UPDATE turns SET status='interrupted', stop_reason='error' WHERE status='running'"
+            )
+            last = hi or 0
+            return SessionLog(last_seq=last, first_seq=lo if lo else last + 1, client_turns=turns)
+
+        return await self._call(op)
+
+    async def load_messages(
+        self, session_id: str, with_file_data: bool = False
+    ) -> list[MessageRecord]:
+        def op() -> list[MessageRecord]:
+            db = self._db(session_id)
+            rows = db.execute(
+                "SELECT id, role, content, created_at, turn_id, status, token_count, tool_calls, "
+                "tool_result, reasoning, meta FROM session_messages ORDER BY rowid"
+            ).fetchall()
+            data_col = "data" if with_file_data else "x''"
+            files: dict[str, list[FileRecord]] = {}
+            for mid, fid, name, mime, size, data, text in db.execute(
+                f"SELECT message_id, id, filename, mime_type, size, {data_col}, text "
+                "FROM session_files ORDER BY rowid"
+            ):
+                files.setdefault(mid, []).append(FileRecord(fid, name, mime, size, data, text))
+            return [
+                MessageRecord(*r[:10], meta=json.loads(r[10] or "{}"), files=files.get(r[0], []))
+                for r in rows
+            ]
+
+        return await self._call(op)
+
+    def add_message(self, session_id: str, message: MessageRecord) -> None:
+        def op() -> None:
+            db = self._db(session_id)
+            db.execute(
+                "INSERT INTO session_messages (id, role, content, tool_calls, tool_result, "
+                "token_count, created_at, turn_id, status, reasoning, meta) "
+                "VALUES (?,?,?,?,?,?,?,?,?,?,?)",
+                (
+                    message.id,
+                    message.role,
+                    message.content,
+                    message.tool_calls,
+                    message.tool_result,
+                    message.token_count,
+                    message.created_at,
+                    message.turn_id,
+                    message.status,
+                    message.reasoning,
+                    json.dumps(message.meta),
+                ),
+            )
+            db.executemany(
+                "INSERT INTO session_files (id, message_id, filename, mime_type, size, data, text)"
+                " VALUES (?,?,?,?,?,?,?)",
+                [
+                    (f.id, message.id, f.filename, f.mime_type, f.size, f.data, f.text)
+                    for f in message.files
+                ],
+            )
+
+        self._submit(op)
+
+    def update_message(self, session_id: str, message_id: str, **fields: Any) -> None:
+        _check_fields(fields, _MESSAGE_FIELDS)
+        if "meta" in fields:
+            fields["meta"] = json.dumps(fields["meta"])
+        sets = ", ".join(f"{k}=?" for k in fields)
+        self._submit(
+            lambda: self._db(session_id).execute(
+                f"UPDATE session_messages SET {sets} WHERE id=?", [*fields.values(), message_id]
+            )
+        )
+
+    def append_event(self, session_id: str, seq: int, turn_id: str | None, frame: str) -> None:
+        self._submit(
+            lambda: self._db(session_id).execute(
+                "INSERT INTO session_events (seq, turn_id, frame) VALUES (?,?,?)",
+                (seq, turn_id, frame),
+            )
+        )
+
+    async def read_events(
+        self, session_id: str, after_seq: int, turn_id: str | None = None
+    ) -> list[tuple[int, str]]:
+        def op() -> list[tuple[int, str]]:
+            db = self._db(session_id)
+            if turn_id is not None:
+                cur = db.execute(
+                    "SELECT seq, frame FROM session_events WHERE turn_id=? AND seq>? ORDER BY seq",
+                    (turn_id, after_seq),
+                )
+            else:
+                cur = db.execute(
+                    "SELECT seq, frame FROM session_events WHERE seq>? ORDER BY seq", (after_seq,)
+                )
+            return cur.fetchall()
+
+        return await self._call(op)
+
+    def save_turn(self, session_id: str, turn_id: str, **fields: Any) -> None:
+        _check_fields(fields, _TURN_FIELDS)
+        cols = ", ".join(["id", *fields])
+        marks = ", ".join("?" * (len(fields) + 1))
+        updates = ", ".join(f"{k}=excluded.{k}" for k in fields) or "id=id"
+        self._submit(
+            lambda: self._db(session_id).execute(
+                f"INSERT INTO turns ({cols}) VALUES ({marks}) "
+                f"ON CONFLICT(id) DO UPDATE SET {updates}",
+                [turn_id, *fields.values()],
+            )
+        )
+
+    def prune_events(self, session_id: str, below_seq: int) -> None:
+        self._submit(
+            lambda: self._db(session_id).execute(
+                "DELETE FROM session_events WHERE seq<?", (below_seq,)
+            )
+        )
+
+
+def _session_row(r: SessionRecord) -> tuple[Any, ...]:
+    return tuple(getattr(r, name) for name in _SESSION_FIELDS_ORDER)
+
+
+def _session_record(row: tuple[Any, ...]) -> SessionRecord:
+    return SessionRecord(**dict(zip(_SESSION_FIELDS_ORDER, row, strict=True)))
+
+
+def _check_fields(fields: dict[str, Any], allowed: set[str]) -> None:
+    unknown = set(fields) - allowed
+    if unknown:
+        raise ValueError(f"unknown columns: {sorted(unknown)}")
+
+
+def _resolve(fut: asyncio.Future[Any], value: Any, exc: BaseException | None) -> None:
+    if fut.done():
+        return
+    if exc is not None:
+        fut.set_exception(exc)
+    else:
+        fut.set_result(value)

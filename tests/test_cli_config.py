@@ -1,0 +1,134 @@
+"""The command line and the configuration layers."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from prismd.config import ConfigError, load_settings
+from prismd.testing.fake_models import Reply
+
+from .conftest import ROOT
+
+
+def prismd(*args: str, home: Path, env: dict[str, str] | None = None, input: str | None = None):
+    full_env = {
+        k: v
+        for k, v in os.environ.items()
+        if not k.startswith(("OPENAI_", "PRISMD_", "ANTHROPIC_"))
+    }
+    full_env.update({"PRISMD_HOME": str(home), **(env or {})})
+    return subprocess.run(
+        [sys.executable, "-m", "prismd", *args],
+        capture_output=True,
+        text=True,
+        env=full_env,
+        cwd=ROOT,
+        timeout=60,
+        input=input,
+    )
+
+
+def test_help_everywhere(tmp_path):
+    for args in ([], ["serve"], ["chat"], ["sessions"], ["sessions", "list"], ["agents"]):
+        out = prismd(*args, "--help", home=tmp_path)
+        assert out.returncode == 0, out.stderr
+        assert "usage: prismd" in out.stdout
+
+
+def test_layers_file_then_env_then_flags(tmp_path):
+    (tmp_path / "config.toml").write_text('[server]\nport = 4000\nhost = "127.0.0.2"\n')
+    env = {"PRISMD_HOME": str(tmp_path)}
+    assert load_settings(env=env).server.port == 4000
+    assert load_settings(env={**env, "PRISMD_PORT": "4001"}).server.port == 4001
+    s = load_settings(overrides={("server", "port"): 4002}, env={**env, "PRISMD_PORT": "4001"})
+    assert s.server.port == 4002 and s.server.host == "127.0.0.2"
+    assert s.data_dir == tmp_path / "data"
+
+
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        ("[server]\nport = 'abc'\n", "server.port"),
+        ("[server]\nprot = 3000\n", "server.prot: unknown key"),
+        ("provider = 'skynet'\n", "provider"),
+        ("[[agents]]\nid = 'has space'\nname = 'x'\n", "agents.0.id"),
+        ("[[agents]]\nid = 'a'\n", "agents.0.name"),
+        ("[providers.openai]\ntimeout_s = -1\n", "providers.openai.timeout_s"),
+        ("server = [1\n", "not valid TOML"),
+        ("default_agent = 'ghost'\n", "default_agent"),
+    ],
+)
+def test_bad_config_names_the_key(tmp_path, text, expected):
+    (tmp_path / "config.toml").write_text(text)
+    with pytest.raises(ConfigError) as exc:
+        load_settings(env={"PRISMD_HOME": str(tmp_path)})
+    assert expected in str(exc.value)
+    out = prismd("agents", "list", home=tmp_path)
+    assert out.returncode == 2
+    assert expected in out.stderr and "Traceback" not in out.stderr
+
+
+def test_agents_list(tmp_path):
+    (tmp_path / "config.toml").write_text(
+        "[[agents]]\nid = 'coder'\nname = 'Coder'\ndescription = 'Writes code'\n"
+    )
+    out = prismd("agents", "list", home=tmp_path)
+    assert out.returncode == 0
+    assert "* assistant" in out.stdout and "coder" in out.stdout and "Writes code" in out.stdout
+
+
+def test_chat_one_shot_and_sessions_commands(server, fake_openai):
+    fake_openai.script(Reply(text=["streamed ", "to ", "the terminal"], usage=(10, 3)))
+    home = server.home
+    out = prismd("chat", "--url", server.ws_url, "-m", "hello from cli", home=home)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout == "streamed to the terminal\n"
+    assert "10 in / 3 out" in out.stderr
+    sid = out.stderr.split("[session ")[1].split("]")[0]
+
+    listing = prismd("sessions", "list", home=home)
+    assert listing.returncode == 0 and sid in listing.stdout
+    shown = prismd("sessions", "show", sid, home=home)
+    assert "hello from cli" in shown.stdout and "streamed to the terminal" in shown.stdout
+
+    again = prismd("chat", "--url", server.ws_url, "--session", sid, "-q", "-m", "more", home=home)
+    assert again.returncode == 0 and again.stderr == ""
+    history = fake_openai.requests[-1]["messages"]
+    assert history[1]["content"] == "hello from cli"
+
+    assert prismd("sessions", "show", "bad/id", home=home).returncode == 2
+    assert prismd("sessions", "show", "sess_nope", home=home).returncode == 1
+
+
+def test_chat_interactive(server, fake_openai):
+    fake_openai.script(Reply(text=["answer one"]), match="first")
+    fake_openai.script(Reply(text=["answer two"]), match="second")
+    out = prismd("chat", "--url", server.ws_url, "-q", home=server.home, input="first\nsecond\n")
+    assert out.returncode == 0, out.stderr
+    assert "answer one\n" in out.stdout and "answer two\n" in out.stdout
+    assert fake_openai.requests[-1]["messages"][1]["content"] == "first"  # same session
+
+
+def test_chat_reports_an_unreachable_server(tmp_path):
+    out = prismd("chat", "--url", "ws://127.0.0.1:9/ws", "-m", "hi", home=tmp_path)
+    assert out.returncode == 1 and "Is `prismd serve` running?" in out.stderr
+
+
+def test_sessions_delete(server):
+    with server.client() as c:
+        sid = c.turn(message="to delete")[0]["sessionId"]
+    out = prismd("sessions", "delete", sid, home=server.home)
+    assert out.returncode == 0
+    assert not (server.data_dir / "sessions" / f"{sid}.db").exists()
+
+
+def test_serve_refuses_a_bad_config_without_traceback(tmp_path):
+    (tmp_path / "config.toml").write_text("[server]\nport = 99999\n")
+    out = prismd("serve", home=tmp_path)
+    assert out.returncode == 2
+    assert "server.port" in out.stderr and "Traceback" not in out.stderr

@@ -1,0 +1,100 @@
+"""The minimal REST API, over real HTTP."""
+
+from __future__ import annotations
+
+import httpx
+
+
+def _chat(server, message="hello", **extra):
+    with server.client() as c:
+        return c.turn(message=message, **extra)
+
+
+def test_health(server):
+    body = server.get("/api/health").json()
+    assert body["status"] == "ok"
+    assert body["version"]
+    assert body["provider"] == "openai" and body["providerConfigured"] is True
+
+
+def test_openapi_lists_every_route(server):
+    schema = server.get("/openapi.json").json()
+    paths = schema["paths"]
+    for path in (
+        "/api/health",
+        "/api/sessions",
+        "/api/sessions/{session_id}",
+        "/api/sessions/{session_id}/messages",
+        "/api/sessions/{session_id}/resume",
+        "/api/agents",
+    ):
+        assert path in paths, path
+    assert "delete" in paths["/api/sessions/{session_id}"]
+    assert server.get("/docs").status_code == 200
+
+
+def test_sessions_list_get_messages(server):
+    frames = _chat(server, "list me")
+    sid = frames[0]["sessionId"]
+    listing = server.get("/api/sessions?limit=500").json()
+    assert sid in [s["id"] for s in listing["sessions"]]
+    assert listing["total"] >= 1 and listing["limit"] == 500
+    one = server.get(f"/api/sessions/{sid}").json()
+    assert one["id"] == sid and one["agentId"] == "assistant" and one["status"] == "active"
+    assert one["turnCount"] == 1 and one["tokensIn"] > 0
+    assert one["lastSeq"] == frames[-1]["seq"] and one["turnRunning"] is False
+    msgs = server.get(f"/api/sessions/{sid}/messages").json()
+    assert msgs["lastSeq"] == frames[-1]["seq"]
+    user, answer = msgs["messages"]
+    assert user["role"] == "user" and user["content"] == "list me"
+    assert answer["role"] == "assistant" and answer["status"] == "complete"
+    assert answer["content"] == frames[-2]["finalContent"]
+    assert answer["meta"]["model"] == "gpt-4o-mini"
+    assert answer["turnId"] == frames[1]["turnId"]
+
+
+def test_sessions_paging_and_agent_filter(server):
+    for i in range(3):
+        _chat(server, f"page {i}")
+    page1 = server.get("/api/sessions?limit=2&offset=0").json()["sessions"]
+    page2 = server.get("/api/sessions?limit=2&offset=2").json()["sessions"]
+    assert len(page1) == 2 and not {s["id"] for s in page1} & {s["id"] for s in page2}
+    assert server.get("/api/sessions?agentId=nobody").json()["sessions"] == []
+    assert server.get("/api/sessions?limit=0").status_code == 422
+
+
+def test_resume_reactivates_and_delete_removes_the_database(server):
+    frames = _chat(server)
+    sid = frames[0]["sessionId"]
+    with server.client() as c:
+        c.send(type="resume", sessionId=sid)
+        c.recv()
+        c.send(type="new_session")
+        c.recv()
+    assert server.get(f"/api/sessions/{sid}").json()["status"] == "closed"
+    resumed = httpx.post(f"{server.url}/api/sessions/{sid}/resume").json()
+    assert resumed["status"] == "active"
+    db = server.data_dir / "sessions" / f"{sid}.db"
+    assert db.exists()
+    assert httpx.delete(f"{server.url}/api/sessions/{sid}").status_code == 204
+    assert not db.exists()
+    assert server.get(f"/api/sessions/{sid}").status_code == 404
+    assert httpx.delete(f"{server.url}/api/sessions/{sid}").status_code == 404
+
+
+def test_bad_and_unknown_ids(server):
+    for path in ("/api/sessions/{}", "/api/sessions/{}/messages"):
+        resp = server.get(path.format("bad.id"))
+        assert resp.status_code == 400 and resp.json()["code"] == "invalid_session_id"
+        resp = server.get(path.format("sess_unknown"))
+        assert resp.status_code == 404 and resp.json()["code"] == "session_not_found"
+    resp = httpx.post(f"{server.url}/api/sessions/sess_unknown/resume")
+    assert resp.status_code == 404
+    resp = httpx.delete(f"{server.url}/api/sessions/bad.id")
+    assert resp.status_code == 400
+
+
+def test_agents(server):
+    body = server.get("/api/agents").json()
+    assert body["default"] == "assistant"
+    assert body["agents"][0]["id"] == "assistant" and body["agents"][0]["default"] is True
