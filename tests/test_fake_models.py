@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 import subprocess
 import sys
@@ -152,6 +153,14 @@ def test_openai_non_stream(oai):
 def test_openai_models(oai):
     models = oai_client(oai).models.list()
     assert [m.id for m in models.data] == ["fake-model"]
+    assert oai.completed == 0 and oai.requests == []
+
+
+def test_openai_non_stream_disconnect(oai):
+    oai.script(Reply(text="never", disconnect_after=0))
+    with pytest.raises(openai.APIConnectionError):
+        oai_client(oai).chat.completions.create(model="m", messages=USER)
+    assert oai.completed == 0
 
 
 def test_openai_rate_limit_once_then_default(oai):
@@ -369,6 +378,34 @@ def test_anthropic_tool_use(ant):
 
 
 # ----------------------------------------------------------------------------- lifecycle
+
+
+def test_many_concurrent_streams(oai):
+    """A burst of raw streaming connections is accepted at once and paced concurrently."""
+    n, pieces = 300, 10
+    oai.default = Reply(text=["tok "] * pieces, delay_s=0.02)
+    body = json.dumps({"model": "m", "stream": True, "messages": USER}).encode()
+    head = (
+        f"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+        f"Content-Length: {len(body)}\r\nConnection: close\r\n\r\n"
+    ).encode()
+
+    async def one() -> bytes:
+        reader, writer = await asyncio.open_connection("127.0.0.1", oai.port)
+        writer.write(head + body)
+        data = await reader.read()  # until the server closes (Connection: close)
+        writer.close()
+        return data
+
+    async def burst() -> list[bytes]:
+        return await asyncio.gather(*(one() for _ in range(n)))
+
+    start = time.monotonic()
+    results = asyncio.run(burst())
+    elapsed = time.monotonic() - start
+    assert all(r.count(b'"content":"tok "') == pieces and b"data: [DONE]" in r for r in results)
+    assert oai.completed == n and len(oai.requests) == n
+    assert elapsed < 5  # one stream alone takes ~0.2 s
 
 
 def test_stop_with_stalled_stream_is_prompt():

@@ -8,6 +8,7 @@ key, an Anthropic key, a reachable local Ollama. With none the server still runs
 from __future__ import annotations
 
 import logging
+import threading
 
 import httpx
 
@@ -47,6 +48,7 @@ class ProviderRegistry:
     def __init__(self, settings: Settings, probe_ollama: bool = True) -> None:
         self.settings = settings
         self._providers: dict[str, Provider] = {}
+        self._build_lock = threading.Lock()
         self._ollama_models: list[str] | None = None
         self.default_kind = self._detect(probe_ollama)
         if self.default_kind:
@@ -85,8 +87,22 @@ class ProviderRegistry:
     def get(self, kind: str) -> Provider:
         provider = self._providers.get(kind)
         if provider is None:
-            provider = self._providers[kind] = self._build(kind)
+            with self._build_lock:
+                provider = self._providers.get(kind)
+                if provider is None:
+                    provider = self._providers[kind] = self._build(kind)
         return provider
+
+    def warm_up(self) -> None:
+        """Build the default provider (importing its SDK takes a second or two) so that the
+        first turn does not pay for it. Runs in a thread at startup."""
+        if self.default_kind is None:
+            return
+        try:
+            provider = self.get(self.default_kind)
+            pricing.lookup(provider.kind, provider.base_url, provider.default_model)
+        except ProtocolError as exc:
+            log.warning("%s", exc.message)
 
     def _build(self, kind: str) -> Provider:
         # The SDKs are imported on first use: they take seconds and tens of MB to load.

@@ -35,10 +35,14 @@ class Prismd:
         self.agents = AgentDirectory(settings)
         self.runner = TurnRunner(settings, self.providers, self.manager)
         self.connections: set[object] = set()
+        self._background: set[asyncio.Task[None]] = set()
 
     async def start(self) -> None:
         await self.store.open()
         await self.store.sync_agents(self.agents.rows())
+        warm = asyncio.create_task(asyncio.to_thread(self.providers.warm_up))
+        self._background.add(warm)
+        warm.add_done_callback(self._background.discard)
 
     async def stop(self) -> None:
         turns = [t.task for t in self.manager.running_turns() if t.task is not None]

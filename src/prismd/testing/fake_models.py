@@ -1,17 +1,52 @@
 """Scripted fake model servers speaking the OpenAI and Anthropic streaming chat APIs.
 
 Each :class:`FakeModelServer` is a real HTTP server (a Starlette app served by uvicorn in a
-background daemon thread on a free port) that the official ``openai`` and ``anthropic`` SDKs
-can talk to unchanged.  Tests script replies with :meth:`FakeModelServer.script`; the server
-records request bodies and counts streams that completed or were aborted by the client.
+background daemon thread on a free 127.0.0.1 port) that the official ``openai`` and
+``anthropic`` SDKs talk to unchanged::
+
+    with FakeModelServer("openai") as fake:              # fake.url == "http://127.0.0.1:PORT/v1"
+        fake.script(Reply(status=429, headers={"Retry-After": "0"}, times=1))
+        fake.script(Reply(text=["Hel", "lo"], delay_s=0.01), match="greet")
+        ...                                               # fake.requests, fake.aborted, ...
+
+Rules: a request is answered by the first non-exhausted rule whose ``match`` is a substring of
+the text of the last ``role == "user"`` message (None matches anything), else by ``default``
+(``Reply()``: an echo).  Note that in an OpenAI tool loop the last *user* message stays the
+same across turns, so use ``times=1`` for a rule that should answer only the first turn.
+
+Wire format
+  openai     ``POST /v1/chat/completions`` (SSE when ``stream`` is true): a role chunk
+             (``{"role": "assistant", "content": ""}``) sent with the headers, one chunk per
+             piece (``reasoning_content`` deltas, then ``content`` deltas, then ``tool_calls``
+             deltas: the first names the call, the next ones carry up to 3 slices of the
+             arguments), a chunk with ``finish_reason`` "stop" or "tool_calls", the usage chunk
+             (``choices: []``) when ``stream_options.include_usage``, and ``data: [DONE]``.
+             ``GET /v1/models`` lists "fake-model".
+  anthropic  ``POST /v1/messages``: ``message_start`` sent with the headers, then a thinking
+             block (thinking_delta pieces, then a signature_delta), a text block and tool_use
+             blocks (input_json_delta pieces), ``message_delta`` (stop_reason "end_turn" or
+             "tool_use", usage.output_tokens) and ``message_stop``.
+  Without ``stream`` both answer one JSON body (chat.completion / Message).  Non-200 replies
+  answer the provider's error JSON (message = ``Reply.text`` if given).
+
+Pieces are the reasoning, text and tool-call deltas in order; ``completion`` usage defaults to
+their number.  ``disconnect_after`` / ``stall_after`` / ``bad_json_after`` = N act before
+piece N (0-based), so N >= the number of pieces acts after the last piece and before the
+final events.  After the bad line the stream goes on normally.  For non-stream requests the
+delay is ``first_delay_s + delay_s * (pieces - 1)``, ``stall_after`` (any N) never answers,
+``disconnect_after`` sends the headers and hangs up, and ``bad_json_after`` sends a broken body.
+
+Counters: ``completed`` counts responses (stream or not) sent in full, ``aborted`` those the
+client went away from first (detected server-side by watching for ``http.disconnect``).
 
 It doubles as the peer of the load benchmark::
 
     python -m prismd.testing.fake_models --kind openai --port 8001 --pieces 200 --rate 50
 
-Per-piece work is kept small: every SSE frame is pre-serialised once per request (identical
-pieces share one ``bytes`` object) and pacing follows an absolute schedule with
-``asyncio.sleep`` so the rate does not drift.
+Per-piece work is kept small: every frame is pre-serialised once per request (identical
+pieces share one ``bytes`` object), body frames bypass Starlette's send wrappers, pacing
+follows an absolute schedule with ``asyncio.sleep`` so the rate does not drift, and the
+listening socket is drained greedily (see :class:`_UvicornServer`).
 """
 
 from __future__ import annotations
@@ -24,7 +59,6 @@ import json
 import logging
 import re
 import socket
-import sys
 import threading
 import time
 import uuid
@@ -87,6 +121,7 @@ _quiet_filter = _QuietHangUps()
 logging.getLogger("uvicorn.error").addFilter(_quiet_filter)
 
 _dumps = json.dumps
+_RAW_ASGI = "prismd.fake_models.raw_asgi"
 _WORDS = re.compile(r"\S+\s*")
 _ARG_SPLITS = 3  # tool-call arguments are streamed in up to this many pieces
 
@@ -188,6 +223,7 @@ class _Plan:
     bad: bytes = b""  # stream: the invalid SSE line for bad_json_after
     tail: bytes = b""  # stream: sent after the last piece
     n_pieces: int = 0  # non-stream: pieces the answer would have had (for the delay)
+    counted: bool = True  # counts towards completed/aborted (not for GET /v1/models)
     reply: Reply = field(default_factory=Reply)
 
 
@@ -328,6 +364,11 @@ class FakeModelServer:
             ]
         self.app = Starlette(routes=routes)
 
+    async def _asgi(self, scope: Scope, receive: Receive, send: Send) -> None:
+        # Stash uvicorn's own receive/send: the per-piece path skips Starlette's wrappers.
+        scope[_RAW_ASGI] = (receive, send)
+        await self.app(scope, receive, send)
+
     @staticmethod
     def _bind(host: str, port: int) -> socket.socket:
         sock = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET)
@@ -343,7 +384,9 @@ class FakeModelServer:
         if self._sock.fileno() == -1:  # uvicorn closed it on a previous stop(): rebind
             self._sock = self._bind(self.host, self.port)
         config = uvicorn.Config(
-            self.app,
+            self._asgi,
+            interface="asgi3",
+            proxy_headers=False,
             log_level="warning",
             log_config=None,  # don't reconfigure the host process' logging
             access_log=False,
@@ -376,6 +419,7 @@ class FakeModelServer:
     def stop(self) -> None:
         server, thread = self._server, self._thread
         if server is None or thread is None:
+            self._sock.close()  # never started: just release the port
             return
         self._stopping = True
         loop = server.loop
@@ -488,7 +532,9 @@ class FakeModelServer:
                 "first_id": "fake-model",
                 "last_id": "fake-model",
             }
-        return _Raw(self, _Plan(200, list(_JSON_HEADERS), False, body=_js(data).encode()))
+        return _Raw(
+            self, _Plan(200, list(_JSON_HEADERS), False, body=_js(data).encode(), counted=False)
+        )
 
     async def _chat(self, request: Request) -> _Raw:
         try:
@@ -806,6 +852,7 @@ class _Raw:
         task = asyncio.current_task()
         assert task is not None
         state = {"done": False, "gone": False}
+        receive, raw_send = scope.get(_RAW_ASGI, (receive, send))
 
         async def watch() -> None:
             while (await receive())["type"] != "http.disconnect":
@@ -819,12 +866,13 @@ class _Raw:
         with srv._lock:
             srv._active += 1
         try:
-            await self._play(send, plan, state)
+            await self._play(send, raw_send, plan, state)
         except asyncio.CancelledError:
             if state["gone"]:  # the client went away: swallow our own cancellation
                 task.uncancel()
-                with srv._lock:
-                    srv._aborted += 1
+                if plan.counted:
+                    with srv._lock:
+                        srv._aborted += 1
             elif srv._stopping:  # stop(): drop the connection without log noise
                 task.uncancel()
                 raise _HangUp("server stopping") from None
@@ -837,7 +885,7 @@ class _Raw:
             with srv._lock:
                 srv._active -= 1
 
-    async def _play(self, send: Send, plan: _Plan, state: dict) -> None:
+    async def _play(self, send: Send, raw_send: Send, plan: _Plan, state: dict) -> None:
         reply = plan.reply
         loop = asyncio.get_running_loop()
         if not plan.stream:
@@ -855,11 +903,14 @@ class _Raw:
                 raise _HangUp("disconnect_after")
             state["done"] = True
             await send({"type": "http.response.body", "body": body, "more_body": False})
-            if plan.status == 200:
+            if plan.status == 200 and plan.counted:
                 self._count_completed()
             return
 
+        # The start goes through Starlette (its middlewares track "response started"); the
+        # body frames go straight to uvicorn.
         await send({"type": "http.response.start", "status": 200, "headers": plan.headers})
+        send = raw_send
         msg: dict = {"type": "http.response.body", "body": plan.head, "more_body": True}
         await send(msg)
         disconnect, stall, bad = reply.disconnect_after, reply.stall_after, reply.bad_json_after
@@ -938,7 +989,6 @@ def main(argv: list[str] | None = None) -> None:
         pass
     finally:
         server.stop()
-    sys.exit(0)
 
 
 if __name__ == "__main__":

@@ -1,0 +1,107 @@
+"""Unit tests of the pure pieces: message parsing, context trimming, pricing."""
+
+from __future__ import annotations
+
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from prismd.agent.context import build_context
+from prismd.protocol import Chat, ErrorCode, ProtocolError, parse_client_message
+from prismd.providers import pricing
+from prismd.store.base import MessageRecord
+
+from .conftest import of_type, openai_env
+
+
+def msg(role: str, text: str, tokens: int = 0) -> MessageRecord:
+    return MessageRecord(id=text, role=role, content=text, created_at="", token_count=tokens)
+
+
+def test_context_keeps_newest_messages_within_the_window():
+    history = []
+    for i in range(50):
+        history += [msg("user", f"question {i} " + "x" * 400), msg("assistant", f"answer {i}", 120)]
+    history.append(msg("user", "latest"))
+    ctx = build_context(history, "system", context_window=2000, max_output_tokens=500, vision=True)
+    assert ctx.messages[-1].text == "latest"
+    assert ctx.messages[0].role == "user"
+    assert ctx.dropped > 0
+    assert ctx.user_tokens + ctx.assistant_tokens <= 2000 - 500
+    roles = [m.role for m in ctx.messages]
+    assert all(a != b for a, b in zip(roles, roles[1:], strict=False))
+
+
+def test_context_always_sends_the_latest_message_even_if_too_big():
+    ctx = build_context([msg("user", "y" * 100_000)], "", 1000, 100, True)
+    assert len(ctx.messages) == 1
+
+
+def test_context_merges_consecutive_roles_and_skips_empty():
+    history = [msg("user", "a"), msg("assistant", ""), msg("user", "b")]
+    ctx = build_context(history, "", 10_000, 100, True)
+    assert [(m.role, m.text) for m in ctx.messages] == [("user", "a\n\nb")]
+
+
+def test_parse_valid_chat():
+    m = parse_client_message('{"type":"chat","message":"hi","sessionId":"s1","extra":1}')
+    assert isinstance(m, Chat) and m.sessionId == "s1"
+
+
+@given(st.text(max_size=200))
+def test_parse_never_raises_anything_but_protocol_error(text):
+    try:
+        parse_client_message(text)
+    except ProtocolError as exc:
+        assert exc.code in set(ErrorCode)
+
+
+@given(
+    st.recursive(
+        st.none() | st.booleans() | st.integers() | st.text(max_size=20),
+        lambda children: st.lists(children, max_size=4)
+        | st.dictionaries(st.text(max_size=8), children, max_size=4),
+        max_leaves=20,
+    ),
+    st.sampled_from(["chat", "resume", "select_agent", "stop", "speak", "audio_chunk", "x"]),
+)
+def test_parse_random_fields(value, kind):
+    import json
+
+    try:
+        parse_client_message(json.dumps({"type": kind, "message": value, "sessionId": value}))
+    except ProtocolError as exc:
+        assert exc.code in set(ErrorCode)
+
+
+def test_deep_nesting_is_invalid_json_not_a_crash():
+    with pytest.raises(ProtocolError) as exc:
+        parse_client_message("[" * 100_000)
+    assert exc.value.code in (ErrorCode.INVALID_JSON, ErrorCode.INVALID_MESSAGE)
+
+
+def test_pricing_known_and_unknown():
+    cost, source = pricing.price("openai", None, "gpt-4o-mini", 1_000_000, 0)
+    assert cost == pytest.approx(0.15) and source["provider"] == "openai"
+    assert pricing.price("openai", "http://127.0.0.1:1/v1", "no-such-model", 10, 10) == (
+        None,
+        None,
+    )
+    # Models served by a local Ollama have no price, whatever their name.
+    assert pricing.price("ollama", None, "gpt-4o-mini", 10, 10) == (None, None)
+    cost, source = pricing.price("openai", "https://api.deepseek.com/v1", "deepseek-chat", 1000, 0)
+    assert source["provider"] == "deepseek"
+
+
+def test_history_is_trimmed_to_the_configured_window(make_server, fake_openai):
+    srv = make_server(
+        openai_env(fake_openai),
+        config="[providers.openai]\ncontext_window = 1200\nmax_output_tokens = 200\n",
+    )
+    with srv.client() as c:
+        for i in range(8):
+            frames = c.turn(message=f"turn {i} " + "z" * 1000)
+    assert of_type(frames, "context_usage")[0]["maxContext"] == 1200
+    sent = fake_openai.requests[-1]["messages"]
+    assert sent[-1]["content"].startswith("turn 7")
+    assert not any(m["content"].startswith("turn 0") for m in sent[1:])
