@@ -167,3 +167,21 @@ temperature = 0.3
     assert req["messages"][0] == {"role": "system", "content": "Answer in verse."}
     agents = srv.get("/api/agents").json()
     assert {a["id"] for a in agents["agents"]} == {"assistant", "poet"}
+
+
+def test_ollama_is_detected_when_nothing_else_is_configured(make_server, fake_openai):
+    base = fake_openai.url.removesuffix("/v1")
+    srv = make_server({"OLLAMA_BASE_URL": base})
+    assert srv.get("/api/health").json()["provider"] == "ollama"
+    with srv.client() as c:
+        frames = c.turn(message="local?")
+    done = of_type(frames, "done")[0]
+    assert done["resolvedProvider"] == "ollama" and done["resolvedModel"] == "fake-llama:latest"
+    assert done["costUsd"] is None and done["costSource"] is None  # local models are not priced
+    assert fake_openai.requests[-1]["model"] == "fake-llama:latest"
+
+
+def test_openai_key_wins_over_anthropic_key(make_server, fake_openai):
+    env = {**openai_env(fake_openai), "ANTHROPIC_API_KEY": "also-set"}
+    srv = make_server(env)
+    assert srv.get("/api/health").json()["provider"] == "openai"

@@ -98,3 +98,12 @@ def test_agents(server):
     body = server.get("/api/agents").json()
     assert body["default"] == "assistant"
     assert body["agents"][0]["id"] == "assistant" and body["agents"][0]["default"] is True
+
+
+def test_deleting_a_bound_session_lets_the_connection_start_afresh(server):
+    with server.client() as c:
+        sid = c.turn(message="doomed")[0]["sessionId"]
+        assert httpx.delete(f"{server.url}/api/sessions/{sid}").status_code == 204
+        frames = c.turn(message="next")
+    assert frames[0]["type"] == "session" and frames[0]["sessionId"] != sid
+    assert not (server.data_dir / "sessions" / f"{sid}.db").exists()

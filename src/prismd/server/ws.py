@@ -227,6 +227,8 @@ class Connection:
 
     async def _chat(self, msg: Chat) -> None:
         core = self.core
+        if self.live is not None and core.manager.live(self.live.id) is not self.live:
+            self._unbind()  # the bound session was deleted under this connection
         if not msg.message.strip() and not msg.files:
             raise ProtocolError(ErrorCode.EMPTY_MESSAGE, "Empty message")
         agent_id = msg.agentId or self.agent_id

@@ -356,6 +356,8 @@ class FakeModelServer:
                 Route("/v1/chat/completions", self._chat, methods=["POST"]),
                 Route("/chat/completions", self._chat, methods=["POST"]),
                 Route("/v1/models", self._models, methods=["GET"]),
+                # Ollama's native model list, so the fake can stand in for a local Ollama.
+                Route("/api/tags", self._ollama_tags, methods=["GET"]),
             ]
         else:
             routes = [
@@ -532,6 +534,12 @@ class FakeModelServer:
                 "first_id": "fake-model",
                 "last_id": "fake-model",
             }
+        return _Raw(
+            self, _Plan(200, list(_JSON_HEADERS), False, body=_js(data).encode(), counted=False)
+        )
+
+    async def _ollama_tags(self, request: Request) -> _Raw:
+        data = {"models": [{"name": "fake-llama:latest", "model": "fake-llama:latest"}]}
         return _Raw(
             self, _Plan(200, list(_JSON_HEADERS), False, body=_js(data).encode(), counted=False)
         )
