@@ -59,8 +59,10 @@ def test_parse_never_raises_anything_but_protocol_error(text):
 @given(
     st.recursive(
         st.none() | st.booleans() | st.integers() | st.text(max_size=20),
-        lambda children: st.lists(children, max_size=4)
-        | st.dictionaries(st.text(max_size=8), children, max_size=4),
+        lambda children: (
+            st.lists(children, max_size=4)
+            | st.dictionaries(st.text(max_size=8), children, max_size=4)
+        ),
         max_leaves=20,
     ),
     st.sampled_from(["chat", "resume", "select_agent", "stop", "speak", "audio_chunk", "x"]),
