@@ -26,6 +26,19 @@ def _settings(args: argparse.Namespace) -> Settings:
 # ---------------------------------------------------------------- serve
 
 
+def _raise_open_files_limit() -> None:
+    """Each connection, upstream stream and open session database needs file descriptors;
+    the usual soft limit of 1024 is too low for a busy server, the hard limit rarely is."""
+    try:
+        import resource
+
+        soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+        if hard == resource.RLIM_INFINITY or soft < hard:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (min(hard, 1 << 20), hard))
+    except (ImportError, ValueError, OSError):
+        pass
+
+
 def cmd_serve(args: argparse.Namespace) -> int:
     import uvicorn
 
@@ -36,6 +49,10 @@ def cmd_serve(args: argparse.Namespace) -> int:
         level=settings.server.log_level.upper(),
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
     )
+    # The SDKs log every HTTP request at INFO: one line per model call is noise here.
+    for noisy in ("httpx", "httpx2"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+    _raise_open_files_limit()
     app = create_app(settings)
     uvicorn.run(
         app,

@@ -250,7 +250,7 @@ class Connection:
         elif self.live is not None:
             live = self.live
         else:
-            live = await core.manager.create(agent.id)
+            live = core.manager.create(agent.id)
             self._bind(live)
 
         if msg.clientMessageId and msg.clientMessageId in live.client_turns:

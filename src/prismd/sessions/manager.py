@@ -110,43 +110,23 @@ class SessionManager:
         history = await self.store.load_messages(session_id, with_file_data=True)
         return LiveSession(record, log.last_seq, log.first_seq, log.client_turns, history)
 
-    async def create(self, agent_id: str, session_id: str | None = None) -> LiveSession:
+    def create(self, agent_id: str, session_id: str | None = None) -> LiveSession:
+        """A new session, live at once; its rows and database are written in the background."""
         record = SessionRecord(
             id=session_id or new_id("sess"), agent_id=agent_id, started_at=now_iso()
         )
-        await self.store.create_session(record)
+        self.store.create_session(record)
         live = LiveSession(record, last_seq=0, first_seq=1, client_turns={}, history=[])
         self._live[record.id] = live
         return live
 
-    async def get_or_create(self, session_id: str | None, agent_id: str) -> LiveSession:
-        if session_id is not None:
-            live = await self.get(session_id)
-            if live is not None:
-                return live
-            # Two racing creators of the same unknown id: the loser loads what the winner made.
-            pending = self._loading.get(session_id)
-            if pending is not None:
-                found = await asyncio.shield(pending)
-                if found is not None:
-                    return found
-        fut: asyncio.Future[LiveSession | None] | None = None
-        if session_id is not None:
-            fut = asyncio.get_running_loop().create_future()
-            self._loading[session_id] = fut
-        try:
-            live = await self.create(agent_id, session_id)
-        except BaseException as exc:
-            if fut is not None:
-                fut.set_exception(exc)
-                fut.exception()
-            raise
-        finally:
-            if session_id is not None:
-                del self._loading[session_id]
-        if fut is not None:
-            fut.set_result(live)
-        return live
+    async def get_or_create(self, session_id: str, agent_id: str) -> LiveSession:
+        live = await self.get(session_id)
+        if live is not None:
+            return live
+        # `get` awaited: a racing caller may have created it meanwhile. From here on there is
+        # no await, so the check and the creation are atomic.
+        return self._live.get(session_id) or self.create(agent_id, session_id)
 
     def activate(self, live: LiveSession) -> None:
         """Resuming a closed or archived session makes it active again."""

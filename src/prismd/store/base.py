@@ -118,7 +118,9 @@ class Store(abc.ABC):
 
     # sessions (core database)
     @abc.abstractmethod
-    async def create_session(self, record: SessionRecord) -> None: ...
+    def create_session(self, record: SessionRecord) -> None:
+        """Queued like the other writes: creating a session database costs a disk sync, and a
+        new session's first turn must not wait for it."""
 
     @abc.abstractmethod
     async def get_session(self, session_id: str) -> SessionRecord | None: ...

@@ -136,6 +136,7 @@ _TURN_FIELDS = {
     "cost_usd",
 }
 _STOP = object()
+_EVENT = object()  # marks a queued stream event (see _run)
 
 
 def _connect(path: Path) -> sqlite3.Connection:
@@ -147,7 +148,7 @@ def _connect(path: Path) -> sqlite3.Connection:
 
 
 class SqliteStore(Store):
-    def __init__(self, data_dir: Path, max_open_sessions: int = 256) -> None:
+    def __init__(self, data_dir: Path, max_open_sessions: int = 1024) -> None:
         self.data_dir = data_dir
         self.sessions_dir = data_dir / "sessions"
         self._queue: queue.SimpleQueue[Any] = queue.SimpleQueue()
@@ -190,10 +191,18 @@ class SqliteStore(Store):
                     break
             results: list[tuple[asyncio.Future[Any], Any, BaseException | None]] = []
             stop = False
+            events: dict[str, list[tuple[int, str | None, str]]] = {}
             for item in batch:
                 if item is _STOP:
                     stop = True
                     continue
+                if item[0] is _EVENT:
+                    # Stream events are the bulk of all writes: gather them per session and
+                    # insert them with one executemany, keeping their order against other ops.
+                    events.setdefault(item[1], []).append(item[2])
+                    continue
+                if events:
+                    self._insert_events(events)
                 fn, fut = item
                 try:
                     value = fn()
@@ -203,6 +212,8 @@ class SqliteStore(Store):
                     results.append((fut, None, exc))
                 else:
                     results.append((fut, value, None))
+            if events:
+                self._insert_events(events)
             self._commit()
             for fut, value, exc in results:
                 if fut is not None:
@@ -210,6 +221,16 @@ class SqliteStore(Store):
             if stop:
                 self._close_all()
                 return
+
+    def _insert_events(self, events: dict[str, list[tuple[int, str | None, str]]]) -> None:
+        for session_id, rows in events.items():
+            try:
+                self._db(session_id).executemany(
+                    "INSERT INTO session_events (seq, turn_id, frame) VALUES (?,?,?)", rows
+                )
+            except sqlite3.Error:
+                log.exception("store: event insert failed for %s", session_id)
+        events.clear()
 
     def _commit(self) -> None:
         for conn in self._dirty:
@@ -268,15 +289,15 @@ class SqliteStore(Store):
 
     # ------------------------------------------------------------ sessions
 
-    async def create_session(self, record: SessionRecord) -> None:
+    def create_session(self, record: SessionRecord) -> None:
         def op() -> None:
-            self._db(record.id)
             self._core_db().execute(
                 f"INSERT INTO sessions ({_SESSION_COLUMNS}) VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?)",
                 _session_row(record),
             )
+            self._db(record.id)
 
-        await self._call(op)
+        self._submit(op)
 
     async def get_session(self, session_id: str) -> SessionRecord | None:
         def op() -> SessionRecord | None:
@@ -443,12 +464,7 @@ class SqliteStore(Store):
         )
 
     def append_event(self, session_id: str, seq: int, turn_id: str | None, frame: str) -> None:
-        self._submit(
-            lambda: self._db(session_id).execute(
-                "INSERT INTO session_events (seq, turn_id, frame) VALUES (?,?,?)",
-                (seq, turn_id, frame),
-            )
-        )
+        self._queue.put((_EVENT, session_id, (seq, turn_id, frame)))
 
     async def read_events(
         self, session_id: str, after_seq: int, turn_id: str | None = None
