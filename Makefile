@@ -18,11 +18,14 @@ serve: install
 	$(VENV)/bin/prismd serve
 
 test: install
+	$(VENV)/bin/ruff check src tests bench
+	$(VENV)/bin/mypy src/prismd
 	$(PY) -m pytest -q
 
 lint: install
 	$(VENV)/bin/ruff check src tests bench
 	$(VENV)/bin/ruff format --check src tests bench
+	$(VENV)/bin/mypy src/prismd
 
 format: install
 	$(VENV)/bin/ruff check --fix src tests bench

@@ -15,7 +15,7 @@ from .config import ConfigError, Settings, load_settings
 
 
 def _settings(args: argparse.Namespace) -> Settings:
-    overrides = {
+    overrides: dict[tuple[str, ...], Any] = {
         ("server", "host"): getattr(args, "host", None),
         ("server", "port"): getattr(args, "port", None),
         ("server", "data_dir"): getattr(args, "data_dir", None),

@@ -21,7 +21,8 @@ def _error(status: int, code: ErrorCode, message: str) -> JSONResponse:
 
 
 def _core(request: Request) -> Prismd:
-    return request.app.state.prismd  # type: ignore[no-any-return]
+    core: Prismd = request.app.state.prismd
+    return core
 
 
 async def _session_json(core: Prismd, session_id: str) -> dict[str, Any] | JSONResponse:

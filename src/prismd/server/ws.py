@@ -241,11 +241,11 @@ class Connection:
 
         if msg.sessionId is not None:
             sid = check_session_id(msg.sessionId)
-            if self.live is None or self.live.id != sid:
+            if self.live is not None and self.live.id == sid:
+                live = self.live
+            else:
                 live = await core.manager.get_or_create(sid, agent.id)
                 self._bind(live)
-            live = self.live
-            assert live is not None
             core.manager.activate(live)
         elif self.live is not None:
             live = self.live

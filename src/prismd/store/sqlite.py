@@ -215,9 +215,9 @@ class SqliteStore(Store):
             if events:
                 self._insert_events(events)
             self._commit()
-            for fut, value, exc in results:
+            for fut, value, error in results:
                 if fut is not None:
-                    fut.get_loop().call_soon_threadsafe(_resolve, fut, value, exc)
+                    fut.get_loop().call_soon_threadsafe(_resolve, fut, value, error)
             if stop:
                 self._close_all()
                 return
@@ -414,7 +414,20 @@ class SqliteStore(Store):
             ):
                 files.setdefault(mid, []).append(FileRecord(fid, name, mime, size, data, text))
             return [
-                MessageRecord(*r[:10], meta=json.loads(r[10] or "{}"), files=files.get(r[0], []))
+                MessageRecord(
+                    id=r[0],
+                    role=r[1],
+                    content=r[2],
+                    created_at=r[3],
+                    turn_id=r[4],
+                    status=r[5],
+                    token_count=r[6],
+                    tool_calls=r[7],
+                    tool_result=r[8],
+                    reasoning=r[9],
+                    meta=json.loads(r[10] or "{}"),
+                    files=files.get(r[0], []),
+                )
                 for r in rows
             ]
 

@@ -258,7 +258,7 @@ class _UvicornServer(uvicorn.Server):
             config.load()
         try:
             factory = functools.partial(
-                config.http_protocol_class,
+                config.http_protocol_class,  # type: ignore[call-arg]
                 config=config,
                 server_state=self.server_state,
                 app_state=getattr(self.lifespan, "state", {}),
