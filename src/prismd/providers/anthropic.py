@@ -9,7 +9,16 @@ import anthropic
 
 from ..config import ProviderSettings
 from ._errors import translate
-from .base import ModelRequest, Provider, ReasoningDelta, StreamPart, TextDelta, Usage
+from ._sse import post_stream
+from .base import (
+    ModelRequest,
+    Provider,
+    ProviderError,
+    ReasoningDelta,
+    StreamPart,
+    TextDelta,
+    Usage,
+)
 
 _EFFORT_BUDGET = {"low": 1024, "medium": 4096, "high": 16384}
 
@@ -65,24 +74,27 @@ class AnthropicProvider(Provider):
             kwargs["temperature"] = request.temperature
         input_tokens = 0
         try:
-            async with await self._client.messages.create(**kwargs) as stream:
-                async for event in stream:
-                    kind = event.type
-                    if kind == "content_block_delta":
-                        delta = event.delta
-                        if delta.type == "text_delta":
-                            yield TextDelta(delta.text)
-                        elif delta.type == "thinking_delta":
-                            yield ReasoningDelta(delta.thinking)
-                    elif kind == "message_start":
-                        usage = event.message.usage
-                        input_tokens = (
-                            (usage.input_tokens or 0)
-                            + (usage.cache_creation_input_tokens or 0)
-                            + (usage.cache_read_input_tokens or 0)
-                        )
-                    elif kind == "message_delta":
-                        yield Usage(input_tokens, event.usage.output_tokens or 0)
+            async for kind, event in post_stream(self._client, "/v1/messages", kwargs):
+                kind = event.get("type", kind)
+                if kind == "content_block_delta":
+                    delta = event["delta"]
+                    if delta.get("type") == "text_delta":
+                        yield TextDelta(delta["text"])
+                    elif delta.get("type") == "thinking_delta":
+                        yield ReasoningDelta(delta["thinking"])
+                elif kind == "message_start":
+                    usage = event["message"].get("usage") or {}
+                    input_tokens = (
+                        (usage.get("input_tokens") or 0)
+                        + (usage.get("cache_creation_input_tokens") or 0)
+                        + (usage.get("cache_read_input_tokens") or 0)
+                    )
+                elif kind == "message_delta":
+                    usage = event.get("usage") or {}
+                    yield Usage(input_tokens, usage.get("output_tokens") or 0)
+                elif kind == "error":
+                    error = event.get("error") or {}
+                    raise ProviderError(f"{self._label} reported: {error.get('message') or error}")
         except Exception as exc:  # noqa: BLE001
             raise translate(exc, self._label, anthropic) from exc
 

@@ -12,7 +12,16 @@ import openai
 
 from ..config import ProviderSettings
 from ._errors import translate
-from .base import ModelRequest, Provider, ReasoningDelta, StreamPart, TextDelta, Usage
+from ._sse import post_stream
+from .base import (
+    ModelRequest,
+    Provider,
+    ProviderError,
+    ReasoningDelta,
+    StreamPart,
+    TextDelta,
+    Usage,
+)
 
 
 class OpenAICompatProvider(Provider):
@@ -63,30 +72,38 @@ class OpenAICompatProvider(Provider):
         if request.reasoning_effort:
             kwargs["reasoning_effort"] = request.reasoning_effort
         try:
-            # `async with` closes the HTTP response when the consuming task is cancelled, so a
+            # post_stream closes the HTTP response when the consuming task is cancelled: a
             # `stop` ends the upstream generation instead of letting it run on.
-            async with await self._client.chat.completions.create(**kwargs) as stream:
-                async for chunk in stream:
-                    if chunk.usage is not None:
-                        details = chunk.usage.completion_tokens_details
-                        yield Usage(
-                            chunk.usage.prompt_tokens or 0,
-                            chunk.usage.completion_tokens or 0,
-                            (details.reasoning_tokens or 0) if details else 0,
-                        )
-                    if not chunk.choices:
-                        continue
-                    delta = chunk.choices[0].delta
-                    # DeepSeek/vLLM say `reasoning_content`, Ollama/OpenRouter say `reasoning`.
-                    reasoning = getattr(delta, "reasoning_content", None) or getattr(
-                        delta, "reasoning", None
+            async for _, chunk in post_stream(self._client, "/chat/completions", kwargs):
+                if "error" in chunk:
+                    raise ProviderError(f"{self._label} reported: {_message(chunk['error'])}")
+                usage = chunk.get("usage")
+                if usage:
+                    details = usage.get("completion_tokens_details") or {}
+                    yield Usage(
+                        usage.get("prompt_tokens") or 0,
+                        usage.get("completion_tokens") or 0,
+                        details.get("reasoning_tokens") or 0,
                     )
-                    if reasoning:
-                        yield ReasoningDelta(reasoning)
-                    if delta.content:
-                        yield TextDelta(delta.content)
+                choices = chunk.get("choices")
+                if not choices:
+                    continue
+                delta = choices[0].get("delta") or {}
+                # DeepSeek/vLLM say `reasoning_content`, Ollama/OpenRouter say `reasoning`.
+                reasoning = delta.get("reasoning_content") or delta.get("reasoning")
+                if reasoning:
+                    yield ReasoningDelta(reasoning)
+                content = delta.get("content")
+                if content:
+                    yield TextDelta(content)
         except Exception as exc:  # noqa: BLE001 - every failure becomes a coded ProviderError
             raise translate(exc, self._label, openai) from exc
 
     async def aclose(self) -> None:
         await self._client.close()
+
+
+def _message(error: Any) -> str:
+    if isinstance(error, dict):
+        return str(error.get("message") or error)
+    return str(error)
