@@ -59,7 +59,66 @@ class ProviderSettings(_Section):
     max_retries: Annotated[int, Field(ge=0, le=10)] = 2
     context_window: Annotated[int, Field(gt=0)] | None = None
     vision: bool = True
+    # How tools reach the model: the API's native tool calling, or the text protocol
+    # (<tool_call>{"tool": …, "args": …}</tool_call>) for models without it.
+    tool_calling: Literal["native", "text"] = "native"
+    # Models of this provider that need the text protocol (fnmatch patterns).
+    text_tool_models: list[str] = Field(default_factory=list)
     max_output_tokens: Annotated[int, Field(gt=0)] = 4096
+
+
+class ShellSettings(_Section):
+    timeout_s: Annotated[float, Field(gt=0)] = 60.0
+    max_output_bytes: Annotated[int, Field(ge=1024)] = 256 * 1024
+    memory_mb: Annotated[int, Field(ge=64)] = 2048
+    max_processes: Annotated[int, Field(ge=8)] = 256
+
+
+class CodeExecSettings(_Section):
+    timeout_s: Annotated[float, Field(gt=0)] = 30.0
+    cpu_s: Annotated[int, Field(ge=1)] = 30
+    memory_mb: Annotated[int, Field(ge=64)] = 512
+    max_output_bytes: Annotated[int, Field(ge=1024)] = 256 * 1024
+    # Cut the process off the network where the machine allows it (an unshared network
+    # namespace); see the README for what isolation is in force.
+    network: bool = False
+
+
+class WebFetchSettings(_Section):
+    timeout_s: Annotated[float, Field(gt=0)] = 20.0
+    max_bytes: Annotated[int, Field(ge=1024)] = 2 * 1024 * 1024
+    max_redirects: Annotated[int, Field(ge=0)] = 5
+    # Loopback, private and link-local addresses are refused unless this is true.
+    allow_private: bool = False
+
+
+class McpServerSettings(_Section):
+    name: Annotated[str, Field(pattern=r"^[A-Za-z0-9_-]{1,32}$")]
+    # stdio: a command (and args/env); streamable HTTP: a url (and headers).
+    command: str | None = None
+    args: list[str] = Field(default_factory=list)
+    env: dict[str, str] = Field(default_factory=dict)
+    cwd: str | None = None
+    url: str | None = None
+    headers: dict[str, str] = Field(default_factory=dict)
+    enabled: bool = True
+    timeout_s: Annotated[float, Field(gt=0)] = 60.0
+    # Tools of this server that need the user's approval ("*" for all).
+    approve: list[str] = Field(default_factory=list)
+
+
+class ToolsSettings(_Section):
+    # Give every session its own workspace under the agent's, instead of one per agent.
+    workspace_per_session: bool = False
+    max_rounds: Annotated[int, Field(ge=1, le=100)] = 12
+    # Tool output sent to the model is cut at this many characters, with a note.
+    max_output_chars: Annotated[int, Field(ge=256)] = 16_000
+    # Tool output shown in `tool_end` is cut at this many characters.
+    display_output_chars: Annotated[int, Field(ge=64)] = 2_000
+    approval_timeout_s: Annotated[float, Field(gt=0)] = 120.0
+    shell: ShellSettings = Field(default_factory=ShellSettings)
+    code_exec: CodeExecSettings = Field(default_factory=CodeExecSettings)
+    web_fetch: WebFetchSettings = Field(default_factory=WebFetchSettings)
 
 
 class AgentSettings(_Section):
@@ -70,7 +129,12 @@ class AgentSettings(_Section):
     model: str | None = None
     system_prompt: str = DEFAULT_SYSTEM_PROMPT
     temperature: Annotated[float, Field(ge=0, le=2)] | None = None
-    tools: list[str] = Field(default_factory=list)
+    # Tools this agent may use: names or fnmatch patterns ("file_*", "github__*", "*").
+    tools: list[str] = Field(default_factory=lambda: ["*"])
+    # Tools that need the user's approval in addition to those that need it by default…
+    approve: list[str] = Field(default_factory=list)
+    # …and tools this agent may run without asking (e.g. "shell" for a trusted agent).
+    auto_approve: list[str] = Field(default_factory=list)
 
 
 BUILTIN_AGENT = AgentSettings(
@@ -88,6 +152,8 @@ class Settings(_Section):
     server: ServerSettings = Field(default_factory=ServerSettings)
     providers: dict[ProviderKind, ProviderSettings] = Field(default_factory=dict)
     agents: list[AgentSettings] = Field(default_factory=list)
+    tools: ToolsSettings = Field(default_factory=ToolsSettings)
+    mcp_servers: list[McpServerSettings] = Field(default_factory=list)
 
     @property
     def data_dir(self) -> Path:

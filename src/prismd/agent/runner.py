@@ -2,38 +2,60 @@
 
 A turn runs as its own task and publishes its events to the session, never to a socket, so a
 disconnect does not stop it and every bound connection (and a later `resume`) sees the same
-events. `stop` cancels the task that reads the model stream, which closes the upstream request.
+events. A turn is a loop of rounds: call the model, run the tools it asked for, feed the
+results back, until it answers without tools or the round limit is hit. `stop` cancels the
+work task, which closes the upstream request or kills the running tools.
 """
 
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 import time
 from dataclasses import dataclass
+from fnmatch import fnmatchcase
 from typing import Any
 
 from ..config import AgentSettings, Settings
 from ..protocol import Chat, ErrorCode, ProtocolError
 from ..providers import pricing
 from ..providers.base import (
+    ChatMessage,
     ModelRequest,
     Provider,
     ProviderError,
     ReasoningDelta,
     TextDelta,
+    ToolCall,
+    ToolDef,
     Usage,
 )
 from ..providers.registry import ProviderRegistry
 from ..sessions.manager import LiveSession, SessionManager, Turn, new_id, now_iso
 from ..store.base import FileRecord, MessageRecord
-from .context import build_context, estimate_tokens
+from ..tools.base import ToolContext, ToolError
+from ..tools.registry import ToolRegistry, ToolView
+from .context import BuiltContext, build_context, estimate_tokens
 from .files import decode_files, extract
+from .markup import FilterOutput, MalformedCall, MarkupFilter, malformed_feedback
 
 log = logging.getLogger("prismd.turns")
 
 # The assistant message is saved while it streams, at most this long after a piece arrived.
 SAVE_INTERVAL_S = 0.25
+
+TEXT_PROTOCOL_PROMPT = """
+
+# Tools
+You can call tools. To call one, write exactly one block per call, and nothing after the
+last block:
+<tool_call>{{"tool": "TOOL_NAME", "args": {{...}}}}</tool_call>
+The results come back as <tool_result name="TOOL_NAME" status="ok|error|denied">…</tool_result>.
+Then continue; answer without a tool call when you are done.
+Available tools:
+{tools}
+"""
 
 
 @dataclass(slots=True)
@@ -46,13 +68,40 @@ class TurnPlan:
     chat: Chat
 
 
+@dataclass(slots=True)
+class PendingCall:
+    id: str
+    name: str
+    arguments: str  # JSON text as written by the model
+    args: Any = None
+    error: str | None = None  # the call could not be understood
+
+
+@dataclass
+class _Totals:
+    tokens_in: int = 0
+    tokens_out: int = 0
+    reasoning_tokens: int = 0
+    estimated: bool = False
+    last: Usage | None = None
+    first_token: float | None = None
+    llm_s: float = 0.0
+    tool_s: float = 0.0
+    rounds: int = 0
+
+
 class TurnRunner:
     def __init__(
-        self, settings: Settings, providers: ProviderRegistry, manager: SessionManager
+        self,
+        settings: Settings,
+        providers: ProviderRegistry,
+        manager: SessionManager,
+        tools: ToolRegistry,
     ) -> None:
         self.settings = settings
         self.providers = providers
         self.manager = manager
+        self.tools = tools
         self.store = manager.store
 
     def plan(self, chat: Chat, agent: AgentSettings) -> TurnPlan:
@@ -69,7 +118,8 @@ class TurnRunner:
         """Take the session's turn lock and launch the turn. Synchronous, hence atomic."""
         turn = self.manager.begin_turn(live, plan.chat.clientMessageId)
         self.manager.publish(live, turn.id, {"type": "start"})
-        turn.task = asyncio.create_task(self._run(live, turn, plan), name=f"turn {turn.id}")
+        execution = _Execution(self, live, turn, plan)
+        turn.task = asyncio.create_task(execution.run(), name=f"turn {turn.id}")
         return turn
 
     def stop(self, live: LiveSession) -> bool:
@@ -82,182 +132,427 @@ class TurnRunner:
             turn.consumer.cancel()
         return True
 
-    async def _run(self, live: LiveSession, turn: Turn, plan: TurnPlan) -> None:
+    def answer_approval(self, live: LiveSession, request_id: str, approved: bool) -> bool:
+        turn = live.turn
+        waiter = turn.approvals.get(request_id) if turn is not None else None
+        if turn is None or waiter is None or waiter.done():
+            return False
+        waiter.set_result(approved)
+        self.manager.publish(
+            live,
+            turn.id,
+            {"type": "approval_resolved", "requestId": request_id, "approved": approved},
+        )
+        return True
+
+    def text_protocol(self, provider: Provider, model: str) -> bool:
+        ps = self.settings.provider_settings(provider.kind)
+        return ps.tool_calling == "text" or any(fnmatchcase(model, p) for p in ps.text_tool_models)
+
+
+class _Execution:
+    """The state of one running turn."""
+
+    def __init__(self, runner: TurnRunner, live: LiveSession, turn: Turn, plan: TurnPlan):
+        self.runner = runner
+        self.manager = runner.manager
+        self.store = runner.store
+        self.live = live
+        self.turn = turn
+        self.plan = plan
+        self.view: ToolView = runner.tools.view(plan.agent)
+        self.text_tools = bool(self.view.tools) and runner.text_protocol(plan.provider, plan.model)
+        self.window = runner.providers.context_window(plan.provider, plan.model)
+        self.totals = _Totals()
+        self.pieces: list[str] = []  # clean text of the current round
+        self.reasoning: list[str] = []
+        self.answer: MessageRecord | None = None  # the current round's assistant message
+        self.ctx: BuiltContext | None = None
+        self.corrections: list[ChatMessage] = []  # re-prompts for unparseable calls
+        self.malformed: list[MalformedCall] = []
+
+    def publish(self, event: dict[str, Any]) -> int:
+        return self.manager.publish(self.live, self.turn.id, event)
+
+    # ------------------------------------------------------------ the turn
+
+    async def run(self) -> None:
         try:
-            await self._run_turn(live, turn, plan)
+            await self._run()
         except asyncio.CancelledError:
             raise
         except Exception as exc:  # noqa: BLE001 - a bug must end the turn, not hang it
-            log.exception("turn %s failed", turn.id)
-            self.manager.publish(
-                live,
-                turn.id,
-                {
-                    "type": "error",
-                    "code": ErrorCode.INTERNAL.value,
-                    "error": f"Internal error: {exc}",
-                },
-            )
+            log.exception("turn %s failed", self.turn.id)
+            message = f"Internal error: {exc}"
+            self.publish({"type": "error", "code": ErrorCode.INTERNAL.value, "error": message})
         finally:
-            self.manager.end_turn(live, turn)
+            self.manager.end_turn(self.live, self.turn)
 
-    async def _run_turn(self, live: LiveSession, turn: Turn, plan: TurnPlan) -> None:
-        sid = live.id
-        t0 = turn.started
+    async def _run(self) -> None:
+        plan, turn, sid = self.plan, self.turn, self.live.id
         await extract(plan.files)
+        meta = {"clientMessageId": plan.chat.clientMessageId} if plan.chat.clientMessageId else {}
         user = MessageRecord(
             id=new_id("msg"),
             role="user",
             content=plan.text,
             created_at=now_iso(),
             turn_id=turn.id,
-            meta={"clientMessageId": plan.chat.clientMessageId}
-            if plan.chat.clientMessageId
-            else {},
+            meta=meta,
             files=plan.files,
         )
         self.store.add_message(sid, user)
-        live.history.append(user)
+        self.live.history.append(user)
 
-        provider, model, agent = plan.provider, plan.model, plan.agent
-        window = self.providers.context_window(provider, model)
-        ctx = build_context(
-            live.history, agent.system_prompt, window, provider.max_output_tokens, provider.vision
-        )
-        request = ModelRequest(
-            model=model,
-            system=agent.system_prompt,
-            messages=ctx.messages,
-            temperature=agent.temperature,
-            reasoning_effort=plan.chat.reasoningEffort,
-            max_output_tokens=provider.max_output_tokens,
-        )
-        answer = MessageRecord(
-            id=new_id("msg"),
-            role="assistant",
-            content="",
-            created_at=now_iso(),
-            turn_id=turn.id,
-            status="streaming",
-        )
-        self.store.add_message(sid, answer)
-
-        pieces: list[str] = []
-        reasoning: list[str] = []
-        usage: Usage | None = None
-        first_token: float | None = None
-        saved_at = time.monotonic()
-        publish = self.manager.publish
-
-        async def consume() -> None:
-            nonlocal usage, first_token, saved_at
-            async for part in provider.stream(request):
-                if type(part) is TextDelta:
-                    if not part.text:
-                        continue
-                    if first_token is None:
-                        first_token = time.monotonic()
-                    pieces.append(part.text)
-                    publish(live, turn.id, {"type": "chunk", "delta": part.text})
-                    now = time.monotonic()
-                    if now - saved_at >= SAVE_INTERVAL_S:
-                        saved_at = now
-                        self.store.update_message(sid, answer.id, content="".join(pieces))
-                elif type(part) is ReasoningDelta:
-                    if first_token is None:
-                        first_token = time.monotonic()
-                    reasoning.append(part.text)
-                elif type(part) is Usage:
-                    usage = part
-
-        llm_start = time.monotonic()
-        consumer = asyncio.create_task(consume())
-        turn.consumer = consumer
+        work = asyncio.create_task(self._rounds())
+        turn.consumer = work
         if turn.stop_requested:  # `stop` arrived before the model was called
-            consumer.cancel()
-        error: ProviderError | None = None
-        stop_reason = "end"
+            work.cancel()
         try:
-            await consumer
+            stop_reason = await work
         except asyncio.CancelledError:
             current = asyncio.current_task()
             if current is not None and current.cancelling():
                 # The server is shutting down: keep what streamed, marked interrupted.
-                self._save_answer(live, answer, pieces, reasoning, "interrupted", 0)
+                self._close_answer("interrupted")
                 self.store.save_turn(sid, turn.id, status="interrupted", ended_at=now_iso())
                 raise
             stop_reason = "stopped"
         except ProviderError as exc:
-            error = exc
-        llm_ms = (time.monotonic() - llm_start) * 1000
-
-        content = "".join(pieces)
-        reasoning_text = "".join(reasoning)
-        if error is not None:
-            self._save_answer(live, answer, pieces, reasoning, "error", 0, {"error": error.message})
+            self._close_answer("error", {"error": exc.message})
             self.store.save_turn(
                 sid, turn.id, status="error", stop_reason="error", ended_at=now_iso()
             )
-            publish(
-                live, turn.id, {"type": "error", "code": error.code.value, "error": error.message}
-            )
+            self.publish({"type": "error", "code": exc.code.value, "error": exc.message})
             return
+        self._finish(stop_reason)
 
-        estimated = usage is None
+    async def _rounds(self) -> str:
+        max_rounds = self.runner.settings.tools.max_rounds
+        corrected = False
+        while True:
+            self.totals.rounds += 1
+            calls = await self._round()
+            if not calls:
+                return "end"
+            if self.totals.rounds >= max_rounds:
+                return "max_rounds"
+            if all(c.error for c in calls) and self.text_tools:
+                # Text-protocol calls that could not be parsed: one corrective re-prompt.
+                if corrected:
+                    return "end"
+                corrected = True
+                self._close_answer("complete")
+                self.corrections.append(
+                    ChatMessage("user", "[prismd] " + malformed_feedback(self.malformed))
+                )
+                continue
+            self._close_answer("complete", tool_calls=calls)
+            started = time.monotonic()
+            await asyncio.gather(*(self._run_tool(call) for call in calls))
+            self.totals.tool_s += time.monotonic() - started
+
+    # ------------------------------------------------------------ one model call
+
+    async def _round(self) -> list[PendingCall]:
+        plan, live = self.plan, self.live
+        provider, agent = plan.provider, plan.agent
+        system = agent.system_prompt
+        if self.text_tools:
+            system += TEXT_PROTOCOL_PROMPT.format(tools=self.view.describe_for_prompt())
+        ctx = build_context(
+            live.history,
+            system,
+            self.window,
+            provider.max_output_tokens,
+            provider.vision,
+            text_tools=self.text_tools,
+        )
+        self.ctx = ctx
+        tools = (
+            []
+            if self.text_tools
+            else [
+                ToolDef(t.spec.name, t.spec.description, t.spec.parameters)
+                for t in self.view.tools.values()
+            ]
+        )
+        request = ModelRequest(
+            model=plan.model,
+            system=system,
+            messages=ctx.messages + self.corrections,
+            temperature=agent.temperature,
+            reasoning_effort=plan.chat.reasoningEffort,
+            max_output_tokens=provider.max_output_tokens,
+            tools=tools,
+        )
+        self.answer = MessageRecord(
+            id=new_id("msg"),
+            role="assistant",
+            content="",
+            created_at=now_iso(),
+            turn_id=self.turn.id,
+            status="streaming",
+        )
+        self.store.add_message(live.id, self.answer)
+        self.pieces = []
+        markup = MarkupFilter(self.view.tools.keys(), parse_tools=self.text_tools)
+        native: list[ToolCall] = []
+        usage: Usage | None = None
+        saved_at = time.monotonic()
+        started = saved_at
+        try:
+            async for part in provider.stream(request):
+                kind = type(part)
+                if kind is TextDelta:
+                    if self.totals.first_token is None:
+                        self.totals.first_token = time.monotonic()
+                    self._emit(markup.feed(part.text))  # type: ignore[union-attr]
+                    now = time.monotonic()
+                    if now - saved_at >= SAVE_INTERVAL_S:
+                        saved_at = now
+                        self.store.update_message(
+                            live.id, self.answer.id, content="".join(self.pieces)
+                        )
+                elif kind is ReasoningDelta:
+                    if self.totals.first_token is None:
+                        self.totals.first_token = time.monotonic()
+                    self.reasoning.append(part.text)  # type: ignore[union-attr]
+                elif kind is Usage:
+                    usage = part  # type: ignore[assignment]
+                elif kind is ToolCall:
+                    native.append(part)  # type: ignore[arg-type]
+            self._emit(markup.finish())
+        finally:
+            self.totals.llm_s += time.monotonic() - started
+            self._count(usage, ctx)
+        calls = [self._native_call(c) for c in native]
+        for parsed in markup.calls:
+            arguments = json.dumps(parsed.args, ensure_ascii=False)
+            calls.append(PendingCall(new_id("call"), parsed.name, arguments, parsed.args))
+        self.malformed = markup.malformed
+        for bad in markup.malformed:
+            calls.append(PendingCall(new_id("call"), "", bad.raw, error=bad.error))
+        return calls
+
+    def _emit(self, out: FilterOutput) -> None:
+        if out.text:
+            self.pieces.append(out.text)
+            self.publish({"type": "chunk", "delta": out.text})
+        if out.reasoning:
+            self.reasoning.append(out.reasoning)
+
+    def _count(self, usage: Usage | None, ctx: BuiltContext) -> None:
+        t = self.totals
         if usage is None:
             # The stream ended before the provider reported usage (a stop): estimate, say so.
+            t.estimated = True
+            text = "".join(self.pieces)
             usage = Usage(
                 sum(estimate_tokens(m.text) for m in ctx.messages) + ctx.system_tokens,
-                estimate_tokens(content + reasoning_text) if (content or reasoning_text) else 0,
+                estimate_tokens(text) if text else 0,
             )
-        cost, cost_source = pricing.price(
-            provider.kind, provider.base_url, model, usage.input_tokens, usage.output_tokens
+        if self.answer is not None:
+            self.answer.token_count = usage.output_tokens
+        t.tokens_in += usage.input_tokens
+        t.tokens_out += usage.output_tokens
+        t.reasoning_tokens += usage.reasoning_tokens
+        t.last = usage
+
+    def _native_call(self, call: ToolCall) -> PendingCall:
+        pending = PendingCall(call.id or new_id("call"), call.name, call.arguments)
+        try:
+            pending.args = json.loads(call.arguments or "{}")
+        except ValueError as exc:
+            pending.error = f"The arguments of {call.name} are not valid JSON: {exc}"
+        return pending
+
+    # ------------------------------------------------------------ tools
+
+    async def _run_tool(self, call: PendingCall) -> None:
+        settings = self.runner.settings.tools
+        name = call.name or "unknown"
+        shown_input = call.args if call.args is not None else call.arguments
+        self.publish({"type": "tool_start", "id": call.id, "name": name, "input": shown_input})
+        started = time.monotonic()
+        status, output = "ok", ""
+        try:
+            if call.error:
+                raise ToolError(call.error)
+            args = self.view.validate(call.name, call.args)
+            if self.view.needs_approval(call.name):
+                approved, why = await self._approve(call, args)
+                if not approved:
+                    status, output = "denied", why
+            if status == "ok":
+                tool = self.view.tools[call.name]
+                ctx = ToolContext(
+                    session_id=self.live.id,
+                    agent_id=self.plan.agent.id,
+                    workspace=self.runner.tools.workspace(self.plan.agent.id, self.live.id),
+                    data_dir=self.runner.settings.data_dir,
+                    settings=settings,
+                )
+                output = await tool.run(args, ctx)
+        except ToolError as exc:
+            status, output = "error", str(exc)
+        except asyncio.CancelledError:
+            stopped = "Stopped by the user before it finished."
+            self._record_result(call, name, "error", stopped, started)
+            raise
+        except Exception as exc:  # noqa: BLE001 - a failing tool is reported, not fatal
+            log.exception("tool %s failed", name)
+            status, output = "error", f"The tool failed: {type(exc).__name__}: {exc}"
+        self._record_result(call, name, status, output, started)
+
+    def _record_result(
+        self, call: PendingCall, name: str, status: str, output: str, started: float
+    ) -> None:
+        settings = self.runner.settings.tools
+        for_model = _cut(output, settings.max_output_chars)
+        message = MessageRecord(
+            id=new_id("msg"),
+            role="tool",
+            content=for_model,
+            created_at=now_iso(),
+            turn_id=self.turn.id,
+            tool_result=json.dumps({"id": call.id, "name": name, "status": status}),
         )
-        if cost_source is not None and estimated:
+        self.store.add_message(self.live.id, message)
+        self.live.history.append(message)
+        self.publish(
+            {
+                "type": "tool_end",
+                "id": call.id,
+                "name": name,
+                "status": status,
+                "output": _cut(output, settings.display_output_chars),
+                "durationMs": round((time.monotonic() - started) * 1000, 1),
+            }
+        )
+
+    async def _approve(self, call: PendingCall, args: dict[str, Any]) -> tuple[bool, str]:
+        """Ask the session's clients; deny on timeout or when nobody is connected."""
+        if self.manager.bus.subscribers(self.live.id) == 0:
+            return False, "Denied: no client was connected to approve this tool call."
+        request_id = new_id("appr")
+        waiter: asyncio.Future[bool] = asyncio.get_running_loop().create_future()
+        self.turn.approvals[request_id] = waiter
+        query = json.dumps(args, ensure_ascii=False)
+        self.publish(
+            {
+                "type": "approval_request",
+                "requestId": request_id,
+                "toolCallId": call.id,
+                "reasoning": "".join(self.pieces),
+                "request": {
+                    "tool": call.name,
+                    "query": query[:4000],
+                    "requestReason": f"The agent wants to run the tool {call.name}.",
+                    "sessionId": self.live.id,
+                    "agentId": self.plan.agent.id,
+                    "dataClassification": "internal",
+                },
+            }
+        )
+        timeout = self.runner.settings.tools.approval_timeout_s
+        try:
+            approved = await asyncio.wait_for(waiter, timeout)
+        except TimeoutError:
+            return False, f"Denied: nobody answered the approval request within {timeout:g} s."
+        finally:
+            self.turn.approvals.pop(request_id, None)
+        return approved, "" if approved else "Denied by the user."
+
+    # ------------------------------------------------------------ the end
+
+    def _close_answer(
+        self,
+        status: str,
+        meta: dict[str, Any] | None = None,
+        tool_calls: list[PendingCall] | None = None,
+    ) -> None:
+        answer = self.answer
+        if answer is None or answer.status != "streaming":
+            return
+        answer.content = "".join(self.pieces)
+        answer.status = status
+        answer.reasoning = "".join(self.reasoning) or None
+        answer.meta = meta or {}
+        if tool_calls:
+            answer.tool_calls = json.dumps(
+                [
+                    {"id": c.id, "name": c.name, "arguments": c.arguments}
+                    for c in tool_calls
+                    if not c.error
+                ]
+            )
+        self.store.update_message(
+            self.live.id,
+            answer.id,
+            content=answer.content,
+            status=status,
+            token_count=answer.token_count,
+            reasoning=answer.reasoning,
+            meta=answer.meta,
+            tool_calls=answer.tool_calls,
+        )
+        self.live.history.append(answer)
+
+    def _finish(self, stop_reason: str) -> None:
+        plan, t, sid = self.plan, self.totals, self.live.id
+        provider, model, chat = plan.provider, plan.model, plan.chat
+        content = "".join(self.pieces)
+        reasoning = "".join(self.reasoning)
+        cost, cost_source = pricing.price(
+            provider.kind, provider.base_url, model, t.tokens_in, t.tokens_out
+        )
+        if cost_source is not None and t.estimated:
             cost_source = {**cost_source, "estimatedTokens": True}
-        status = "complete" if stop_reason == "end" else "stopped"
-        meta = {
-            "provider": provider.kind,
-            "model": model,
-            "tokensIn": usage.input_tokens,
-            "tokensOut": usage.output_tokens,
-            "costUsd": cost,
-            "stopReason": stop_reason,
-        }
-        self._save_answer(live, answer, pieces, reasoning, status, usage.output_tokens, meta)
+        status = "complete" if stop_reason in ("end", "max_rounds") else "stopped"
+        self._close_answer(
+            status,
+            {
+                "provider": provider.kind,
+                "model": model,
+                "tokensIn": t.tokens_in,
+                "tokensOut": t.tokens_out,
+                "costUsd": cost,
+                "stopReason": stop_reason,
+                "rounds": t.rounds,
+            },
+        )
         ended = now_iso()
         self.store.save_turn(
             sid,
-            turn.id,
+            self.turn.id,
             status=status,
             stop_reason=stop_reason,
             ended_at=ended,
             provider=provider.kind,
             model=model,
-            tokens_in=usage.input_tokens,
-            tokens_out=usage.output_tokens,
+            tokens_in=t.tokens_in,
+            tokens_out=t.tokens_out,
             cost_usd=cost,
         )
-        self.store.add_turn_totals(sid, usage.input_tokens, usage.output_tokens, cost, ended)
-        record = live.record
+        self.store.add_turn_totals(sid, t.tokens_in, t.tokens_out, cost, ended)
+        record = self.live.record
         record.turn_count += 1
         record.last_turn_at = ended
-        record.tokens_in += usage.input_tokens
-        record.tokens_out += usage.output_tokens
+        record.tokens_in += t.tokens_in
+        record.tokens_out += t.tokens_out
         if cost is not None:
             record.cost_usd = (record.cost_usd or 0.0) + cost
 
-        if reasoning_text:
-            publish(live, turn.id, {"type": "reasoning", "content": reasoning_text})
+        if reasoning:
+            self.publish({"type": "reasoning", "content": reasoning})
+        t0 = self.turn.started
         total_ms = (time.monotonic() - t0) * 1000
-        chat = plan.chat
-        publish(
-            live,
-            turn.id,
+        self.publish(
             {
                 "type": "done",
-                "tokensIn": usage.input_tokens,
-                "tokensOut": usage.output_tokens,
+                "tokensIn": t.tokens_in,
+                "tokensOut": t.tokens_out,
                 "costUsd": cost,
                 "durationMs": round(total_ms),
                 "model": model,
@@ -270,63 +565,45 @@ class TurnRunner:
                 "autoFallbackReason": None,
                 "stopReason": stop_reason,
                 "costSource": cost_source,
-                "usageEstimated": estimated,
+                "usageEstimated": t.estimated,
+                "rounds": t.rounds,
                 "latency": {
-                    "firstTokenMs": round((first_token - t0) * 1000, 1) if first_token else None,
-                    "llmMs": round(llm_ms, 1),
-                    "toolMs": 0,
+                    "firstTokenMs": (
+                        round((t.first_token - t0) * 1000, 1) if t.first_token else None
+                    ),
+                    "llmMs": round(t.llm_s * 1000, 1),
+                    "toolMs": round(t.tool_s * 1000, 1),
                     "totalMs": round(total_ms, 1),
                 },
-            },
+            }
         )
-        publish(live, turn.id, self._context_usage(ctx, usage, window))
+        if self.ctx is not None and t.last is not None:
+            self.publish(_context_usage(self.ctx, t.last, self.window))
 
-    def _save_answer(
-        self,
-        live: LiveSession,
-        answer: MessageRecord,
-        pieces: list[str],
-        reasoning: list[str],
-        status: str,
-        tokens: int,
-        meta: dict[str, Any] | None = None,
-    ) -> None:
-        answer.content = "".join(pieces)
-        answer.status = status
-        answer.token_count = tokens
-        answer.reasoning = "".join(reasoning) or None
-        answer.meta = meta or {}
-        self.store.update_message(
-            live.id,
-            answer.id,
-            content=answer.content,
-            status=status,
-            token_count=tokens,
-            reasoning=answer.reasoning,
-            meta=answer.meta,
-        )
-        live.history.append(answer)
 
-    @staticmethod
-    def _context_usage(ctx: Any, usage: Usage, window: int) -> dict[str, Any]:
-        used = usage.input_tokens + usage.output_tokens
-        # Split the provider's prompt count in proportion to our estimates of each part.
-        estimated = ctx.system_tokens + ctx.user_tokens + ctx.assistant_tokens or 1
-        scale = usage.input_tokens / estimated
-        system = round(ctx.system_tokens * scale)
-        user = round(ctx.user_tokens * scale)
-        assistant = (
-            usage.input_tokens - system - user + usage.output_tokens - usage.reasoning_tokens
-        )
-        return {
-            "type": "context_usage",
-            "usedTokens": used,
-            "maxContext": window,
-            "percentage": round(100 * used / window, 1) if window else 0,
-            "breakdown": {
-                "systemPrompt": system,
-                "userMessages": user,
-                "assistantMessages": max(assistant, 0),
-                "reasoningOverhead": usage.reasoning_tokens,
-            },
-        }
+def _cut(text: str, limit: int) -> str:
+    if len(text) <= limit:
+        return text
+    return f"{text[:limit]}\n[… output cut: {limit} of {len(text)} characters shown]"
+
+
+def _context_usage(ctx: BuiltContext, usage: Usage, window: int) -> dict[str, Any]:
+    used = usage.input_tokens + usage.output_tokens
+    # Split the provider's prompt count in proportion to our estimates of each part.
+    estimated = ctx.system_tokens + ctx.user_tokens + ctx.assistant_tokens or 1
+    scale = usage.input_tokens / estimated
+    system = round(ctx.system_tokens * scale)
+    user = round(ctx.user_tokens * scale)
+    assistant = usage.input_tokens - system - user + usage.output_tokens - usage.reasoning_tokens
+    return {
+        "type": "context_usage",
+        "usedTokens": used,
+        "maxContext": window,
+        "percentage": round(100 * used / window, 1) if window else 0,
+        "breakdown": {
+            "systemPrompt": system,
+            "userMessages": user,
+            "assistantMessages": max(assistant, 0),
+            "reasoningOverhead": usage.reasoning_tokens,
+        },
+    }

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -11,12 +12,14 @@ from ..config import ProviderSettings
 from ._errors import translate
 from ._sse import post_stream
 from .base import (
+    ChatMessage,
     ModelRequest,
     Provider,
     ProviderError,
     ReasoningDelta,
     StreamPart,
     TextDelta,
+    ToolCall,
     Usage,
 )
 
@@ -42,46 +45,95 @@ class AnthropicProvider(Provider):
         )
 
     @staticmethod
-    def _message(role: str, text: str, images: list[Any]) -> dict[str, Any]:
-        if not images:
-            return {"role": role, "content": text}
+    def _blocks(m: ChatMessage) -> list[dict[str, Any]]:
+        if m.role == "tool":
+            return [
+                {
+                    "type": "tool_result",
+                    "tool_use_id": m.tool_call_id,
+                    "content": m.text,
+                    "is_error": m.is_error,
+                }
+            ]
         blocks: list[dict[str, Any]] = [
             {
                 "type": "image",
                 "source": {"type": "base64", "media_type": i.mime_type, "data": i.data_b64},
             }
-            for i in images
+            for i in m.images
         ]
-        if text:
-            blocks.append({"type": "text", "text": text})
-        return {"role": role, "content": blocks}
+        if m.text:
+            blocks.append({"type": "text", "text": m.text})
+        for c in m.tool_calls:
+            try:
+                args = json.loads(c.arguments or "{}")
+            except ValueError:
+                args = {}
+            blocks.append({"type": "tool_use", "id": c.id, "name": c.name, "input": args})
+        return blocks
+
+    @classmethod
+    def _messages(cls, messages: list[ChatMessage]) -> list[dict[str, Any]]:
+        """Anthropic wants alternating roles; tool results travel in the user's turn."""
+        out: list[dict[str, Any]] = []
+        for m in messages:
+            role = "assistant" if m.role == "assistant" else "user"
+            simple = m.role != "tool" and not m.images and not m.tool_calls
+            if out and out[-1]["role"] == role:
+                prev = out[-1]
+                if isinstance(prev["content"], str):
+                    prev["content"] = [{"type": "text", "text": prev["content"]}]
+                prev["content"].extend(cls._blocks(m))
+            else:
+                out.append({"role": role, "content": m.text if simple else cls._blocks(m)})
+        return out
 
     async def stream(self, request: ModelRequest) -> AsyncIterator[StreamPart]:
         max_tokens = request.max_output_tokens
         kwargs: dict[str, Any] = {
             "model": request.model,
             "max_tokens": max_tokens,
-            "messages": [self._message(m.role, m.text, m.images) for m in request.messages],
+            "messages": self._messages(request.messages),
             "stream": True,
         }
         if request.system:
             kwargs["system"] = request.system
-        if request.reasoning_effort:
+        if request.tools:
+            kwargs["tools"] = [
+                {"name": t.name, "description": t.description, "input_schema": t.parameters}
+                for t in request.tools
+            ]
+        # Extended thinking needs the signed thinking blocks of earlier tool-use turns replayed;
+        # prismd does not keep them, so thinking is off once a tool call is in the history.
+        used_tools = any(m.tool_calls for m in request.messages)
+        if request.reasoning_effort and not used_tools:
             budget = _EFFORT_BUDGET[request.reasoning_effort]
             kwargs["thinking"] = {"type": "enabled", "budget_tokens": budget}
             kwargs["max_tokens"] = max(max_tokens, budget + 1024)
         elif request.temperature is not None:
             kwargs["temperature"] = request.temperature
         input_tokens = 0
+        calls: dict[int, list[str]] = {}  # block index -> [id, name, input JSON so far]
         try:
             async for kind, event in post_stream(self._client, "/v1/messages", kwargs):
                 kind = event.get("type", kind)
                 if kind == "content_block_delta":
                     delta = event["delta"]
-                    if delta.get("type") == "text_delta":
+                    dtype = delta.get("type")
+                    if dtype == "text_delta":
                         yield TextDelta(delta["text"])
-                    elif delta.get("type") == "thinking_delta":
+                    elif dtype == "thinking_delta":
                         yield ReasoningDelta(delta["thinking"])
+                    elif dtype == "input_json_delta" and event.get("index") in calls:
+                        calls[event["index"]][2] += delta.get("partial_json") or ""
+                elif kind == "content_block_start":
+                    block = event.get("content_block") or {}
+                    if block.get("type") == "tool_use":
+                        calls[event.get("index", len(calls))] = [
+                            block.get("id") or f"toolu_{len(calls)}",
+                            block.get("name") or "",
+                            "",
+                        ]
                 elif kind == "message_start":
                     usage = event["message"].get("usage") or {}
                     input_tokens = (
@@ -95,6 +147,9 @@ class AnthropicProvider(Provider):
                 elif kind == "error":
                     error = event.get("error") or {}
                     raise ProviderError(f"{self._label} reported: {error.get('message') or error}")
+            for index in sorted(calls):
+                call_id, name, arguments = calls[index]
+                yield ToolCall(call_id, name, arguments or "{}")
         except Exception as exc:  # noqa: BLE001
             raise translate(exc, self._label, anthropic) from exc
 

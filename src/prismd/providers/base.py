@@ -5,7 +5,7 @@ from __future__ import annotations
 import abc
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import Any, Literal
 
 from ..protocol import ErrorCode
 
@@ -17,10 +17,32 @@ class ImagePart:
 
 
 @dataclass(slots=True)
+class ToolCall:
+    """A tool call requested by the model (native tool calling), or parsed from its text."""
+
+    id: str
+    name: str
+    arguments: str  # JSON text, as the model wrote it
+
+
+@dataclass(slots=True)
 class ChatMessage:
-    role: Literal["user", "assistant"]
+    """One message of the model's view. `tool` messages carry a result for `tool_call_id`."""
+
+    role: Literal["user", "assistant", "tool"]
     text: str
     images: list[ImagePart] = field(default_factory=list)
+    tool_calls: list[ToolCall] = field(default_factory=list)  # on assistant messages
+    tool_call_id: str | None = None  # on tool messages
+    tool_name: str | None = None  # on tool messages
+    is_error: bool = False  # on tool messages
+
+
+@dataclass(slots=True)
+class ToolDef:
+    name: str
+    description: str
+    parameters: dict[str, Any]
 
 
 @dataclass(slots=True)
@@ -31,6 +53,7 @@ class ModelRequest:
     temperature: float | None = None
     reasoning_effort: str | None = None
     max_output_tokens: int = 4096
+    tools: list[ToolDef] = field(default_factory=list)  # for native tool calling
 
 
 @dataclass(slots=True)
@@ -50,7 +73,7 @@ class Usage:
     reasoning_tokens: int = 0
 
 
-StreamPart = TextDelta | ReasoningDelta | Usage
+StreamPart = TextDelta | ReasoningDelta | Usage | ToolCall
 
 
 class ProviderError(Exception):

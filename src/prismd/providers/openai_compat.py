@@ -14,12 +14,14 @@ from ..config import ProviderSettings
 from ._errors import translate
 from ._sse import post_stream
 from .base import (
+    ChatMessage,
     ModelRequest,
     Provider,
     ProviderError,
     ReasoningDelta,
     StreamPart,
     TextDelta,
+    ToolCall,
     Usage,
 )
 
@@ -48,19 +50,34 @@ class OpenAICompatProvider(Provider):
         )
 
     @staticmethod
-    def _message(role: str, text: str, images: list[Any]) -> dict[str, Any]:
-        if not images:
-            return {"role": role, "content": text}
-        parts: list[dict[str, Any]] = [{"type": "text", "text": text}] if text else []
+    def _message(m: ChatMessage) -> dict[str, Any]:
+        if m.role == "tool":
+            return {"role": "tool", "tool_call_id": m.tool_call_id, "content": m.text}
+        if m.tool_calls:
+            return {
+                "role": "assistant",
+                "content": m.text or None,
+                "tool_calls": [
+                    {
+                        "id": c.id,
+                        "type": "function",
+                        "function": {"name": c.name, "arguments": c.arguments},
+                    }
+                    for c in m.tool_calls
+                ],
+            }
+        if not m.images:
+            return {"role": m.role, "content": m.text}
+        parts: list[dict[str, Any]] = [{"type": "text", "text": m.text}] if m.text else []
         parts += [
             {"type": "image_url", "image_url": {"url": f"data:{i.mime_type};base64,{i.data_b64}"}}
-            for i in images
+            for i in m.images
         ]
-        return {"role": role, "content": parts}
+        return {"role": m.role, "content": parts}
 
     async def stream(self, request: ModelRequest) -> AsyncIterator[StreamPart]:
         messages = [{"role": "system", "content": request.system}] if request.system else []
-        messages += [self._message(m.role, m.text, m.images) for m in request.messages]
+        messages += [self._message(m) for m in request.messages]
         kwargs: dict[str, Any] = {
             "model": request.model,
             "messages": messages,
@@ -71,6 +88,19 @@ class OpenAICompatProvider(Provider):
             kwargs["temperature"] = request.temperature
         if request.reasoning_effort:
             kwargs["reasoning_effort"] = request.reasoning_effort
+        if request.tools:
+            kwargs["tools"] = [
+                {
+                    "type": "function",
+                    "function": {
+                        "name": t.name,
+                        "description": t.description,
+                        "parameters": t.parameters,
+                    },
+                }
+                for t in request.tools
+            ]
+        calls: dict[int, list[str]] = {}  # index -> [id, name, arguments so far]
         try:
             # post_stream closes the HTTP response when the consuming task is cancelled: a
             # `stop` ends the upstream generation instead of letting it run on.
@@ -96,6 +126,15 @@ class OpenAICompatProvider(Provider):
                 content = delta.get("content")
                 if content:
                     yield TextDelta(content)
+                for tc in delta.get("tool_calls") or ():
+                    slot = calls.setdefault(tc.get("index", len(calls)), ["", "", ""])
+                    fn = tc.get("function") or {}
+                    slot[0] = tc.get("id") or slot[0]
+                    slot[1] += fn.get("name") or ""
+                    slot[2] += fn.get("arguments") or ""
+            for index in sorted(calls):
+                call_id, name, arguments = calls[index]
+                yield ToolCall(call_id or f"call_{index}", name, arguments or "{}")
         except Exception as exc:  # noqa: BLE001 - every failure becomes a coded ProviderError
             raise translate(exc, self._label, openai) from exc
 

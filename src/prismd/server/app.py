@@ -17,6 +17,9 @@ from ..providers.registry import ProviderRegistry
 from ..sessions.bus import LocalBus
 from ..sessions.manager import SessionManager
 from ..store.sqlite import SqliteStore
+from ..tools.builtins import builtin_tools
+from ..tools.mcp import McpManager
+from ..tools.registry import ToolRegistry
 
 log = logging.getLogger("prismd")
 
@@ -33,13 +36,17 @@ class Prismd:
         )
         self.providers = ProviderRegistry(settings, probe_ollama=probe_ollama)
         self.agents = AgentDirectory(settings)
-        self.runner = TurnRunner(settings, self.providers, self.manager)
+        self.tools = ToolRegistry(settings, builtin_tools())
+        self.mcp = McpManager(settings.mcp_servers)
+        self.runner = TurnRunner(settings, self.providers, self.manager, self.tools)
         self.connections: set[object] = set()
         self._background: set[asyncio.Task[None]] = set()
 
     async def start(self) -> None:
         await self.store.open()
         await self.store.sync_agents(self.agents.rows())
+        await self.mcp.start()
+        self.tools.add(self.mcp.tools())
         warm = asyncio.create_task(asyncio.to_thread(self.providers.warm_up))
         self._background.add(warm)
         warm.add_done_callback(self._background.discard)
@@ -51,6 +58,8 @@ class Prismd:
         if turns:
             await asyncio.gather(*turns, return_exceptions=True)
         await self.providers.aclose()
+        await self.tools.aclose()
+        await self.mcp.aclose()
         await self.store.close()
 
 

@@ -120,6 +120,24 @@ async def delete_session(request: Request, session_id: str) -> Response:
     return Response(status_code=204)
 
 
+@router.get("/tools", summary="Every tool, with its schema and each agent's policy")
+async def list_tools(request: Request) -> dict[str, Any]:
+    core = _core(request)
+    tools = []
+    for tool in core.tools.all():
+        body = tool.spec.to_json()
+        policy = {}
+        for agent in core.agents.all():
+            view = core.tools.view(agent)
+            if tool.spec.name in view.tools:
+                policy[agent.id] = "approve" if view.needs_approval(tool.spec.name) else "allow"
+            else:
+                policy[agent.id] = "deny"
+        body["agents"] = policy
+        tools.append(body)
+    return {"tools": tools, "mcpServers": core.mcp.status()}
+
+
 @router.get("/agents", summary="The agents a chat can run as")
 async def list_agents(request: Request) -> dict[str, Any]:
     core = _core(request)

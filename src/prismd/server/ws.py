@@ -301,10 +301,13 @@ class Connection:
             await self.core.manager.replay(live, self, 0, turn.id)
 
     async def _approval_response(self, msg: ApprovalResponse) -> None:
-        raise ProtocolError(
-            ErrorCode.TOOL_ERROR,
-            f'No approval request "{msg.requestId}" is pending (tools are not enabled yet)',
-        )
+        if self.live is None or not self.core.runner.answer_approval(
+            self.live, msg.requestId, msg.approved
+        ):
+            raise ProtocolError(
+                ErrorCode.TOOL_ERROR,
+                f'No approval request "{msg.requestId}" is pending in this session',
+            )
 
     async def _audio(self, msg: AudioChunk | AudioEnd) -> None:
         raise ProtocolError(

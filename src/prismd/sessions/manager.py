@@ -45,8 +45,9 @@ class Turn:
     client_message_id: str | None
     started: float = field(default_factory=time.monotonic)
     task: asyncio.Task[None] | None = None
-    consumer: asyncio.Task[None] | None = None  # reads the model stream; `stop` cancels it
+    consumer: asyncio.Task[Any] | None = None  # the turn's work; `stop` cancels it
     stop_requested: bool = False
+    approvals: dict[str, asyncio.Future[bool]] = field(default_factory=dict)
 
 
 @dataclass(eq=False)
