@@ -321,6 +321,7 @@ def test_tools_endpoint_lists_schemas_and_policy(tool_server):
     assert tools["shell"]["parameters"]["type"] == "object"
     assert tools["shell"]["agents"] == {"assistant": "approve", "ops": "allow", "reader": "deny"}
     assert tools["file_read"]["agents"]["reader"] == "allow"
+    assert "network" in body["sandbox"] and "shell" in body["sandbox"]
 
 
 def test_text_protocol_turn_streams_clean_text(make_server, fake_openai):
@@ -380,3 +381,59 @@ args = ["{HERE / "mcp_fixture_server.py"}", "stdio"]
         frames = c.turn(message="add")
     end = of_type(frames, "tool_end")[0]
     assert end["status"] == "ok" and end["output"].strip() == "5"
+
+
+def test_approval_is_denied_when_no_client_is_connected(tool_server, fake_openai):
+    script_rounds(
+        fake_openai,
+        Reply(tool_calls=[call("shell", {"command": "echo alone"})], first_delay_s=0.5),
+        Reply(text=["nobody there"]),
+    )
+    c = tool_server.client()
+    c.send(type="chat", message="run it")
+    sid = c.until("start")[0]["sessionId"]
+    c.close()  # gone before the model asks for the tool
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline:
+        msgs = tool_server.get(f"/api/sessions/{sid}/messages").json()["messages"]
+        if msgs and msgs[-1]["role"] == "assistant" and msgs[-1]["status"] == "complete":
+            break
+        time.sleep(0.1)
+    tool = [m for m in msgs if m["role"] == "tool"][0]
+    assert json.loads(tool["toolResult"])["status"] == "denied"
+    assert "no client" in tool["content"]
+
+
+def test_anthropic_native_tool_use_round_trip(make_server, fake_anthropic):
+    srv = make_server(
+        {
+            "ANTHROPIC_BASE_URL": fake_anthropic.url,
+            "ANTHROPIC_API_KEY": "test",
+            "PRISMD_MODEL": "claude-sonnet-4-5",
+        }
+    )
+    script_rounds(
+        fake_anthropic,
+        Reply(
+            text=["Checking. "], tool_calls=[call("current_time", {"timezone": "UTC"}, "toolu_1")]
+        ),
+        Reply(text=["It is late."]),
+    )
+    with srv.client() as c:
+        frames = c.turn(message="time?")
+    assert of_type(frames, "tool_end")[0]["status"] == "ok"
+    assert of_type(frames, "done")[0]["finalContent"] == "It is late."
+    first, second = fake_anthropic.requests
+    assert {t["name"] for t in first["tools"]} >= {"current_time", "file_read"}
+    assert "input_schema" in first["tools"][0]
+    assistant, result = second["messages"][-2:]
+    assert assistant["role"] == "assistant"
+    assert assistant["content"][-1] == {
+        "type": "tool_use",
+        "id": "toolu_1",
+        "name": "current_time",
+        "input": {"timezone": "UTC"},
+    }
+    assert result["role"] == "user" and result["content"][0]["type"] == "tool_result"
+    assert result["content"][0]["tool_use_id"] == "toolu_1"
+    assert result["content"][0]["is_error"] is False

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 from typing import Any
 
 from fastapi import APIRouter, Query, Request, Response
@@ -135,7 +136,11 @@ async def list_tools(request: Request) -> dict[str, Any]:
                 policy[agent.id] = "deny"
         body["agents"] = policy
         tools.append(body)
-    return {"tools": tools, "mcpServers": core.mcp.status()}
+    from ..tools.builtins.sandbox import isolation
+
+    # The first call probes the machine in a child process: keep it off the event loop.
+    sandbox = await asyncio.to_thread(isolation)
+    return {"tools": tools, "mcpServers": core.mcp.status(), "sandbox": sandbox}
 
 
 @router.get("/agents", summary="The agents a chat can run as")
