@@ -107,3 +107,45 @@ def test_history_is_trimmed_to_the_configured_window(make_server, fake_openai):
     sent = fake_openai.requests[-1]["messages"]
     assert sent[-1]["content"].startswith("turn 7")
     assert not any(m["content"].startswith("turn 0") for m in sent[1:])
+
+
+@given(st.lists(st.integers(min_value=1, max_value=40), max_size=30), st.booleans())
+def test_sse_decoder_is_independent_of_read_boundaries(cuts, crlf):
+    from prismd.providers._sse import SSEDecoder
+
+    nl = "\r\n" if crlf else "\n"
+    stream = (
+        f'event: message_start{nl}data: {{"a": 1}}{nl}{nl}'
+        f': a comment{nl}data: {{"b":{nl}data: 2}}{nl}{nl}'
+        f'data: {{"c": "é"}}{nl}{nl}data: [DONE]{nl}{nl}data: {{"after": 1}}{nl}{nl}'
+    ).encode()
+    decoder, events, pos = SSEDecoder(), [], 0
+    for cut in cuts:
+        events += decoder.feed(stream[pos : pos + cut])
+        pos += cut
+    events += decoder.feed(stream[pos:])
+    events += decoder.finish()
+    assert events == [("message_start", {"a": 1}), (None, {"b": 2}), (None, {"c": "é"})]
+    assert decoder.done
+
+
+def test_coalesce_merges_neighbouring_deltas_only():
+    from prismd.providers.base import ReasoningDelta, TextDelta, Usage, coalesce
+
+    parts = [TextDelta("a"), TextDelta("b"), ReasoningDelta("r"), TextDelta("c"), Usage(1, 2)]
+    assert coalesce(parts) == [TextDelta("ab"), ReasoningDelta("r"), TextDelta("c"), Usage(1, 2)]
+
+
+def test_client_shards_grow_only_under_load():
+    from prismd.providers._sse import ClientShards
+
+    made = []
+    shards = ClientShards(lambda: made.append(object()) or made[-1], per_client=2, max_clients=3)
+    leases = [shards.lease() for _ in range(7)]
+    clients = [lease.__enter__() for lease in leases]
+    assert len(made) == 3  # 2 + 2 in flight filled two clients; the cap is 3
+    assert clients.count(made[0]) >= 2
+    for lease in leases:
+        lease.__exit__(None, None, None)
+    with shards.lease() as client:
+        assert client is made[0] and len(made) == 3

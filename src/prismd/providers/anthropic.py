@@ -4,13 +4,14 @@ from __future__ import annotations
 
 import json
 from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
 from typing import Any
 
 import anthropic
 
 from ..config import ProviderSettings
 from ._errors import translate
-from ._sse import post_stream
+from ._sse import ClientShards, post_stream
 from .base import (
     ChatMessage,
     ModelRequest,
@@ -21,9 +22,16 @@ from .base import (
     TextDelta,
     ToolCall,
     Usage,
+    coalesce,
 )
 
 _EFFORT_BUDGET = {"low": 1024, "medium": 4096, "high": 16384}
+
+
+@dataclass
+class _StreamState:
+    input_tokens: int = 0
+    calls: dict[int, list[str]] = field(default_factory=dict)  # index -> [id, name, input JSON]
 
 
 class AnthropicProvider(Provider):
@@ -37,11 +45,13 @@ class AnthropicProvider(Provider):
         self.vision = settings.vision
         self.max_output_tokens = settings.max_output_tokens
         self._label = "the Anthropic API" + (f" at {base_url}" if base_url else "")
-        self._client = anthropic.AsyncAnthropic(
-            api_key=api_key,
-            base_url=base_url,
-            max_retries=settings.max_retries,
-            timeout=anthropic.Timeout(settings.timeout_s, connect=settings.connect_timeout_s),
+        self._clients = ClientShards(
+            lambda: anthropic.AsyncAnthropic(
+                api_key=api_key,
+                base_url=base_url,
+                max_retries=settings.max_retries,
+                timeout=anthropic.Timeout(settings.timeout_s, connect=settings.connect_timeout_s),
+            )
         )
 
     @staticmethod
@@ -112,46 +122,56 @@ class AnthropicProvider(Provider):
             kwargs["max_tokens"] = max(max_tokens, budget + 1024)
         elif request.temperature is not None:
             kwargs["temperature"] = request.temperature
-        input_tokens = 0
-        calls: dict[int, list[str]] = {}  # block index -> [id, name, input JSON so far]
+        state = _StreamState()
+        calls = state.calls
         try:
-            async for kind, event in post_stream(self._client, "/v1/messages", kwargs):
-                kind = event.get("type", kind)
-                if kind == "content_block_delta":
-                    delta = event["delta"]
-                    dtype = delta.get("type")
-                    if dtype == "text_delta":
-                        yield TextDelta(delta["text"])
-                    elif dtype == "thinking_delta":
-                        yield ReasoningDelta(delta["thinking"])
-                    elif dtype == "input_json_delta" and event.get("index") in calls:
-                        calls[event["index"]][2] += delta.get("partial_json") or ""
-                elif kind == "content_block_start":
-                    block = event.get("content_block") or {}
-                    if block.get("type") == "tool_use":
-                        calls[event.get("index", len(calls))] = [
-                            block.get("id") or f"toolu_{len(calls)}",
-                            block.get("name") or "",
-                            "",
-                        ]
-                elif kind == "message_start":
-                    usage = event["message"].get("usage") or {}
-                    input_tokens = (
-                        (usage.get("input_tokens") or 0)
-                        + (usage.get("cache_creation_input_tokens") or 0)
-                        + (usage.get("cache_read_input_tokens") or 0)
-                    )
-                elif kind == "message_delta":
-                    usage = event.get("usage") or {}
-                    yield Usage(input_tokens, usage.get("output_tokens") or 0)
-                elif kind == "error":
-                    error = event.get("error") or {}
-                    raise ProviderError(f"{self._label} reported: {error.get('message') or error}")
+            with self._clients.lease() as client:
+                async for batch in post_stream(client, "/v1/messages", kwargs):
+                    for part in coalesce(self._parts(batch, state)):
+                        yield part
             for index in sorted(calls):
                 call_id, name, arguments = calls[index]
                 yield ToolCall(call_id, name, arguments or "{}")
         except Exception as exc:  # noqa: BLE001
             raise translate(exc, self._label, anthropic) from exc
 
+    def _parts(self, batch: list[Any], state: _StreamState) -> list[StreamPart]:
+        parts: list[StreamPart] = []
+        calls = state.calls
+        for name, event in batch:
+            kind = event.get("type", name)
+            if kind == "content_block_delta":
+                delta = event["delta"]
+                dtype = delta.get("type")
+                if dtype == "text_delta":
+                    parts.append(TextDelta(delta["text"]))
+                elif dtype == "thinking_delta":
+                    parts.append(ReasoningDelta(delta["thinking"]))
+                elif dtype == "input_json_delta" and event.get("index") in calls:
+                    calls[event["index"]][2] += delta.get("partial_json") or ""
+            elif kind == "content_block_start":
+                block = event.get("content_block") or {}
+                if block.get("type") == "tool_use":
+                    calls[event.get("index", len(calls))] = [
+                        block.get("id") or f"toolu_{len(calls)}",
+                        block.get("name") or "",
+                        "",
+                    ]
+            elif kind == "message_start":
+                usage = event["message"].get("usage") or {}
+                state.input_tokens = (
+                    (usage.get("input_tokens") or 0)
+                    + (usage.get("cache_creation_input_tokens") or 0)
+                    + (usage.get("cache_read_input_tokens") or 0)
+                )
+            elif kind == "message_delta":
+                usage = event.get("usage") or {}
+                parts.append(Usage(state.input_tokens, usage.get("output_tokens") or 0))
+            elif kind == "error":
+                error = event.get("error") or {}
+                raise ProviderError(f"{self._label} reported: {error.get('message') or error}")
+        return parts
+
     async def aclose(self) -> None:
-        await self._client.close()
+        for client in self._clients.clients:
+            await client.close()

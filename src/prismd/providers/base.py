@@ -76,6 +76,18 @@ class Usage:
 StreamPart = TextDelta | ReasoningDelta | Usage | ToolCall
 
 
+def coalesce(parts: list[StreamPart]) -> list[StreamPart]:
+    """Merge neighbouring text (and reasoning) deltas that arrived together."""
+    out: list[StreamPart] = []
+    for part in parts:
+        prev = out[-1] if out else None
+        if type(part) is type(prev) and isinstance(part, TextDelta | ReasoningDelta):
+            prev.text += part.text  # type: ignore[union-attr]
+        else:
+            out.append(part)
+    return out
+
+
 class ProviderError(Exception):
     """A model call failed; `code` is provider_error or provider_timeout."""
 

@@ -12,7 +12,7 @@ import openai
 
 from ..config import ProviderSettings
 from ._errors import translate
-from ._sse import post_stream
+from ._sse import ClientShards, post_stream
 from .base import (
     ChatMessage,
     ModelRequest,
@@ -23,6 +23,7 @@ from .base import (
     TextDelta,
     ToolCall,
     Usage,
+    coalesce,
 )
 
 
@@ -41,12 +42,14 @@ class OpenAICompatProvider(Provider):
         self.vision = settings.vision
         self.max_output_tokens = settings.max_output_tokens
         self._label = f"the {kind} model endpoint" + (f" at {base_url}" if base_url else "")
-        self._client = openai.AsyncOpenAI(
-            # Local servers (Ollama, llama.cpp…) take no key, but the SDK insists on one.
-            api_key=api_key or "no-key",
-            base_url=base_url,
-            max_retries=settings.max_retries,
-            timeout=openai.Timeout(settings.timeout_s, connect=settings.connect_timeout_s),
+        self._clients = ClientShards(
+            lambda: openai.AsyncOpenAI(
+                # Local servers (Ollama, llama.cpp…) take no key, but the SDK insists on one.
+                api_key=api_key or "no-key",
+                base_url=base_url,
+                max_retries=settings.max_retries,
+                timeout=openai.Timeout(settings.timeout_s, connect=settings.connect_timeout_s),
+            )
         )
 
     @staticmethod
@@ -104,42 +107,54 @@ class OpenAICompatProvider(Provider):
         try:
             # post_stream closes the HTTP response when the consuming task is cancelled: a
             # `stop` ends the upstream generation instead of letting it run on.
-            async for _, chunk in post_stream(self._client, "/chat/completions", kwargs):
-                if "error" in chunk:
-                    raise ProviderError(f"{self._label} reported: {_message(chunk['error'])}")
-                usage = chunk.get("usage")
-                if usage:
-                    details = usage.get("completion_tokens_details") or {}
-                    yield Usage(
-                        usage.get("prompt_tokens") or 0,
-                        usage.get("completion_tokens") or 0,
-                        details.get("reasoning_tokens") or 0,
-                    )
-                choices = chunk.get("choices")
-                if not choices:
-                    continue
-                delta = choices[0].get("delta") or {}
-                # DeepSeek/vLLM say `reasoning_content`, Ollama/OpenRouter say `reasoning`.
-                reasoning = delta.get("reasoning_content") or delta.get("reasoning")
-                if reasoning:
-                    yield ReasoningDelta(reasoning)
-                content = delta.get("content")
-                if content:
-                    yield TextDelta(content)
-                for tc in delta.get("tool_calls") or ():
-                    slot = calls.setdefault(tc.get("index", len(calls)), ["", "", ""])
-                    fn = tc.get("function") or {}
-                    slot[0] = tc.get("id") or slot[0]
-                    slot[1] += fn.get("name") or ""
-                    slot[2] += fn.get("arguments") or ""
+            with self._clients.lease() as client:
+                async for batch in post_stream(client, "/chat/completions", kwargs):
+                    for part in coalesce(self._parts(batch, calls)):
+                        yield part
             for index in sorted(calls):
                 call_id, name, arguments = calls[index]
                 yield ToolCall(call_id or f"call_{index}", name, arguments or "{}")
         except Exception as exc:  # noqa: BLE001 - every failure becomes a coded ProviderError
             raise translate(exc, self._label, openai) from exc
 
+    def _parts(self, batch: list[Any], calls: dict[int, list[str]]) -> list[StreamPart]:
+        """The stream parts of a batch of chunks; tool-call fragments accumulate in `calls`."""
+        parts: list[StreamPart] = []
+        for _, chunk in batch:
+            if "error" in chunk:
+                raise ProviderError(f"{self._label} reported: {_message(chunk['error'])}")
+            usage = chunk.get("usage")
+            if usage:
+                details = usage.get("completion_tokens_details") or {}
+                parts.append(
+                    Usage(
+                        usage.get("prompt_tokens") or 0,
+                        usage.get("completion_tokens") or 0,
+                        details.get("reasoning_tokens") or 0,
+                    )
+                )
+            choices = chunk.get("choices")
+            if not choices:
+                continue
+            delta = choices[0].get("delta") or {}
+            # DeepSeek/vLLM say `reasoning_content`, Ollama/OpenRouter say `reasoning`.
+            reasoning = delta.get("reasoning_content") or delta.get("reasoning")
+            if reasoning:
+                parts.append(ReasoningDelta(reasoning))
+            content = delta.get("content")
+            if content:
+                parts.append(TextDelta(content))
+            for tc in delta.get("tool_calls") or ():
+                slot = calls.setdefault(tc.get("index", len(calls)), ["", "", ""])
+                fn = tc.get("function") or {}
+                slot[0] = tc.get("id") or slot[0]
+                slot[1] += fn.get("name") or ""
+                slot[2] += fn.get("arguments") or ""
+        return parts
+
     async def aclose(self) -> None:
-        await self._client.close()
+        for client in self._clients.clients:
+            await client.close()
 
 
 def _message(error: Any) -> str:

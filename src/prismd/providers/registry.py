@@ -105,10 +105,8 @@ class ProviderRegistry:
             log.warning("%s", exc.message)
 
     def _build(self, kind: str) -> Provider:
-        # The SDKs are imported on first use: they take seconds and tens of MB to load.
-        from .anthropic import AnthropicProvider
-        from .openai_compat import OpenAICompatProvider
-
+        # Each SDK is imported on first use, and only the one in use: they take a second or
+        # two and 15-40 MB each to load.
         ps = self.settings.provider_settings(kind)
         model = self._default_model(kind)
         if model is None:
@@ -124,7 +122,11 @@ class ProviderRegistry:
                     "Provider 'anthropic' needs ANTHROPIC_API_KEY (or [providers.anthropic] "
                     "api_key in config.toml).",
                 )
+            from .anthropic import AnthropicProvider
+
             return AnthropicProvider(ps, model, ps.base_url, ps.api_key)
+        from .openai_compat import OpenAICompatProvider
+
         if kind == "ollama":
             base = (ps.base_url or OLLAMA_URL).rstrip("/")
             base = base if base.endswith("/v1") else base + "/v1"

@@ -6,6 +6,7 @@ import asyncio
 import contextlib
 import logging
 from collections.abc import AsyncIterator
+from typing import TYPE_CHECKING
 
 from fastapi import FastAPI
 
@@ -18,8 +19,10 @@ from ..sessions.bus import LocalBus
 from ..sessions.manager import SessionManager
 from ..store.sqlite import SqliteStore
 from ..tools.builtins import builtin_tools
-from ..tools.mcp import McpManager
 from ..tools.registry import ToolRegistry
+
+if TYPE_CHECKING:
+    from ..tools.mcp import McpManager
 
 log = logging.getLogger("prismd")
 
@@ -37,7 +40,7 @@ class Prismd:
         self.providers = ProviderRegistry(settings, probe_ollama=probe_ollama)
         self.agents = AgentDirectory(settings)
         self.tools = ToolRegistry(settings, builtin_tools())
-        self.mcp = McpManager(settings.mcp_servers)
+        self.mcp: McpManager | None = None
         self.runner = TurnRunner(settings, self.providers, self.manager, self.tools)
         self.connections: set[object] = set()
         self._background: set[asyncio.Task[None]] = set()
@@ -45,8 +48,13 @@ class Prismd:
     async def start(self) -> None:
         await self.store.open()
         await self.store.sync_agents(self.agents.rows())
-        await self.mcp.start()
-        self.tools.add(self.mcp.tools())
+        if self.settings.mcp_servers:
+            # The MCP SDK costs ~25 MB of memory: loaded only when servers are configured.
+            from ..tools.mcp import McpManager
+
+            self.mcp = McpManager(self.settings.mcp_servers)
+            await self.mcp.start()
+            self.tools.add(self.mcp.tools())
         warm = asyncio.create_task(asyncio.to_thread(self.providers.warm_up))
         self._background.add(warm)
         warm.add_done_callback(self._background.discard)
@@ -59,7 +67,8 @@ class Prismd:
             await asyncio.gather(*turns, return_exceptions=True)
         await self.providers.aclose()
         await self.tools.aclose()
-        await self.mcp.aclose()
+        if self.mcp is not None:
+            await self.mcp.aclose()
         await self.store.close()
 
 

@@ -140,7 +140,8 @@ async def list_tools(request: Request) -> dict[str, Any]:
 
     # The first call probes the machine in a child process: keep it off the event loop.
     sandbox = await asyncio.to_thread(isolation)
-    return {"tools": tools, "mcpServers": core.mcp.status(), "sandbox": sandbox}
+    servers = core.mcp.status() if core.mcp is not None else []
+    return {"tools": tools, "mcpServers": servers, "sandbox": sandbox}
 
 
 @router.get("/agents", summary="The agents a chat can run as")

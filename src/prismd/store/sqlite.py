@@ -20,6 +20,7 @@ import queue
 import shutil
 import sqlite3
 import threading
+import time
 from collections import OrderedDict
 from collections.abc import Callable
 from pathlib import Path
@@ -136,6 +137,7 @@ _TURN_FIELDS = {
     "tokens_out",
     "cost_usd",
 }
+IDLE_CLOSE_S = 30.0
 _STOP = object()
 _EVENT = object()  # marks a queued stream event (see _run)
 
@@ -149,13 +151,15 @@ def _connect(path: Path) -> sqlite3.Connection:
 
 
 class SqliteStore(Store):
-    def __init__(self, data_dir: Path, max_open_sessions: int = 1024) -> None:
+    def __init__(self, data_dir: Path, max_open_sessions: int = 512) -> None:
         self.data_dir = data_dir
         self.sessions_dir = data_dir / "sessions"
         self._queue: queue.SimpleQueue[Any] = queue.SimpleQueue()
         self._thread: threading.Thread | None = None
         self._core: sqlite3.Connection | None = None
         self._open: OrderedDict[str, sqlite3.Connection] = OrderedDict()
+        self._used: dict[str, float] = {}  # session id -> last use (monotonic)
+        self._idle_checked = time.monotonic()
         self._max_open = max_open_sessions
         self._dirty: set[sqlite3.Connection] = set()
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -194,7 +198,11 @@ class SqliteStore(Store):
 
     def _run(self) -> None:
         while True:
-            batch = [self._queue.get()]
+            try:
+                batch = [self._queue.get(timeout=IDLE_CLOSE_S / 2)]
+            except queue.Empty:
+                self._close_idle()
+                continue
             while len(batch) < 4096:
                 try:
                     batch.append(self._queue.get_nowait())
@@ -226,6 +234,8 @@ class SqliteStore(Store):
             if events:
                 self._insert_events(events)
             self._commit()
+            if time.monotonic() - self._idle_checked > IDLE_CLOSE_S / 2:
+                self._close_idle()
             for fut, value, error in results:
                 if fut is not None:
                     fut.get_loop().call_soon_threadsafe(_resolve, fut, value, error)
@@ -293,15 +303,31 @@ class SqliteStore(Store):
             conn.executescript(SESSION_SCHEMA)
             self._open[session_id] = conn
             while len(self._open) > self._max_open:
-                _, old = self._open.popitem(last=False)
-                if old in self._dirty:
-                    old.commit()
-                    self._dirty.discard(old)
-                old.close()
+                self._close_oldest()
         else:
             self._open.move_to_end(session_id)
+        self._used[session_id] = time.monotonic()
         self._dirty.add(conn)
         return conn
+
+    def _close_oldest(self) -> None:
+        session_id, conn = self._open.popitem(last=False)
+        self._used.pop(session_id, None)
+        if conn in self._dirty:
+            conn.commit()
+            self._dirty.discard(conn)
+        conn.close()
+
+    def _close_idle(self) -> None:
+        """Session databases unused for IDLE_CLOSE_S are closed: an idle server returns to a
+        handful of file descriptors however many sessions it has seen."""
+        self._idle_checked = time.monotonic()
+        cutoff = self._idle_checked - IDLE_CLOSE_S
+        while self._open:
+            oldest = next(iter(self._open))
+            if self._used.get(oldest, 0) > cutoff:
+                break
+            self._close_oldest()
 
     # ------------------------------------------------------------ sessions
 
@@ -367,6 +393,7 @@ class SqliteStore(Store):
     async def delete_session(self, session_id: str) -> bool:
         def op() -> bool:
             conn = self._open.pop(session_id, None)
+            self._used.pop(session_id, None)
             if conn is not None:
                 self._dirty.discard(conn)
                 conn.close()

@@ -13,8 +13,6 @@ from fnmatch import fnmatchcase
 from pathlib import Path
 from typing import Any
 
-import jsonschema
-
 from ..config import AgentSettings, Settings
 from .base import Tool, ToolError
 
@@ -48,6 +46,8 @@ class ToolView:
             raise ToolError(f"Unknown tool {name!r}. Available tools: {available}")
         if not isinstance(args, dict):
             raise ToolError(f"Arguments of {name} must be a JSON object, got {type(args).__name__}")
+        import jsonschema  # a few MB: loaded with the first tool call
+
         try:
             jsonschema.validate(args, tool.spec.parameters)
         except jsonschema.ValidationError as exc:
