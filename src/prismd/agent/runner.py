@@ -28,7 +28,6 @@ from ..providers.base import (
     ReasoningDelta,
     TextDelta,
     ToolCall,
-    ToolDef,
     Usage,
 )
 from ..providers.registry import ProviderRegistry
@@ -269,14 +268,7 @@ class _Execution:
             text_tools=self.text_tools,
         )
         self.ctx = ctx
-        tools = (
-            []
-            if self.text_tools
-            else [
-                ToolDef(t.spec.name, t.spec.description, t.spec.parameters)
-                for t in self.view.tools.values()
-            ]
-        )
+        tools = [] if self.text_tools else self.view.definitions()
         request = ModelRequest(
             model=plan.model,
             system=system,

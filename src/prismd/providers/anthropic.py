@@ -8,6 +8,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import anthropic
+import httpx2
 
 from ..config import ProviderSettings
 from ._errors import translate
@@ -45,8 +46,10 @@ class AnthropicProvider(Provider):
         self.vision = settings.vision
         self.max_output_tokens = settings.max_output_tokens
         self._label = "the Anthropic API" + (f" at {base_url}" if base_url else "")
+        tls = httpx2.create_ssl_context()  # one TLS context for every shard (~40 ms each)
         self._clients = ClientShards(
             lambda: anthropic.AsyncAnthropic(
+                http_client=anthropic.DefaultAsyncHttpxClient(verify=tls),
                 api_key=api_key,
                 base_url=base_url,
                 max_retries=settings.max_retries,

@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from ..config import AgentSettings, Settings
+from ..providers.base import ToolDef
 from .base import Tool, ToolError
 
 
@@ -27,6 +28,16 @@ class ToolView:
 
     agent: AgentSettings
     tools: dict[str, Tool]
+    _defs: list[ToolDef] | None = None
+
+    def definitions(self) -> list[ToolDef]:
+        """The tools as the provider's native tool calling declares them."""
+        if self._defs is None:
+            self._defs = [
+                ToolDef(t.spec.name, t.spec.description, t.spec.parameters)
+                for t in self.tools.values()
+            ]
+        return self._defs
 
     def needs_approval(self, name: str) -> bool:
         tool = self.tools.get(name)
@@ -70,18 +81,24 @@ class ToolRegistry:
     def __init__(self, settings: Settings, tools: Iterable[Tool]) -> None:
         self.settings = settings
         self._tools: dict[str, Tool] = {}
+        self._views: dict[str, ToolView] = {}
         self.add(tools)
 
     def add(self, tools: Iterable[Tool]) -> None:
         for tool in tools:
             self._tools[tool.spec.name] = tool
+        self._views.clear()
 
     def all(self) -> list[Tool]:
         return list(self._tools.values())
 
     def view(self, agent: AgentSettings) -> ToolView:
-        allowed = {name: t for name, t in self._tools.items() if matches(agent.tools, name)}
-        return ToolView(agent, allowed)
+        """The agent's tools. Cached: the registry only changes at startup (MCP)."""
+        view = self._views.get(agent.id)
+        if view is None or view.agent is not agent:
+            allowed = {name: t for name, t in self._tools.items() if matches(agent.tools, name)}
+            view = self._views[agent.id] = ToolView(agent, allowed)
+        return view
 
     def workspace(self, agent_id: str, session_id: str) -> Path:
         root = self.settings.data_dir / "workspaces" / agent_id
