@@ -185,3 +185,30 @@ def test_openai_key_wins_over_anthropic_key(make_server, fake_openai):
     env = {**openai_env(fake_openai), "ANTHROPIC_API_KEY": "also-set"}
     srv = make_server(env)
     assert srv.get("/api/health").json()["provider"] == "openai"
+
+
+def test_stream_broken_before_the_first_token_is_retried(flaky_server, fake_openai):
+    fake_openai.script(Reply(text=["never seen"], disconnect_after=0, times=1))
+    fake_openai.script(Reply(text=["second ", "try"]))
+    with flaky_server.client() as c:
+        frames = c.turn(message="hi")
+    assert text_of(frames) == "second try" == of_type(frames, "done")[0]["finalContent"]
+    assert len(fake_openai.requests) == 2
+
+
+def test_stall_before_the_first_token_is_retried_then_times_out(flaky_server, fake_openai):
+    fake_openai.script(Reply(text=["x"], stall_after=0))
+    with flaky_server.client() as c:
+        frames = c.turn(message="hi", timeout=20)
+    assert frames[-1]["code"] == "provider_timeout"
+    assert len(fake_openai.requests) == 2  # max_retries = 1 in this server's config
+    assert text_of(frames) == ""
+
+
+def test_stream_broken_after_text_is_not_retried(flaky_server, fake_openai):
+    fake_openai.script(Reply(text=["seen ", "lost"], disconnect_after=1))
+    with flaky_server.client() as c:
+        frames = c.turn(message="hi")
+    assert text_of(frames) == "seen "
+    assert frames[-1]["code"] == "provider_error" and "broke" in frames[-1]["error"]
+    assert len(fake_openai.requests) == 1

@@ -288,36 +288,7 @@ class _Execution:
         )
         self.store.add_message(live.id, self.answer)
         self.pieces = []
-        markup = MarkupFilter(self.view.tools.keys(), parse_tools=self.text_tools)
-        native: list[ToolCall] = []
-        usage: Usage | None = None
-        saved_at = time.monotonic()
-        started = saved_at
-        try:
-            async for part in provider.stream(request):
-                kind = type(part)
-                if kind is TextDelta:
-                    if self.totals.first_token is None:
-                        self.totals.first_token = time.monotonic()
-                    self._emit(markup.feed(part.text))  # type: ignore[union-attr]
-                    now = time.monotonic()
-                    if now - saved_at >= SAVE_INTERVAL_S:
-                        saved_at = now
-                        self.store.update_message(
-                            live.id, self.answer.id, content="".join(self.pieces)
-                        )
-                elif kind is ReasoningDelta:
-                    if self.totals.first_token is None:
-                        self.totals.first_token = time.monotonic()
-                    self.reasoning.append(part.text)  # type: ignore[union-attr]
-                elif kind is Usage:
-                    usage = part  # type: ignore[assignment]
-                elif kind is ToolCall:
-                    native.append(part)  # type: ignore[arg-type]
-            self._emit(markup.finish())
-        finally:
-            self.totals.llm_s += time.monotonic() - started
-            self._count(usage, ctx)
+        markup, native = await self._call_model(request, ctx)
         calls = [self._native_call(c) for c in native]
         for parsed in markup.calls:
             arguments = json.dumps(parsed.args, ensure_ascii=False)
@@ -326,6 +297,57 @@ class _Execution:
         for bad in markup.malformed:
             calls.append(PendingCall(new_id("call"), "", bad.raw, error=bad.error))
         return calls
+
+    async def _call_model(
+        self, request: ModelRequest, ctx: BuiltContext
+    ) -> tuple[MarkupFilter, list[ToolCall]]:
+        """Stream one model call into chunks. A stream that broke before it produced anything
+        is tried again (with backoff), up to the provider's max_retries."""
+        provider, live = self.plan.provider, self.live
+        retries = self.runner.settings.provider_settings(provider.kind).max_retries
+        attempt = 0
+        while True:
+            markup = MarkupFilter(self.view.tools.keys(), parse_tools=self.text_tools)
+            native: list[ToolCall] = []
+            usage: Usage | None = None
+            reasoning_before = len(self.reasoning)
+            started = saved_at = time.monotonic()
+            retrying = False
+            try:
+                async for part in provider.stream(request):
+                    kind = type(part)
+                    if kind is TextDelta:
+                        if self.totals.first_token is None:
+                            self.totals.first_token = time.monotonic()
+                        self._emit(markup.feed(part.text))  # type: ignore[union-attr]
+                        now = time.monotonic()
+                        if now - saved_at >= SAVE_INTERVAL_S and self.answer is not None:
+                            saved_at = now
+                            self.store.update_message(
+                                live.id, self.answer.id, content="".join(self.pieces)
+                            )
+                    elif kind is ReasoningDelta:
+                        if self.totals.first_token is None:
+                            self.totals.first_token = time.monotonic()
+                        self.reasoning.append(part.text)  # type: ignore[union-attr]
+                    elif kind is Usage:
+                        usage = part  # type: ignore[assignment]
+                    elif kind is ToolCall:
+                        native.append(part)  # type: ignore[arg-type]
+                self._emit(markup.finish())
+                return markup, native
+            except ProviderError as exc:
+                produced = self.pieces or native or len(self.reasoning) > reasoning_before
+                if not (exc.retryable and not produced and attempt < retries):
+                    raise
+                retrying = True
+                attempt += 1
+                log.info("turn %s: retrying the model call (%s)", self.turn.id, exc.message)
+            finally:
+                self.totals.llm_s += time.monotonic() - started
+                if not retrying:
+                    self._count(usage, ctx)
+            await asyncio.sleep(min(0.5 * 2 ** (attempt - 1), 4.0))
 
     def _emit(self, out: FilterOutput) -> None:
         if out.text:

@@ -7,6 +7,7 @@ import json
 import httpx2
 
 from ..protocol import ErrorCode
+from ._sse import StreamBroken
 from .base import ProviderError
 
 
@@ -14,6 +15,17 @@ def translate(exc: BaseException, label: str, sdk: object) -> ProviderError:
     """`sdk` is the `openai` or `anthropic` module: both SDKs share the same exception shapes."""
     if isinstance(exc, ProviderError):
         return exc
+    if isinstance(exc, StreamBroken):
+        cause = exc.cause
+        if isinstance(cause, httpx2.TimeoutException):
+            return ProviderError(
+                f"{label} stopped sending in the middle of its answer (timed out)",
+                ErrorCode.PROVIDER_TIMEOUT,
+                retryable=True,
+            )
+        return ProviderError(
+            f"The connection to {label} broke during its answer: {cause}", retryable=True
+        )
     if isinstance(exc, sdk.APITimeoutError | httpx2.TimeoutException):  # type: ignore[attr-defined]
         return ProviderError(
             f"{label} did not answer in time (timed out)", ErrorCode.PROVIDER_TIMEOUT

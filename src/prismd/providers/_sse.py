@@ -109,7 +109,14 @@ async def post_stream(client: Any, path: str, body: dict[str, Any]) -> AsyncIter
     response = await client.post(path, cast_to=httpx2.Response, body=body, stream=True)
     try:
         decoder = SSEDecoder()
-        async for chunk in response.aiter_bytes():
+        chunks = response.aiter_bytes()
+        while True:
+            try:
+                chunk = await anext(chunks)
+            except StopAsyncIteration:
+                break
+            except (httpx2.TransportError, httpx2.TimeoutException) as exc:
+                raise StreamBroken(exc) from exc
             events = decoder.feed(chunk)
             if events:
                 yield events
@@ -120,3 +127,11 @@ async def post_stream(client: Any, path: str, body: dict[str, Any]) -> AsyncIter
             yield events
     finally:
         await response.aclose()
+
+
+class StreamBroken(Exception):
+    """The response had started, then the connection failed (reset, truncated, stalled)."""
+
+    def __init__(self, cause: BaseException) -> None:
+        super().__init__(str(cause))
+        self.cause = cause

@@ -89,12 +89,23 @@ def coalesce(parts: list[StreamPart]) -> list[StreamPart]:
 
 
 class ProviderError(Exception):
-    """A model call failed; `code` is provider_error or provider_timeout."""
+    """A model call failed; `code` is provider_error or provider_timeout.
 
-    def __init__(self, message: str, code: ErrorCode = ErrorCode.PROVIDER_ERROR):
+    `retryable`: the response had started and then broke (reset, truncated, stalled). The SDKs
+    already retry failures before the response; the turn runner retries these only when the
+    call had produced nothing yet, so a retry can never duplicate text the user saw.
+    """
+
+    def __init__(
+        self,
+        message: str,
+        code: ErrorCode = ErrorCode.PROVIDER_ERROR,
+        retryable: bool = False,
+    ):
         super().__init__(message)
         self.code = code
         self.message = message
+        self.retryable = retryable
 
 
 class Provider(abc.ABC):
