@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import base64
 import json
+import time
 
 import httpx
 import pytest
@@ -296,3 +297,48 @@ def test_frames_are_compact_json_objects(server):
         c.send(type="ping")
         raw = c.ws.recv(timeout=5)
     assert json.loads(raw) == {"type": "pong"}
+
+
+def test_message_rate_limit(make_server, fake_openai):
+    from .conftest import openai_env
+
+    srv = make_server(
+        openai_env(fake_openai), config="[server]\nrate_messages_per_s = 5\nrate_burst = 10\n"
+    )
+    with srv.client() as c:
+        for _ in range(30):
+            c.send(type="ping")
+        replies = [c.recv() for _ in range(30)]
+        pongs = [r for r in replies if r["type"] == "pong"]
+        limited = [r for r in replies if r.get("code") == "rate_limited"]
+        assert len(pongs) + len(limited) == 30
+        assert 10 <= len(pongs) <= 12
+        assert limited[0]["retryAfterMs"] > 0 and "per second" in limited[0]["error"]
+        assert c.no_frame(0.3)
+        c.send(type="ping")  # refilled by now
+        assert c.recv()["type"] == "pong"
+
+
+def test_connection_limit_per_client_address(make_server, fake_openai):
+    from websockets.exceptions import ConnectionClosed
+    from websockets.sync.client import connect
+
+    from .conftest import openai_env
+
+    srv = make_server(
+        openai_env(fake_openai),
+        config="[server]\nmax_connections_per_client = 2\nlimit_loopback = true\n",
+    )
+    first, second = srv.client(), srv.client()
+    with connect(srv.ws_url) as third:
+        err = json.loads(third.recv(timeout=5))
+        assert err["type"] == "error" and err["code"] == "rate_limited"
+        with pytest.raises(ConnectionClosed) as closed:
+            third.recv(timeout=5)
+    assert closed.value.rcvd.code == 1013
+    first.close()
+    time.sleep(0.2)
+    with srv.client() as fourth:
+        fourth.send(type="ping")
+        assert fourth.recv()["type"] == "pong"
+    second.close()

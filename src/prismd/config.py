@@ -46,6 +46,14 @@ class ServerSettings(_Section):
     # `resume_gap`).
     max_events_per_session: Annotated[int, Field(ge=100)] = 50_000
     log_level: Literal["debug", "info", "warning", "error"] = "info"
+    # Frames a connection may send: a token bucket of `rate_burst` frames refilled at
+    # `rate_messages_per_s`. Frames over it get `rate_limited` and are dropped.
+    rate_messages_per_s: Annotated[float, Field(gt=0)] = 100.0
+    rate_burst: Annotated[int, Field(ge=1)] = 300
+    # Concurrent WebSocket connections per client address (0 = unlimited). Loopback clients
+    # are exempt unless `limit_loopback` (a local user already has the machine).
+    max_connections_per_client: Annotated[int, Field(ge=0)] = 64
+    limit_loopback: bool = False
 
 
 class ProviderSettings(_Section):

@@ -43,6 +43,7 @@ class Prismd:
         self.mcp: McpManager | None = None
         self.runner = TurnRunner(settings, self.providers, self.manager, self.tools)
         self.connections: set[object] = set()
+        self.connections_by_client: dict[str, int] = {}
         self._background: set[asyncio.Task[None]] = set()
 
     async def start(self) -> None:

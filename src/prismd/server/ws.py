@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from collections import deque
 from typing import Any
 
@@ -71,6 +72,13 @@ class Connection:
         self._held: list[tuple[int, str]] | None = None
         self._limit = core.settings.server.send_queue_frames
         self._closing = False
+        server = core.settings.server
+        self._rate = server.rate_messages_per_s
+        self._burst = float(server.rate_burst)
+        self._tokens = self._burst
+        self._refilled = time.monotonic()
+        client = ws.client
+        self.client_host = client.host if client else "unknown"
 
     # ------------------------------------------------------------ outgoing
 
@@ -122,8 +130,49 @@ class Connection:
 
     # ------------------------------------------------------------ incoming
 
+    def _admit(self) -> bool:
+        """Count this connection against its client address; False if over the limit."""
+        server = self.core.settings.server
+        counts = self.core.connections_by_client
+        limit = server.max_connections_per_client
+        loopback = self.client_host in ("127.0.0.1", "::1", "localhost", "testclient")
+        if limit and (server.limit_loopback or not loopback):
+            if counts.get(self.client_host, 0) >= limit:
+                return False
+        counts[self.client_host] = counts.get(self.client_host, 0) + 1
+        return True
+
+    def _release(self) -> None:
+        counts = self.core.connections_by_client
+        left = counts.get(self.client_host, 1) - 1
+        if left > 0:
+            counts[self.client_host] = left
+        else:
+            counts.pop(self.client_host, None)
+
+    def _allow_frame(self) -> bool:
+        now = time.monotonic()
+        self._tokens = min(self._burst, self._tokens + (now - self._refilled) * self._rate)
+        self._refilled = now
+        if self._tokens < 1:
+            return False
+        self._tokens -= 1
+        return True
+
     async def run(self) -> None:
         await self.ws.accept()
+        if not self._admit():
+            limit = self.core.settings.server.max_connections_per_client
+            await self.ws.send_text(
+                dumps(
+                    error_frame(
+                        ErrorCode.RATE_LIMITED,
+                        f"Too many connections from {self.client_host} (limit {limit})",
+                    )
+                )
+            )
+            await self.ws.close(code=1013, reason="too many connections")
+            return
         self.core.connections.add(self)
         self.send(
             {
@@ -147,6 +196,15 @@ class Connection:
                 message = receiving.result()
                 if message["type"] == "websocket.disconnect":
                     break
+                if not self._allow_frame():
+                    wait_ms = round(1000 * (1 - self._tokens) / self._rate)
+                    self._error(
+                        ErrorCode.RATE_LIMITED,
+                        f"Too many messages: the limit is {self._rate:g} per second "
+                        f"(bursts of {self._burst:g}); this one was dropped",
+                        retryAfterMs=wait_ms,
+                    )
+                    continue
                 text = message.get("text")
                 if text is None:
                     data = message.get("bytes") or b""
@@ -169,6 +227,7 @@ class Connection:
             pass
         finally:
             self.core.connections.discard(self)
+            self._release()
             self._unbind()
             if not writer.done():
                 writer.cancel()
