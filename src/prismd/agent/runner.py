@@ -285,6 +285,8 @@ class _Execution:
             created_at=now_iso(),
             turn_id=self.turn.id,
             status="streaming",
+            # After a crash its text is rebuilt from the chunks logged after this seq.
+            meta={"startSeq": live.last_seq},
         )
         self.store.add_message(live.id, self.answer)
         self.pieces = []

@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import secrets
 import time
+from collections import deque
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any, Protocol
@@ -71,6 +72,9 @@ class SessionManager:
         self.max_events = max_events
         self._live: dict[str, LiveSession] = {}
         self._loading: dict[str, asyncio.Future[LiveSession | None]] = {}
+        # Published frames waiting for their event to be durable: session id -> (seq, frame)
+        self._undelivered: dict[str, deque[tuple[int, str]]] = {}
+        store.on_events_durable = self._deliver
 
     # ------------------------------------------------------------ loading
 
@@ -197,8 +201,22 @@ class SessionManager:
         event["seq"] = seq
         frame = dumps(event)
         self.store.append_event(live.id, seq, turn_id, frame)
-        self.bus.publish(live.id, seq, frame)
+        queue = self._undelivered.get(live.id)
+        if queue is None:
+            queue = self._undelivered[live.id] = deque()
+        queue.append((seq, frame))
         return seq
+
+    def _deliver(self, durable: dict[str, int]) -> None:
+        """Fan out the frames whose events the store has committed (write-ahead: what a
+        client has seen survives a crash, so `seq` never goes back after a restart)."""
+        for session_id, upto in durable.items():
+            queue = self._undelivered.get(session_id)
+            while queue and queue[0][0] <= upto:
+                seq, frame = queue.popleft()
+                self.bus.publish(session_id, seq, frame)
+            if not queue:
+                self._undelivered.pop(session_id, None)
 
     def subscribe(self, live: LiveSession, target: Subscriber) -> None:
         self.bus.subscribe(live.id, target)

@@ -8,6 +8,7 @@ see every write queued before them.
 from __future__ import annotations
 
 import abc
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -106,6 +107,11 @@ class SessionLog:
 
 
 class Store(abc.ABC):
+    # Set by the session manager: called on the event loop with {session id: highest seq}
+    # when the events up to that seq are durable (committed). Frames go out only then, so a
+    # client never sees an event that a crash could take back.
+    on_events_durable: Callable[[dict[str, int]], None] | None = None
+
     @abc.abstractmethod
     async def open(self) -> None: ...
 

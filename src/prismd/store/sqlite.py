@@ -26,7 +26,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any, TypeVar
 
-from ..protocol import SESSION_ID_RE
+from ..protocol import SESSION_ID_RE, ErrorCode, dumps, error_frame
 from .base import FileRecord, MessageRecord, SessionLog, SessionRecord, Store
 
 log = logging.getLogger("prismd.store")
@@ -164,6 +164,8 @@ class SqliteStore(Store):
         self._dirty: set[sqlite3.Connection] = set()
         self._loop: asyncio.AbstractEventLoop | None = None
         self._template = data_dir / "session-template.db"
+        # Called on the event loop with {session id: highest seq} once events are committed.
+        self.on_events_durable: Callable[[dict[str, int]], None] | None = None
 
     # ------------------------------------------------------------ worker machinery
 
@@ -211,6 +213,7 @@ class SqliteStore(Store):
             results: list[tuple[asyncio.Future[Any], Any, BaseException | None]] = []
             stop = False
             events: dict[str, list[tuple[int, str | None, str]]] = {}
+            written: dict[str, int] = {}  # session id -> highest event seq in this batch
             for item in batch:
                 if item is _STOP:
                     stop = True
@@ -219,6 +222,7 @@ class SqliteStore(Store):
                     # Stream events are the bulk of all writes: gather them per session and
                     # insert them with one executemany, keeping their order against other ops.
                     events.setdefault(item[1], []).append(item[2])
+                    written[item[1]] = item[2][0]
                     continue
                 if events:
                     self._insert_events(events)
@@ -239,6 +243,10 @@ class SqliteStore(Store):
             for fut, value, error in results:
                 if fut is not None:
                     fut.get_loop().call_soon_threadsafe(_resolve, fut, value, error)
+            if written and self.on_events_durable is not None and self._loop is not None:
+                # Also after a failed insert: the events were logged as failed, and a stream
+                # must not stall because its log could not be written.
+                self._loop.call_soon_threadsafe(self.on_events_durable, written)
             if stop:
                 self._close_all()
                 return
@@ -430,13 +438,8 @@ class SqliteStore(Store):
                     "SELECT client_message_id, id FROM turns WHERE client_message_id IS NOT NULL"
                 ).fetchall()
             )
-            # A crash mid-turn leaves rows `streaming`/`running`: they are what was saved.
-            db.execute("UPDATE session_messages SET status='interrupted' WHERE status='streaming'")
-            db.execute(
-                "UPDATE turns SET status='interrupted', stop_reason='error' WHERE status='running'"
-            )
-            last = hi or 0
-            return SessionLog(last_seq=last, first_seq=lo if lo else last + 1, client_turns=turns)
+            last = _repair_after_crash(db, session_id, hi or 0)
+            return SessionLog(last_seq=last, first_seq=lo if lo else 1, client_turns=turns)
 
         return await self._call(op)
 
@@ -559,6 +562,51 @@ class SqliteStore(Store):
                 "DELETE FROM session_events WHERE seq<?", (below_seq,)
             )
         )
+
+
+CRASH_MESSAGE = (
+    "prismd stopped during this turn (a crash or a forced restart); the answer is kept as far "
+    "as it had streamed"
+)
+
+
+def _repair_after_crash(db: sqlite3.Connection, session_id: str, last_seq: int) -> int:
+    """A turn still `running` when its session is opened was cut off by a crash. Its answer
+    is rebuilt from the logged chunks (every chunk a client saw was logged first), marked
+    `interrupted`, and the turn is closed in the event log with an `error` event, so a client
+    that resumes it stops waiting. Returns the new last seq."""
+    crashed = [r[0] for r in db.execute("SELECT id FROM turns WHERE status='running'")]
+    streaming = db.execute(
+        "SELECT id, turn_id, content, meta FROM session_messages WHERE status='streaming'"
+    ).fetchall()
+    for message_id, turn_id, content, meta in streaming:
+        start = json.loads(meta or "{}").get("startSeq")
+        if start is not None:
+            frames = db.execute(
+                "SELECT frame FROM session_events WHERE turn_id=? AND seq>? ORDER BY seq",
+                (turn_id, start),
+            )
+            logged = "".join(
+                event.get("delta", "")
+                for (frame,) in frames
+                if (event := json.loads(frame)).get("type") == "chunk"
+            )
+            if len(logged) >= len(content):
+                content = logged
+        db.execute(
+            "UPDATE session_messages SET status='interrupted', content=? WHERE id=?",
+            (content, message_id),
+        )
+    for turn_id in crashed:
+        last_seq += 1
+        frame = error_frame(ErrorCode.INTERNAL, CRASH_MESSAGE)
+        frame.update(sessionId=session_id, turnId=turn_id, seq=last_seq)
+        db.execute(
+            "INSERT INTO session_events (seq, turn_id, frame) VALUES (?,?,?)",
+            (last_seq, turn_id, dumps(frame)),
+        )
+    db.execute("UPDATE turns SET status='interrupted', stop_reason='error' WHERE status='running'")
+    return last_seq
 
 
 def _session_row(r: SessionRecord) -> tuple[Any, ...]:
