@@ -132,3 +132,30 @@ def test_serve_refuses_a_bad_config_without_traceback(tmp_path):
     out = prismd("serve", home=tmp_path)
     assert out.returncode == 2
     assert "server.port" in out.stderr and "Traceback" not in out.stderr
+
+
+def test_chat_ctrl_c_stops_the_answer(server, fake_openai):
+    import signal
+    import time
+
+    fake_openai.script(Reply(text=[f"word{i} " for i in range(200)], delay_s=0.05))
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("OPENAI_", "PRISMD_"))}
+    env["PRISMD_HOME"] = str(server.home)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "prismd", "chat", "--url", server.ws_url, "-m", "long story"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=env,
+        cwd=ROOT,
+    )
+    assert proc.stdout is not None
+    first = proc.stdout.read(6)  # the answer has started streaming
+    assert first.startswith("word0")
+    time.sleep(0.3)
+    proc.send_signal(signal.SIGINT)
+    out, err = proc.communicate(timeout=20)
+    assert proc.returncode == 0, err
+    assert "stopped" in err
+    assert fake_openai.wait_aborted(1)
+    assert len((first + out).split()) < 200
