@@ -26,6 +26,15 @@ def _settings(args: argparse.Namespace) -> Settings:
 # ---------------------------------------------------------------- serve
 
 
+def _client_errors_are_not_server_errors(record: logging.LogRecord) -> bool:
+    """uvicorn logs a client's invalid UTF-8 frame as an exception with a traceback; it is
+    the client's fault (the connection is closed with 1007), so log one line at INFO."""
+    if "Invalid UTF-8" in str(record.msg):
+        record.levelno, record.levelname = logging.INFO, "INFO"
+        record.exc_info = record.exc_text = None
+    return True
+
+
 def _raise_open_files_limit() -> None:
     """Each connection, upstream stream and open session database needs file descriptors;
     the usual soft limit of 1024 is too low for a busy server, the hard limit rarely is."""
@@ -52,6 +61,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     # The SDKs log every HTTP request at INFO: one line per model call is noise here.
     for noisy in ("httpx", "httpx2"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
+    logging.getLogger("uvicorn.error").addFilter(_client_errors_are_not_server_errors)
     _raise_open_files_limit()
     app = create_app(settings)
     uvicorn.run(

@@ -188,7 +188,18 @@ def parse_client_message(text: str) -> ClientMessage:
             {"field": "type", "reason": "missing or not a string"},
         )
     if kind not in CLIENT_TYPES:
-        raise ProtocolError(ErrorCode.UNKNOWN_TYPE, f"Unknown message type {kind[:64]!r}")
+        raise ProtocolError(
+            ErrorCode.UNKNOWN_TYPE, f"Unknown message type {clean_text(kind[:64])!r}"
+        )
+    if _SURROGATE_ESCAPE.search(text):  # only an escape can smuggle in a lone surrogate
+        where = _lone_surrogate(raw, "")
+        if where is not None:
+            raise ProtocolError(
+                ErrorCode.INVALID_MESSAGE,
+                f"Invalid `{kind}` message: {where or 'message'}: contains an unpaired "
+                "UTF-16 surrogate (not valid Unicode text)",
+                {"field": where, "reason": "unpaired surrogate"},
+            )
     try:
         return _client_adapter.validate_python(raw)
     except ValidationError as exc:
@@ -199,6 +210,48 @@ def parse_client_message(text: str) -> ClientMessage:
             f"Invalid `{kind}` message: {field or 'message'}: {err['msg']}",
             {"field": field, "reason": err["msg"]},
         ) from None
+
+
+_SURROGATE_ESCAPE = re.compile(r"\\u[dD][89a-fA-F]")
+_SURROGATE = re.compile("[\ud800-\udfff]")  # in a str, any surrogate left is unpaired
+
+
+def _lone_surrogate(value: Any, path: str) -> str | None:
+    """The path of the first string (or key) holding an unpaired surrogate, else None."""
+    if isinstance(value, str):
+        return None if _encodable(value) else path
+    if isinstance(value, dict):
+        for key, item in value.items():
+            here = f"{path}.{key}" if path else str(key)
+            if not _encodable(key):
+                return path or "(key)"
+            found = _lone_surrogate(item, here)
+            if found is not None:
+                return found
+    elif isinstance(value, list):
+        for i, item in enumerate(value):
+            found = _lone_surrogate(item, f"{path}.{i}" if path else str(i))
+            if found is not None:
+                return found
+    return None
+
+
+def _encodable(text: str) -> bool:
+    if text.isascii():
+        return True
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
+def clean_text(text: str) -> str:
+    """Text safe to store and send: unpaired surrogates (from a model's or a tool's escaped
+    JSON) become U+FFFD."""
+    if _encodable(text):
+        return text
+    return _SURROGATE.sub("\ufffd", text)
 
 
 def check_session_id(session_id: str) -> str:
@@ -220,4 +273,8 @@ def error_frame(code: ErrorCode | str, message: str, **extra: Any) -> dict[str, 
 
 
 def dumps(frame: dict[str, Any]) -> str:
-    return json.dumps(frame, ensure_ascii=False, separators=(",", ":"))
+    text = json.dumps(frame, ensure_ascii=False, separators=(",", ":"))
+    if not _encodable(text):
+        # A lone surrogate slipped in: escape it rather than fail to send the frame.
+        text = json.dumps(frame, ensure_ascii=True, separators=(",", ":"))
+    return text

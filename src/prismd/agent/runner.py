@@ -18,7 +18,7 @@ from fnmatch import fnmatchcase
 from typing import Any
 
 from ..config import AgentSettings, Settings
-from ..protocol import Chat, ErrorCode, ProtocolError
+from ..protocol import Chat, ErrorCode, ProtocolError, clean_text
 from ..providers import pricing
 from ..providers.base import (
     ChatMessage,
@@ -425,6 +425,7 @@ class _Execution:
         self, call: PendingCall, name: str, status: str, output: str, started: float
     ) -> None:
         settings = self.runner.settings.tools
+        output = clean_text(output)
         for_model = _cut(output, settings.max_output_chars)
         message = MessageRecord(
             id=new_id("msg"),

@@ -7,7 +7,7 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
-from ..protocol import ErrorCode
+from ..protocol import ErrorCode, clean_text
 
 
 @dataclass(slots=True)
@@ -80,6 +80,8 @@ def coalesce(parts: list[StreamPart]) -> list[StreamPart]:
     """Merge neighbouring text (and reasoning) deltas that arrived together."""
     out: list[StreamPart] = []
     for part in parts:
+        if isinstance(part, TextDelta | ReasoningDelta):
+            part.text = clean_text(part.text)
         prev = out[-1] if out else None
         if type(part) is type(prev) and isinstance(part, TextDelta | ReasoningDelta):
             prev.text += part.text  # type: ignore[union-attr]

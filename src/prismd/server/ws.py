@@ -42,6 +42,7 @@ from ..sessions.manager import LiveSession, new_id
 from .app import Prismd
 
 log = logging.getLogger("prismd.ws")
+STUCK_S = 5.0  # a client whose writes made no progress this long, with a full queue, is dropped
 router = APIRouter()
 
 
@@ -72,6 +73,9 @@ class Connection:
         self._held: list[tuple[int, str]] | None = None
         self._limit = core.settings.server.send_queue_frames
         self._closing = False
+        self._progress = time.monotonic()  # last time a frame left (or the queue was empty)
+        self._drained = asyncio.Event()
+        self._writer_task: asyncio.Task[None] | None = None
         server = core.settings.server
         self._rate = server.rate_messages_per_s
         self._burst = float(server.rate_burst)
@@ -107,15 +111,41 @@ class Connection:
     def _enqueue(self, frame: str) -> None:
         if self._closing:
             return
-        if len(self._out) >= self._limit:
-            # The client does not read: drop it rather than grow without bound. Its session's
-            # turn goes on and stays resumable.
-            log.warning("connection %s dropped: %d frames unsent", self.id, len(self._out))
-            self._closing = True
-            self._out.clear()
-        else:
-            self._out.append(frame)
+        out = self._out
+        if not out:
+            self._progress = time.monotonic()
+        elif len(out) >= self._limit:
+            # Frames arrive in bursts (a store batch at a time), so a full queue alone does not
+            # mean a slow client: drop it when its writes have been stuck for STUCK_S, or when
+            # the queue reaches four times the limit. Its session's turn goes on and stays
+            # resumable.
+            stuck = time.monotonic() - self._progress > STUCK_S
+            if stuck or len(out) >= 4 * self._limit:
+                self._drop(f"{len(out)} frames unsent")
+                return
+        out.append(frame)
         self._wake.set()
+
+    def _drop(self, why: str) -> None:
+        log.warning("connection %s dropped: %s", self.id, why)
+        self._closing = True
+        self._out.clear()
+        self._drained.set()
+        # The writer may be blocked in a send to a client that does not read: cancel it, and
+        # the connection ends (see run()).
+        if self._writer_task is not None:
+            self._writer_task.cancel()
+
+    async def drain(self, below: int) -> None:
+        """Wait until fewer than `below` frames are queued (used by long replays); a client
+        that reads nothing for STUCK_S meanwhile is dropped."""
+        while len(self._out) >= below and not self._closing:
+            self._drained.clear()
+            try:
+                await asyncio.wait_for(self._drained.wait(), STUCK_S)
+            except TimeoutError:
+                if time.monotonic() - self._progress > STUCK_S:
+                    self._drop(f"no progress for {STUCK_S:g} s during a replay")
 
     async def _writer(self) -> None:
         out, ws = self._out, self.ws
@@ -124,9 +154,9 @@ class Connection:
             self._wake.clear()
             while out:
                 await ws.send_text(out.popleft())
-            if self._closing:
-                await ws.close(code=1013, reason="send queue overflow")
-                return
+                self._progress = time.monotonic()
+                if len(out) < self._limit // 2:
+                    self._drained.set()
 
     # ------------------------------------------------------------ incoming
 
@@ -182,7 +212,7 @@ class Connection:
                 "connectionId": self.id,
             }
         )
-        writer = asyncio.create_task(self._writer())
+        writer = self._writer_task = asyncio.create_task(self._writer())
         max_frame = self.core.settings.server.max_frame_bytes
         try:
             while not self._closing:
@@ -233,9 +263,12 @@ class Connection:
                 writer.cancel()
             await asyncio.gather(writer, return_exceptions=True)
             if self.ws.application_state != WebSocketState.DISCONNECTED:
+                code = 1013 if self._closing else 1000
                 try:
-                    await self.ws.close()
-                except (RuntimeError, WebSocketDisconnect):
+                    # A client that does not read blocks the close frame too: give up after a
+                    # second; the transport is closed when this handler returns.
+                    await asyncio.wait_for(self.ws.close(code=code), 1.0)
+                except (RuntimeError, WebSocketDisconnect, TimeoutError):
                     pass
 
     def _too_large(self, size: int) -> str:

@@ -19,6 +19,8 @@ from ..protocol import ErrorCode, ProtocolError, dumps
 from ..store.base import MessageRecord, SessionRecord, Store
 from .bus import EventBus, Subscriber
 
+REPLAY_STEP = 500  # frames a replay queues before it waits for the client to read
+
 
 def new_id(prefix: str) -> str:
     """Random, collision-free ids (128 bits), never derived from the clock."""
@@ -38,6 +40,9 @@ class ReplayTarget(Subscriber, Protocol):
 
     def release(self, after_seq: int) -> None:
         """Send the held frames with seq > after_seq and go live."""
+
+    async def drain(self, below: int) -> None:
+        """Wait until fewer than `below` frames are waiting to be sent."""
 
 
 @dataclass(eq=False)
@@ -233,9 +238,14 @@ class SessionManager:
         target.hold()
         sent = after_seq
         try:
-            for seq, frame in await self.store.read_events(live.id, after_seq, turn_id):
+            for i, (seq, frame) in enumerate(
+                await self.store.read_events(live.id, after_seq, turn_id), 1
+            ):
                 target.push(frame)
                 sent = seq
+                if i % REPLAY_STEP == 0:
+                    # A long replay goes at the client's pace, not all into its send queue.
+                    await target.drain(REPLAY_STEP)
         finally:
             target.release(max(sent, after_seq))
         return sent

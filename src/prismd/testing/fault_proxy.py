@@ -12,8 +12,9 @@ runs uvicorn) and relays every connection byte for byte to ``upstream_host:upstr
 A fault applies to the next ``times`` *new* connections (``None``: every new connection until
 it is replaced or cleared), then the proxy passes through again. HTTP clients keep connections
 alive, so :meth:`FaultProxy.set_fault` first closes every connection that is open (a pooled
-idle connection would otherwise carry the next request past the fault); the client notices the
-closed idle connection and opens a fresh one.
+idle connection would otherwise carry the next request past the fault; ``drop=False`` keeps
+them, e.g. to fault a second stream while a first one runs); the client notices the closed
+idle connection and opens a fresh one. :meth:`FaultProxy.reset` also zeroes the counters.
 
 Faults act on the response (upstream -> client) direction; the request always goes through.
 The point where a fault acts is ``n`` response bytes, counted from the first byte of the HTTP
@@ -23,29 +24,27 @@ role chunk and event 2 carries the first token). A fault acts when the upstream'
 reaches that point, so with ``n = 0`` it acts on the first response byte: the upstream has
 read (and the fake has recorded) the request by then.
 
-================================  =========================================================
-``Fault.refuse()``                accept, then reset (RST) at once, before reading a byte;
-                                  nothing reaches the upstream. (A truly refused connect
-                                  cannot be counted per connection, so the proxy accepts and
-                                  resets; the client sees ``ECONNRESET`` on its first
-                                  write or read, like a server that crashed on accept.)
-``Fault.reset_before_response()`` forward the request, then RST the client socket
-                                  (``SO_LINGER`` 0) when the response starts, before any
-                                  response byte reaches the client.
-``Fault.reset_after_bytes(n)``    pass the response through up to the point, then RST.
-``Fault.reset_after_events(k)``   the same, after the k-th SSE event (``n`` bytes more).
-``Fault.stall_after_bytes(n)``    pass up to the point, then send nothing and keep the
- / ``stall_after_events(k)``      connection open until the client goes away.
-``Fault.trickle(bytes_per_s)``    forward the whole response ``chunk`` bytes at a time, paced
-                                  at ``bytes_per_s``.
-``Fault.truncate_after_bytes(n)`` pass up to the point, then close cleanly (FIN): a truncated
- / ``truncate_after_events(k)``   chunked body / SSE stream.
-``Fault.end_body_after_events(k)`` pass up to the end of the k-th SSE event, then finish the
-                                  chunked body properly (``0\\r\\n\\r\\n``) and close: a
-                                  well-formed HTTP response whose SSE stream was cut short
-                                  (no ``finish_reason``, no ``[DONE]``), the way a gateway
-                                  that gives up on its upstream can end a response.
-================================  =========================================================
+Faults (build them with the class methods of :class:`Fault`):
+
+- ``refuse()``: accept, then reset (RST) at once, before reading a byte; nothing reaches the
+  upstream. A refused connect (nothing listening) cannot be counted per connection, so the
+  proxy accepts and resets instead: the client's connect fails with ``ECONNRESET`` (httpx
+  raises ``ConnectError``), as it would against a server that is not there.
+- ``reset_before_response()``: forward the request, then RST the client socket
+  (``SO_LINGER`` 0) as the response starts, before any response byte reaches the client.
+- ``reset_after_bytes(n)`` / ``reset_after_events(k, n=0)``: pass the response through up to
+  the point, then RST.
+- ``stall_after_bytes(n)`` / ``stall_after_events(k, n=0)``: pass up to the point, then send
+  nothing and keep the connection open until the client goes away.
+- ``trickle(bytes_per_s, chunk=1)``: forward the whole response ``chunk`` bytes at a time,
+  paced at ``bytes_per_s``.
+- ``truncate_after_bytes(n)`` / ``truncate_after_events(k, n=0)``: pass up to the point, then
+  close cleanly (FIN): a truncated chunked body / SSE stream.
+- ``end_body_after_events(k)``: pass up to the end of the k-th SSE event, then finish the
+  chunked body properly (``\\r\\n0\\r\\n\\r\\n``) and close: a well-formed HTTP response whose
+  SSE stream was cut short (no ``finish_reason``, no ``[DONE]``), the way a gateway that gives
+  up on its upstream can end a response. It assumes that the event ends an HTTP chunk (true of
+  the fakes: uvicorn sends one chunk per piece).
 
 When the client closes its side, the proxy closes the upstream connection too (so the fake
 sees the client go away); when the upstream closes, the proxy closes the client side. HTTP
@@ -213,13 +212,17 @@ class FaultProxy:
         with self._lock:
             return self._active
 
-    def set_fault(self, fault: Fault | None, times: int | None = None) -> None:
-        """Apply `fault` to the next `times` new connections (None: until changed), after
-        closing every open connection so that the next request needs a new one."""
+    def set_fault(
+        self, fault: Fault | None, times: int | None = None, *, drop: bool = True
+    ) -> None:
+        """Apply `fault` to the next `times` new connections (None: until changed). With
+        `drop` (the default), first close every open connection, so that the next request
+        needs a new one; `drop=False` leaves running streams alone."""
+        if drop:
+            self.drop_connections()
         with self._lock:
             self._fault = fault
             self._times = times if fault is not None else None
-        self.drop_connections()
 
     def clear(self) -> None:
         """No fault any more (open connections are closed)."""
@@ -246,8 +249,10 @@ class FaultProxy:
             asyncio.run_coroutine_threadsafe(drop(), loop).result(timeout=5)
 
     def _take_fault(self) -> Fault | None:
+        """Count a new connection (accepted and active, atomically) and pick its fault."""
         with self._lock:
             self._connections += 1
+            self._active += 1
             fault = self._fault
             if fault is None:
                 return None
@@ -327,16 +332,16 @@ class FaultProxy:
 
     async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         fault = self._take_fault()
-        with contextlib.suppress(OSError):
-            writer.get_extra_info("socket").setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        if fault is not None and fault.kind is FaultKind.REFUSE:
-            _rst(writer)
-            return
-        with self._lock:
-            self._active += 1
         self._writers.add(writer)
         up_writer: asyncio.StreamWriter | None = None
         try:
+            if fault is not None and fault.kind is FaultKind.REFUSE:
+                _rst(writer)
+                return
+            with contextlib.suppress(OSError):
+                writer.get_extra_info("socket").setsockopt(
+                    socket.IPPROTO_TCP, socket.TCP_NODELAY, 1
+                )
             try:
                 up_reader, up_writer = await asyncio.open_connection(
                     self.upstream_host, self.upstream_port, limit=_READ_SIZE
