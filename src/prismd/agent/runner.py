@@ -594,8 +594,9 @@ class _Execution:
                 },
             }
         )
-        if self.ctx is not None and t.last is not None:
-            self.publish(_context_usage(self.ctx, t.last, self.window))
+        # Always right after `done` (clients wait for it), even for a turn stopped before the
+        # model answered: then it reports what was sent, with no usage.
+        self.publish(_context_usage(self.ctx, t.last or Usage(0, 0), self.window))
 
 
 def _cut(text: str, limit: int) -> str:
@@ -604,7 +605,9 @@ def _cut(text: str, limit: int) -> str:
     return f"{text[:limit]}\n[… output cut: {limit} of {len(text)} characters shown]"
 
 
-def _context_usage(ctx: BuiltContext, usage: Usage, window: int) -> dict[str, Any]:
+def _context_usage(ctx: BuiltContext | None, usage: Usage, window: int) -> dict[str, Any]:
+    if ctx is None:
+        ctx = BuiltContext([], 0, 0, 0, 0)
     used = usage.input_tokens + usage.output_tokens
     # Split the provider's prompt count in proportion to our estimates of each part.
     estimated = ctx.system_tokens + ctx.user_tokens + ctx.assistant_tokens or 1

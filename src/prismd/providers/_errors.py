@@ -11,6 +11,10 @@ from ._sse import StreamBroken
 from .base import ProviderError
 
 
+def _describe(exc: BaseException) -> str:
+    return str(exc) or type(exc).__name__
+
+
 def translate(exc: BaseException, label: str, sdk: object) -> ProviderError:
     """`sdk` is the `openai` or `anthropic` module: both SDKs share the same exception shapes."""
     if isinstance(exc, ProviderError):
@@ -24,7 +28,8 @@ def translate(exc: BaseException, label: str, sdk: object) -> ProviderError:
                 retryable=True,
             )
         return ProviderError(
-            f"The connection to {label} broke during its answer: {cause}", retryable=True
+            f"The connection to {label} broke during its answer: {_describe(cause)}",
+            retryable=True,
         )
     if isinstance(exc, sdk.APITimeoutError | httpx2.TimeoutException):  # type: ignore[attr-defined]
         return ProviderError(
@@ -34,7 +39,7 @@ def translate(exc: BaseException, label: str, sdk: object) -> ProviderError:
         detail = getattr(exc, "message", None) or str(exc)
         return ProviderError(f"{label} returned HTTP {exc.status_code}: {detail}")
     if isinstance(exc, sdk.APIConnectionError | httpx2.TransportError):  # type: ignore[attr-defined]
-        return ProviderError(f"Cannot reach {label}: {exc.__cause__ or exc}")
+        return ProviderError(f"Cannot reach {label}: {_describe(exc.__cause__ or exc)}")
     if isinstance(exc, json.JSONDecodeError | ValueError):
         return ProviderError(f"{label} sent a malformed stream: {exc}")
     return ProviderError(f"{label} failed: {type(exc).__name__}: {exc}")

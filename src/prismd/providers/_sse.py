@@ -17,6 +17,13 @@ from collections.abc import AsyncIterator, Callable, Iterator
 from typing import Any
 
 Event = tuple[str | None, Any]  # (event name, decoded data)
+DONE: Event = ("[DONE]", {})  # appended to the batch in which OpenAI's `data: [DONE]` came
+
+
+def ended_early(label: str) -> Exception:
+    """The body ended cleanly but before the answer's end marker: as good as a broken stream
+    (retried if nothing was produced, else a provider_error that keeps the partial text)."""
+    return StreamBroken(ConnectionError(f"the response of {label} ended before the answer did"))
 
 
 class SSEDecoder:
@@ -118,11 +125,15 @@ async def post_stream(client: Any, path: str, body: dict[str, Any]) -> AsyncIter
             except (httpx2.TransportError, httpx2.TimeoutException) as exc:
                 raise StreamBroken(exc) from exc
             events = decoder.feed(chunk)
+            if decoder.done:
+                events.append(DONE)
             if events:
                 yield events
             if decoder.done:
                 return
         events = decoder.finish()
+        if decoder.done:
+            events.append(DONE)
         if events:
             yield events
     finally:

@@ -12,7 +12,7 @@ import httpx2
 
 from ..config import ProviderSettings
 from ._errors import translate
-from ._sse import ClientShards, post_stream
+from ._sse import ClientShards, ended_early, post_stream
 from .base import (
     ChatMessage,
     ModelRequest,
@@ -32,6 +32,7 @@ _EFFORT_BUDGET = {"low": 1024, "medium": 4096, "high": 16384}
 @dataclass
 class _StreamState:
     input_tokens: int = 0
+    finished: bool = False  # message_stop seen
     calls: dict[int, list[str]] = field(default_factory=dict)  # index -> [id, name, input JSON]
 
 
@@ -132,6 +133,8 @@ class AnthropicProvider(Provider):
                 async for batch in post_stream(client, "/v1/messages", kwargs):
                     for part in coalesce(self._parts(batch, state)):
                         yield part
+            if not state.finished:
+                raise ended_early(self._label)
             for index in sorted(calls):
                 call_id, name, arguments = calls[index]
                 yield ToolCall(call_id, name, arguments or "{}")
@@ -167,6 +170,8 @@ class AnthropicProvider(Provider):
                     + (usage.get("cache_creation_input_tokens") or 0)
                     + (usage.get("cache_read_input_tokens") or 0)
                 )
+            elif kind == "message_stop":
+                state.finished = True
             elif kind == "message_delta":
                 usage = event.get("usage") or {}
                 parts.append(Usage(state.input_tokens, usage.get("output_tokens") or 0))

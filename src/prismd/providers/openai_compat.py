@@ -13,7 +13,7 @@ import openai
 
 from ..config import ProviderSettings
 from ._errors import translate
-from ._sse import ClientShards, post_stream
+from ._sse import ClientShards, ended_early, post_stream
 from .base import (
     ChatMessage,
     ModelRequest,
@@ -110,10 +110,16 @@ class OpenAICompatProvider(Provider):
         try:
             # post_stream closes the HTTP response when the consuming task is cancelled: a
             # `stop` ends the upstream generation instead of letting it run on.
+            finished = False
             with self._clients.lease() as client:
                 async for batch in post_stream(client, "/chat/completions", kwargs):
                     for part in coalesce(self._parts(batch, calls)):
                         yield part
+                    finished = finished or any(
+                        name == "[DONE]" or _finish_reason(chunk) for name, chunk in batch
+                    )
+            if not finished:
+                raise ended_early(self._label)
             for index in sorted(calls):
                 call_id, name, arguments = calls[index]
                 yield ToolCall(call_id or f"call_{index}", name, arguments or "{}")
@@ -158,6 +164,11 @@ class OpenAICompatProvider(Provider):
     async def aclose(self) -> None:
         for client in self._clients.clients:
             await client.close()
+
+
+def _finish_reason(chunk: dict[str, Any]) -> bool:
+    choices = chunk.get("choices")
+    return bool(choices and choices[0].get("finish_reason"))
 
 
 def _message(error: Any) -> str:
