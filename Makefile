@@ -4,7 +4,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed-stamp
 
-.PHONY: install serve test lint format bench clean
+.PHONY: install serve test lint format bench soak clean
 
 $(STAMP): pyproject.toml constraints.txt
 	@$(PYTHON) -c 'import sys; assert sys.version_info >= (3, 11), "prismd needs Python 3.11+"'
@@ -33,6 +33,12 @@ format: install
 
 bench: install
 	$(PY) bench/load.py
+
+# Long runs, out of CI: many random kill -9 points, then 1000 connections for 10 minutes.
+soak: install
+	$(PY) -m pip install --quiet --disable-pip-version-check -c constraints.txt -e '.[dev,soak]'
+	PRISMD_CRASH_SEEDS=50 $(PY) -m pytest -q tests/test_crash.py
+	$(PY) bench/soak.py --connections 1000 --minutes 10
 
 clean:
 	rm -rf $(VENV) build src/*.egg-info .pytest_cache

@@ -502,6 +502,7 @@ class TurnResult:
     chunks: int = 0
     lags: list[float] = field(default_factory=list)  # behind schedule, from the first chunk
     lags_send: list[float] = field(default_factory=list)  # behind schedule, from the send
+    chunk_at: list[float] = field(default_factory=list)  # arrival (perf) of each lags entry
     latency: dict[str, Any] | None = None  # the server's own `done.latency`
 
 
@@ -545,6 +546,7 @@ async def chat_turn(
                             k0 = k
                         res.lags.append(t - res.t_first - (k - k0) / lag_rate)
                         res.lags_send.append(t - res.t_send - k / lag_rate)
+                        res.chunk_at.append(t)
                     continue
                 d = json.loads(m)
                 typ = d.get("type")
