@@ -808,7 +808,8 @@ def stalled(queue_server: PrismdServer) -> Iterator[dict[str, Any]]:
     seen["turn_s"] = time.monotonic() - started
     # The stalled connection is the only one left: once dropped, `connections` is 0.
     # The queue overflowed seconds before the turn ended; 3 s more is ample.
-    seen["dropped"] = wait_for(lambda: health(srv)["connections"] == 0, 3, 0.1)
+    # prismd drops a client whose queue is full and that has read nothing for 5 s.
+    seen["dropped"] = wait_for(lambda: health(srv)["connections"] == 0, 10, 0.1)
     seen["running_after"] = health(srv)["runningTurns"]
     ws.abort(reset=True)
     seen["released"] = wait_for(lambda: health(srv)["connections"] == 0, 10, 0.1)

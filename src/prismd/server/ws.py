@@ -72,10 +72,12 @@ class Connection:
         self._wake = asyncio.Event()
         self._held: list[tuple[int, str]] | None = None
         self._limit = core.settings.server.send_queue_frames
+        self._hard_limit = max(4 * self._limit, self._limit + 8192)
         self._closing = False
         self._progress = time.monotonic()  # last time a frame left (or the queue was empty)
         self._drained = asyncio.Event()
         self._writer_task: asyncio.Task[None] | None = None
+        self._watchdog: asyncio.TimerHandle | None = None
         server = core.settings.server
         self._rate = server.rate_messages_per_s
         self._burst = float(server.rate_burst)
@@ -114,17 +116,32 @@ class Connection:
         out = self._out
         if not out:
             self._progress = time.monotonic()
+            if self._watchdog is None:
+                self._watchdog = asyncio.get_running_loop().call_later(
+                    STUCK_S / 5, self._check_stuck
+                )
         elif len(out) >= self._limit:
-            # Frames arrive in bursts (a store batch at a time), so a full queue alone does not
-            # mean a slow client: drop it when its writes have been stuck for STUCK_S, or when
-            # the queue reaches four times the limit. Its session's turn goes on and stays
-            # resumable.
+            # Frames arrive in bursts (a store batch, up to 4096 events, at a time), so a full
+            # queue alone does not mean a slow client: drop it when its writes have been stuck
+            # for STUCK_S, or when the queue reaches its hard cap. Its session's turn goes on
+            # and stays resumable.
             stuck = time.monotonic() - self._progress > STUCK_S
-            if stuck or len(out) >= 4 * self._limit:
+            if stuck or len(out) >= self._hard_limit:
                 self._drop(f"{len(out)} frames unsent")
                 return
         out.append(frame)
         self._wake.set()
+
+    def _check_stuck(self) -> None:
+        """While frames wait, check every second that the client reads at all; one that has
+        read nothing for STUCK_S with a full queue is dropped even if nothing more comes."""
+        self._watchdog = None
+        if not self._out or self._closing:
+            return
+        if len(self._out) >= self._limit and time.monotonic() - self._progress > STUCK_S:
+            self._drop(f"{len(self._out)} frames unsent, no progress for {STUCK_S:g} s")
+            return
+        self._watchdog = asyncio.get_running_loop().call_later(STUCK_S / 5, self._check_stuck)
 
     def _drop(self, why: str) -> None:
         log.warning("connection %s dropped: %s", self.id, why)
@@ -258,6 +275,8 @@ class Connection:
         finally:
             self.core.connections.discard(self)
             self._release()
+            if self._watchdog is not None:
+                self._watchdog.cancel()
             self._unbind()
             if not writer.done():
                 writer.cancel()
