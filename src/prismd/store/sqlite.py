@@ -308,6 +308,9 @@ class SqliteStore(Store):
                 # schema (fewer writes and syncs), and new sessions come in bursts.
                 shutil.copyfile(self._template, path)
             conn = _connect(path)
+            # Up to 512 session databases stay open: SQLite's default page cache (2 MB each)
+            # would let them hold 1 GB; a session's working set is small.
+            conn.execute("PRAGMA cache_size=-256")
             conn.executescript(SESSION_SCHEMA)
             self._open[session_id] = conn
             while len(self._open) > self._max_open:
