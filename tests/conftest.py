@@ -19,11 +19,19 @@ from typing import Any
 
 import httpx
 import pytest
+from hypothesis import settings
 from websockets.sync.client import connect
 
 from prismd.testing.fake_models import FakeModelServer
 
 ROOT = Path(__file__).resolve().parent.parent
+
+# `make test` runs the same property-based examples every time (a run on a clean clone decides
+# whether a change lands, so it must not depend on luck); `HYPOTHESIS_PROFILE=explore make test`
+# draws new ones and keeps what it finds in .hypothesis/ to replay.
+settings.register_profile("default", derandomize=True, database=None)
+settings.register_profile("explore", derandomize=False)
+settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "default"))
 
 
 def free_port() -> int:
