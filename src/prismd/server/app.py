@@ -97,4 +97,7 @@ def create_app(settings: Settings, probe_ollama: bool = True) -> FastAPI:
 
     app.include_router(rest.router)
     app.include_router(ws.router)
+    from . import web
+
+    app.include_router(web.router)
     return app

@@ -1,0 +1,327 @@
+// Rendering of messages: user bubbles, assistant turns (text blocks, reasoning, tool cards,
+// per-turn figures). Every piece of model or user text goes in as text or through
+// renderMarkdown (sanitised); nothing here builds HTML from strings.
+import { renderMarkdown, copyText } from "./markdown.js";
+
+export function h(tag, attrs = {}, ...children) {
+  const el = document.createElement(tag);
+  for (const [key, value] of Object.entries(attrs)) {
+    if (value === undefined || value === null || value === false) continue;
+    if (key === "class") el.className = value;
+    else if (key === "text") el.textContent = value;
+    else if (key.startsWith("on")) el.addEventListener(key.slice(2), value);
+    else el.setAttribute(key, value === true ? "" : value);
+  }
+  for (const child of children.flat()) {
+    if (child === null || child === undefined || child === false) continue;
+    el.append(child instanceof Node ? child : document.createTextNode(String(child)));
+  }
+  return el;
+}
+
+const ICONS = {
+  copy: "M8 8h11v13H8zM5 3h11v3H7v11H5z",
+  retry: "M17.6 6.4A8 8 0 1 0 20 12h-2a6 6 0 1 1-1.8-4.3L13 11h7V4z",
+  edit: "M3 17.3V21h3.7L17.8 9.9l-3.7-3.7zM20.7 7a1 1 0 0 0 0-1.4l-2.3-2.3a1 1 0 0 0-1.4 0l-1.8 1.8 3.7 3.7z",
+  play: "M8 5v14l11-7z",
+  tool: "M22.7 19l-9.1-9.1c.9-2.3.4-5-1.5-6.9-2-2-5-2.4-7.4-1.3L9 6 6 9 1.6 4.7C.4 7.1.9 10.1 2.9 12.1c1.9 1.9 4.6 2.4 6.9 1.5l9.1 9.1c.4.4 1 .4 1.4 0l2.3-2.3c.5-.4.5-1.1.1-1.4z",
+  file: "M14 2H6a2 2 0 0 0-2 2v16a2 2 0 0 0 2 2h12a2 2 0 0 0 2-2V8zm0 1.5L18.5 8H14z",
+  brain: "M12 3a4 4 0 0 0-4 4 4 4 0 0 0-3 6.7A4 4 0 0 0 9 21h6a4 4 0 0 0 4-7.3A4 4 0 0 0 16 7a4 4 0 0 0-4-4z",
+};
+
+export function icon(name, size = 16) {
+  const ns = "http://www.w3.org/2000/svg";
+  const svg = document.createElementNS(ns, "svg");
+  svg.setAttribute("viewBox", "0 0 24 24");
+  svg.setAttribute("width", size);
+  svg.setAttribute("height", size);
+  svg.setAttribute("aria-hidden", "true");
+  const path = document.createElementNS(ns, "path");
+  path.setAttribute("d", ICONS[name]);
+  path.setAttribute("fill", "currentColor");
+  svg.append(path);
+  return svg;
+}
+
+export function formatBytes(n) {
+  if (n < 1024) return `${n} B`;
+  if (n < 1024 * 1024) return `${(n / 1024).toFixed(1)} KB`;
+  return `${(n / 1024 / 1024).toFixed(1)} MB`;
+}
+
+function formatMs(ms) {
+  if (ms === null || ms === undefined) return null;
+  return ms < 1000 ? `${Math.round(ms)} ms` : `${(ms / 1000).toFixed(1)} s`;
+}
+
+function formatCost(usd) {
+  if (usd === null || usd === undefined) return null;
+  if (usd === 0) return "$0";
+  return usd < 0.01 ? `$${usd.toFixed(5)}` : `$${usd.toFixed(3)}`;
+}
+
+function pretty(value) {
+  if (value === undefined || value === null) return "";
+  if (typeof value === "string") {
+    try { return JSON.stringify(JSON.parse(value), null, 2); } catch { return value; }
+  }
+  return JSON.stringify(value, null, 2);
+}
+
+export function fileChip(file, onRemove) {
+  const chip = h("span", { class: "file-chip", title: file.filename },
+    icon("file", 14), h("span", { class: "name", text: file.filename }),
+    file.size !== undefined ? h("span", { class: "size", text: formatBytes(file.size) }) : null);
+  if (file.previewUrl) chip.prepend(h("img", { src: file.previewUrl, alt: "" }));
+  if (onRemove) {
+    chip.append(h("button", { type: "button", class: "chip-x", "aria-label": `Remove ${file.filename}`, onclick: onRemove, text: "×" }));
+  }
+  return chip;
+}
+
+export function userBubble(text, files = [], { voice = false } = {}) {
+  const body = h("div", { class: "bubble" });
+  if (files.length) body.append(h("div", { class: "files" }, files.map((f) => fileChip(f))));
+  if (text) body.append(h("div", { class: "text", text }));
+  const el = h("article", { class: "msg user" + (voice ? " voice" : "") },
+    voice ? h("div", { class: "voice-tag", text: "🎙 transcribed" }) : null, body,
+    h("div", { class: "msg-actions" }));
+  el.dataset.text = text || "";
+  return el;
+}
+
+// One assistant turn: text blocks and tool cards in the order they happened.
+export class TurnView {
+  constructor(turnId, { onApprove } = {}) {
+    this.turnId = turnId;
+    this.onApprove = onApprove;
+    this.blocks = h("div", { class: "blocks" });
+    this.reasoningText = "";
+    this.reasoning = null;
+    this.status = h("div", { class: "turn-status" });
+    this.meta = h("div", { class: "turn-meta" });
+    this.actions = h("div", { class: "msg-actions" });
+    this.el = h("article", { class: "msg assistant streaming" },
+      h("div", { class: "avatar", "aria-hidden": "true", text: "◆" }),
+      h("div", { class: "turn-body" }, this.blocks, this.status, h("div", { class: "turn-foot" }, this.meta, this.actions)));
+    this.el.dataset.turnId = turnId || "";
+    this.current = null; // the text block being streamed into
+    this.tools = new Map();
+    this.approvals = new Map();
+    this.renderScheduled = false;
+    this.setWaiting(true);
+  }
+
+  setWaiting(on) {
+    this.status.replaceChildren();
+    if (on) this.status.append(h("span", { class: "typing" }, h("i"), h("i"), h("i")));
+  }
+
+  appendText(delta) {
+    if (!delta) return;
+    this.setWaiting(false);
+    if (!this.current) {
+      const el = h("div", { class: "md" });
+      this.current = { el, text: "" };
+      this.blocks.append(el);
+    }
+    this.current.text += delta;
+    this.scheduleRender();
+  }
+
+  scheduleRender() {
+    if (this.renderScheduled) return;
+    this.renderScheduled = true;
+    requestAnimationFrame(() => this.flush());
+  }
+
+  flush() {
+    this.renderScheduled = false;
+    for (const block of this.blocks.querySelectorAll(".md.dirty")) block.classList.remove("dirty");
+    if (this.current) renderMarkdown(this.current.el, this.current.text);
+  }
+
+  get text() {
+    return [...this.blocks.querySelectorAll(".md")].map((el) => el.textContent).join("\n");
+  }
+
+  addReasoning(content) {
+    if (!content) return;
+    this.reasoningText += content;
+    if (!this.reasoning) {
+      this.reasoningBody = h("div", { class: "reasoning-body" });
+      this.reasoning = h("details", { class: "reasoning" },
+        h("summary", {}, icon("brain", 14), h("span", { text: "Reasoning" })), this.reasoningBody);
+      this.el.querySelector(".turn-body").prepend(this.reasoning);
+    }
+    this.reasoningBody.textContent = this.reasoningText;
+  }
+
+  toolStart({ id, name, input }) {
+    this.setWaiting(false);
+    this.current = null;
+    if (this.tools.has(id)) return this.tools.get(id);
+    const state = h("span", { class: "tool-state running", text: "running" });
+    const output = h("pre", { class: "tool-output" });
+    const inputText = pretty(input);
+    const card = h("details", { class: "tool-card" },
+      h("summary", {}, icon("tool", 14), h("span", { class: "tool-name", text: name || "tool" }),
+        h("span", { class: "tool-brief", text: brief(input) }), state),
+      h("div", { class: "tool-detail" },
+        inputText ? h("div", { class: "tool-label", text: "Input" }) : null,
+        inputText ? h("pre", { class: "tool-input", text: inputText }) : null,
+        output));
+    const tool = { card, state, output, approval: null };
+    this.tools.set(id, tool);
+    this.blocks.append(card);
+    return tool;
+  }
+
+  toolEnd({ id, name, status, output, durationMs }) {
+    const tool = this.tools.get(id) || this.toolStart({ id, name, input: null });
+    tool.state.className = `tool-state ${status || "ok"}`;
+    tool.state.textContent = (status || "ok") + (durationMs !== undefined && durationMs !== null ? ` · ${formatMs(durationMs)}` : "");
+    if (output) {
+      const detail = tool.output.parentNode;
+      if (!detail.querySelector(".out-label")) detail.insertBefore(h("div", { class: "tool-label out-label", text: "Output" }), tool.output);
+      tool.output.textContent = output;
+    }
+    if (tool.approval) tool.approval.remove();
+    tool.approval = null;
+    this.setWaiting(true);
+  }
+
+  approvalRequest(frame) {
+    const req = frame.request || {};
+    const id = frame.toolCallId;
+    const tool = (id && this.tools.get(id)) || [...this.tools.values()].pop() || this.toolStart({ id: id || frame.requestId, name: req.tool, input: req.query });
+    tool.state.className = "tool-state waiting";
+    tool.state.textContent = "needs approval";
+    tool.card.open = true;
+    const box = h("div", { class: "approval-inline" },
+      h("span", { text: `Allow ${req.tool || "this tool"} to run?` }),
+      h("button", { type: "button", class: "btn small primary", text: "Approve", onclick: () => this.onApprove?.(frame.requestId, true) }),
+      h("button", { type: "button", class: "btn small", text: "Deny", onclick: () => this.onApprove?.(frame.requestId, false) }));
+    if (tool.approval) tool.approval.remove();
+    tool.approval = box;
+    tool.card.querySelector(".tool-detail").prepend(box);
+    this.approvals.set(frame.requestId, tool);
+    this.setWaiting(false);
+  }
+
+  approvalResolved(requestId, approved) {
+    const tool = this.approvals.get(requestId);
+    if (!tool) return;
+    if (tool.approval) tool.approval.remove();
+    tool.approval = null;
+    tool.state.className = approved ? "tool-state running" : "tool-state denied";
+    tool.state.textContent = approved ? "approved · running" : "denied";
+  }
+
+  stopped() {
+    this.el.classList.add("was-stopped");
+  }
+
+  error(message, code) {
+    this.setWaiting(false);
+    this.blocks.append(h("div", { class: "turn-error", role: "alert" },
+      h("strong", { text: "Error" }), h("span", { text: ` ${message}` }), code ? h("code", { text: code }) : null));
+    this.finish();
+  }
+
+  audio(url, autoplay) {
+    const player = h("audio", { controls: true, src: url, class: "speech" });
+    this.blocks.append(player);
+    if (autoplay) player.play().catch(() => {});
+  }
+
+  done(frame) {
+    if (!this.current && !this.blocks.querySelector(".md") && frame.finalContent) this.appendText(frame.finalContent);
+    this.flush();
+    const latency = frame.latency || {};
+    const parts = [];
+    if (frame.tokensIn !== undefined) parts.push(`${frame.tokensIn.toLocaleString()} in · ${(frame.tokensOut || 0).toLocaleString()} out`);
+    const cost = formatCost(frame.costUsd);
+    if (cost) parts.push(cost);
+    const dur = formatMs(frame.durationMs);
+    if (dur) parts.push(dur);
+    if (latency.firstTokenMs !== undefined && latency.firstTokenMs !== null) parts.push(`first token ${formatMs(latency.firstTokenMs)}`);
+    const model = frame.resolvedModel || frame.model;
+    if (model) parts.push(model);
+    this.meta.replaceChildren(...parts.map((p) => h("span", { text: p })));
+    if (frame.stopReason === "stopped") {
+      this.stopped();
+      this.meta.prepend(h("span", { class: "badge", text: "stopped" }));
+    } else if (frame.stopReason === "max_rounds") {
+      this.meta.prepend(h("span", { class: "badge", text: "tool round limit" }));
+    }
+    this.finish();
+  }
+
+  finish() {
+    this.el.classList.remove("streaming");
+    this.setWaiting(false);
+    if (this.blocks.querySelector(".md") && !this.actions.querySelector(".copy-msg")) {
+      this.actions.append(h("button", { type: "button", class: "icon-btn copy-msg", title: "Copy answer", "aria-label": "Copy answer",
+        onclick: (e) => copyText(this.text, e.currentTarget) }, icon("copy")));
+    }
+  }
+}
+
+function brief(input) {
+  if (input === undefined || input === null) return "";
+  let value = input;
+  if (typeof value === "string") {
+    try { value = JSON.parse(value); } catch { return value.slice(0, 80); }
+  }
+  if (typeof value === "object") {
+    const first = Object.values(value).find((v) => typeof v === "string");
+    if (first) return first.slice(0, 80);
+  }
+  return JSON.stringify(value).slice(0, 80);
+}
+
+// Rebuilds turns from stored messages (GET /api/sessions/{id}/messages).
+export function renderHistory(messages, container, { skipTurns, makeTurn }) {
+  const turns = new Map();
+  for (const m of messages) {
+    const turnId = m.turnId || m.id;
+    if (m.role === "user") {
+      if (m.meta && m.meta.voice) container.append(userBubble(m.content, m.files || [], { voice: true }));
+      else container.append(userBubble(m.content, m.files || []));
+      continue;
+    }
+    if (skipTurns.has(turnId)) continue;
+    if (m.role !== "assistant" && m.role !== "tool") continue;
+    let view = turns.get(turnId);
+    if (!view) {
+      view = makeTurn(turnId);
+      turns.set(turnId, view);
+      container.append(view.el);
+    }
+    if (m.role === "assistant") {
+      if (m.reasoning) view.addReasoning(m.reasoning);
+      if (m.content) {
+        view.current = null;
+        view.appendText(m.content);
+        view.flush();
+      }
+      let calls = [];
+      try { calls = m.toolCalls ? JSON.parse(m.toolCalls) : []; } catch { calls = []; }
+      for (const c of calls) view.toolStart({ id: c.id, name: c.name, input: c.arguments });
+      const meta = m.meta || {};
+      if (m.status === "error") view.error(meta.error || "The turn failed", meta.code);
+      else if (meta.tokensIn !== undefined || m.status === "stopped" || m.status === "complete") {
+        view.done({ ...meta, stopReason: meta.stopReason || (m.status === "stopped" ? "stopped" : undefined) });
+      }
+      if (m.status === "interrupted") view.meta.prepend(h("span", { class: "badge", text: "interrupted" }));
+    } else {
+      let result = {};
+      try { result = m.toolResult ? JSON.parse(m.toolResult) : {}; } catch { result = {}; }
+      view.toolEnd({ id: result.id, name: result.name, status: result.status, output: m.content });
+      view.setWaiting(false);
+    }
+  }
+  for (const view of turns.values()) view.finish();
+  return turns;
+}
