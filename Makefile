@@ -5,9 +5,9 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed-stamp
 # Debian packages that prismd and its tests use; installed with apt-get when missing.
 # Each entry is COMMAND:PACKAGE (the command that shows the package is there).
-DEBIAN_DEPS :=
+DEBIAN_DEPS := chromium:chromium
 
-.PHONY: install system-deps serve test lint format bench soak clean
+.PHONY: install system-deps serve test lint format bench soak clean vendor
 
 $(STAMP): pyproject.toml constraints.txt
 	@$(PYTHON) -c 'import sys; assert sys.version_info >= (3, 11), "prismd needs Python 3.11+"'
@@ -51,6 +51,10 @@ soak: install
 	$(PY) -m pip install --quiet --disable-pip-version-check -c constraints.txt -e '.[dev,soak]'
 	PRISMD_CRASH_SEEDS=50 $(PY) -m pytest -q tests/test_crash.py
 	$(PY) bench/soak.py --connections 1000 --minutes 10
+
+# Refresh the web app's vendored browser libraries (pinned in web/package-lock.json).
+vendor:
+	cd web && npm ci --ignore-scripts --no-audit --no-fund && node vendor.mjs
 
 clean:
 	rm -rf $(VENV) build src/*.egg-info .pytest_cache

@@ -142,7 +142,7 @@ async function enter() {
   let health = { providerConfigured: true };
   try { health = await api("/api/health"); } catch (err) { if (err.status === 401) return showLogin(); }
   $("#user-name").textContent = S.user ? S.user.name : "";
-  $("#user-box").hidden = !S.user;
+  $("#user-box").hidden = !(S.user && S.authRequired);
   if (!health.providerConfigured && !sessionStorage.getItem("prismd.skipSetup")) {
     show("#setup-view");
     return;
@@ -271,6 +271,12 @@ async function onResumed(frame) {
   S.lastSeq = 0;
   for (const event of queued) applyEvent(event, false);
   S.lastSeq = Math.max(S.lastSeq, frame.lastSeq || 0);
+  if ($("#context-meter").hidden) {
+    try {
+      const saved = JSON.parse(localStorage.getItem(`prismd.context.${sessionId}`) || "null");
+      if (saved) setContextMeter(saved, false);
+    } catch { /* a bad saved value is ignored */ }
+  }
   setRunning(!!frame.turnRunning);
   updateLastActions();
   scrollToEnd(true);
@@ -451,7 +457,11 @@ function applyEvent(frame, live) {
 
 // ------------------------------------------------------------------ context meter
 
-function setContextMeter(frame) {
+function setContextMeter(frame, save = true) {
+  if (save && S.sessionId) {
+    const { usedTokens, maxContext, percentage, breakdown } = frame;
+    localStorage.setItem(`prismd.context.${S.sessionId}`, JSON.stringify({ usedTokens, maxContext, percentage, breakdown }));
+  }
   const meter = $("#context-meter");
   const pct = Math.max(0, Math.min(100, Number(frame.percentage) || 0));
   meter.hidden = false;

@@ -81,10 +81,10 @@ export function fileChip(file, onRemove) {
 
 export function userBubble(text, files = [], { voice = false } = {}) {
   const body = h("div", { class: "bubble" });
+  if (voice) body.append(h("div", { class: "voice-tag", text: "🎙 transcribed" }));
   if (files.length) body.append(h("div", { class: "files" }, files.map((f) => fileChip(f))));
   if (text) body.append(h("div", { class: "text", text }));
-  const el = h("article", { class: "msg user" + (voice ? " voice" : "") },
-    voice ? h("div", { class: "voice-tag", text: "🎙 transcribed" }) : null, body,
+  const el = h("article", { class: "msg user" + (voice ? " voice" : "") }, body,
     h("div", { class: "msg-actions" }));
   el.dataset.text = text || "";
   return el;
