@@ -6,6 +6,7 @@ import json
 import re
 import subprocess
 import sys
+import time
 
 import httpx
 import pytest
@@ -134,6 +135,59 @@ def test_reload_mid_answer_shows_the_whole_answer_once(
     expect(last_answer(page).locator(".md")).to_contain_text("w39")
     assert last_answer(page).locator(".md").inner_text().split() == [w.strip() for w in words]
     expect(page.locator("#messages-inner .msg.assistant")).to_have_count(1)
+
+
+def test_dropped_connection_reconnects_and_replays_only_what_was_missed(
+    page: Page, web_server: PrismdServer, fake_openai: FakeModelServer
+) -> None:
+    words = [f"d{i:02d} " for i in range(40)]
+    fake_openai.script(Reply(text=words, delay_s=0.08), match="drop me")
+    resumes: list[dict] = []
+    sockets = []
+
+    def watch(ws) -> None:  # noqa: ANN001 - a playwright WebSocket
+        sockets.append(ws)
+
+        def sent(payload: str | bytes) -> None:
+            frame = json.loads(payload)
+            if frame.get("type") == "resume":
+                resumes.append(frame)
+
+        ws.on("framesent", sent)
+
+    page.on("websocket", watch)
+    open_app(page, web_server)
+    send(page, "drop me")
+    expect(last_answer(page).locator(".md")).to_contain_text("d05")
+    page.evaluate("window.prismd.ws.close()")
+    # (wait_for_function would need eval, which the app's CSP forbids: poll instead.)
+    deadline = time.monotonic() + 10
+    while not (len(sockets) == 2 and page.evaluate("window.prismd.ready")):
+        assert time.monotonic() < deadline, "no reconnect"
+        page.wait_for_timeout(50)
+    expect(last_answer(page).locator(".md")).to_contain_text("d39", timeout=15_000)
+    wait_done(page)
+    assert last_answer(page).locator(".md").inner_text().split() == [w.strip() for w in words]
+    assert resumes and resumes[-1].get("lastSeq", 0) > 0  # only the missed events
+
+
+def test_server_restart_reconnects_and_the_chat_goes_on(
+    page: Page, web_server: PrismdServer, fake_openai: FakeModelServer
+) -> None:
+    open_app(page, web_server)
+    send(page, "before the restart")
+    wait_done(page)
+    web_server.restart()
+    expect(page.locator("#conn.up")).to_have_count(1, timeout=20_000)
+    send(page, "after the restart")
+    wait_done(page)
+    expect(page.locator("#messages-inner .msg.user")).to_have_text(
+        ["before the restart", "after the restart"]
+    )
+    expect(last_answer(page)).to_contain_text("You said: after the restart")
+    # The model saw the first exchange too: same session.
+    last = json.dumps(fake_openai.requests[-1]["messages"])
+    assert "before the restart" in last and "after the restart" in last
 
 
 def test_stop_ends_the_answer_and_the_upstream_request(
@@ -403,3 +457,9 @@ def test_mic_records_and_produces_a_transcribed_turn(
     assert "capital" in voice.inner_text().lower()  # the speech in tests/fixtures/hello.wav
     wait_done(page)
     expect(last_answer(page)).to_contain_text("You said:")
+    # "Read aloud" asks the server to speak the answer (`speak`); the reply's clips can be
+    # played again from the answer's play button.
+    answer = last_answer(page)
+    answer.hover()
+    answer.locator(".speak-btn").click()
+    expect(answer.locator(".play-btn")).to_have_count(1, timeout=30_000)

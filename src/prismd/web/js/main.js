@@ -1,7 +1,7 @@
 // The prismd web app: state, the WebSocket connection (resume without loss, reconnect with
 // backoff), the sessions sidebar, pickers, composer, approvals, voice.
 import { api, maybe, ApiError } from "./api.js";
-import { h, icon, fileChip, userBubble, TurnView, renderHistory } from "./view.js";
+import { h, icon, fileChip, userBubble, TurnView, renderHistory, enqueueSpeech, stopSpeech } from "./view.js";
 import { Recorder, micSupported, audioUrl } from "./voice.js";
 
 const $ = (sel) => document.querySelector(sel);
@@ -306,6 +306,11 @@ function onFrame(frame) {
     if (frame.type === "error") return onPlainError(frame);
     if (frame.type === "stopped") return setRunning(false); // nothing was running
     if (frame.type === "approval_resolved") return applyEvent(frame, true);
+    if (frame.type === "audio" && frame.data) {
+      const url = audioUrl(frame.data, frame.format, frame.sampleRate);
+      if (S.speakTarget && S.speakTarget.el.isConnected) S.speakTarget.audio(url, true);
+      else enqueueSpeech(url);
+    }
     return;
   }
   if (frame.sessionId && S.sessionId && frame.sessionId !== S.sessionId) return;
@@ -327,6 +332,9 @@ function onSession(frame) {
     S.sessionId = frame.sessionId;
     localStorage.setItem(KEY_SESSION, frame.sessionId);
     S.lastSeq = 0;
+    const users = document.querySelectorAll("#messages-inner .msg.user");
+    const first = users.length ? users[0].dataset.text : "";
+    if (first) S.autoTitle = { sessionId: frame.sessionId, text: first };
   }
   S.shownSession = frame.sessionId;
   setAgentPicker(frame.agentId);
@@ -369,7 +377,17 @@ function onPlainError(frame) {
 }
 
 function makeTurn(turnId) {
-  return new TurnView(turnId, { onApprove: answerApproval });
+  return new TurnView(turnId, { onApprove: answerApproval, onSpeak: speakTurn });
+}
+
+// "Read aloud": `speak` answers with `audio` frames for this connection only (no seq).
+function speakTurn(view) {
+  const text = view.text.trim();
+  if (!text) return;
+  stopSpeech();
+  S.speakTarget = view;
+  view.clips = [];
+  send({ type: "speak", text: text.slice(0, 4000) });
 }
 
 function turnFor(frame) {
@@ -432,14 +450,14 @@ function applyEvent(frame, live) {
       break;
     }
     case "audio":
-      if (frame.data) turnFor(frame).audio(audioUrl(frame.data, frame.format), live);
+      if (frame.data) turnFor(frame).audio(audioUrl(frame.data, frame.format, frame.sampleRate), live);
       break;
     case "done":
       turnFor(frame).done(frame);
       for (const [id, f] of S.approvals) if (f.turnId === frame.turnId) closeApproval(id);
       if (S.turn && S.turn.turnId === frame.turnId) S.turn = null;
       setRunning(false);
-      if (live) refreshSessions();
+      if (live) autoTitle().finally(refreshSessions);
       break;
     case "context_usage":
       setContextMeter(frame);
@@ -453,6 +471,22 @@ function applyEvent(frame, live) {
       break;
   }
   scrollToEnd();
+}
+
+// A new chat is named after its first message (once, and only if it has no name yet).
+async function autoTitle() {
+  const pending = S.autoTitle;
+  S.autoTitle = null;
+  if (!pending || pending.sessionId !== S.sessionId) return;
+  const line = pending.text.split("\n").find((l) => l.trim()) || "";
+  const name = line.trim().length > 60 ? `${line.trim().slice(0, 57)}…` : line.trim();
+  if (!name) return;
+  try {
+    const session = await api(`/api/sessions/${encodeURIComponent(pending.sessionId)}`);
+    if (!session.name) {
+      await api(`/api/sessions/${encodeURIComponent(pending.sessionId)}`, { method: "PATCH", body: { name } });
+    }
+  } catch { /* no rename route on this server: the sidebar shows "Untitled chat" */ }
 }
 
 // ------------------------------------------------------------------ context meter
@@ -565,6 +599,7 @@ function submit() {
 }
 
 function stop() {
+  stopSpeech();
   if (!S.running) return;
   send({ type: "stop" });
 }
@@ -754,6 +789,7 @@ function sessionItem(s) {
       toast(`Could not delete: ${err.message}`, "error");
       return;
     }
+    localStorage.removeItem(`prismd.context.${s.id}`);
     if (s.id === S.sessionId) newChat(false);
     refreshSessions();
   });
@@ -1035,6 +1071,7 @@ function wire() {
   // Keys: Esc stops the answer.
   document.addEventListener("keydown", (e) => {
     if (e.key === "Escape" && !dialog.open) {
+      stopSpeech();
       if (S.running) { e.preventDefault(); stop(); }
       closeSidebarOnPhone();
     }

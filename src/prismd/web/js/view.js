@@ -24,6 +24,7 @@ const ICONS = {
   retry: "M17.6 6.4A8 8 0 1 0 20 12h-2a6 6 0 1 1-1.8-4.3L13 11h7V4z",
   edit: "M3 17.3V21h3.7L17.8 9.9l-3.7-3.7zM20.7 7a1 1 0 0 0 0-1.4l-2.3-2.3a1 1 0 0 0-1.4 0l-1.8 1.8 3.7 3.7z",
   play: "M8 5v14l11-7z",
+  speaker: "M3 9v6h4l5 5V4L7 9zm13.5 3A4.5 4.5 0 0 0 14 8v8a4.5 4.5 0 0 0 2.5-4zM14 3.2v2.1a7 7 0 0 1 0 13.4v2.1a9 9 0 0 0 0-17.6z",
   tool: "M22.7 19l-9.1-9.1c.9-2.3.4-5-1.5-6.9-2-2-5-2.4-7.4-1.3L9 6 6 9 1.6 4.7C.4 7.1.9 10.1 2.9 12.1c1.9 1.9 4.6 2.4 6.9 1.5l9.1 9.1c.4.4 1 .4 1.4 0l2.3-2.3c.5-.4.5-1.1.1-1.4z",
   file: "M14 2H6a2 2 0 0 0-2 2v16a2 2 0 0 0 2 2h12a2 2 0 0 0 2-2V8zm0 1.5L18.5 8H14z",
   brain: "M12 3a4 4 0 0 0-4 4 4 4 0 0 0-3 6.7A4 4 0 0 0 9 21h6a4 4 0 0 0 4-7.3A4 4 0 0 0 16 7a4 4 0 0 0-4-4z",
@@ -92,9 +93,10 @@ export function userBubble(text, files = [], { voice = false } = {}) {
 
 // One assistant turn: text blocks and tool cards in the order they happened.
 export class TurnView {
-  constructor(turnId, { onApprove } = {}) {
+  constructor(turnId, { onApprove, onSpeak } = {}) {
     this.turnId = turnId;
     this.onApprove = onApprove;
+    this.onSpeak = onSpeak;
     this.blocks = h("div", { class: "blocks" });
     this.reasoningText = "";
     this.reasoning = null;
@@ -229,10 +231,16 @@ export class TurnView {
     this.finish();
   }
 
+  // Spoken reply: one clip per sentence; a "Play" button replays them all in order.
   audio(url, autoplay) {
-    const player = h("audio", { controls: true, src: url, class: "speech" });
-    this.blocks.append(player);
-    if (autoplay) player.play().catch(() => {});
+    this.clips = this.clips || [];
+    this.clips.push(url);
+    if (!this.playButton) {
+      this.playButton = h("button", { type: "button", class: "icon-btn play-btn", title: "Play the spoken reply", "aria-label": "Play the spoken reply",
+        onclick: () => { stopSpeech(); for (const clip of this.clips) enqueueSpeech(clip); } }, icon("play"));
+      this.actions.prepend(this.playButton);
+    }
+    if (autoplay) enqueueSpeech(url);
   }
 
   done(frame) {
@@ -264,8 +272,36 @@ export class TurnView {
     if (this.blocks.querySelector(".md") && !this.actions.querySelector(".copy-msg")) {
       this.actions.append(h("button", { type: "button", class: "icon-btn copy-msg", title: "Copy answer", "aria-label": "Copy answer",
         onclick: (e) => copyText(this.text, e.currentTarget) }, icon("copy")));
+      if (this.onSpeak) {
+        this.actions.append(h("button", { type: "button", class: "icon-btn speak-btn", title: "Read aloud", "aria-label": "Read aloud",
+          onclick: () => this.onSpeak(this) }, icon("speaker")));
+      }
     }
   }
+}
+
+// One speaker for the whole page: clips play one after the other, never on top of each other.
+const speech = { queue: [], audio: null };
+
+function playNext() {
+  const url = speech.queue.shift();
+  if (!url) return;
+  speech.audio.src = url;
+  speech.audio.play().catch(() => { speech.queue.length = 0; });
+}
+
+export function enqueueSpeech(url) {
+  if (!speech.audio) {
+    speech.audio = new Audio();
+    speech.audio.addEventListener("ended", playNext);
+  }
+  speech.queue.push(url);
+  if (speech.audio.paused || speech.audio.ended) playNext();
+}
+
+export function stopSpeech() {
+  speech.queue.length = 0;
+  if (speech.audio) speech.audio.pause();
 }
 
 function brief(input) {

@@ -68,9 +68,22 @@ export class Recorder {
 
 const TYPES = { wav: "audio/wav", mp3: "audio/mpeg", ogg: "audio/ogg", webm: "audio/webm", opus: "audio/ogg" };
 
-export function audioUrl(data, format) {
+// Raw 16-bit mono PCM gets a WAV header so that the browser can play it.
+function wavOf(pcm, sampleRate) {
+  const header = new DataView(new ArrayBuffer(44));
+  const text = (offset, value) => { for (let i = 0; i < 4; i++) header.setUint8(offset + i, value.charCodeAt(i)); };
+  text(0, "RIFF"); header.setUint32(4, 36 + pcm.length, true); text(8, "WAVE");
+  text(12, "fmt "); header.setUint32(16, 16, true); header.setUint16(20, 1, true); header.setUint16(22, 1, true);
+  header.setUint32(24, sampleRate, true); header.setUint32(28, sampleRate * 2, true);
+  header.setUint16(32, 2, true); header.setUint16(34, 16, true);
+  text(36, "data"); header.setUint32(40, pcm.length, true);
+  return new Blob([header.buffer, pcm], { type: "audio/wav" });
+}
+
+export function audioUrl(data, format, sampleRate) {
   const binary = atob(data);
   const bytes = new Uint8Array(binary.length);
   for (let i = 0; i < binary.length; i++) bytes[i] = binary.charCodeAt(i);
+  if (format === "pcm16") return URL.createObjectURL(wavOf(bytes, sampleRate || 24000));
   return URL.createObjectURL(new Blob([bytes], { type: TYPES[format] || "audio/wav" }));
 }
