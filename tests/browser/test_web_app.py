@@ -171,6 +171,35 @@ def test_dropped_connection_reconnects_and_replays_only_what_was_missed(
     assert resumes and resumes[-1].get("lastSeq", 0) > 0  # only the missed events
 
 
+def test_resume_gap_reloads_the_history(
+    page: Page,
+    make_server,  # noqa: ANN001
+    fake_openai: FakeModelServer,
+) -> None:
+    srv = make_server(openai_env(fake_openai), "[server]\nmax_events_per_session = 100\n")
+    received: list[str] = []
+    page.on("websocket", lambda ws: ws.on("framereceived", lambda f: received.append(str(f))))
+    open_app(page, srv)
+    send(page, "first words")
+    wait_done(page)
+    sid = page.evaluate("window.prismd.sessionId")
+    # The app goes offline (without a close it would reconnect from at once)…
+    page.evaluate(
+        "() => { const ws = window.prismd.ws; window.prismd.ws = null;"
+        " window.prismd.ready = false; ws.close(); }"
+    )
+    # …while another client runs enough turns in its session to push its events out.
+    with srv.client() as other:
+        for i in range(30):
+            other.turn(message=f"filler {i}", sessionId=sid)
+    page.evaluate("window.dispatchEvent(new Event('online'))")
+    # resume → resume_gap → the history is reloaded over REST.
+    expect(page.locator("#messages-inner .msg.user")).to_have_count(31)
+    expect(last_answer(page)).to_contain_text("You said: filler 29")
+    expect(page.locator("#messages-inner .msg.assistant")).to_have_count(31)
+    assert any('"resume_gap"' in str(frame) for frame in received)
+
+
 def test_server_restart_reconnects_and_the_chat_goes_on(
     page: Page, web_server: PrismdServer, fake_openai: FakeModelServer
 ) -> None:
