@@ -492,3 +492,7 @@ def test_mic_records_and_produces_a_transcribed_turn(
     answer.hover()
     answer.locator(".speak-btn").click()
     expect(answer.locator(".play-btn")).to_have_count(1, timeout=30_000)
+    # After a reload the voice turn comes back from the history, marked as spoken, once.
+    page.reload()
+    expect(page.locator("#messages-inner .msg.user.voice")).to_have_count(1)
+    expect(page.locator("#messages-inner .msg.assistant")).to_have_count(1)

@@ -264,7 +264,8 @@ async function onResumed(frame) {
   const queued = S.queue || [];
   S.queue = null;
   const live = new Set(queued.filter((f) => f.turnId).map((f) => f.turnId));
-  const turns = renderHistory(history.messages || [], $("#messages-inner"), { skipTurns: live, makeTurn });
+  const spoken = new Set(queued.filter((f) => f.type === "transcribed").map((f) => f.turnId));
+  const turns = renderHistory(history.messages || [], $("#messages-inner"), { skipTurns: live, skipUsers: spoken, makeTurn });
   for (const [id, view] of turns) S.turns.set(id, view);
   S.shownSession = sessionId;
   showEmpty(!(history.messages || []).length && !queued.length);

@@ -318,13 +318,15 @@ function brief(input) {
 }
 
 // Rebuilds turns from stored messages (GET /api/sessions/{id}/messages).
-export function renderHistory(messages, container, { skipTurns, makeTurn }) {
+export function renderHistory(messages, container, { skipTurns, skipUsers, makeTurn }) {
   const turns = new Map();
   for (const m of messages) {
     const turnId = m.turnId || m.id;
     if (m.role === "user") {
-      if (m.meta && m.meta.voice) container.append(userBubble(m.content, m.files || [], { voice: true }));
-      else container.append(userBubble(m.content, m.files || []));
+      // A voice turn being replayed brings its own `transcribed` event.
+      if (skipUsers && skipUsers.has(turnId)) continue;
+      const voice = !!(m.meta && (m.meta.input === "voice" || m.meta.voice));
+      container.append(userBubble(m.content, m.files || [], { voice }));
       continue;
     }
     if (skipTurns.has(turnId)) continue;
