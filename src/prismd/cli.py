@@ -48,12 +48,61 @@ def _raise_open_files_limit() -> None:
         pass
 
 
+LOOPBACK_HOSTS = {"127.0.0.1", "::1", "localhost"}
+
+
+def _is_loopback(host: str) -> bool:
+    if host in LOOPBACK_HOSTS:
+        return True
+    import ipaddress
+
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False
+
+
+def _user_count(data_dir: Path) -> int:
+    """Users in the core database, read without starting the store (0 if there is none)."""
+    import sqlite3
+
+    path = data_dir / "prismd.db"
+    if not path.exists():
+        return 0
+    conn = sqlite3.connect(f"file:{path}?mode=ro", uri=True)
+    try:
+        return int(conn.execute("SELECT COUNT(*) FROM users").fetchone()[0])
+    except sqlite3.Error:
+        return 0
+    finally:
+        conn.close()
+
+
+def _exposure_refusal(settings: Settings, insecure: bool) -> str | None:
+    """Why the server must not start: reachable from other machines with nothing to log in."""
+    host = settings.server.host
+    if insecure or _is_loopback(host) or settings.auth.token:
+        return None
+    if _user_count(settings.data_dir) > 0:
+        return None
+    return (
+        f"refusing to listen on {host} with no password: anyone who can reach it could use "
+        "it. Set a password first with `prismd passwd` (or add users with `prismd users add "
+        "NAME`), or configure a token ([auth] token in config.toml, or PRISMD_TOKEN); or pass "
+        "--insecure to serve without authentication anyway."
+    )
+
+
 def cmd_serve(args: argparse.Namespace) -> int:
     import uvicorn
 
     from .server.app import create_app
 
     settings = _settings(args)
+    refusal = _exposure_refusal(settings, args.insecure)
+    if refusal:
+        print(f"prismd: {refusal}", file=sys.stderr)
+        return 2
     logging.basicConfig(
         level=settings.server.log_level.upper(),
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
@@ -87,7 +136,8 @@ async def _chat(args: argparse.Namespace) -> int:
     url = args.url
     session_id: str | None = args.session
     out = sys.stdout
-    async with websockets.connect(url, max_size=None) as ws:
+    headers = {"Authorization": f"Bearer {args.token}"} if args.token else None
+    async with websockets.connect(url, max_size=None, additional_headers=headers) as ws:
         hello = json.loads(await ws.recv())
         if hello.get("type") != "connected":
             print(f"unexpected greeting: {hello}", file=sys.stderr)
@@ -166,13 +216,26 @@ async def _chat(args: argparse.Namespace) -> int:
 
 
 def cmd_chat(args: argparse.Namespace) -> int:
-    if args.url is None:
+    import os
+
+    if args.token is None:
+        args.token = os.environ.get("PRISMD_TOKEN")
+    if args.url is None or args.token is None:
         settings = _settings(args)
+        args.token = args.token or settings.auth.token
+    if args.url is None:
         host = settings.server.host
         host = "127.0.0.1" if host in ("0.0.0.0", "::", "") else host
         args.url = f"ws://{host}:{settings.server.port}/ws"
+    from websockets.exceptions import InvalidStatus
+
     try:
         return asyncio.run(_chat(args))
+    except InvalidStatus as exc:
+        status = exc.response.status_code
+        hint = " (give an API token: --token or PRISMD_TOKEN)" if status in (401, 403) else ""
+        print(f"{args.url} refused the connection: HTTP {status}{hint}", file=sys.stderr)
+        return 1
     except OSError as exc:
         print(f"Cannot connect to {args.url}: {exc}. Is `prismd serve` running?", file=sys.stderr)
         return 1
@@ -204,7 +267,7 @@ def cmd_sessions(args: argparse.Namespace) -> int:
 
     async def run(store: Any) -> int:
         if args.action == "list":
-            records, total = await store.list_sessions(args.limit, 0)
+            records, total = await store.list_sessions(args.limit, 0)  # every owner, status
             if args.json:
                 print(json.dumps([r.to_json() for r in records], indent=2))
                 return 0
@@ -252,6 +315,186 @@ def cmd_agents(args: argparse.Namespace) -> int:
     return 0
 
 
+# ---------------------------------------------------------------- users, passwords, tokens
+
+
+def _read_password(args: argparse.Namespace, name: str) -> str:
+    """From stdin (--password-stdin: the first line), else asked twice without echo."""
+    if getattr(args, "password_stdin", False):
+        password = sys.stdin.readline().rstrip("\r\n")
+    else:
+        import getpass
+
+        password = getpass.getpass(f"Password for {name}: ")
+        if getpass.getpass("Again: ") != password:
+            raise _CliError("the two passwords differ")
+    if len(password) < 8:
+        raise _CliError("the password must have at least 8 characters")
+    return password
+
+
+class _CliError(Exception):
+    pass
+
+
+def _auth_command(fn: Any) -> Any:
+    def run(args: argparse.Namespace) -> int:
+        settings = _settings(args)
+        try:
+            return int(asyncio.run(_with_store(settings, lambda store: fn(args, store))))
+        except _CliError as exc:
+            print(f"prismd: {exc}", file=sys.stderr)
+            return 1
+
+    return run
+
+
+async def _set_user_password(store: Any, name: str, password: str, admin: bool) -> str:
+    """Create the user, or change the password of an existing one. Returns what was done."""
+    from .auth import hash_password
+    from .sessions.manager import new_id, now_iso
+    from .store.base import UserRecord
+
+    hashed = await asyncio.to_thread(hash_password, password)
+    user = await store.get_user_by_name(name)
+    if user is None:
+        first = await store.count_users() == 0
+        user = UserRecord(new_id("user"), name, admin or first, hashed, now_iso())
+        await store.create_user(user)
+        return f"added user {name}" + (" (admin)" if user.admin else "")
+    await store.set_password(user.id, hashed)
+    return f"changed the password of {name} (their login sessions are ended)"
+
+
+async def _users(args: argparse.Namespace, store: Any) -> int:
+    import re
+
+    if args.action == "list":
+        users = await store.list_users()
+        if args.json:
+            print(json.dumps([u.to_json() for u in users], indent=2))
+            return 0
+        for u in users:
+            print(f"{u.name:<24} {'admin' if u.admin else 'user':<6} {u.id}  {u.created_at}")
+        if not users:
+            print("(no users: the server is open on loopback)", file=sys.stderr)
+        return 0
+    name = args.name
+    if not re.fullmatch(r"[A-Za-z0-9_.@-]{1,64}", name):
+        raise _CliError("a user name has 1 to 64 letters, digits or _ . @ -")
+    user = await store.get_user_by_name(name)
+    if args.action == "add":
+        if user is not None:
+            raise _CliError(f"user {name} exists already (change the password: users passwd)")
+        print(await _set_user_password(store, name, _read_password(args, name), args.admin))
+        return 0
+    if user is None:
+        raise _CliError(f"no user {name}")
+    if args.action == "remove":
+        await store.delete_user(user.id)
+        print(f"removed user {name} (their sessions are kept)")
+        return 0
+    print(await _set_user_password(store, name, _read_password(args, name), False))
+    return 0
+
+
+async def _passwd(args: argparse.Namespace, store: Any) -> int:
+    admins = [u for u in await store.list_users() if u.admin]
+    name = admins[0].name if admins else "admin"
+    print(await _set_user_password(store, name, _read_password(args, name), True))
+    return 0
+
+
+async def _tokens(args: argparse.Namespace, store: Any) -> int:
+    from .auth import new_token, token_hash
+    from .sessions.manager import new_id, now_iso
+    from .store.base import TokenRecord
+
+    users = {u.id: u for u in await store.list_users()}
+    if args.action == "create":
+        if args.user:
+            user = next((u for u in users.values() if u.name == args.user), None)
+            if user is None:
+                raise _CliError(f"no user {args.user}")
+        else:
+            user = next((u for u in users.values() if u.admin), None)
+            if user is None:
+                raise _CliError(
+                    "no user yet: add one first (prismd users add NAME), or give --user"
+                )
+        token = new_token()
+        record = TokenRecord(new_id("tok"), user.id, args.name or "", token_hash(token), now_iso())
+        await store.create_token(record)
+        print(token)
+        print(
+            f"token {record.id} for {user.name}: shown once, keep it "
+            "(send it as `Authorization: Bearer …`)",
+            file=sys.stderr,
+        )
+        return 0
+    if args.action == "list":
+        tokens = await store.list_tokens()
+        for t in tokens:
+            owner = users[t.user_id].name if t.user_id in users else t.user_id
+            used = t.last_used_at or "never used"
+            print(f"{t.id:<28} {owner:<20} {t.name or '-':<20} {t.created_at}  {used}")
+        if not tokens:
+            print("(no tokens)", file=sys.stderr)
+        return 0
+    if not await store.revoke_token(args.id):
+        raise _CliError(f"no token {args.id}")
+    print(f"revoked {args.id}")
+    return 0
+
+
+def _add_auth_commands(sub: Any) -> None:
+    users = sub.add_parser(
+        "users",
+        help="add, list, remove users or change a password",
+        description="Users who may log in (the first one is the admin). Once a user exists "
+        "every request needs credentials.",
+    )
+    users.add_argument("--data-dir", help="data directory (default from the config)")
+    usub = users.add_subparsers(dest="action", required=True, metavar="ACTION")
+    ua = usub.add_parser("add", help="add a user (asks for the password)")
+    ua.add_argument("name")
+    ua.add_argument("--admin", action="store_true", help="an admin sees every user's sessions")
+    ua.add_argument("--password-stdin", action="store_true", help="read the password from stdin")
+    ul = usub.add_parser("list", help="list users")
+    ul.add_argument("--json", action="store_true")
+    ur = usub.add_parser("remove", help="remove a user (ends their logins, revokes tokens)")
+    ur.add_argument("name")
+    up = usub.add_parser("passwd", help="change a user's password")
+    up.add_argument("name")
+    up.add_argument("--password-stdin", action="store_true", help="read the password from stdin")
+    users.set_defaults(func=_auth_command(_users))
+
+    passwd = sub.add_parser(
+        "passwd",
+        help="set the admin's password (creating user `admin` if there is no user)",
+        description="Set the admin's password; with no user yet, creates the user `admin`.",
+    )
+    passwd.add_argument("--data-dir", help="data directory (default from the config)")
+    passwd.add_argument("--password-stdin", action="store_true", help="read it from stdin")
+    passwd.set_defaults(func=_auth_command(_passwd))
+
+    tokens = sub.add_parser(
+        "tokens",
+        help="create, list or revoke API tokens",
+        description="API tokens for scripts: `Authorization: Bearer TOKEN` (or `?token=` on "
+        "the /ws upgrade). Only a hash is stored; a token is shown once.",
+    )
+    tokens.add_argument("--data-dir", help="data directory (default from the config)")
+    tsub = tokens.add_subparsers(dest="action", required=True, metavar="ACTION")
+    tc = tsub.add_parser("create", help="create a token and print it")
+    tc.add_argument("--user", help="the user it acts as (default: the admin)")
+    tc.add_argument("--name", help="a label to recognise it by")
+    tsub.add_parser("list", help="list tokens (not their values)")
+    tr = tsub.add_parser("revoke", help="revoke a token")
+    tr.add_argument("id")
+    tokens.set_defaults(func=_auth_command(_tokens))
+
+
 # ---------------------------------------------------------------- parser
 
 
@@ -273,6 +516,11 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--host", help="address to listen on (default 127.0.0.1)")
     serve.add_argument("--port", type=int, help="port to listen on (default 3000)")
     serve.add_argument("--data-dir", help="where sessions are stored (default $PRISMD_HOME/data)")
+    serve.add_argument(
+        "--insecure",
+        action="store_true",
+        help="serve on a non-loopback address even with no user or token (no authentication)",
+    )
     serve.set_defaults(func=cmd_serve)
 
     chat = sub.add_parser(
@@ -281,6 +529,7 @@ def build_parser() -> argparse.ArgumentParser:
         description="A terminal client over the WebSocket. Ctrl-C stops the answer.",
     )
     chat.add_argument("--url", help="WebSocket URL (default from the config: ws://HOST:PORT/ws)")
+    chat.add_argument("--token", help="API token when the server needs one (default $PRISMD_TOKEN)")
     chat.add_argument("--session", help="resume this session id")
     chat.add_argument("--agent", help="agent id to talk to")
     chat.add_argument("-m", "--message", help="send one message, print the answer and exit")
@@ -307,6 +556,7 @@ def build_parser() -> argparse.ArgumentParser:
     asub = agents.add_subparsers(dest="action", required=True, metavar="ACTION")
     asub.add_parser("list", help="list agents (* marks the default)")
     agents.set_defaults(func=cmd_agents)
+    _add_auth_commands(sub)
     return parser
 
 

@@ -152,6 +152,19 @@ BUILTIN_AGENT = AgentSettings(
 )
 
 
+class AuthSettings(_Section):
+    # A static API token (`Authorization: Bearer …`, or `?token=` on the /ws upgrade) that acts
+    # as the admin; users and their tokens are managed with `prismd users` / `prismd tokens`.
+    token: Annotated[str, Field(min_length=16)] | None = None
+    # Login sessions (the `prismd_session` cookie) expire after this many hours.
+    session_ttl_hours: Annotated[float, Field(gt=0)] = 168.0
+    # Origins (scheme://host[:port]) besides the server's own that may open a WebSocket with the
+    # login cookie; a cookie-authenticated upgrade from any other Origin is refused.
+    allowed_origins: list[str] = Field(default_factory=list)
+    # Failed logins allowed per username and per client address within a minute.
+    login_attempts_per_minute: Annotated[int, Field(ge=1)] = 5
+
+
 class Settings(_Section):
     home: Path = Path("~/.prismd")
     provider: ProviderKind | None = None
@@ -162,6 +175,7 @@ class Settings(_Section):
     agents: list[AgentSettings] = Field(default_factory=list)
     tools: ToolsSettings = Field(default_factory=ToolsSettings)
     mcp_servers: list[McpServerSettings] = Field(default_factory=list)
+    auth: AuthSettings = Field(default_factory=AuthSettings)
 
     @property
     def data_dir(self) -> Path:
@@ -185,6 +199,7 @@ ENV_OVERRIDES: dict[str, tuple[str, ...]] = {
     "PRISMD_PROVIDER": ("provider",),
     "PRISMD_MODEL": ("model",),
     "PRISMD_DEFAULT_AGENT": ("default_agent",),
+    "PRISMD_TOKEN": ("auth", "token"),
     # The SDKs' own variables, so that detection and the SDK agree.
     "OPENAI_BASE_URL": ("providers", "openai", "base_url"),
     "OPENAI_API_KEY": ("providers", "openai", "api_key"),

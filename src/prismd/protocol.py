@@ -12,7 +12,7 @@ import re
 from enum import StrEnum
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError, model_validator
 
 PROTOCOL_VERSION = 1
 SESSION_ID_RE = re.compile(r"^[A-Za-z0-9_-]{1,128}$")
@@ -64,9 +64,18 @@ SessionId = Annotated[str, Field(max_length=256)]
 
 
 class FileIn(_Msg):
-    filename: Annotated[str, Field(min_length=1, max_length=255)]
+    # Either inline (`filename` and base64 `data`) or a file uploaded before with
+    # `POST /api/upload` (`fileId`; its name and type come from the upload).
+    filename: Annotated[str, Field(min_length=1, max_length=255)] = "file"
     mimeType: str = "application/octet-stream"
-    data: str  # base64
+    data: str | None = None  # base64
+    fileId: Annotated[str, Field(min_length=1, max_length=128)] | None = None
+
+    @model_validator(mode="after")
+    def _data_or_file_id(self) -> FileIn:
+        if (self.data is None) == (self.fileId is None):
+            raise ValueError("give either `data` (base64) or `fileId`")
+        return self
 
 
 class Ping(_Msg):

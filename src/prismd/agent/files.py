@@ -71,7 +71,7 @@ def decode_files(files: list[FileIn], max_files: int, max_bytes: int) -> list[Fi
     records = []
     for i, f in enumerate(files):
         try:
-            data = base64.b64decode(f.data, validate=True)
+            data = base64.b64decode(f.data or "", validate=True)
         except (binascii.Error, ValueError):
             raise ProtocolError(
                 ErrorCode.INVALID_MESSAGE,

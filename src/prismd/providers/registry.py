@@ -50,6 +50,7 @@ class ProviderRegistry:
         self._providers: dict[str, Provider] = {}
         self._build_lock = threading.Lock()
         self._ollama_models: list[str] | None = None
+        self._retired: list[Provider] = []  # replaced by `reconfigure`, closed at shutdown
         self.default_kind = self._detect(probe_ollama)
         if self.default_kind:
             log.info("default model provider: %s", self.default_kind)
@@ -83,6 +84,13 @@ class ProviderRegistry:
             models = self._ollama()
             return models[0] if models else None
         return DEFAULT_MODELS.get(kind)
+
+    def reconfigure(self) -> None:
+        """The settings changed at run time (PATCH /api/config): detect the default again and
+        build providers anew on next use; turns in flight keep the ones they hold."""
+        self._retired.extend(self._providers.values())
+        self._providers = {}
+        self.default_kind = self._detect(probe_ollama=self._ollama_models is not None)
 
     def get(self, kind: str) -> Provider:
         provider = self._providers.get(kind)
@@ -156,5 +164,5 @@ class ProviderRegistry:
         return known or FALLBACK_CONTEXT_WINDOW
 
     async def aclose(self) -> None:
-        for provider in self._providers.values():
+        for provider in [*self._retired, *self._providers.values()]:
             await provider.aclose()

@@ -9,17 +9,22 @@ from collections.abc import AsyncIterator
 from typing import TYPE_CHECKING
 
 from fastapi import FastAPI
+from fastapi.exceptions import RequestValidationError
 
 from .. import __version__
 from ..agent.agents import AgentDirectory
 from ..agent.runner import TurnRunner
-from ..config import Settings
+from ..auth import Auth
+from ..auth.middleware import AuthMiddleware
+from ..config import AgentSettings, Settings
 from ..providers.registry import ProviderRegistry
 from ..sessions.bus import LocalBus
 from ..sessions.manager import SessionManager
+from ..store.base import LOCAL_USER_ID
 from ..store.sqlite import SqliteStore
 from ..tools.builtins import builtin_tools
 from ..tools.registry import ToolRegistry
+from .metrics import Metrics
 
 if TYPE_CHECKING:
     from ..tools.mcp import McpManager
@@ -44,11 +49,20 @@ class Prismd:
         self.runner = TurnRunner(settings, self.providers, self.manager, self.tools)
         self.connections: set[object] = set()
         self.connections_by_client: dict[str, int] = {}
+        self.auth = Auth(settings, self.store)
+        self.metrics = Metrics(self.connections)
+        self.manager.observers.append(
+            lambda live, event: self.metrics.on_event(live.record.agent_id, event)
+        )
         self._background: set[asyncio.Task[None]] = set()
 
     async def start(self) -> None:
         await self.store.open()
         await self.store.sync_agents(self.agents.rows())
+        for row in await self.store.list_custom_agents():
+            owner = row.pop("owner_id") or LOCAL_USER_ID
+            if self.agents.find(row["id"]) is None:
+                self.agents.add(AgentSettings.model_validate(row), owner)
         if self.settings.mcp_servers:
             # The MCP SDK costs ~25 MB of memory: loaded only when servers are configured.
             from ..tools.mcp import McpManager
@@ -92,11 +106,16 @@ def create_app(settings: Settings, probe_ollama: bool = True) -> FastAPI:
         lifespan=lifespan,
     )
     app.state.prismd = core
+    app.add_middleware(AuthMiddleware)
 
     from . import rest, ws
 
     app.include_router(rest.router)
+    app.add_exception_handler(RequestValidationError, rest.validation_error)
     app.include_router(ws.router)
+    from . import metrics
+
+    app.include_router(metrics.router)
     from . import web
 
     app.include_router(web.router)

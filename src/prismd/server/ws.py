@@ -18,6 +18,7 @@ from fastapi.responses import JSONResponse
 from starlette.websockets import WebSocketDisconnect, WebSocketState
 
 from .. import __version__
+from ..auth import LOCAL_PRINCIPAL, Principal
 from ..protocol import (
     PROTOCOL_VERSION,
     ApprovalResponse,
@@ -40,6 +41,7 @@ from ..protocol import (
 )
 from ..sessions.manager import LiveSession, new_id
 from .app import Prismd
+from .uploads import resolve_uploads
 
 log = logging.getLogger("prismd.ws")
 STUCK_S = 5.0  # a client whose writes made no progress this long, with a full queue, is dropped
@@ -85,6 +87,8 @@ class Connection:
         self._refilled = time.monotonic()
         client = ws.client
         self.client_host = client.host if client else "unknown"
+        # Set by the auth middleware before the upgrade; the local admin in the open mode.
+        self.user: Principal = getattr(ws.state, "user", None) or LOCAL_PRINCIPAL
 
     # ------------------------------------------------------------ outgoing
 
@@ -295,6 +299,7 @@ class Connection:
         return f"Frame of {size} bytes exceeds the limit of {limit} bytes"
 
     def _error(self, code: ErrorCode, message: str, **extra: Any) -> None:
+        self.core.metrics.on_error(code.value)
         self.send(error_frame(code, message, **extra))
 
     async def _handle(self, text: str) -> None:
@@ -315,7 +320,7 @@ class Connection:
             self._unbind()
             self.live = live
             self.core.manager.subscribe(live, self)
-        agent = self.core.agents.get(live.record.agent_id) if live.record.agent_id else None
+        agent = self.core.agents.find(live.record.agent_id) if live.record.agent_id else None
         self.send(
             {
                 "type": "session",
@@ -345,7 +350,14 @@ class Connection:
         agent_id = msg.agentId or self.agent_id
         if agent_id is None and self.live is not None and msg.sessionId in (None, self.live.id):
             agent_id = self.live.record.agent_id
-        agent = core.agents.get(agent_id)
+        user = self.user
+        if agent_id is None:
+            agent_id = await core.auth.default_agent(user.id)
+            if agent_id is not None and core.agents.find(agent_id) is None:
+                agent_id = None  # the chosen agent was deleted since
+        agent = core.agents.get(agent_id, user.id, user.admin)
+        if any(f.fileId for f in msg.files):
+            msg = await resolve_uploads(core, user, msg)
         # Everything that can refuse the chat (files, limits, provider) is checked before a
         # session is created or anything is stored.
         plan = core.runner.plan(msg, agent)
@@ -355,13 +367,18 @@ class Connection:
             if self.live is not None and self.live.id == sid:
                 live = self.live
             else:
-                live = await core.manager.get_or_create(sid, agent.id)
+                live = await core.manager.get_or_create(sid, agent.id, user.id)
+                if not user.owns(live.record.owner_id):
+                    # Another user's session: as if it did not exist (its id is not revealed),
+                    # and it is not taken over.
+                    core.manager.maybe_evict(live)
+                    raise ProtocolError(ErrorCode.SESSION_NOT_FOUND, f'Session "{sid}" not found')
                 self._bind(live)
             core.manager.activate(live)
         elif self.live is not None:
             live = self.live
         else:
-            live = core.manager.create(agent.id)
+            live = core.manager.create(agent.id, owner_id=user.id)
             self._bind(live)
 
         if msg.clientMessageId and msg.clientMessageId in live.client_turns:
@@ -385,13 +402,16 @@ class Connection:
         self.send({"type": "session_ended"})
 
     async def _select_agent(self, msg: SelectAgent) -> None:
-        agent = self.core.agents.get(msg.agentId)
+        agent = self.core.agents.get(msg.agentId, self.user.id, self.user.admin)
         self.agent_id = agent.id
         self.send({"type": "agent_selected", "agentId": agent.id, "agentName": agent.name})
 
     async def _resume(self, msg: Resume) -> None:
         sid = check_session_id(msg.sessionId)
         live = await self.core.manager.get(sid)
+        if live is not None and not self.user.owns(live.record.owner_id):
+            self.core.manager.maybe_evict(live)
+            live = None
         if live is None:
             raise ProtocolError(ErrorCode.SESSION_NOT_FOUND, f'Session "{sid}" not found')
         last = msg.lastSeq

@@ -11,12 +11,13 @@ import asyncio
 import secrets
 import time
 from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any, Protocol
 
 from ..protocol import ErrorCode, ProtocolError, dumps
-from ..store.base import MessageRecord, SessionRecord, Store
+from ..store.base import LOCAL_USER_ID, MessageRecord, SessionRecord, Store
 from .bus import EventBus, Subscriber
 
 REPLAY_STEP = 500  # frames a replay queues before it waits for the client to read
@@ -80,6 +81,8 @@ class SessionManager:
         # Published frames waiting for their event to be durable: session id -> (seq, frame)
         self._undelivered: dict[str, deque[tuple[int, str]]] = {}
         store.on_events_durable = self._deliver
+        # Called with every published event (metrics); must not raise or block.
+        self.observers: list[Callable[[LiveSession, dict[str, Any]], None]] = []
 
     # ------------------------------------------------------------ loading
 
@@ -120,23 +123,30 @@ class SessionManager:
         history = await self.store.load_messages(session_id, with_file_data=True)
         return LiveSession(record, log.last_seq, log.first_seq, log.client_turns, history)
 
-    def create(self, agent_id: str, session_id: str | None = None) -> LiveSession:
+    def create(
+        self, agent_id: str, session_id: str | None = None, owner_id: str = LOCAL_USER_ID
+    ) -> LiveSession:
         """A new session, live at once; its rows and database are written in the background."""
         record = SessionRecord(
-            id=session_id or new_id("sess"), agent_id=agent_id, started_at=now_iso()
+            id=session_id or new_id("sess"),
+            agent_id=agent_id,
+            started_at=now_iso(),
+            owner_id=owner_id,
         )
         self.store.create_session(record)
         live = LiveSession(record, last_seq=0, first_seq=1, client_turns={}, history=[])
         self._live[record.id] = live
         return live
 
-    async def get_or_create(self, session_id: str, agent_id: str) -> LiveSession:
+    async def get_or_create(
+        self, session_id: str, agent_id: str, owner_id: str = LOCAL_USER_ID
+    ) -> LiveSession:
         live = await self.get(session_id)
         if live is not None:
             return live
         # `get` awaited: a racing caller may have created it meanwhile. From here on there is
         # no await, so the check and the creation are atomic.
-        return self._live.get(session_id) or self.create(agent_id, session_id)
+        return self._live.get(session_id) or self.create(agent_id, session_id, owner_id)
 
     def activate(self, live: LiveSession) -> None:
         """Resuming a closed or archived session makes it active again."""
@@ -206,6 +216,8 @@ class SessionManager:
         event["seq"] = seq
         frame = dumps(event)
         self.store.append_event(live.id, seq, turn_id, frame)
+        for observe in self.observers:
+            observe(live, event)
         queue = self._undelivered.get(live.id)
         if queue is None:
             queue = self._undelivered[live.id] = deque()

@@ -12,6 +12,9 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
+# The owner of everything created while no user exists (the open loopback mode).
+LOCAL_USER_ID = "local"
+
 
 @dataclass(slots=True)
 class SessionRecord:
@@ -28,6 +31,7 @@ class SessionRecord:
     tokens_in: int = 0
     tokens_out: int = 0
     cost_usd: float | None = None
+    owner_id: str = LOCAL_USER_ID
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -44,6 +48,48 @@ class SessionRecord:
             "tokensIn": self.tokens_in,
             "tokensOut": self.tokens_out,
             "costUsd": self.cost_usd,
+            "ownerId": self.owner_id,
+        }
+
+
+@dataclass(slots=True)
+class UserRecord:
+    id: str
+    name: str
+    admin: bool = False
+    password_hash: str = ""
+    created_at: str = ""
+
+    def to_json(self) -> dict[str, Any]:
+        return {"id": self.id, "name": self.name, "admin": self.admin}
+
+
+@dataclass(slots=True)
+class TokenRecord:
+    id: str
+    user_id: str
+    name: str
+    token_hash: str
+    created_at: str
+    last_used_at: str | None = None
+
+
+@dataclass(slots=True)
+class UploadRecord:
+    id: str
+    user_id: str
+    filename: str
+    mime_type: str
+    size: int
+    created_at: str
+    data: bytes = b""
+
+    def meta(self) -> dict[str, Any]:
+        return {
+            "id": self.id,
+            "filename": self.filename,
+            "mimeType": self.mime_type,
+            "size": self.size,
         }
 
 
@@ -133,8 +179,17 @@ class Store(abc.ABC):
 
     @abc.abstractmethod
     async def list_sessions(
-        self, limit: int, offset: int, agent_id: str | None = None
-    ) -> tuple[list[SessionRecord], int]: ...
+        self,
+        limit: int,
+        offset: int,
+        agent_id: str | None = None,
+        *,
+        owner_id: str | None = None,
+        query: str | None = None,
+        statuses: tuple[str, ...] | None = None,
+    ) -> tuple[list[SessionRecord], int]:
+        """Newest activity first; `owner_id` None means every owner's, `statuses` None every
+        status, `query` a substring of the name (case-insensitive)."""
 
     @abc.abstractmethod
     def update_session(self, session_id: str, **fields: Any) -> None: ...
@@ -151,6 +206,75 @@ class Store(abc.ABC):
     @abc.abstractmethod
     async def sync_agents(self, agents: list[dict[str, Any]]) -> None: ...
 
+    @abc.abstractmethod
+    async def list_custom_agents(self) -> list[dict[str, Any]]:
+        """Agents created over the API (rows with `owner_id`)."""
+
+    @abc.abstractmethod
+    async def save_agent(self, row: dict[str, Any], owner_id: str) -> None: ...
+
+    @abc.abstractmethod
+    async def delete_agent(self, agent_id: str) -> bool: ...
+
+    # users, login sessions, API tokens, preferences, uploads (core database)
+    @abc.abstractmethod
+    async def count_users(self) -> int: ...
+
+    @abc.abstractmethod
+    async def create_user(self, user: UserRecord) -> None: ...
+
+    @abc.abstractmethod
+    async def get_user(self, user_id: str) -> UserRecord | None: ...
+
+    @abc.abstractmethod
+    async def get_user_by_name(self, name: str) -> UserRecord | None: ...
+
+    @abc.abstractmethod
+    async def list_users(self) -> list[UserRecord]: ...
+
+    @abc.abstractmethod
+    async def delete_user(self, user_id: str) -> bool:
+        """Also ends the user's login sessions and revokes their tokens."""
+
+    @abc.abstractmethod
+    async def set_password(self, user_id: str, password_hash: str) -> None:
+        """Also ends the user's login sessions."""
+
+    @abc.abstractmethod
+    async def create_login(self, token_hash: str, user_id: str, expires_at: float) -> None: ...
+
+    @abc.abstractmethod
+    async def login_user(self, token_hash: str, now: float) -> UserRecord | None:
+        """The user of an unexpired login session (expired ones are deleted)."""
+
+    @abc.abstractmethod
+    async def delete_login(self, token_hash: str) -> None: ...
+
+    @abc.abstractmethod
+    async def create_token(self, token: TokenRecord) -> None: ...
+
+    @abc.abstractmethod
+    async def list_tokens(self) -> list[TokenRecord]: ...
+
+    @abc.abstractmethod
+    async def revoke_token(self, token_id: str) -> bool: ...
+
+    @abc.abstractmethod
+    async def token_user(self, token_hash: str, now: str) -> UserRecord | None: ...
+
+    @abc.abstractmethod
+    async def get_pref(self, user_id: str, key: str) -> str | None: ...
+
+    @abc.abstractmethod
+    async def set_pref(self, user_id: str, key: str, value: str | None) -> None: ...
+
+    @abc.abstractmethod
+    async def save_upload(self, upload: UploadRecord) -> None: ...
+
+    @abc.abstractmethod
+    async def get_upload(self, upload_id: str) -> UploadRecord | None:
+        """With its data."""
+
     # one session's database
     @abc.abstractmethod
     async def open_log(self, session_id: str) -> SessionLog: ...
@@ -165,6 +289,10 @@ class Store(abc.ABC):
 
     @abc.abstractmethod
     def update_message(self, session_id: str, message_id: str, **fields: Any) -> None: ...
+
+    @abc.abstractmethod
+    def delete_messages(self, session_id: str, message_ids: list[str]) -> None:
+        """Queued like the other writes (and so ordered with them)."""
 
     @abc.abstractmethod
     def append_event(self, session_id: str, seq: int, turn_id: str | None, frame: str) -> None: ...

@@ -27,7 +27,17 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 from ..protocol import SESSION_ID_RE, ErrorCode, dumps, error_frame
-from .base import FileRecord, MessageRecord, SessionLog, SessionRecord, Store
+from .base import (
+    LOCAL_USER_ID,
+    FileRecord,
+    MessageRecord,
+    SessionLog,
+    SessionRecord,
+    Store,
+    TokenRecord,
+    UploadRecord,
+    UserRecord,
+)
 
 log = logging.getLogger("prismd.store")
 T = TypeVar("T")
@@ -61,7 +71,46 @@ CREATE TABLE IF NOT EXISTS agents (
   builtin INTEGER NOT NULL DEFAULT 0,
   source TEXT NOT NULL DEFAULT 'config'
 );
+CREATE TABLE IF NOT EXISTS users (
+  id TEXT PRIMARY KEY,
+  name TEXT NOT NULL UNIQUE,
+  password_hash TEXT NOT NULL DEFAULT '',
+  admin INTEGER NOT NULL DEFAULT 0,
+  created_at TEXT NOT NULL
+);
+CREATE TABLE IF NOT EXISTS login_sessions (
+  token_hash TEXT PRIMARY KEY,
+  user_id TEXT NOT NULL,
+  expires_at REAL NOT NULL
+);
+CREATE TABLE IF NOT EXISTS api_tokens (
+  id TEXT PRIMARY KEY,
+  user_id TEXT NOT NULL,
+  name TEXT NOT NULL DEFAULT '',
+  token_hash TEXT NOT NULL UNIQUE,
+  created_at TEXT NOT NULL,
+  last_used_at TEXT
+);
+CREATE TABLE IF NOT EXISTS user_prefs (
+  user_id TEXT NOT NULL,
+  key TEXT NOT NULL,
+  value TEXT NOT NULL,
+  PRIMARY KEY (user_id, key)
+);
+CREATE TABLE IF NOT EXISTS uploads (
+  id TEXT PRIMARY KEY,
+  user_id TEXT NOT NULL,
+  filename TEXT NOT NULL,
+  mime_type TEXT NOT NULL,
+  size INTEGER NOT NULL,
+  created_at TEXT NOT NULL
+);
 """
+# Columns added after the first release: (table, column, definition).
+CORE_MIGRATIONS = (
+    ("sessions", "owner_id", f"TEXT NOT NULL DEFAULT '{LOCAL_USER_ID}'"),
+    ("agents", "owner_id", "TEXT"),
+)
 
 SESSION_SCHEMA = """
 CREATE TABLE IF NOT EXISTS session_messages (
@@ -121,8 +170,10 @@ _SESSION_FIELDS_ORDER = (
     "tokens_in",
     "tokens_out",
     "cost_usd",
+    "owner_id",
 )
 _SESSION_COLUMNS = ", ".join(_SESSION_FIELDS_ORDER)
+_SESSION_MARKS = ",".join("?" * len(_SESSION_FIELDS_ORDER))
 _MESSAGE_FIELDS = {"content", "status", "token_count", "reasoning", "meta", "tool_calls"}
 _SESSION_FIELDS = {"name", "agent_id", "status", "closed_at", "last_turn_at", "channel"}
 _TURN_FIELDS = {
@@ -179,6 +230,12 @@ class SqliteStore(Store):
     def _open_core(self) -> None:
         self._core = _connect(self.data_dir / "prismd.db")
         self._core.executescript(CORE_SCHEMA)
+        for table, column, definition in CORE_MIGRATIONS:
+            have = {r[1] for r in self._core.execute(f"PRAGMA table_info({table})")}
+            if column not in have:
+                self._core.execute(f"ALTER TABLE {table} ADD COLUMN {column} {definition}")
+        self._core.execute("CREATE INDEX IF NOT EXISTS sessions_owner ON sessions(owner_id)")
+        self._core.commit()
         self._template = self.data_dir / "session-template.db"
         tmp = self._template.with_suffix(".tmp")
         tmp.unlink(missing_ok=True)
@@ -345,7 +402,7 @@ class SqliteStore(Store):
     def create_session(self, record: SessionRecord) -> None:
         def op() -> None:
             self._core_db().execute(
-                f"INSERT INTO sessions ({_SESSION_COLUMNS}) VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?)",
+                f"INSERT INTO sessions ({_SESSION_COLUMNS}) VALUES ({_SESSION_MARKS})",
                 _session_row(record),
             )
             self._db(record.id)
@@ -364,10 +421,33 @@ class SqliteStore(Store):
         return await self._call(op)
 
     async def list_sessions(
-        self, limit: int, offset: int, agent_id: str | None = None
+        self,
+        limit: int,
+        offset: int,
+        agent_id: str | None = None,
+        *,
+        owner_id: str | None = None,
+        query: str | None = None,
+        statuses: tuple[str, ...] | None = None,
     ) -> tuple[list[SessionRecord], int]:
+        conds: list[str] = []
+        args: list[Any] = []
+        if agent_id:
+            conds.append("agent_id=?")
+            args.append(agent_id)
+        if owner_id is not None:
+            conds.append("owner_id=?")
+            args.append(owner_id)
+        if query:
+            escaped = query.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_")
+            conds.append("name LIKE ? ESCAPE '\\'")
+            args.append(f"%{escaped}%")
+        if statuses is not None:
+            conds.append(f"status IN ({','.join('?' * len(statuses))})")
+            args.extend(statuses)
+        where = f"WHERE {' AND '.join(conds)}" if conds else ""
+
         def op() -> tuple[list[SessionRecord], int]:
-            where, args = ("WHERE agent_id=?", [agent_id]) if agent_id else ("", [])
             db = self._core_db()
             total = db.execute(f"SELECT COUNT(*) FROM sessions {where}", args).fetchone()[0]
             rows = db.execute(
@@ -429,6 +509,246 @@ class SqliteStore(Store):
             )
 
         await self._call(op)
+
+    async def list_custom_agents(self) -> list[dict[str, Any]]:
+        def op() -> list[dict[str, Any]]:
+            cur = self._core_db().execute(
+                "SELECT id, name, description, provider, model, system_prompt, temperature, "
+                "tools, owner_id FROM agents WHERE source='user' ORDER BY rowid"
+            )
+            names = [d[0] for d in cur.description]
+            rows = [dict(zip(names, r, strict=True)) for r in cur.fetchall()]
+            for row in rows:
+                row["tools"] = json.loads(row["tools"] or "[]")
+            return rows
+
+        return await self._call(op)
+
+    async def save_agent(self, row: dict[str, Any], owner_id: str) -> None:
+        def op() -> None:
+            self._core_db().execute(
+                "INSERT OR REPLACE INTO agents (id, name, description, provider, model, "
+                "system_prompt, temperature, tools, builtin, source, owner_id) "
+                "VALUES (:id,:name,:description,:provider,:model,:system_prompt,:temperature,"
+                ":tools,0,'user',:owner_id)",
+                {**row, "tools": json.dumps(row.get("tools", [])), "owner_id": owner_id},
+            )
+
+        await self._call(op)
+
+    async def delete_agent(self, agent_id: str) -> bool:
+        def op() -> bool:
+            cur = self._core_db().execute(
+                "DELETE FROM agents WHERE id=? AND source='user'", (agent_id,)
+            )
+            return cur.rowcount > 0
+
+        return await self._call(op)
+
+    # ------------------------------------------------------------ users and credentials
+
+    _USER_COLUMNS = "id, name, admin, password_hash, created_at"
+
+    async def count_users(self) -> int:
+        return await self._call(
+            lambda: int(self._core_db().execute("SELECT COUNT(*) FROM users").fetchone()[0])
+        )
+
+    async def create_user(self, user: UserRecord) -> None:
+        def op() -> None:
+            self._core_db().execute(
+                "INSERT INTO users (id, name, admin, password_hash, created_at) VALUES (?,?,?,?,?)",
+                (user.id, user.name, int(user.admin), user.password_hash, user.created_at),
+            )
+
+        await self._call(op)
+
+    def _user_where(self, where: str, *args: Any) -> UserRecord | None:
+        row = (
+            self._core_db()
+            .execute(f"SELECT {self._USER_COLUMNS} FROM users WHERE {where}", args)
+            .fetchone()
+        )
+        return _user_record(row) if row else None
+
+    async def get_user(self, user_id: str) -> UserRecord | None:
+        return await self._call(lambda: self._user_where("id=?", user_id))
+
+    async def get_user_by_name(self, name: str) -> UserRecord | None:
+        return await self._call(lambda: self._user_where("name=?", name))
+
+    async def list_users(self) -> list[UserRecord]:
+        def op() -> list[UserRecord]:
+            rows = self._core_db().execute(
+                f"SELECT {self._USER_COLUMNS} FROM users ORDER BY created_at, rowid"
+            )
+            return [_user_record(r) for r in rows.fetchall()]
+
+        return await self._call(op)
+
+    async def delete_user(self, user_id: str) -> bool:
+        def op() -> bool:
+            db = self._core_db()
+            db.execute("DELETE FROM login_sessions WHERE user_id=?", (user_id,))
+            db.execute("DELETE FROM api_tokens WHERE user_id=?", (user_id,))
+            db.execute("DELETE FROM user_prefs WHERE user_id=?", (user_id,))
+            return db.execute("DELETE FROM users WHERE id=?", (user_id,)).rowcount > 0
+
+        return await self._call(op)
+
+    async def set_password(self, user_id: str, password_hash: str) -> None:
+        def op() -> None:
+            db = self._core_db()
+            db.execute("UPDATE users SET password_hash=? WHERE id=?", (password_hash, user_id))
+            db.execute("DELETE FROM login_sessions WHERE user_id=?", (user_id,))
+
+        await self._call(op)
+
+    async def create_login(self, token_hash: str, user_id: str, expires_at: float) -> None:
+        def op() -> None:
+            db = self._core_db()
+            db.execute("DELETE FROM login_sessions WHERE expires_at<?", (time.time(),))
+            db.execute(
+                "INSERT INTO login_sessions (token_hash, user_id, expires_at) VALUES (?,?,?)",
+                (token_hash, user_id, expires_at),
+            )
+
+        await self._call(op)
+
+    async def login_user(self, token_hash: str, now: float) -> UserRecord | None:
+        def op() -> UserRecord | None:
+            db = self._core_db()
+            row = db.execute(
+                "SELECT user_id, expires_at FROM login_sessions WHERE token_hash=?", (token_hash,)
+            ).fetchone()
+            if row is None:
+                return None
+            if row[1] < now:
+                db.execute("DELETE FROM login_sessions WHERE token_hash=?", (token_hash,))
+                return None
+            return self._user_where("id=?", row[0])
+
+        return await self._call(op)
+
+    async def delete_login(self, token_hash: str) -> None:
+        await self._call(
+            lambda: self._core_db().execute(
+                "DELETE FROM login_sessions WHERE token_hash=?", (token_hash,)
+            )
+        )
+
+    async def create_token(self, token: TokenRecord) -> None:
+        def op() -> None:
+            self._core_db().execute(
+                "INSERT INTO api_tokens (id, user_id, name, token_hash, created_at) "
+                "VALUES (?,?,?,?,?)",
+                (token.id, token.user_id, token.name, token.token_hash, token.created_at),
+            )
+
+        await self._call(op)
+
+    async def list_tokens(self) -> list[TokenRecord]:
+        def op() -> list[TokenRecord]:
+            rows = self._core_db().execute(
+                "SELECT id, user_id, name, token_hash, created_at, last_used_at FROM api_tokens "
+                "ORDER BY created_at, rowid"
+            )
+            return [TokenRecord(*r) for r in rows.fetchall()]
+
+        return await self._call(op)
+
+    async def revoke_token(self, token_id: str) -> bool:
+        return await self._call(
+            lambda: (
+                self._core_db().execute("DELETE FROM api_tokens WHERE id=?", (token_id,)).rowcount
+                > 0
+            )
+        )
+
+    async def token_user(self, token_hash: str, now: str) -> UserRecord | None:
+        def op() -> UserRecord | None:
+            db = self._core_db()
+            row = db.execute(
+                "SELECT id, user_id FROM api_tokens WHERE token_hash=?", (token_hash,)
+            ).fetchone()
+            if row is None:
+                return None
+            db.execute("UPDATE api_tokens SET last_used_at=? WHERE id=?", (now, row[0]))
+            return self._user_where("id=?", row[1])
+
+        return await self._call(op)
+
+    async def get_pref(self, user_id: str, key: str) -> str | None:
+        def op() -> str | None:
+            row = (
+                self._core_db()
+                .execute("SELECT value FROM user_prefs WHERE user_id=? AND key=?", (user_id, key))
+                .fetchone()
+            )
+            return row[0] if row else None
+
+        return await self._call(op)
+
+    async def set_pref(self, user_id: str, key: str, value: str | None) -> None:
+        def op() -> None:
+            db = self._core_db()
+            if value is None:
+                db.execute("DELETE FROM user_prefs WHERE user_id=? AND key=?", (user_id, key))
+            else:
+                db.execute(
+                    "INSERT OR REPLACE INTO user_prefs (user_id, key, value) VALUES (?,?,?)",
+                    (user_id, key, value),
+                )
+
+        await self._call(op)
+
+    def _upload_path(self, user_id: str, upload_id: str) -> Path:
+        # Both ids are generated by the server (new_id / LOCAL_USER_ID); checked anyway.
+        if not SESSION_ID_RE.match(user_id) or not SESSION_ID_RE.match(upload_id):
+            raise ValueError("invalid upload path")
+        return self.data_dir / "uploads" / user_id / upload_id
+
+    async def save_upload(self, upload: UploadRecord) -> None:
+        def op() -> None:
+            path = self._upload_path(upload.user_id, upload.id)
+            path.parent.mkdir(parents=True, exist_ok=True)
+            path.write_bytes(upload.data)
+            self._core_db().execute(
+                "INSERT INTO uploads (id, user_id, filename, mime_type, size, created_at) "
+                "VALUES (?,?,?,?,?,?)",
+                (
+                    upload.id,
+                    upload.user_id,
+                    upload.filename,
+                    upload.mime_type,
+                    upload.size,
+                    upload.created_at,
+                ),
+            )
+
+        await self._call(op)
+
+    async def get_upload(self, upload_id: str) -> UploadRecord | None:
+        def op() -> UploadRecord | None:
+            row = (
+                self._core_db()
+                .execute(
+                    "SELECT id, user_id, filename, mime_type, size, created_at FROM uploads "
+                    "WHERE id=?",
+                    (upload_id,),
+                )
+                .fetchone()
+            )
+            if row is None:
+                return None
+            upload = UploadRecord(*row)
+            try:
+                upload.data = self._upload_path(upload.user_id, upload.id).read_bytes()
+            except (OSError, ValueError):
+                return None
+            return upload
+
+        return await self._call(op)
 
     # ------------------------------------------------------------ one session
 
@@ -525,6 +845,15 @@ class SqliteStore(Store):
             )
         )
 
+    def delete_messages(self, session_id: str, message_ids: list[str]) -> None:
+        def op() -> None:
+            db = self._db(session_id)
+            ids = [(m,) for m in message_ids]
+            db.executemany("DELETE FROM session_files WHERE message_id=?", ids)
+            db.executemany("DELETE FROM session_messages WHERE id=?", ids)
+
+        self._submit(op)
+
     def append_event(self, session_id: str, seq: int, turn_id: str | None, frame: str) -> None:
         self._queue.put((_EVENT, session_id, (seq, turn_id, frame)))
 
@@ -618,6 +947,12 @@ def _session_row(r: SessionRecord) -> tuple[Any, ...]:
 
 def _session_record(row: tuple[Any, ...]) -> SessionRecord:
     return SessionRecord(**dict(zip(_SESSION_FIELDS_ORDER, row, strict=True)))
+
+
+def _user_record(row: tuple[Any, ...]) -> UserRecord:
+    return UserRecord(
+        id=row[0], name=row[1], admin=bool(row[2]), password_hash=row[3], created_at=row[4]
+    )
 
 
 def _check_fields(fields: dict[str, Any], allowed: set[str]) -> None:

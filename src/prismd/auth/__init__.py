@@ -1,0 +1,5 @@
+"""Users, passwords, login sessions, API tokens, and the checks every request goes through."""
+
+from .service import LOCAL_PRINCIPAL, Auth, Principal, hash_password, new_token, token_hash
+
+__all__ = ["LOCAL_PRINCIPAL", "Auth", "Principal", "hash_password", "new_token", "token_hash"]

@@ -1,0 +1,118 @@
+"""The credential check in front of every route: an ASGI middleware, so it covers REST routes,
+`/metrics` and the `/ws` upgrade alike (including routes other modules add under `/api`).
+
+A request that needs credentials and has none gets 401 before it reaches a route; a WebSocket
+upgrade gets an HTTP 401 response instead of the handshake (PROTOCOL B4). The principal is left
+in `scope["state"]["user"]` (`request.state.user`), None on the few open routes.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import TYPE_CHECKING, Any
+from urllib.parse import parse_qs, urlsplit
+
+from starlette.requests import cookie_parser
+from starlette.types import ASGIApp, Receive, Scope, Send
+
+from .service import COOKIE_NAME, LOCAL_PRINCIPAL, Principal
+
+if TYPE_CHECKING:
+    from ..server.app import Prismd
+
+# Reachable without credentials (they say no more than whether a login is needed).
+OPEN_PATHS = frozenset({"/api/auth/login", "/api/auth/status", "/api/health"})
+
+
+def protected(path: str) -> bool:
+    return path == "/metrics" or path == "/ws" or path == "/api" or path.startswith("/api/")
+
+
+def _headers(scope: Scope) -> dict[str, str]:
+    return {k.decode("latin-1"): v.decode("latin-1") for k, v in scope.get("headers", [])}
+
+
+def _origin_allowed(origin: str, host: str, allowed: list[str]) -> bool:
+    """Same host:port as the request, or one of the configured origins."""
+    origin = origin.rstrip("/").lower()
+    if origin in {a.rstrip("/").lower() for a in allowed}:
+        return True
+    parts = urlsplit(origin)
+    if parts.scheme not in ("http", "https") or not parts.netloc:
+        return False
+    default_port = {"http": "80", "https": "443"}[parts.scheme]
+
+    def norm(netloc: str, port: str) -> str:
+        return netloc if ":" in netloc.rsplit("]", 1)[-1] else f"{netloc}:{port}"
+
+    return norm(parts.netloc, default_port) == norm(host.lower(), default_port)
+
+
+class AuthMiddleware:
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] not in ("http", "websocket"):
+            await self.app(scope, receive, send)
+            return
+        core: Prismd = scope["app"].state.prismd
+        auth = core.auth
+        state = scope.setdefault("state", {})
+        path: str = scope.get("path", "")
+        if not await auth.required():
+            state["user"] = LOCAL_PRINCIPAL
+            await self.app(scope, receive, send)
+            return
+        headers = _headers(scope)
+        bearer = None
+        authorization = headers.get("authorization", "")
+        if authorization[:7].lower() == "bearer ":
+            bearer = authorization[7:].strip()
+        if bearer is None and scope["type"] == "websocket":
+            query = parse_qs(scope.get("query_string", b"").decode("latin-1"))
+            bearer = (query.get("token") or [None])[0]
+        cookie = cookie_parser(headers.get("cookie", "")).get(COOKIE_NAME)
+        user: Principal | None = None
+        if bearer or cookie:
+            user = await auth.authenticate(cookie, bearer)
+        if (
+            user is not None
+            and user.via == "cookie"
+            and scope["type"] == "websocket"
+            and "origin" in headers
+            and not _origin_allowed(
+                headers["origin"], headers.get("host", ""), core.settings.auth.allowed_origins
+            )
+        ):
+            await _deny(scope, send, 403, "unauthorized", "This Origin may not open a WebSocket")
+            return
+        state["user"] = user
+        if user is None and protected(path) and path not in OPEN_PATHS:
+            await _deny(scope, send, 401, "unauthorized", "Authentication required")
+            return
+        await self.app(scope, receive, send)
+
+
+async def _deny(scope: Scope, send: Send, status: int, code: str, message: str) -> None:
+    body = json.dumps({"error": message, "code": code}).encode()
+    headers: list[tuple[bytes, bytes]] = [
+        (b"content-type", b"application/json"),
+        (b"content-length", str(len(body)).encode()),
+    ]
+    if status == 401:
+        headers.append((b"www-authenticate", b'Bearer realm="prismd"'))
+    if scope["type"] == "http":
+        await send({"type": "http.response.start", "status": status, "headers": headers})
+        await send({"type": "http.response.body", "body": body})
+        return
+    if "websocket.http.response" in scope.get("extensions", {}):
+        start: dict[str, Any] = {
+            "type": "websocket.http.response.start",
+            "status": status,
+            "headers": headers,
+        }
+        await send(start)
+        await send({"type": "websocket.http.response.body", "body": body})
+    else:  # the server cannot send a response instead of the handshake: refuse it (403)
+        await send({"type": "websocket.close", "code": 1008})

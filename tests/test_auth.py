@@ -1,0 +1,495 @@
+"""Authentication and isolation, against a real server process, real HTTP and real SQLite.
+
+Users and tokens are made with the `prismd` command line, as an operator would.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import re
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+from websockets.exceptions import InvalidStatus
+from websockets.sync.client import connect
+
+from .conftest import ROOT, Client, PrismdServer, free_port, openai_env
+
+PASSWORDS = {"alice": "alice-password-1", "bob": "bob-password-22", "carol": "carol-password-333"}
+
+
+def cli(home: Path, *args: str, input: str | None = None) -> subprocess.CompletedProcess[str]:
+    env = {
+        k: v
+        for k, v in os.environ.items()
+        if not k.startswith(("OPENAI_", "ANTHROPIC_", "PRISMD_", "OLLAMA_"))
+    }
+    env["PRISMD_HOME"] = str(home)
+    return subprocess.run(
+        [sys.executable, "-m", "prismd", *args],
+        capture_output=True,
+        text=True,
+        env=env,
+        cwd=ROOT,
+        timeout=60,
+        input=input,
+    )
+
+
+def add_user(home: Path, name: str, *extra: str) -> None:
+    out = cli(home, "users", "add", name, "--password-stdin", *extra, input=PASSWORDS[name] + "\n")
+    assert out.returncode == 0, out.stderr
+
+
+def make_token(home: Path, user: str) -> str:
+    out = cli(home, "tokens", "create", "--user", user, "--name", f"{user}-script")
+    assert out.returncode == 0, out.stderr
+    return out.stdout.strip()
+
+
+@contextlib.contextmanager
+def login(url: str, name: str) -> Iterator[httpx.Client]:
+    """An HTTP client holding `name`'s login cookie."""
+    with httpx.Client(base_url=url, timeout=10) as client:
+        resp = client.post("/api/auth/login", json={"username": name, "password": PASSWORDS[name]})
+        assert resp.status_code == 200, resp.text
+        yield client
+
+
+def bearer(url: str, token: str) -> httpx.Client:
+    return httpx.Client(base_url=url, timeout=10, headers={"Authorization": f"Bearer {token}"})
+
+
+def ws_client(url: str, **kwargs: Any) -> Client:
+    """conftest's Client, but connecting with headers or a query string."""
+    client = Client.__new__(Client)
+    client._cm = connect(url, max_size=None, open_timeout=10, **kwargs)
+    client.ws = client._cm.__enter__()
+    client.connected = client.recv()
+    assert client.connected["type"] == "connected"
+    return client
+
+
+def upgrade_status(url: str, **kwargs: Any) -> int:
+    with pytest.raises(InvalidStatus) as info:
+        connect(url, open_timeout=10, **kwargs)
+    return info.value.response.status_code
+
+
+@pytest.fixture(scope="module")
+def users_server(tmp_path_factory, fake_openai):
+    """alice (admin, the first user), bob and carol; a token each for bob and carol."""
+    home = tmp_path_factory.mktemp("auth")
+    for name in ("alice", "bob", "carol"):
+        add_user(home, name)
+    tokens = {name: make_token(home, name) for name in ("bob", "carol")}
+    config = '[auth]\nallowed_origins = ["https://chat.example.org"]\n'
+    srv = PrismdServer(home, openai_env(fake_openai), config).start()
+    srv.tokens = tokens  # type: ignore[attr-defined]
+    yield srv
+    srv.stop()
+
+
+# ---------------------------------------------------------------- command line
+
+
+def test_cli_users_passwords_and_tokens(tmp_path):
+    assert cli(tmp_path, "users", "list").returncode == 0
+    add_user(tmp_path, "bob")  # the first user is the admin
+    add_user(tmp_path, "carol")
+    listed = json.loads(cli(tmp_path, "users", "list", "--json").stdout)
+    assert [(u["name"], u["admin"]) for u in listed] == [("bob", True), ("carol", False)]
+    dup = cli(tmp_path, "users", "add", "bob", "--password-stdin", input="whatever-123\n")
+    assert dup.returncode == 1 and "exists" in dup.stderr
+    short = cli(tmp_path, "users", "add", "dave", "--password-stdin", input="short\n")
+    assert short.returncode == 1 and "8 characters" in short.stderr
+    assert cli(tmp_path, "users", "passwd", "carol", "--password-stdin", input="new-pass-99\n")
+    # `prismd passwd` sets the admin's password (bob is the admin here).
+    out = cli(tmp_path, "passwd", "--password-stdin", input="admin-pass-77\n")
+    assert out.returncode == 0 and "bob" in out.stdout
+
+    token = make_token(tmp_path, "carol")
+    assert re.fullmatch(r"prismd_[A-Za-z0-9_-]{40,}", token)
+    listing = cli(tmp_path, "tokens", "list").stdout
+    assert "carol" in listing and "carol-script" in listing and token not in listing
+    db = (tmp_path / "data" / "prismd.db").read_bytes()
+    assert token.encode() not in db and b"new-pass-99" not in db  # only hashes are stored
+    assert b"$argon2id$" in db
+    token_id = listing.split()[0]
+    assert cli(tmp_path, "tokens", "revoke", token_id).returncode == 0
+    assert cli(tmp_path, "tokens", "revoke", token_id).returncode == 1
+    assert cli(tmp_path, "users", "remove", "carol").returncode == 0
+    assert cli(tmp_path, "users", "remove", "carol").returncode == 1
+    assert cli(tmp_path, "tokens", "create", "--user", "nobody").returncode == 1
+
+
+def test_passwd_creates_admin_when_there_is_no_user(tmp_path):
+    out = cli(tmp_path, "passwd", "--password-stdin", input="first-admin-pw\n")
+    assert out.returncode == 0, out.stderr
+    listed = json.loads(cli(tmp_path, "users", "list", "--json").stdout)
+    assert [(u["name"], u["admin"]) for u in listed] == [("admin", True)]
+
+
+def test_serve_refuses_a_public_address_without_a_password(tmp_path, fake_openai):
+    port = str(free_port())
+    out = cli(tmp_path, "serve", "--host", "0.0.0.0", "--port", port)
+    assert out.returncode == 2
+    assert "prismd passwd" in out.stderr and "--insecure" in out.stderr
+    # With a user it starts (checked on loopback: 0.0.0.0 includes it).
+    add_user(tmp_path, "alice")
+    srv = PrismdServer(tmp_path, openai_env(fake_openai))
+    env = {
+        k: v
+        for k, v in os.environ.items()
+        if not k.startswith(("OPENAI_", "ANTHROPIC_", "PRISMD_", "OLLAMA_"))
+    }
+    env.update({"PRISMD_HOME": str(tmp_path)})
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "prismd", "serve", "--host", "0.0.0.0", "--port", str(srv.port)],
+        env=env,
+        cwd=ROOT,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    try:
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline:
+            try:
+                if srv.get("/api/health").json() == {"status": "ok"}:
+                    break
+            except httpx.HTTPError:
+                time.sleep(0.1)
+        else:
+            raise AssertionError("did not start")
+        assert srv.get("/api/sessions").status_code == 401
+    finally:
+        proc.terminate()
+        proc.wait(10)
+
+
+def test_serve_insecure_starts_without_a_password(tmp_path):
+    port = free_port()
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("OPENAI_", "PRISMD_"))}
+    env["PRISMD_HOME"] = str(tmp_path)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "prismd", "serve", "--host", "0.0.0.0", "--port", str(port)],
+        env=env,
+        cwd=ROOT,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    proc_insecure = None
+    try:
+        assert proc.wait(30) == 2
+        proc_insecure = subprocess.Popen(
+            [
+                *(sys.executable, "-m", "prismd", "serve", "--insecure"),
+                *("--host", "0.0.0.0", "--port", str(port)),
+            ],
+            env=env,
+            cwd=ROOT,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline:
+            try:
+                body = httpx.get(f"http://127.0.0.1:{port}/api/auth/status", timeout=1).json()
+                break
+            except httpx.HTTPError:
+                time.sleep(0.1)
+        else:
+            raise AssertionError("did not start")
+        assert body["authRequired"] is False
+    finally:
+        for p in (proc, proc_insecure):
+            if p is not None and p.poll() is None:
+                p.terminate()
+                p.wait(10)
+
+
+# ---------------------------------------------------------------- open mode and switching
+
+
+def test_open_on_loopback_until_a_user_exists(make_server, fake_openai):
+    srv = make_server(openai_env(fake_openai))
+    status = srv.get("/api/auth/status").json()
+    assert status == {
+        "authRequired": False,
+        "user": {"id": "local", "name": "local", "admin": True},
+    }
+    assert srv.get("/api/sessions").status_code == 200
+    # A user added while the server runs closes it (no restart needed).
+    add_user(srv.home, "alice")
+    deadline = time.monotonic() + 5
+    while srv.get("/api/sessions").status_code != 401:
+        assert time.monotonic() < deadline
+        time.sleep(0.2)
+    assert srv.get("/api/auth/status").json() == {"authRequired": True, "user": None}
+    assert srv.get("/api/health").json() == {"status": "ok"}
+    # A token created while it runs works at once; revoked, it stops working at once.
+    token = make_token(srv.home, "alice")
+    with bearer(srv.url, token) as c:
+        assert c.get("/api/sessions").status_code == 200
+        token_id = cli(srv.home, "tokens", "list").stdout.split()[0]
+        assert cli(srv.home, "tokens", "revoke", token_id).returncode == 0
+        assert c.get("/api/sessions").status_code == 401
+
+
+def test_configured_token(make_server, fake_openai):
+    token = "a-configured-token-0123456789"
+    srv = make_server({**openai_env(fake_openai), "PRISMD_TOKEN": token})
+    assert srv.get("/api/sessions").status_code == 401
+    with bearer(srv.url, token) as c:
+        assert c.get("/api/auth/me").json()["user"]["admin"] is True
+        assert c.get("/api/sessions").status_code == 200
+    with bearer(srv.url, token + "x") as c:
+        assert c.get("/api/sessions").status_code == 401
+    with ws_client(f"{srv.ws_url}?token={token}") as c:
+        assert c.turn(message="hi")[-1]["type"] == "context_usage"
+
+
+# ---------------------------------------------------------------- login sessions
+
+
+def test_login_cookie_me_logout(users_server):
+    srv = users_server
+    resp = httpx.post(
+        f"{srv.url}/api/auth/login", json={"username": "bob", "password": PASSWORDS["bob"]}
+    )
+    assert resp.status_code == 200
+    assert resp.json() == {"user": {"id": resp.json()["user"]["id"], "name": "bob", "admin": False}}
+    cookie = resp.headers["set-cookie"]
+    assert cookie.startswith("prismd_session=")
+    attrs = {a.strip().split("=")[0].lower() for a in cookie.split(";")}
+    assert {"httponly", "path", "samesite", "max-age"} <= attrs and "secure" not in attrs
+    assert "samesite=strict" in cookie.lower() and "path=/" in cookie.lower()
+    value = resp.cookies["prismd_session"]
+    with httpx.Client(base_url=srv.url, cookies={"prismd_session": value}) as c:
+        assert c.get("/api/auth/me").json()["user"]["name"] == "bob"
+        assert c.get("/api/auth/status").json()["user"]["name"] == "bob"
+        out = c.post("/api/auth/logout")
+        assert out.status_code == 204 and 'prismd_session=""' in out.headers["set-cookie"]
+    with httpx.Client(base_url=srv.url, cookies={"prismd_session": value}) as c:
+        assert c.get("/api/auth/me").status_code == 401  # the login session is gone
+    bad = httpx.post(f"{srv.url}/api/auth/login", json={"username": "bob", "password": "nope"})
+    assert bad.status_code == 401 and bad.json()["code"] == "unauthorized"
+
+
+def test_login_sessions_survive_a_restart_and_expire(make_server, fake_openai):
+    ttl_s = 0.004 * 3600  # 14.4 s
+    srv = make_server(openai_env(fake_openai), "[auth]\nsession_ttl_hours = 0.004\n", start=False)
+    add_user(srv.home, "alice")
+    srv.start()
+    with login(srv.url, "alice") as c:
+        logged_in = time.monotonic()
+        srv.restart()
+        assert c.get("/api/auth/me").json()["user"]["name"] == "alice"
+        assert time.monotonic() - logged_in < ttl_s - 1
+        time.sleep(max(0.0, logged_in + ttl_s + 0.5 - time.monotonic()))
+        assert c.get("/api/auth/me").status_code == 401
+
+
+def test_failed_logins_are_rate_limited(make_server, fake_openai):
+    srv = make_server(openai_env(fake_openai), start=False)
+    add_user(srv.home, "alice")
+    add_user(srv.home, "bob")
+    srv.start()
+
+    def attempt(name: str, password: str) -> httpx.Response:
+        return httpx.post(
+            f"{srv.url}/api/auth/login", json={"username": name, "password": password}
+        )
+
+    for _ in range(5):
+        assert attempt("alice", "wrong").status_code == 401
+    limited = attempt("alice", PASSWORDS["alice"])  # even the right password, for now
+    assert limited.status_code == 429 and limited.json()["code"] == "rate_limited"
+    assert 1 <= int(limited.headers["Retry-After"]) <= 60
+    # The limit is per client address too: this address has used up its failures.
+    assert attempt("bob", PASSWORDS["bob"]).status_code == 429
+
+
+# ---------------------------------------------------------------- what needs credentials
+
+
+def test_everything_needs_credentials(users_server):
+    srv = users_server
+    for path in ("/api/sessions", "/api/agents", "/api/config", "/api/auth/me", "/metrics"):
+        resp = srv.get(path)
+        assert resp.status_code == 401, path
+        assert resp.json()["code"] == "unauthorized"
+        assert resp.headers["www-authenticate"].startswith("Bearer")
+    assert srv.get("/api/health").json() == {"status": "ok"}
+    assert upgrade_status(srv.ws_url) == 401
+    assert upgrade_status(f"{srv.ws_url}?token=wrong") == 401
+    with bearer(srv.url, srv.tokens["bob"]) as c:
+        assert c.get("/api/health").json()["version"]
+        assert c.get("/metrics").status_code == 200
+
+
+def test_websocket_credentials_and_origin(users_server):
+    srv = users_server
+    token = srv.tokens["bob"]
+    with ws_client(f"{srv.ws_url}?token={token}") as c:
+        assert c.turn(message="by query token")[-1]["type"] == "context_usage"
+    with ws_client(srv.ws_url, additional_headers={"Authorization": f"Bearer {token}"}) as c:
+        assert c.turn(message="by bearer")[-1]["type"] == "context_usage"
+    with login(srv.url, "bob") as http:
+        cookie = f"prismd_session={http.cookies['prismd_session']}"
+        own = f"http://127.0.0.1:{srv.port}"
+        for origin in (own, "https://chat.example.org"):
+            headers = {"Cookie": cookie, "Origin": origin}
+            with ws_client(srv.ws_url, additional_headers=headers) as c:
+                assert c.turn(message="by cookie")[-1]["type"] == "context_usage"
+        for origin in ("https://evil.example", f"http://127.0.0.1:{srv.port + 1}", "null"):
+            headers = {"Cookie": cookie, "Origin": origin}
+            assert upgrade_status(srv.ws_url, additional_headers=headers) == 403, origin
+        # A token is not a cookie: any Origin may use it (a script sets it deliberately).
+        headers = {"Authorization": f"Bearer {token}", "Origin": "https://evil.example"}
+        with ws_client(srv.ws_url, additional_headers=headers):
+            pass
+
+
+# ---------------------------------------------------------------- isolation
+
+
+def test_sessions_belong_to_their_user(users_server):
+    srv = users_server
+    bob_t, carol_t = srv.tokens["bob"], srv.tokens["carol"]
+    with ws_client(f"{srv.ws_url}?token={bob_t}") as bob:
+        frames = bob.turn(message="bob's secret")
+        sid = frames[0]["sessionId"]
+    with bearer(srv.url, carol_t) as carol:
+        listed = carol.get("/api/sessions?status=all&limit=500").json()["sessions"]
+        assert sid not in [s["id"] for s in listed]
+        assert carol.get(f"/api/sessions/{sid}").status_code == 404
+    with ws_client(f"{srv.ws_url}?token={carol_t}") as carol_ws:
+        carol_ws.send(type="resume", sessionId=sid, lastSeq=0)
+        err = carol_ws.recv()
+        assert err["type"] == "error" and err["code"] == "session_not_found"
+        carol_ws.send(type="chat", sessionId=sid, message="let me in")
+        err = carol_ws.recv()
+        assert err["type"] == "error" and err["code"] == "session_not_found"
+        assert carol_ws.no_frame()
+    with bearer(srv.url, bob_t) as bob_http:
+        body = bob_http.get(f"/api/sessions/{sid}/messages").json()
+        assert [m["content"] for m in body["messages"]][0] == "bob's secret"
+        assert len(body["messages"]) == 2  # carol's chat did not reach it
+        assert bob_http.get(f"/api/sessions/{sid}").json()["ownerId"] != "local"
+    with login(srv.url, "alice") as admin:  # admins see and resume everyone's
+        listed = admin.get("/api/sessions?limit=500").json()["sessions"]
+        assert sid in [s["id"] for s in listed]
+        assert admin.post(f"/api/sessions/{sid}/resume").status_code == 200
+        cookie = f"prismd_session={admin.cookies['prismd_session']}"
+    with ws_client(srv.ws_url, additional_headers={"Cookie": cookie}) as admin_ws:
+        admin_ws.send(type="resume", sessionId=sid)
+        assert admin_ws.recv()["type"] == "session"
+
+
+def test_uploads_and_agents_belong_to_their_user(users_server):
+    srv = users_server
+    with bearer(srv.url, srv.tokens["bob"]) as bob:
+        up = bob.post("/api/upload", files={"file": ("secret.txt", b"bob only", "text/plain")})
+        assert up.status_code == 201
+        agent = {"id": "bobs-agent", "name": "Bob's", "systemPrompt": "Be Bob."}
+        assert bob.post("/api/agents", json=agent).status_code == 201
+    with bearer(srv.url, srv.tokens["carol"]) as carol:
+        assert carol.get("/api/agents/bobs-agent").status_code == 404
+        assert "bobs-agent" not in carol.get("/api/agents").text
+        assert carol.post("/api/agents/bobs-agent/select").status_code == 404
+    with ws_client(f"{srv.ws_url}?token={srv.tokens['carol']}") as c:
+        c.send(type="chat", message="x", files=[{"fileId": up.json()["id"]}])
+        err = c.recv()
+        assert err["code"] == "invalid_message" and err["details"]["field"] == "files.0.fileId"
+        c.send(type="chat", message="x", agentId="bobs-agent")
+        assert c.recv()["code"] == "agent_not_found"
+        c.send(type="select_agent", agentId="bobs-agent")
+        assert c.recv()["code"] == "agent_not_found"
+
+
+# ---------------------------------------------------------------- the sweep
+
+
+def _fill(path: str, ids: dict[str, str]) -> str:
+    return re.sub(r"\{(\w+)\}", lambda m: ids.get(m.group(1), "x"), path)
+
+
+def _probe(client: httpx.Client, method: str, path: str) -> httpx.Response:
+    kwargs: dict[str, Any] = {}
+    if method in ("post", "patch", "put"):
+        if path == "/api/upload":
+            kwargs["files"] = {"file": ("probe.txt", b"probe", "text/plain")}
+        elif path.startswith("/api/agents") and method == "post" and path == "/api/agents":
+            kwargs["json"] = {"id": f"probe-{time.monotonic_ns()}", "name": "probe"}
+        elif path == "/api/config":
+            kwargs["json"] = {"default_agent": "assistant"}
+        else:  # a valid body, so that only the ownership check can refuse
+            kwargs["json"] = {"name": "probe"}
+    return client.request(method.upper(), path, **kwargs)
+
+
+def test_sweep_every_route_without_and_with_another_users_credentials(users_server):
+    """Every route of the OpenAPI schema: without credentials 401 (bar the three open ones);
+    with another user's credentials, on that user's objects, 401/403/404 and none of their
+    data; on collections, nothing of theirs listed."""
+    srv = users_server
+    victim, attacker = srv.tokens["bob"], srv.tokens["carol"]
+    with ws_client(f"{srv.ws_url}?token={victim}") as c:
+        frames = c.turn(message="sweep victim text")
+    sid = frames[0]["sessionId"]
+    with bearer(srv.url, victim) as bob:
+        messages = bob.get(f"/api/sessions/{sid}/messages").json()["messages"]
+        upload = bob.post("/api/upload", files={"file": ("v.txt", b"victim file", "text/plain")})
+        bob.post("/api/agents", json={"id": "victim-agent", "name": "Victim"})
+    ids = {
+        "session_id": sid,
+        "message_id": messages[0]["id"],
+        "agent_id": "victim-agent",
+        "upload_id": upload.json()["id"],
+        "file_id": upload.json()["id"],
+        "kind": "openai",
+    }
+    secrets = [sid, messages[0]["id"], "victim-agent", upload.json()["id"], "sweep victim text"]
+    schema = srv.get("/openapi.json").json()
+    open_paths = {"/api/auth/login", "/api/auth/status", "/api/health"}
+    checked = 0
+    anon = httpx.Client(base_url=srv.url, timeout=10)
+    other = bearer(srv.url, attacker)
+    try:
+        for path, item in schema["paths"].items():
+            for method in item:
+                url = _fill(path, ids)
+                resp = _probe(anon, method, url)
+                if path in open_paths or not path.startswith(("/api/", "/metrics")):
+                    assert not any(s in resp.text for s in secrets), (method, path)
+                else:
+                    assert resp.status_code == 401, (method, path, resp.status_code)
+                resp = _probe(other, method, url)
+                # (An error may repeat the id the caller sent; nothing else of the victim's.)
+                leaked = [s for s in secrets if s in resp.text and s not in url]
+                assert not leaked, (method, path, leaked)
+                if "{" in path and path != "/api/providers/{kind}/models":
+                    assert resp.status_code in (401, 403, 404), (method, path, resp.status_code)
+                checked += 1
+    finally:
+        anon.close()
+        other.close()
+    assert checked >= 30
+    # And nothing of the victim's was changed or removed by the attempts.
+    with bearer(srv.url, victim) as bob:
+        after = bob.get(f"/api/sessions/{sid}/messages").json()["messages"]
+        assert [m["id"] for m in after] == [m["id"] for m in messages]
+        assert bob.get(f"/api/sessions/{sid}").json()["name"] == ""
+        assert bob.get("/api/agents/victim-agent").status_code == 200
+    with login(srv.url, "alice") as admin:  # PATCH /api/config was refused to carol
+        assert admin.get("/api/config").json()["config"]["default_agent"] == "assistant"
