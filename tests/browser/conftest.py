@@ -17,7 +17,16 @@ from prismd.testing.fake_models import FakeModelServer
 from tests.conftest import PrismdServer, openai_env
 
 pytest.importorskip("playwright.sync_api")
-from playwright.sync_api import Browser, ConsoleMessage, Page, sync_playwright  # noqa: E402
+from playwright.sync_api import (  # noqa: E402
+    Browser,
+    ConsoleMessage,
+    Page,
+    expect,
+    sync_playwright,
+)
+
+# The suite shares two cores with the rest of `make test`: wait longer than the default 5 s.
+expect.set_options(timeout=15_000)
 
 CHROMIUM = Path("/usr/bin/chromium")
 FIXTURES = Path(__file__).resolve().parent.parent / "fixtures"
@@ -115,7 +124,7 @@ def page(browser: Browser, console: Console) -> Iterator[Page]:
     context = browser.new_context(viewport={"width": 1280, "height": 800})
     context.grant_permissions(["microphone", "clipboard-read", "clipboard-write"])
     pg = context.new_page()
-    pg.set_default_timeout(10_000)
+    pg.set_default_timeout(15_000)
     pg.on("console", console.on_console)
     pg.on("pageerror", console.on_error)
     yield pg

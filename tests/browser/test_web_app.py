@@ -91,7 +91,7 @@ def test_answer_streams_as_markdown_with_highlighted_code(
 ) -> None:
     pieces = ["Here is ", "**bold** text", " and code:\n\n", "```python\n", "def hi():\n"]
     pieces += ["    return 42\n", "```\n"]
-    fake_openai.script(Reply(text=pieces, delay_s=0.15), match="stream please")
+    fake_openai.script(Reply(text=pieces, delay_s=0.3), match="stream please")
     open_app(page, web_server)
     send(page, "stream please")
     answer = last_answer(page)
