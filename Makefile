@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed-stamp
 # Debian packages that prismd and its tests use; installed with apt-get when missing.
 # Each entry is COMMAND:PACKAGE (the command that shows the package is there).
-DEBIAN_DEPS := chromium:chromium
+DEBIAN_DEPS := chromium:chromium espeak-ng:espeak-ng
 
 .PHONY: install system-deps serve test lint format bench soak clean vendor
 
@@ -13,6 +13,8 @@ $(STAMP): pyproject.toml constraints.txt
 	@$(PYTHON) -c 'import sys; assert sys.version_info >= (3, 11), "prismd needs Python 3.11+"'
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --disable-pip-version-check -c constraints.txt -e '.[dev]'
+	# Silero's VAD model file; its wheel declares torch, which is not needed (onnxruntime).
+	$(PY) -m pip install --quiet --disable-pip-version-check --no-deps -c constraints.txt silero-vad
 	touch $(STAMP)
 
 install: system-deps $(STAMP)

@@ -41,7 +41,7 @@ ERROR_CODES = frozenset(
 SERVER_TYPES = frozenset(
     """connected pong session start chunk approval_request stopped transcribed audio done
     context_usage error session_ended agent_selected voice_state reasoning tool_start
-    tool_end""".split()
+    tool_end speech_error voice_stream""".split()
 )
 CLIENT_TYPES = (
     "ping chat stop new_session select_agent approval_response audio_chunk audio_end speak "
@@ -354,7 +354,11 @@ class Prober:
             pass
 
 
-UNLIMITED = "[server]\nrate_messages_per_s = 1000000\nrate_burst = 1000000\n"
+# Voice is off here: a fuzzed `speak` or recording would load the speech models (whose memory
+# the RSS test would count); bad voice input is covered against real engines in test_voice*.
+UNLIMITED = (
+    "[server]\nrate_messages_per_s = 1000000\nrate_burst = 1000000\n[voice]\nenabled = false\n"
+)
 
 
 @pytest.fixture(scope="module")

@@ -165,6 +165,67 @@ class AuthSettings(_Section):
     login_attempts_per_minute: Annotated[int, Field(ge=1)] = 5
 
 
+class SttSettings(_Section):
+    # "whisper": faster-whisper, locally; "openai": an OpenAI-compatible
+    # /v1/audio/transcriptions endpoint (base_url, api_key, openai_model).
+    engine: Literal["whisper", "openai"] = "whisper"
+    # A faster-whisper model directory or name; default: the bundled Whisper tiny.en.
+    model: str | None = None
+    # Let faster-whisper download a model given by name (off by default: offline).
+    download: bool = False
+    compute_type: str = "int8"
+    threads: Annotated[int, Field(ge=0)] = 0  # 0: CTranslate2 picks
+    beam_size: Annotated[int, Field(ge=1, le=10)] = 1
+    # The encoder window for utterances shorter than it (30 = standard Whisper; shorter is
+    # faster on a CPU and a little less accurate).
+    window_s: Annotated[float, Field(ge=4, le=30)] = 10.0
+    language: str | None = "en"
+    base_url: str | None = None
+    api_key: str | None = None
+    openai_model: str = "whisper-1"
+    timeout_s: Annotated[float, Field(gt=0)] = 60.0
+
+
+class TtsSettings(_Section):
+    # "piper": Piper, locally (GPL-3.0-or-later); "openai": an OpenAI-compatible
+    # /v1/audio/speech endpoint.
+    engine: Literal["piper", "openai"] = "piper"
+    # The default Piper voice (.onnx, its .onnx.json next to it); default: the bundled voice.
+    voice: str | None = None
+    # More Piper voices by name: {name = "/path/voice.onnx"}.
+    voices: dict[str, str] = Field(default_factory=dict)
+    # Voice names a client may ask for (e.g. OpenAI's "alloy") -> the voice used.
+    voice_map: dict[str, str] = Field(default_factory=dict)
+    length_scale: Annotated[float, Field(gt=0.2, le=4)] | None = None
+    base_url: str | None = None
+    api_key: str | None = None
+    openai_model: str = "tts-1"
+    openai_voice: str = "alloy"
+    timeout_s: Annotated[float, Field(gt=0)] = 60.0
+
+
+class VoiceSettings(_Section):
+    model_config = ConfigDict(extra="forbid", populate_by_name=True)
+
+    # false: voice messages are refused (stt_unavailable / tts_unavailable), nothing loads.
+    enabled: bool = True
+    # Speak every answer (sentence by sentence while it streams); a client may also ask
+    # per message with `"speak": true`.
+    auto_speak: bool = Field(default=False, alias="autoSpeak")
+    # Load the engines at startup instead of at first use.
+    preload: bool = False
+    # A recording (audio_chunk buffer or upload) larger than this gets payload_too_large.
+    max_audio_bytes: Annotated[int, Field(ge=1024)] = 25 * 1024 * 1024
+    max_audio_seconds: Annotated[int, Field(ge=1)] = 300
+    # Voice activity detection: speech probability threshold, the silence that ends a
+    # hands-free utterance, and the least speech that counts as speech.
+    vad_threshold: Annotated[float, Field(gt=0, lt=1)] = 0.5
+    silence_ms: Annotated[int, Field(ge=100, le=10_000)] = 500
+    min_speech_ms: Annotated[int, Field(ge=32, le=5_000)] = 250
+    stt: SttSettings = Field(default_factory=SttSettings)
+    tts: TtsSettings = Field(default_factory=TtsSettings)
+
+
 class Settings(_Section):
     home: Path = Path("~/.prismd")
     provider: ProviderKind | None = None
@@ -175,6 +236,7 @@ class Settings(_Section):
     agents: list[AgentSettings] = Field(default_factory=list)
     tools: ToolsSettings = Field(default_factory=ToolsSettings)
     mcp_servers: list[McpServerSettings] = Field(default_factory=list)
+    voice: VoiceSettings = Field(default_factory=VoiceSettings)
     auth: AuthSettings = Field(default_factory=AuthSettings)
 
     @property

@@ -92,7 +92,8 @@ class Chat(_Msg):
     reasoningEffort: Literal["low", "medium", "high"] | None = None
     files: list[FileIn] = Field(default_factory=list)
     clientMessageId: Annotated[str, Field(min_length=1, max_length=128)] | None = None
-    speak: bool = False
+    speak: bool = False  # speak the answer (`audio` events, sentence by sentence)
+    voice: Annotated[str, Field(max_length=128)] | None = None
 
 
 class Stop(_Msg):
@@ -123,13 +124,36 @@ class ApprovalResponse(_Msg):
 class AudioChunk(_Msg):
     type: Literal["audio_chunk"]
     data: str = ""
-    format: str | None = None
+    format: Annotated[str, Field(max_length=32)] | None = None
+    sampleRate: Annotated[int, Field(ge=4000, le=192_000)] | None = None
     session: Any = None
 
 
 class AudioEnd(_Msg):
     type: Literal["audio_end"]
     session: Any = None
+    sessionId: SessionId | None = None
+    agentId: str | None = None
+    model: str | None = None
+    language: Annotated[str, Field(max_length=16)] | None = None
+    speak: bool = False
+    voice: Annotated[str, Field(max_length=128)] | None = None
+
+
+class VoiceStream(_Msg):
+    """Hands-free mode: PCM frames (binary, or base64 `audio_chunk`s) after `start`; the
+    server finds the end of each utterance with VAD and starts the turn itself."""
+
+    type: Literal["voice_stream"]
+    action: Literal["start", "stop"]
+    format: Literal["pcm16"] = "pcm16"
+    sampleRate: Annotated[int, Field(ge=8000, le=48_000)] = 16_000
+    sessionId: SessionId | None = None
+    agentId: str | None = None
+    model: str | None = None
+    speak: bool = True
+    voice: Annotated[str, Field(max_length=128)] | None = None
+    silenceMs: Annotated[int, Field(ge=100, le=10_000)] | None = None
 
 
 class Speak(_Msg):
@@ -155,7 +179,8 @@ ClientMessage = Annotated[
     | AudioChunk
     | AudioEnd
     | Speak
-    | VoiceState,
+    | VoiceState
+    | VoiceStream,
     Field(discriminator="type"),
 ]
 _client_adapter: TypeAdapter[ClientMessage] = TypeAdapter(ClientMessage)
@@ -173,6 +198,7 @@ CLIENT_TYPES = frozenset(
         AudioEnd,
         Speak,
         VoiceState,
+        VoiceStream,
     )
 )
 

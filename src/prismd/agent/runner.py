@@ -13,9 +13,10 @@ import asyncio
 import json
 import logging
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from fnmatch import fnmatchcase
-from typing import Any
+from typing import Any, Protocol
 
 from ..config import AgentSettings, Settings
 from ..protocol import Chat, ErrorCode, ProtocolError, clean_text
@@ -57,6 +58,23 @@ Available tools:
 """
 
 
+class ReplySpeaker(Protocol):
+    """Speaks an answer while it streams (voice/speaker.py). The runner feeds it the clean
+    text of every chunk and awaits `finish` before `done`, so its events come before `done`."""
+
+    def feed(self, text: str) -> None: ...
+
+    async def finish(self, stopped: bool) -> None: ...
+
+    async def cancel(self) -> None: ...
+
+
+# (publish, voice, stopped) -> a ReplySpeaker for one turn
+ReplySpeakerFactory = Callable[
+    [Callable[[dict[str, Any]], int], str | None, Callable[[], bool]], ReplySpeaker
+]
+
+
 @dataclass(slots=True)
 class TurnPlan:
     agent: AgentSettings
@@ -65,6 +83,9 @@ class TurnPlan:
     text: str
     files: list[FileRecord]
     chat: Chat
+    # Events published before `start` with the turn's id (a voice turn's `transcribed`).
+    preface: list[dict[str, Any]] | None = None
+    meta: dict[str, Any] | None = None  # stored on the user message (e.g. {"input": "voice"})
 
 
 @dataclass(slots=True)
@@ -102,6 +123,8 @@ class TurnRunner:
         self.manager = manager
         self.tools = tools
         self.store = manager.store
+        # Set by the server when voice is available: speaks answers that ask for it.
+        self.reply_speaker: ReplySpeakerFactory | None = None
 
     def plan(self, chat: Chat, agent: AgentSettings) -> TurnPlan:
         """Validate a chat before anything is stored; raises ProtocolError (no seq)."""
@@ -116,6 +139,8 @@ class TurnRunner:
     def start(self, live: LiveSession, plan: TurnPlan) -> Turn:
         """Take the session's turn lock and launch the turn. Synchronous, hence atomic."""
         turn = self.manager.begin_turn(live, plan.chat.clientMessageId)
+        for event in plan.preface or ():
+            self.manager.publish(live, turn.id, event)
         self.manager.publish(live, turn.id, {"type": "start"})
         execution = _Execution(self, live, turn, plan)
         turn.task = asyncio.create_task(execution.run(), name=f"turn {turn.id}")
@@ -169,6 +194,12 @@ class _Execution:
         self.ctx: BuiltContext | None = None
         self.corrections: list[ChatMessage] = []  # re-prompts for unparseable calls
         self.malformed: list[MalformedCall] = []
+        self.speech: ReplySpeaker | None = None
+        speak = plan.chat.speak or runner.settings.voice.auto_speak
+        if speak and runner.reply_speaker is not None:
+            self.speech = runner.reply_speaker(
+                self.publish, plan.chat.voice, lambda: turn.stop_requested
+            )
 
     def publish(self, event: dict[str, Any]) -> int:
         return self.manager.publish(self.live, self.turn.id, event)
@@ -185,12 +216,15 @@ class _Execution:
             message = f"Internal error: {exc}"
             self.publish({"type": "error", "code": ErrorCode.INTERNAL.value, "error": message})
         finally:
+            if self.speech is not None:
+                await self.speech.cancel()
             self.manager.end_turn(self.live, self.turn)
 
     async def _run(self) -> None:
         plan, turn, sid = self.plan, self.turn, self.live.id
         await extract(plan.files)
         meta = {"clientMessageId": plan.chat.clientMessageId} if plan.chat.clientMessageId else {}
+        meta.update(plan.meta or {})
         user = MessageRecord(
             id=new_id("msg"),
             role="user",
@@ -222,8 +256,15 @@ class _Execution:
             self.store.save_turn(
                 sid, turn.id, status="error", stop_reason="error", ended_at=now_iso()
             )
+            if self.speech is not None:
+                await self.speech.finish(stopped=True)
             self.publish({"type": "error", "code": exc.code.value, "error": exc.message})
             return
+        if self.speech is not None:
+            # The last sentences are spoken before `done`; a `stop` meanwhile drops the rest.
+            await self.speech.finish(stopped=stop_reason == "stopped")
+            if turn.stop_requested:
+                stop_reason = "stopped"
         self._finish(stop_reason)
 
     async def _rounds(self) -> str:
@@ -355,6 +396,8 @@ class _Execution:
         if out.text:
             self.pieces.append(out.text)
             self.publish({"type": "chunk", "delta": out.text})
+            if self.speech is not None:
+                self.speech.feed(out.text)
         if out.reasoning:
             self.reasoning.append(out.reasoning)
 

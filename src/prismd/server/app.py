@@ -47,6 +47,11 @@ class Prismd:
         self.tools = ToolRegistry(settings, builtin_tools())
         self.mcp: McpManager | None = None
         self.runner = TurnRunner(settings, self.providers, self.manager, self.tools)
+        # Speech engines, loaded on first use (voice/engines.py imports nothing heavy).
+        from ..voice.engines import VoiceEngines
+
+        self.voice = VoiceEngines(settings.voice)
+        self.runner.reply_speaker = self.voice.reply_speaker
         self.connections: set[object] = set()
         self.connections_by_client: dict[str, int] = {}
         self.auth = Auth(settings, self.store)
@@ -73,6 +78,10 @@ class Prismd:
         warm = asyncio.create_task(asyncio.to_thread(self.providers.warm_up))
         self._background.add(warm)
         warm.add_done_callback(self._background.discard)
+        if self.settings.voice.preload:
+            preload = asyncio.create_task(self.voice.preload())
+            self._background.add(preload)
+            preload.add_done_callback(self._background.discard)
 
     async def stop(self) -> None:
         turns = [t.task for t in self.manager.running_turns() if t.task is not None]
@@ -84,6 +93,7 @@ class Prismd:
         await self.tools.aclose()
         if self.mcp is not None:
             await self.mcp.aclose()
+        self.voice.close()
         await self.store.close()
 
 
@@ -113,6 +123,9 @@ def create_app(settings: Settings, probe_ollama: bool = True) -> FastAPI:
     app.include_router(rest.router)
     app.add_exception_handler(RequestValidationError, rest.validation_error)
     app.include_router(ws.router)
+    from . import voice
+
+    app.include_router(voice.router)
     from . import metrics
 
     app.include_router(metrics.router)

@@ -34,6 +34,7 @@ from ..protocol import (
     Speak,
     Stop,
     VoiceState,
+    VoiceStream,
     check_session_id,
     dumps,
     error_frame,
@@ -87,6 +88,9 @@ class Connection:
         self._refilled = time.monotonic()
         client = ws.client
         self.client_host = client.host if client else "unknown"
+        from ..voice.pipeline import ConnectionVoice  # light: engines load on first use
+
+        self.voice = ConnectionVoice(self)
         # Set by the auth middleware before the upgrade; the local admin in the open mode.
         self.user: Principal = getattr(ws.state, "user", None) or LOCAL_PRINCIPAL
 
@@ -261,10 +265,13 @@ class Connection:
                     data = message.get("bytes") or b""
                     if len(data) > max_frame:
                         self._error(ErrorCode.PAYLOAD_TOO_LARGE, self._too_large(len(data)))
+                    elif self.voice.streaming:  # hands-free PCM (voice_stream start)
+                        await self._handle_binary(data)
                     else:
                         self._error(
                             ErrorCode.INVALID_MESSAGE,
-                            "Binary frames are not accepted: send JSON text frames",
+                            "Binary frames are not accepted: send JSON text frames (or start "
+                            "a voice_stream for PCM audio)",
                             details={"field": "", "reason": "binary frame"},
                         )
                     continue
@@ -277,6 +284,7 @@ class Connection:
         except WebSocketDisconnect:
             pass
         finally:
+            await self.voice.close()
             self.core.connections.discard(self)
             self._release()
             if self._watchdog is not None:
@@ -301,6 +309,15 @@ class Connection:
     def _error(self, code: ErrorCode, message: str, **extra: Any) -> None:
         self.core.metrics.on_error(code.value)
         self.send(error_frame(code, message, **extra))
+
+    async def _handle_binary(self, data: bytes) -> None:
+        try:
+            await self.voice.binary(data)
+        except ProtocolError as exc:
+            self._error(exc.code, exc.message, details=exc.details)
+        except Exception:  # noqa: BLE001 - bad audio must never end the connection
+            log.exception("connection %s: voice frame failed", self.id)
+            self._error(ErrorCode.INTERNAL, "Internal server error")
 
     async def _handle(self, text: str) -> None:
         try:
@@ -341,7 +358,13 @@ class Connection:
     async def _ping(self, msg: Ping) -> None:
         self.send({"type": "pong"})
 
-    async def _chat(self, msg: Chat) -> None:
+    async def _chat(
+        self,
+        msg: Chat,
+        preface: list[dict[str, Any]] | None = None,
+        meta: dict[str, Any] | None = None,
+    ) -> None:
+        """`preface`/`meta`: a voice turn's `transcribed` event and user-message metadata."""
         core = self.core
         if self.live is not None and core.manager.live(self.live.id) is not self.live:
             self._unbind()  # the bound session was deleted under this connection
@@ -387,9 +410,11 @@ class Connection:
         if live.record.agent_id != agent.id:
             live.record.agent_id = agent.id
             core.store.update_session(live.id, agent_id=agent.id)
+        plan.preface, plan.meta = preface, meta
         core.runner.start(live, plan)
 
     async def _stop(self, msg: Stop) -> None:
+        self.voice.cancel_transcription()  # a voice turn not begun yet never begins
         if self.live is None or not self.core.runner.stop(self.live):
             # Not a session event (no seq): tells this client that nothing is running.
             self.send({"type": "stopped", "turnRunning": False})
@@ -441,14 +466,16 @@ class Connection:
             )
 
     async def _audio(self, msg: AudioChunk | AudioEnd) -> None:
-        raise ProtocolError(
-            ErrorCode.STT_UNAVAILABLE, "Speech-to-text is not available on this server yet"
-        )
+        if isinstance(msg, AudioChunk):
+            await self.voice.chunk(msg)
+        else:
+            await self.voice.end(msg)
 
     async def _speak(self, msg: Speak) -> None:
-        raise ProtocolError(
-            ErrorCode.TTS_UNAVAILABLE, "Text-to-speech is not available on this server yet"
-        )
+        await self.voice.speak(msg)
+
+    async def _voice_stream(self, msg: VoiceStream) -> None:
+        await self.voice.voice_stream(msg)
 
     async def _voice_state(self, msg: VoiceState) -> None:
         if self.live is None:
@@ -471,4 +498,5 @@ class Connection:
         AudioEnd: _audio,
         Speak: _speak,
         VoiceState: _voice_state,
+        VoiceStream: _voice_stream,
     }

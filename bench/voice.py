@@ -1,0 +1,170 @@
+"""Voice latency benchmark: a 3 s spoken question, on this machine's CPU.
+
+Starts a fake OpenAI-compatible model (zero delay) and its own prismd (fresh temporary
+PRISMD_HOME, `voice.preload = true`) on 127.0.0.1, and measures over /ws:
+
+- push-to-talk: the recording as WebM/Opus chunks (what a browser's MediaRecorder sends), then
+  `audio_end` → `transcribed`, → the first `audio` event (spoken reply), → `done`;
+- hands-free: 16 kHz PCM16 frames sent in real time (20 ms each) with `voice_stream`; from the
+  last frame holding speech → `transcribed` and → the first `audio`. This includes the silence
+  the VAD waits for before it ends the utterance (`voice.silence_ms`, 500 ms by default).
+
+    .venv/bin/python bench/voice.py [--runs 10] [--out bench/voice_results.json]
+
+Needs espeak-ng (the question is spoken by it).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from prismd.testing.fake_models import FakeModelServer, Reply  # noqa: E402
+from tests.conftest import Client, PrismdServer, openai_env  # noqa: E402
+from tests.voice_fixtures import chunks, decode, encode, espeak_wav, pcm16  # noqa: E402
+
+QUESTION = "What is the capital of France, and what is it famous for?"
+ANSWER = ["Paris is the capital ", "of France. ", "It is famous for the Eiffel Tower ", "and art."]
+perf = time.perf_counter
+
+
+def summary(values: list[float]) -> dict[str, float]:
+    ms = sorted(v * 1000 for v in values)
+    return {
+        "median": round(statistics.median(ms), 1),
+        "p90": round(ms[min(len(ms) - 1, int(len(ms) * 0.9))], 1),
+        "min": round(ms[0], 1),
+        "max": round(ms[-1], 1),
+    }
+
+
+def push_to_talk(c: Client, webm: bytes) -> dict[str, float]:
+    for piece in chunks(webm, 6):
+        c.send(type="audio_chunk", data=piece, format="webm", session=True)
+    c.send(type="audio_end", session=True, speak=True)
+    t0 = perf()
+    marks: dict[str, float] = {}
+    while True:
+        frame = c.recv(timeout=60)
+        kind = frame["type"]
+        if kind == "error":
+            raise RuntimeError(frame)
+        if kind in ("transcribed", "audio", "done") and kind not in marks:
+            marks[kind] = perf() - t0
+        if kind == "context_usage":
+            return marks
+
+
+def hands_free(c: Client, pcm: bytes) -> dict[str, float]:
+    frame = 640  # 20 ms at 16 kHz
+    silence = b"\x00\x00" * 16_000
+    start = perf()
+    sent = 0
+    marks: dict[str, float] = {}
+    last_speech = 0.0
+
+    def pace(n: int) -> None:
+        due = start + n * 0.02
+        delay = due - perf()
+        if delay > 0:
+            time.sleep(delay)
+
+    for data in (silence[: len(silence) // 2], pcm):
+        for i in range(0, len(data), frame):
+            pace(sent)
+            c.send_raw(data[i : i + frame])
+            sent += 1
+    last_speech = perf()
+    # Silence in real time until the reply is heard.
+    i = 0
+    while "audio" not in marks:
+        pace(sent)
+        c.send_raw(silence[i % len(silence) : i % len(silence) + frame])
+        i += frame
+        sent += 1
+        try:
+            while True:
+                f = c.recv(timeout=0.001)
+                if f["type"] == "error":
+                    raise RuntimeError(f)
+                if f["type"] in ("transcribed", "audio") and f["type"] not in marks:
+                    marks[f["type"]] = perf() - last_speech
+        except TimeoutError:
+            pass
+    c.until("context_usage", timeout=60)
+    return marks
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--runs", type=int, default=10)
+    ap.add_argument("--out", type=Path, default=ROOT / "bench" / "voice_results.json")
+    args = ap.parse_args()
+
+    wav = espeak_wav(QUESTION, rate=48_000, speed=175)
+    samples, rate = decode(wav)
+    seconds = len(samples) / rate
+    webm = encode(wav, "webm", "libopus")
+    pcm = pcm16(wav, 16_000)
+    print(f"utterance: {seconds:.2f} s of espeak-ng speech ({len(webm)} bytes WebM/Opus)")
+
+    with FakeModelServer("openai") as fake, tempfile.TemporaryDirectory() as home:
+        fake.script(Reply(text=ANSWER))
+        srv = PrismdServer(Path(home), openai_env(fake), "[voice]\npreload = true\n")
+        srv.start()
+        try:
+            started = perf()
+            while perf() - started < 120:
+                st = srv.get("/api/voice/status").json()
+                if st["stt"]["loaded"] and st["tts"]["loaded"] and st["vad"]["loaded"]:
+                    break
+                time.sleep(0.1)
+            print(f"engines loaded {perf() - started:.1f} s after the server answered")
+            ptt: list[dict[str, float]] = []
+            with srv.client() as c:
+                for i in range(args.runs + 2):
+                    marks = push_to_talk(c, webm)
+                    if i >= 2:  # two warm-up runs
+                        ptt.append(marks)
+            hf: list[dict[str, float]] = []
+            with srv.client() as c:
+                c.send(type="voice_stream", action="start", format="pcm16", sampleRate=16_000)
+                c.until("voice_stream")
+                for i in range(max(3, args.runs // 2) + 1):
+                    marks = hands_free(c, pcm)
+                    if i >= 1:
+                        hf.append(marks)
+        finally:
+            srv.stop()
+
+    result: dict[str, Any] = {
+        "machine": f"{platform.machine()}, {os.cpu_count()} cores, load {os.getloadavg()[0]:.2f}",
+        "utteranceS": round(seconds, 2),
+        "runs": args.runs,
+        "pushToTalk": {
+            "audioEndToTranscribedMs": summary([m["transcribed"] for m in ptt]),
+            "audioEndToFirstAudioMs": summary([m["audio"] for m in ptt]),
+            "audioEndToDoneMs": summary([m["done"] for m in ptt]),
+        },
+        "handsFree": {
+            "endOfSpeechToTranscribedMs": summary([m["transcribed"] for m in hf]),
+            "endOfSpeechToFirstAudioMs": summary([m["audio"] for m in hf]),
+        },
+    }
+    print(json.dumps(result, indent=2))
+    args.out.write_text(json.dumps(result, indent=2) + "\n")
+
+
+if __name__ == "__main__":
+    main()

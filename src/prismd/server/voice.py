@@ -1,0 +1,86 @@
+"""`/api/voice/*`: transcription, synthesis and the list of voices over REST.
+
+The same engines as the WebSocket's voice messages (`core.voice`), loaded on first use.
+"""
+
+from __future__ import annotations
+
+from typing import Annotated, Any, Literal
+
+from fastapi import APIRouter, File, Form, Request, UploadFile
+from fastapi.responses import JSONResponse, Response
+from pydantic import BaseModel, Field
+
+from ..protocol import ErrorCode
+from ..voice.errors import VoiceError
+from .app import Prismd
+
+router = APIRouter(prefix="/api/voice", tags=["voice"])
+
+_STATUS = {
+    ErrorCode.TRANSCRIPTION_FAILED: 422,
+    ErrorCode.STT_UNAVAILABLE: 503,
+    ErrorCode.TTS_UNAVAILABLE: 503,
+    ErrorCode.PAYLOAD_TOO_LARGE: 413,
+    ErrorCode.INVALID_MESSAGE: 400,
+}
+
+
+def _error(code: ErrorCode, message: str) -> JSONResponse:
+    return JSONResponse({"error": message, "code": code.value}, status_code=_STATUS.get(code, 500))
+
+
+def _core(request: Request) -> Prismd:
+    core: Prismd = request.app.state.prismd
+    return core
+
+
+class SynthesizeIn(BaseModel):
+    text: Annotated[str, Field(min_length=1, max_length=10_000)]
+    voice: str | None = None
+    format: Literal["wav", "pcm16", "mp3", "ogg", "opus"] = "wav"
+
+
+@router.post("/transcribe", summary="Speech to text")
+async def transcribe(
+    request: Request,
+    audio: Annotated[UploadFile, File(description="WAV, Ogg/Opus, WebM/Opus or MP3")],
+    language: Annotated[str | None, Form(max_length=16)] = None,
+    format: Annotated[str | None, Form(description='"pcm16" for raw PCM')] = None,
+    sampleRate: Annotated[int | None, Form(ge=4000, le=192_000)] = None,  # noqa: N803
+) -> Any:
+    core = _core(request)
+    limit = core.settings.voice.max_audio_bytes
+    data = await audio.read(limit + 1)
+    if len(data) > limit:
+        return _error(ErrorCode.PAYLOAD_TOO_LARGE, f"The audio exceeds the limit of {limit} bytes")
+    try:
+        transcript = await core.voice.transcribe(data, format, sampleRate, language)
+    except VoiceError as exc:
+        return _error(exc.code, exc.message)
+    return transcript.as_dict()
+
+
+@router.post("/synthesize", summary="Text to speech", response_class=Response)
+async def synthesize(request: Request, body: SynthesizeIn) -> Response:
+    core = _core(request)
+    try:
+        data, content_type = await core.voice.synthesize_as(body.text, body.voice, body.format)
+    except VoiceError as exc:
+        return _error(exc.code, exc.message)
+    return Response(data, media_type=content_type)
+
+
+@router.get("/voices", summary="The voices text-to-speech can use")
+async def voices(request: Request) -> Any:
+    core = _core(request)
+    try:
+        listed = await core.voice.voices()
+    except VoiceError as exc:
+        return _error(exc.code, exc.message)
+    return {"engine": core.settings.voice.tts.engine, "default": "default", "voices": listed}
+
+
+@router.get("/status", summary="Which voice engines are configured and loaded")
+async def status(request: Request) -> Any:
+    return _core(request).voice.status()

@@ -1,0 +1,323 @@
+"""The voice side of one WebSocket connection: recording buffer, voice turns, `speak`, and
+hands-free streaming.
+
+A voice turn is an ordinary turn: the recording is transcribed off the event loop, then the
+text goes through the connection's `chat` path with a `transcribed` event published first (a
+session event with the turn's id), so it is stored, stoppable, one per session, and replayed
+by `resume`. In hands-free mode the server cuts the PCM stream into utterances with VAD; an
+utterance that starts while the session's reply is being spoken stops that turn (barge-in).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import binascii
+import logging
+from typing import TYPE_CHECKING, Any
+
+from ..protocol import (
+    AudioChunk,
+    AudioEnd,
+    Chat,
+    ErrorCode,
+    ProtocolError,
+    Speak,
+    VoiceStream,
+    error_frame,
+)
+from .errors import VoiceError
+
+if TYPE_CHECKING:
+    import numpy as np
+
+    from ..server.ws import Connection
+    from .vad import Endpointer
+
+log = logging.getLogger("prismd.voice")
+MAX_SPEAK_CHARS = 10_000
+STOPPING_WAIT_S = 3.0  # how long a new utterance waits for an interrupted turn to end
+
+
+class ConnectionVoice:
+    def __init__(self, conn: Connection) -> None:
+        self.conn = conn
+        self.buffer = bytearray()
+        self.format: str | None = None
+        self.sample_rate: int | None = None
+        self.overflow = False
+        self.transcribing: asyncio.Task[None] | None = None
+        self.tasks: set[asyncio.Task[None]] = set()
+        self.stream: HandsFree | None = None
+
+    @property
+    def streaming(self) -> bool:
+        return self.stream is not None
+
+    @property
+    def engines(self) -> Any:
+        return self.conn.core.voice
+
+    def _spawn(self, coro: Any, name: str) -> asyncio.Task[None]:
+        task = asyncio.create_task(coro, name=name)
+        self.tasks.add(task)
+        task.add_done_callback(self.tasks.discard)
+        return task
+
+    def _error(self, code: ErrorCode, message: str, **extra: Any) -> None:
+        self.conn.send(error_frame(code, message, **extra))
+
+    def _require(self, code: ErrorCode) -> None:
+        if not self.conn.core.settings.voice.enabled:
+            what = "Speech-to-text" if code is ErrorCode.STT_UNAVAILABLE else "Text-to-speech"
+            raise ProtocolError(code, f"{what} is disabled on this server (voice.enabled)")
+
+    # ------------------------------------------------------------ recording
+
+    async def chunk(self, msg: AudioChunk) -> None:
+        self._require(ErrorCode.STT_UNAVAILABLE)
+        try:
+            data = base64.b64decode(msg.data, validate=True)
+        except (binascii.Error, ValueError):
+            raise ProtocolError(
+                ErrorCode.INVALID_MESSAGE,
+                "Invalid `audio_chunk` message: data: not valid base64",
+                {"field": "data", "reason": "not valid base64"},
+            ) from None
+        if self.stream is not None:
+            await self.stream.feed(data)
+            return
+        if self.overflow:
+            return  # the recording was already refused; wait for its audio_end
+        if not self.buffer:
+            self.format, self.sample_rate = msg.format, msg.sampleRate
+        limit = self.conn.core.settings.voice.max_audio_bytes
+        if len(self.buffer) + len(data) > limit:
+            self.buffer = bytearray()
+            self.overflow = True
+            raise ProtocolError(
+                ErrorCode.PAYLOAD_TOO_LARGE,
+                f"The recording exceeds the limit of {limit} bytes: it was discarded",
+            )
+        self.buffer += data
+
+    async def end(self, msg: AudioEnd) -> None:
+        self._require(ErrorCode.STT_UNAVAILABLE)
+        data, self.buffer = bytes(self.buffer), bytearray()
+        overflow, self.overflow = self.overflow, False
+        if overflow:
+            raise ProtocolError(
+                ErrorCode.PAYLOAD_TOO_LARGE,
+                "The recording exceeded the size limit and was discarded: nothing to transcribe",
+            )
+        if not data:
+            raise ProtocolError(
+                ErrorCode.TRANSCRIPTION_FAILED, "No audio was received before audio_end"
+            )
+        self._check_turn_free(msg.sessionId)
+        chat = Chat(
+            type="chat",
+            sessionId=msg.sessionId,
+            agentId=msg.agentId,
+            model=msg.model,
+            speak=msg.speak,
+            voice=msg.voice,
+        )
+        self.transcribing = self._spawn(
+            self._voice_turn(
+                chat, data=data, fmt=self.format, rate=self.sample_rate, language=msg.language
+            ),
+            "voice turn",
+        )
+
+    def _check_turn_free(self, session_id: str | None) -> None:
+        live = self.conn.live
+        if live is not None and session_id in (None, live.id) and live.turn is not None:
+            raise ProtocolError(
+                ErrorCode.TURN_IN_PROGRESS, "A turn is already in progress — wait for it to finish"
+            )
+
+    async def _voice_turn(
+        self,
+        chat: Chat,
+        data: bytes | None = None,
+        fmt: str | None = None,
+        rate: int | None = None,
+        language: str | None = None,
+        samples: np.ndarray | None = None,
+    ) -> None:
+        try:
+            transcript = await self.engines.transcribe(data, fmt, rate, language, samples)
+        except VoiceError as exc:
+            self._error(exc.code, exc.message)
+            return
+        except asyncio.CancelledError:
+            return  # `stop` before the turn began
+        except Exception:  # noqa: BLE001
+            log.exception("transcription failed")
+            self._error(ErrorCode.INTERNAL, "Internal error during transcription")
+            return
+        if asyncio.current_task() is self.transcribing:
+            self.transcribing = None
+        chat.message = transcript.text
+        event = {
+            "type": "transcribed",
+            "text": transcript.text,
+            "confidence": round(transcript.confidence, 3),
+            "language": transcript.language,
+            "durationMs": round(transcript.duration_s * 1000),
+        }
+        await self._wait_for_stopping_turn(chat.sessionId)
+        try:
+            await self.conn._chat(chat, preface=[event], meta={"input": "voice"})
+        except ProtocolError as exc:
+            self._error(exc.code, exc.message, details=exc.details)
+        except Exception:  # noqa: BLE001
+            log.exception("voice turn failed")
+            self._error(ErrorCode.INTERNAL, "Internal server error")
+
+    async def _wait_for_stopping_turn(self, session_id: str | None) -> None:
+        live = self.conn.live
+        if live is None or session_id not in (None, live.id):
+            return
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + STOPPING_WAIT_S
+        # Polled: the interrupted turn ends within milliseconds, and a Turn has no end event.
+        while live.turn is not None and live.turn.stop_requested:  # noqa: ASYNC110
+            if loop.time() > deadline:
+                break
+            await asyncio.sleep(0.01)
+
+    def cancel_transcription(self) -> bool:
+        task, self.transcribing = self.transcribing, None
+        if task is not None and not task.done():
+            task.cancel()
+            return True
+        return False
+
+    # ------------------------------------------------------------ speak
+
+    async def speak(self, msg: Speak) -> None:
+        self._require(ErrorCode.TTS_UNAVAILABLE)
+        text = msg.text.strip()
+        if not text:
+            raise ProtocolError(ErrorCode.EMPTY_MESSAGE, "Nothing to speak: `text` is empty")
+        if len(text) > MAX_SPEAK_CHARS:
+            raise ProtocolError(
+                ErrorCode.PAYLOAD_TOO_LARGE,
+                f"`speak` text of {len(text)} characters exceeds {MAX_SPEAK_CHARS}",
+            )
+        self._spawn(self._speak(text, msg.voice), "speak")
+
+    async def _speak(self, text: str, voice: str | None) -> None:
+        from .engines import audio_frame
+
+        try:
+            speech = await self.engines.synthesize(text, voice)
+        except VoiceError as exc:
+            self._error(exc.code, exc.message)
+            return
+        self.conn.send(audio_frame(speech, text=text))
+
+    # ------------------------------------------------------------ hands-free
+
+    async def voice_stream(self, msg: VoiceStream) -> None:
+        if msg.action == "stop":
+            stream, self.stream = self.stream, None
+            if stream is None:
+                self.conn.send({"type": "voice_stream", "action": "stopped", "active": False})
+                return
+            await stream.close()
+            self.conn.send({"type": "voice_stream", "action": "stopped", "active": False})
+            return
+        self._require(ErrorCode.STT_UNAVAILABLE)
+        try:
+            vad = await self.engines.vad()
+        except VoiceError as exc:
+            raise ProtocolError(ErrorCode.STT_UNAVAILABLE, exc.message) from None
+        settings = self.conn.core.settings.voice
+        from .vad import EndpointConfig, Endpointer
+
+        config = EndpointConfig(
+            threshold=settings.vad_threshold,
+            silence_ms=msg.silenceMs or settings.silence_ms,
+            min_speech_ms=settings.min_speech_ms,
+        )
+        if self.stream is not None:
+            await self.stream.close(flush=False)
+        self.stream = HandsFree(self, msg, Endpointer(vad.stream(), config))
+        self.conn.send(
+            {
+                "type": "voice_stream",
+                "action": "started",
+                "active": True,
+                "format": "pcm16",
+                "sampleRate": msg.sampleRate,
+                "silenceMs": config.silence_ms,
+            }
+        )
+
+    async def binary(self, data: bytes) -> None:
+        if self.stream is not None:
+            await self.stream.feed(data)
+
+    async def close(self) -> None:
+        self.stream = None
+        for task in list(self.tasks):
+            task.cancel()
+        if self.tasks:
+            await asyncio.gather(*self.tasks, return_exceptions=True)
+
+
+class HandsFree:
+    """One hands-free stream: PCM16 frames → VAD endpointing → voice turns."""
+
+    def __init__(self, owner: ConnectionVoice, msg: VoiceStream, endpointer: Endpointer) -> None:
+        self.owner = owner
+        self.msg = msg
+        self.endpointer = endpointer
+        self.rate = msg.sampleRate
+        self._odd = b""
+
+    async def feed(self, data: bytes) -> None:
+        from .decode import pcm16_to_float
+
+        data = self._odd + data
+        cut = len(data) - len(data) % 2
+        data, self._odd = data[:cut], data[cut:]
+        if not data:
+            return
+        samples = pcm16_to_float(data, self.rate)
+        events = await self.owner.engines.in_vad_thread(self.endpointer.feed, samples)
+        for kind, value in events:
+            if kind == "speech":
+                self._barge_in()
+            elif kind == "utterance":
+                self._utterance(value)
+
+    def _barge_in(self) -> None:
+        """The user speaks while the session's turn runs: stop it (what was said so far is
+        kept, as with any `stop`)."""
+        conn = self.owner.conn
+        live = conn.live
+        if live is not None and live.turn is not None:
+            conn.core.runner.stop(live)
+
+    def _utterance(self, samples: np.ndarray) -> None:
+        msg = self.msg
+        chat = Chat(
+            type="chat",
+            sessionId=msg.sessionId,
+            agentId=msg.agentId,
+            model=msg.model,
+            speak=msg.speak,
+            voice=msg.voice,
+        )
+        owner = self.owner
+        owner.transcribing = owner._spawn(owner._voice_turn(chat, samples=samples), "voice turn")
+
+    async def close(self, flush: bool = True) -> None:
+        if flush:
+            rest = await self.owner.engines.in_vad_thread(self.endpointer.flush)
+            if rest is not None:
+                self._utterance(rest)

@@ -1,0 +1,176 @@
+"""Voice activity detection with Silero's ONNX model, run by onnxruntime (no torch).
+
+The `silero-vad` wheel bundles the model; its Python package imports torch, so only the file is
+used: its path is found without importing the package. One model serves every stream: the
+recurrent state lives in each `VadStream`.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import threading
+from collections import deque
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from .errors import VoiceError
+
+if TYPE_CHECKING:
+    import numpy as np
+
+WINDOW = 512  # samples per model step at 16 kHz (32 ms)
+CONTEXT = 64  # samples of the previous window the model sees
+WINDOW_MS = 32
+
+
+def bundled_model_path() -> Path:
+    spec = importlib.util.find_spec("silero_vad")  # finds the package without importing it
+    if spec is None or not spec.submodule_search_locations:
+        raise VoiceError("The silero-vad package is not installed")
+    path = Path(next(iter(spec.submodule_search_locations))) / "data" / "silero_vad.onnx"
+    if not path.exists():
+        raise VoiceError(f"Silero VAD model not found at {path}")
+    return path
+
+
+class SileroVad:
+    def __init__(self, path: Path | None = None) -> None:
+        import numpy as np
+        import onnxruntime
+
+        opts = onnxruntime.SessionOptions()
+        opts.inter_op_num_threads = 1
+        opts.intra_op_num_threads = 1
+        self._session = onnxruntime.InferenceSession(
+            str(path or bundled_model_path()), sess_options=opts, providers=["CPUExecutionProvider"]
+        )
+        self._sr = np.array(16_000, dtype=np.int64)
+
+    def stream(self) -> VadStream:
+        return VadStream(self)
+
+    def step(self, window: np.ndarray, state: np.ndarray) -> tuple[float, np.ndarray]:
+        out, new_state = self._session.run(
+            None, {"input": window.reshape(1, -1), "state": state, "sr": self._sr}
+        )
+        return float(out.reshape(-1)[0]), new_state
+
+    def speech_ms(self, samples: np.ndarray, threshold: float = 0.5) -> int:
+        """Milliseconds of `samples` (16 kHz) that the model hears as speech."""
+        return sum(WINDOW_MS for p in self.stream().probabilities(samples) if p >= threshold)
+
+
+class VadStream:
+    """Speech probabilities of a continuous 16 kHz stream, one per 32 ms window."""
+
+    def __init__(self, model: SileroVad) -> None:
+        import numpy as np
+
+        self.model = model
+        self._state = np.zeros((2, 1, 128), dtype=np.float32)
+        self._context = np.zeros(CONTEXT, dtype=np.float32)
+        self._pending = np.zeros(0, dtype=np.float32)
+
+    def probabilities(self, samples: np.ndarray) -> list[float]:
+        import numpy as np
+
+        data = np.concatenate([self._pending, samples.astype(np.float32, copy=False)])
+        probs = []
+        usable = data.size - data.size % WINDOW
+        for start in range(0, usable, WINDOW):
+            window = data[start : start + WINDOW]
+            p, self._state = self.model.step(np.concatenate([self._context, window]), self._state)
+            self._context = window[-CONTEXT:]
+            probs.append(p)
+        self._pending = data[usable:]
+        return probs
+
+
+@dataclass
+class EndpointConfig:
+    threshold: float = 0.5
+    silence_ms: int = 500  # silence that ends an utterance
+    min_speech_ms: int = 250  # speech shorter than this is a click or a cough
+    preroll_ms: int = 300  # audio kept from before the speech started
+    max_utterance_ms: int = 30_000
+
+
+@dataclass
+class Endpointer:
+    """Cuts a PCM stream into utterances. `feed` returns events: ("speech", None) once an
+    utterance has `min_speech_ms` of speech (the moment to interrupt a spoken reply) and
+    ("utterance", samples) when `silence_ms` of silence ends it."""
+
+    vad: VadStream
+    config: EndpointConfig = field(default_factory=EndpointConfig)
+    _lock: threading.Lock = field(default_factory=threading.Lock)
+    _preroll: deque[Any] = field(default_factory=deque)
+    _speech: list[Any] = field(default_factory=list)
+    _in_speech: bool = False
+    _announced: bool = False
+    _speech_ms: int = 0
+    _silence_ms: int = 0
+    _total_ms: int = 0
+
+    def feed(self, samples: np.ndarray) -> list[tuple[str, Any]]:
+        with self._lock:  # frames of one stream are processed in order, one at a time
+            return self._feed(samples)
+
+    def _feed(self, samples: np.ndarray) -> list[tuple[str, Any]]:
+        import numpy as np
+
+        cfg = self.config
+        events: list[tuple[str, Any]] = []
+        start = self.vad._pending.size
+        data = np.concatenate([self.vad._pending, samples.astype(np.float32, copy=False)])
+        probs = self.vad.probabilities(samples)
+        # The windows the probabilities belong to.
+        windows = [data[i * WINDOW : (i + 1) * WINDOW] for i in range(len(probs))]
+        del start
+        preroll_windows = max(1, cfg.preroll_ms // WINDOW_MS)
+        for p, window in zip(probs, windows, strict=True):
+            if not self._in_speech:
+                self._preroll.append(window)
+                while len(self._preroll) > preroll_windows:
+                    self._preroll.popleft()
+                if p >= cfg.threshold:
+                    self._in_speech = True
+                    self._speech = list(self._preroll)
+                    self._preroll.clear()
+                    self._speech_ms = WINDOW_MS
+                    self._silence_ms = 0
+                    self._total_ms = WINDOW_MS
+                continue
+            self._speech.append(window)
+            self._total_ms += WINDOW_MS
+            if p >= cfg.threshold - 0.15:
+                if p >= cfg.threshold:
+                    self._speech_ms += WINDOW_MS
+                self._silence_ms = 0
+            else:
+                self._silence_ms += WINDOW_MS
+            if not self._announced and self._speech_ms >= cfg.min_speech_ms:
+                self._announced = True
+                events.append(("speech", None))
+            if self._silence_ms >= cfg.silence_ms or self._total_ms >= cfg.max_utterance_ms:
+                utterance = self._end()
+                if utterance is not None:
+                    events.append(("utterance", utterance))
+        return events
+
+    def flush(self) -> np.ndarray | None:
+        """End the stream: the utterance in progress, if it had enough speech."""
+        with self._lock:
+            return self._end()
+
+    def _end(self) -> np.ndarray | None:
+        import numpy as np
+
+        enough = self._speech_ms >= self.config.min_speech_ms
+        speech, self._speech = self._speech, []
+        self._in_speech = self._announced = False
+        self._speech_ms = self._silence_ms = self._total_ms = 0
+        if not enough or not speech:
+            return None
+        return np.concatenate(speech)
