@@ -1,0 +1,119 @@
+"""The voice processors alone: sentence splitting, container sniffing and PCM decoding, VAD
+end-of-utterance on a PCM stream (Silero's ONNX model in this process, no server)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from prismd.voice.decode import decode, pcm16_to_float, resample, sniff
+from prismd.voice.errors import AudioDecodeError
+from prismd.voice.sentences import SentenceSplitter, speakable
+
+from .voice_fixtures import HAVE_ESPEAK, encode, espeak_wav, pcm16, silence_wav, wer
+
+
+def split_streamed(text: str, piece: int = 3) -> list[str]:
+    s = SentenceSplitter()
+    out = []
+    for i in range(0, len(text), piece):
+        out += s.feed(text[i : i + piece])
+    return out + s.flush()
+
+
+def test_sentences_come_out_as_soon_as_they_end():
+    s = SentenceSplitter()
+    assert s.feed("Paris is the capital of France. It") == ["Paris is the capital of France."]
+    assert s.feed(" has 2.1 million people") == []
+    assert s.feed("! And") == ["It has 2.1 million people!"]
+    assert s.flush() == ["And"]
+
+
+def test_sentences_skip_markup_and_code():
+    text = (
+        "Here is **bold** and `code`, e.g. this one. See [the docs](http://x.org).\n\n"
+        "```python\nprint('not read aloud. at all.')\n```\n- First item\n- Second item"
+    )
+    assert split_streamed(text) == [
+        "Here is bold and code, e.g. this one.",
+        "See the docs.",
+        "First item",
+        "Second item",
+    ]
+    assert speakable("## Title **x**") == "Title x"
+
+
+def test_long_sentence_is_cut_at_a_comma_or_space():
+    text = "word, " * 100
+    pieces = split_streamed(text, 50)
+    assert all(len(p) <= 240 for p in pieces) and len(pieces) >= 2
+    assert " ".join(pieces).split() == text.split()
+
+
+def test_containers_are_sniffed_from_bytes():
+    wav = silence_wav(0.1)
+    assert sniff(wav) == "wav"
+    assert sniff(b"OggS\x00" + b"\x00" * 20) == "ogg"
+    assert sniff(b"\x1a\x45\xdf\xa3" + b"\x00" * 20) == "webm"
+    assert sniff(b"ID3\x04" + b"\x00" * 20) == "mp3"
+    assert sniff(b"hello") is None
+    with pytest.raises(AudioDecodeError, match="Unrecognised"):
+        decode(b"hello world")
+    with pytest.raises(AudioDecodeError, match="No audio"):
+        decode(b"")
+
+
+def test_pcm16_is_resampled_to_16k():
+    one_second_48k = (np.ones(48_000) * 1000).astype("<i2").tobytes()
+    samples = pcm16_to_float(one_second_48k, 48_000)
+    assert samples.size == 16_000 and abs(samples.mean() - 1000 / 32768) < 1e-4
+    assert resample(np.zeros(22_050, dtype=np.float32), 22_050).size == 16_000
+    # An odd byte (half a sample) is dropped, not an error.
+    assert pcm16_to_float(b"\x00\x00\x01", 16_000).size == 1
+
+
+@pytest.mark.skipif(not HAVE_ESPEAK, reason="espeak-ng is not installed")
+def test_webm_opus_decodes_from_concatenated_chunks():
+    wav = espeak_wav("Hello there, how are you?", rate=48_000)
+    webm = encode(wav, "webm", "libopus")
+    whole = decode(webm)
+    assert abs(whole.size / 16_000 - len(pcm16(wav)) / 32_000) < 0.1
+    # Truncated mid-stream (the last MediaRecorder chunk may be): what decoded is kept.
+    part = decode(webm[: len(webm) * 2 // 3])
+    assert 0 < part.size < whole.size
+
+
+@pytest.mark.skipif(not HAVE_ESPEAK, reason="espeak-ng is not installed")
+def test_vad_ends_the_utterance_after_the_configured_silence():
+    from prismd.voice.vad import EndpointConfig, Endpointer, SileroVad
+
+    vad = SileroVad()
+    speech = pcm16_to_float(pcm16(espeak_wav("What is the capital of France?")), 16_000)
+    silence = np.zeros(16_000, dtype=np.float32)
+    for silence_ms in (300, 800):
+        ep = Endpointer(vad.stream(), EndpointConfig(silence_ms=silence_ms))
+        events = []
+        stream = np.concatenate([silence[:8000], speech, silence, silence])
+        ended_at = None
+        for i in range(0, stream.size, 320):  # 20 ms frames
+            for kind, value in ep.feed(stream[i : i + 320]):
+                events.append(kind)
+                if kind == "utterance":
+                    ended_at = (i + 320) / 16_000
+                    utterance = value
+        assert events == ["speech", "utterance"]
+        voiced = np.flatnonzero(np.abs(speech) > 0.02)  # espeak's file ends in silence
+        speech_end = (8000 + voiced[-1]) / 16_000
+        # Ends `silence_ms` after the speech (VAD windows are 32 ms; espeak trails off).
+        assert ended_at is not None
+        assert silence_ms / 1000 - 0.25 < ended_at - speech_end < silence_ms / 1000 + 0.25
+        assert abs(utterance.size - speech.size) / 16_000 < silence_ms / 1000 + 0.5
+    # Silence alone never makes an utterance.
+    ep = Endpointer(vad.stream())
+    assert ep.feed(np.zeros(16_000 * 3, dtype=np.float32)) == [] and ep.flush() is None
+
+
+def test_word_error_rate():
+    assert wer("the cat sat", "The cat, sat.") == 0
+    assert wer("the cat sat on the mat", "the cat sat on a mat") == pytest.approx(1 / 6)
+    assert wer("a b", "") == 1
