@@ -52,7 +52,9 @@ class FakeVoiceServer:
                     fields: dict[str, str] = {}
                     for part in message.iter_parts():
                         name = part.get_param("name", header="content-disposition")
-                        payload = part.get_payload(decode=True) or b""
+                        payload = part.get_payload(decode=True)
+                        if not isinstance(payload, bytes):
+                            payload = b""
                         if name == "file":
                             record["audio"] = payload
                         elif isinstance(name, str):
