@@ -93,6 +93,15 @@ def web_server(
     srv.stop()
 
 
+@pytest.fixture(scope="session")
+def bare_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[PrismdServer]:
+    """A prismd with no model provider (nothing listens where it would look for Ollama)."""
+    srv = PrismdServer(tmp_path_factory.mktemp("bare"), {"OLLAMA_BASE_URL": "http://127.0.0.1:9"})
+    srv.start()
+    yield srv
+    srv.stop()
+
+
 class Console:
     """Console messages and page errors of one page."""
 

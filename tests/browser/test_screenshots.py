@@ -92,7 +92,7 @@ def test_screenshots(
     browser: Browser,
     demo_server: PrismdServer,
     fake_openai: FakeModelServer,
-    make_server,  # noqa: ANN001
+    bare_server: PrismdServer,
     shots: Path,
     console: Console,
 ) -> None:
@@ -166,9 +166,8 @@ def test_screenshots(
     phone.context.close()
 
     # The setup screen (no provider) and the sign-in page.
-    bare = make_server({"OLLAMA_BASE_URL": "http://127.0.0.1:9"})
     setup = new_page(browser, console, 1100, 760, "light")
-    setup.goto(bare.url + "/")
+    setup.goto(bare_server.url + "/")
     expect(setup.locator("#setup-view")).to_be_visible()
     setup.screenshot(path=shots / "setup.png", animations="disabled")
     setup.evaluate("document.querySelector('#setup-view').hidden = true")

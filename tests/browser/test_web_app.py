@@ -420,9 +420,8 @@ def test_retry_and_edit_last_message(
 # ---------------------------------------------------------------------------- screens
 
 
-def test_setup_screen_without_a_provider(page: Page, make_server) -> None:  # noqa: ANN001
-    srv = make_server({"OLLAMA_BASE_URL": "http://127.0.0.1:9"})
-    page.goto(srv.url + "/")
+def test_setup_screen_without_a_provider(page: Page, bare_server: PrismdServer) -> None:
+    page.goto(bare_server.url + "/")
     expect(page.locator("#setup-view")).to_be_visible()
     expect(page.locator("#setup-view")).to_contain_text("OPENAI_API_KEY")
     page.locator("#setup-skip").click()
