@@ -309,6 +309,13 @@ def test_hands_free_speech_interrupts_the_spoken_reply(voice_server, fake_openai
         rest = c.until("context_usage", timeout=30)
     assert "stopped" in [f["type"] for f in rest]
     assert of_type(rest, "done")[0]["stopReason"] == "stopped"
+    # The stored answer keeps what streamed, and records what the user heard of it.
+    sid = rest[-1]["sessionId"]
+    answer = voice_server.get(f"/api/sessions/{sid}/messages").json()["messages"][-1]
+    assert answer["status"] == "stopped"
+    spoken = answer["meta"]["spoken"]
+    assert spoken.startswith("Sentence number 0.") and answer["content"].startswith(spoken)
+    assert len(spoken) < len(answer["content"])
 
 
 # ---------------------------------------------------------------- speak and REST

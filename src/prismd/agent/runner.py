@@ -62,6 +62,8 @@ class ReplySpeaker(Protocol):
     """Speaks an answer while it streams (voice/speaker.py). The runner feeds it the clean
     text of every chunk and awaits `finish` before `done`, so its events come before `done`."""
 
+    spoken: list[str]  # the sentences spoken so far (published as `audio`), in order
+
     def feed(self, text: str) -> None: ...
 
     async def finish(self, stopped: bool) -> None: ...
@@ -580,6 +582,8 @@ class _Execution:
                 "costUsd": cost,
                 "stopReason": stop_reason,
                 "rounds": t.rounds,
+                # What the user heard of a spoken reply (all of it unless interrupted).
+                **({"spoken": " ".join(self.speech.spoken)} if self.speech is not None else {}),
             },
         )
         ended = now_iso()
