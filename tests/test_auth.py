@@ -461,7 +461,7 @@ def test_sweep_every_route_without_and_with_another_users_credentials(users_serv
     }
     secrets = [sid, messages[0]["id"], "victim-agent", upload.json()["id"], "sweep victim text"]
     schema = srv.get("/openapi.json").json()
-    open_paths = {"/api/auth/login", "/api/auth/status", "/api/health"}
+    open_paths = {"/api/auth/login", "/api/auth/logout", "/api/auth/status", "/api/health"}
     checked = 0
     anon = httpx.Client(base_url=srv.url, timeout=10)
     other = bearer(srv.url, attacker)

@@ -20,8 +20,9 @@ from .service import COOKIE_NAME, LOCAL_PRINCIPAL, Principal
 if TYPE_CHECKING:
     from ..server.app import Prismd
 
-# Reachable without credentials (they say no more than whether a login is needed).
-OPEN_PATHS = frozenset({"/api/auth/login", "/api/auth/status", "/api/health"})
+# Reachable without credentials: they say no more than whether a login is needed (health then
+# answers only {"status": "ok"}); logout only ends the login session its cookie names.
+OPEN_PATHS = frozenset({"/api/auth/login", "/api/auth/logout", "/api/auth/status", "/api/health"})
 
 
 def protected(path: str) -> bool:

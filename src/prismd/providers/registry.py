@@ -51,6 +51,7 @@ class ProviderRegistry:
         self._build_lock = threading.Lock()
         self._ollama_models: list[str] | None = None
         self._retired: list[Provider] = []  # replaced by `reconfigure`, closed at shutdown
+        self._generation = 0  # counts `reconfigure` calls
         self.default_kind = self._detect(probe_ollama)
         if self.default_kind:
             log.info("default model provider: %s", self.default_kind)
@@ -88,6 +89,7 @@ class ProviderRegistry:
     def reconfigure(self) -> None:
         """The settings changed at run time (PATCH /api/config): detect the default again and
         build providers anew on next use; turns in flight keep the ones they hold."""
+        self._generation += 1
         self._retired.extend(self._providers.values())
         self._providers = {}
         self.default_kind = self._detect(probe_ollama=self._ollama_models is not None)
@@ -98,7 +100,12 @@ class ProviderRegistry:
             with self._build_lock:
                 provider = self._providers.get(kind)
                 if provider is None:
-                    provider = self._providers[kind] = self._build(kind)
+                    generation = self._generation
+                    provider = self._build(kind)
+                    if generation == self._generation:
+                        self._providers[kind] = provider
+                    else:  # built from settings that `reconfigure` replaced meanwhile
+                        self._retired.append(provider)
         return provider
 
     def warm_up(self) -> None:

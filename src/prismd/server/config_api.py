@@ -120,20 +120,20 @@ def apply(core: Prismd, changes: dict[str, Any]) -> dict[str, Any]:
         raise ConfigChangeError("default_agent", f"no agent with id {new.default_agent!r}")
     _write(settings.home.expanduser() / "config.toml", flat)
     for key in flat:
-        *parents, last = key.split(".")
-        target: Any = settings
-        source: Any = new
-        for part in parents:
-            if part == "providers":
-                continue
-            target, source = getattr(target, part), getattr(source, part)
-        if parents[:1] == ["providers"]:
-            kind = parents[1]
+        parts = key.split(".")
+        if parts[0] == "providers":
+            kind, name = parts[1], parts[2]
             if kind not in settings.providers:
                 settings.providers[kind] = new.providers[kind]  # type: ignore[index]
-            setattr(settings.providers[kind], last, getattr(new.providers[kind], last))  # type: ignore[index]
-        else:
-            setattr(target, last, getattr(source, last))
+            else:
+                value = getattr(new.providers[kind], name)
+                setattr(settings.providers[kind], name, value)
+            continue
+        target: Any = settings
+        source: Any = new
+        for part in parts[:-1]:
+            target, source = getattr(target, part), getattr(source, part)
+        setattr(target, parts[-1], getattr(source, parts[-1]))
     core.agents.default_id = settings.default_agent
     core.providers.reconfigure()
     return effective(settings)
