@@ -200,6 +200,29 @@ def test_resume_gap_reloads_the_history(
     assert any('"resume_gap"' in str(frame) for frame in received)
 
 
+def test_message_sent_while_offline_goes_out_on_reconnect(
+    page: Page, web_server: PrismdServer, fake_openai: FakeModelServer
+) -> None:
+    open_app(page, web_server)
+    send(page, "online message")
+    wait_done(page)
+    page.evaluate(
+        "() => { const ws = window.prismd.ws; window.prismd.ws = null;"
+        " window.prismd.ready = false; ws.close(); }"
+    )
+    send(page, "offline message")
+    expect(page.locator("#messages-inner .msg.user").last).to_have_text("offline message")
+    page.wait_for_timeout(300)
+    assert not any("offline message" in t for t in user_texts(fake_openai))
+    page.evaluate("window.dispatchEvent(new Event('online'))")
+    expect(last_answer(page)).to_contain_text("You said: offline message")
+    wait_done(page)
+    expect(page.locator("#messages-inner .msg.user")).to_have_text(
+        ["online message", "offline message"]
+    )
+    expect(page.locator("#messages-inner .msg.assistant")).to_have_count(2)
+
+
 def test_server_restart_reconnects_and_the_chat_goes_on(
     page: Page, web_server: PrismdServer, fake_openai: FakeModelServer
 ) -> None:

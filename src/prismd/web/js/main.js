@@ -260,6 +260,9 @@ async function onResumed(frame) {
     history = { messages: [] };
   }
   if (S.sessionId !== sessionId) return; // switched away meanwhile
+  // A chat typed while offline waits in the outbox: keep its bubble and placeholder.
+  const waiting = S.outbox.length && S.pendingTurn ? S.pendingTurn : null;
+  const waitingBubble = waiting ? waiting.el.previousElementSibling : null;
   clearMessages();
   const queued = S.queue || [];
   S.queue = null;
@@ -272,13 +275,19 @@ async function onResumed(frame) {
   S.lastSeq = 0;
   for (const event of queued) applyEvent(event, false);
   S.lastSeq = Math.max(S.lastSeq, frame.lastSeq || 0);
+  if (waiting) {
+    if (waitingBubble) $("#messages-inner").append(waitingBubble);
+    $("#messages-inner").append(waiting.el);
+    S.pendingTurn = waiting;
+    showEmpty(false);
+  }
   if ($("#context-meter").hidden) {
     try {
       const saved = JSON.parse(localStorage.getItem(`prismd.context.${sessionId}`) || "null");
       if (saved) setContextMeter(saved, false);
     } catch { /* a bad saved value is ignored */ }
   }
-  setRunning(!!frame.turnRunning);
+  setRunning(!!frame.turnRunning || !!waiting);
   updateLastActions();
   scrollToEnd(true);
   flushOutbox();
@@ -323,9 +332,12 @@ function onFrame(frame) {
 }
 
 function onSession(frame) {
-  if (S.resume && S.resume.sessionId === frame.sessionId && "lastSeq" in frame) {
-    setAgentPicker(frame.agentId);
-    onResumed(frame);
+  if ("lastSeq" in frame) {
+    // A reply to `resume`; one for a session the user already left is stale.
+    if (S.resume && S.resume.sessionId === frame.sessionId) {
+      setAgentPicker(frame.agentId);
+      onResumed(frame);
+    }
     return;
   }
   // Bound by a chat (a new session, or one created by a voice turn).
@@ -569,6 +581,10 @@ function sendChat(text, files) {
   if (!text.trim() && !files.length) return false;
   if (S.running) {
     toast("An answer is still coming: stop it first (Esc).", "warn");
+    return false;
+  }
+  if (S.queue) {
+    toast("Still loading this chat…", "warn");
     return false;
   }
   const frame = { type: "chat", message: text, clientMessageId: uuid() };
