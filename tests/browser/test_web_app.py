@@ -382,6 +382,11 @@ def test_tool_card_and_approval_dialog(
     expect(page.locator("#approval-query")).to_contain_text("echo approved-run")
     card = last_answer(page).locator(".tool-card")
     expect(card.locator(".tool-state")).to_have_text("needs approval")
+    # A reload while the request waits brings it back (replayed by `resume`).
+    page.reload()
+    expect(dialog).to_be_visible()
+    expect(page.locator("#approval-query")).to_contain_text("echo approved-run")
+    expect(page.locator("#messages-inner .msg.user")).to_have_count(1)
     page.locator("#approval-approve").click()
     expect(dialog).to_be_hidden()
     expect(card.locator(".tool-state")).to_contain_text("ok")
