@@ -285,6 +285,27 @@ def test_login_cookie_me_logout(users_server):
     assert bad.status_code == 401 and bad.json()["code"] == "unauthorized"
 
 
+def test_cookie_is_secure_under_https(users_server):
+    # As behind a TLS-terminating proxy on loopback (uvicorn trusts its X-Forwarded-Proto).
+    resp = httpx.post(
+        f"{users_server.url}/api/auth/login",
+        json={"username": "carol", "password": PASSWORDS["carol"]},
+        headers={"X-Forwarded-Proto": "https"},
+    )
+    assert resp.status_code == 200
+    assert "secure" in {a.strip().lower() for a in resp.headers["set-cookie"].split(";")}
+
+
+def test_terminal_chat_with_a_token(users_server):
+    srv = users_server
+    out = cli(srv.home, "chat", "--url", srv.ws_url, "-q", "-m", "hello")
+    assert out.returncode == 1 and "HTTP 401" in out.stderr and "--token" in out.stderr
+    token = srv.tokens["bob"]
+    out = cli(srv.home, "chat", "--url", srv.ws_url, "--token", token, "-q", "-m", "hello")
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "You said: hello"
+
+
 def test_login_sessions_survive_a_restart_and_expire(make_server, fake_openai):
     ttl_s = 0.004 * 3600  # 14.4 s
     srv = make_server(openai_env(fake_openai), "[auth]\nsession_ttl_hours = 0.004\n", start=False)
@@ -358,6 +379,28 @@ def test_websocket_credentials_and_origin(users_server):
         headers = {"Authorization": f"Bearer {token}", "Origin": "https://evil.example"}
         with ws_client(srv.ws_url, additional_headers=headers):
             pass
+
+
+@pytest.mark.parametrize(
+    ("origin", "host", "allowed"),
+    [
+        ("http://127.0.0.1:3000", "127.0.0.1:3000", True),
+        ("HTTP://LOCALHOST:3000", "localhost:3000", True),
+        ("http://localhost", "localhost:80", True),
+        ("https://chat.example", "chat.example", True),
+        ("http://[::1]:3000", "[::1]:3000", True),
+        ("https://chat.example.org/", "127.0.0.1:3000", True),  # configured
+        ("http://127.0.0.1:3001", "127.0.0.1:3000", False),
+        ("http://evil.example", "127.0.0.1:3000", False),
+        ("http://127.0.0.1:3000.evil.example", "127.0.0.1:3000", False),
+        ("null", "127.0.0.1:3000", False),
+        ("file://", "127.0.0.1:3000", False),
+    ],
+)
+def test_origin_rule(origin, host, allowed):
+    from prismd.auth.middleware import _origin_allowed
+
+    assert _origin_allowed(origin, host, ["https://chat.example.org"]) is allowed
 
 
 # ---------------------------------------------------------------- isolation

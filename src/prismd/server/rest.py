@@ -221,7 +221,11 @@ def _doc(model: Any = None, *errors: int) -> dict[int | str, dict[str, Any]]:
     return responses
 
 
-router = APIRouter(prefix="/api", responses={401: {"model": ErrorBody}})
+router = APIRouter(
+    prefix="/api",
+    # 422: request validation errors come in the API's error shape (see validation_error).
+    responses={401: {"model": ErrorBody}, 422: {"model": ErrorBody}},
+)
 
 
 def _error(status: int, code: ErrorCode, message: str, **headers: str) -> JSONResponse:
