@@ -393,3 +393,23 @@ def test_concurrent_retry_and_chat_never_corrupt_history(server, fake_openai):
     }
     assert user in outcomes[results[0]], (results, texts)
     assert len(texts) == 2 * len(user)  # every kept question kept its answer
+
+
+def test_models_of_anthropic_and_ollama(make_server, fake_anthropic, fake_openai):
+    srv = make_server(
+        {
+            "ANTHROPIC_BASE_URL": fake_anthropic.url,
+            "ANTHROPIC_API_KEY": "test",
+            "OLLAMA_BASE_URL": fake_openai.url.removesuffix("/v1"),
+        }
+    )
+    with _http(srv) as h:
+        providers = h.get("/api/providers").json()
+        assert providers["default"] == "anthropic"
+        kinds = {p["kind"]: p for p in providers["providers"]}
+        assert kinds["anthropic"]["configured"] is True
+        assert kinds["ollama"]["configured"] is True
+        assert kinds["openai"]["configured"] is False
+        assert h.get("/api/providers/anthropic/models").json()["models"] == [{"id": "fake-model"}]
+        assert h.get("/api/providers/ollama/models").json()["models"] == [{"id": "fake-model"}]
+        assert h.get("/api/providers/openai/models").json()["code"] == "provider_unconfigured"

@@ -868,12 +868,15 @@ async def patch_config(request: Request, body: dict[str, Any] = Body(...)) -> An
         )
 
 
-def _provider_info(core: Prismd, kind: str) -> dict[str, Any]:
+async def _provider_info(core: Prismd, kind: str) -> dict[str, Any]:
     ps = core.settings.provider_settings(kind)
     configured = kind == core.providers.default_kind or bool(ps.api_key or ps.base_url)
     if kind == "anthropic":
         configured = bool(ps.api_key)
-    model = (ps.model or core.providers._default_model(kind)) if configured else ps.model
+    model = ps.model
+    if configured and not model:
+        # Ollama's default is its first model, which may need a (blocking) probe.
+        model = await asyncio.to_thread(core.providers._default_model, kind)
     return {"kind": kind, "configured": configured, "model": model, "baseUrl": ps.base_url}
 
 
@@ -886,7 +889,7 @@ async def list_providers(request: Request) -> dict[str, Any]:
     core = _core(request)
     return {
         "default": core.providers.default_kind,
-        "providers": [_provider_info(core, kind) for kind in PROVIDER_KINDS],
+        "providers": [await _provider_info(core, kind) for kind in PROVIDER_KINDS],
     }
 
 
@@ -908,7 +911,8 @@ async def provider_models(request: Request, kind: str) -> Any:
     if hit is not None and time.monotonic() - hit[0] < MODELS_CACHE_S:
         return {"models": [{"id": m} for m in hit[1]], "cached": True}
     try:
-        provider = core.providers.get(kind)
+        # Building a provider imports its SDK (a second or two) and may probe Ollama.
+        provider = await asyncio.to_thread(core.providers.get, kind)
     except ProtocolError as exc:
         return _error(409, exc.code, exc.message)
     shards = getattr(provider, "_clients", None)
