@@ -87,13 +87,14 @@ def test_retry_drops_the_last_exchange_and_the_model_no_longer_sees_it(server, f
             ]
             assert texts[0] == "first question" and len(texts) == 2
         # The live session (still bound) sends the model the history without the dropped turn.
-        c.turn(message="edited second question", sessionId=sid)
+        c.turn(message="edited second question", sessionId=sid, clientMessageId="cm-2")
     assert _user_texts(fake_openai.requests[-1]) == ["first question", "edited second question"]
     # Also once the session is evicted and loaded again from the database.
     with _http(server) as h:
         assert h.post(f"/api/sessions/{sid}/retry").json()["message"] == "edited second question"
-    with server.client() as c:
-        c.turn(message="third try", sessionId=sid)
+    with server.client() as c:  # the same clientMessageId is a new turn after a retry
+        frames = c.turn(message="third try", sessionId=sid, clientMessageId="cm-2")
+    assert of_type(frames, "done")
     assert _user_texts(fake_openai.requests[-1]) == ["first question", "third try"]
 
 

@@ -577,7 +577,11 @@ async def retry(request: Request, session_id: str) -> Any:
         # No await between the check above and this cut: a chat cannot slip in between.
         dropped = history[last_user:]
         del history[last_user:]
-        core.store.delete_messages(session_id, [m.id for m in dropped])
+        # The dropped turns' clientMessageIds are released: a resend runs a new turn.
+        turns = {m.turn_id for m in dropped if m.turn_id}
+        for client_id in [k for k, v in live.client_turns.items() if v in turns]:
+            del live.client_turns[client_id]
+        core.store.delete_messages(session_id, [m.id for m in dropped], sorted(turns))
     finally:
         core.manager.maybe_evict(live)
     user = _user(request)

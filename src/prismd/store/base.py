@@ -291,8 +291,11 @@ class Store(abc.ABC):
     def update_message(self, session_id: str, message_id: str, **fields: Any) -> None: ...
 
     @abc.abstractmethod
-    def delete_messages(self, session_id: str, message_ids: list[str]) -> None:
-        """Queued like the other writes (and so ordered with them)."""
+    def delete_messages(
+        self, session_id: str, message_ids: list[str], forget_turns: list[str] | None = None
+    ) -> None:
+        """Queued like the other writes (and so ordered with them). `forget_turns`: turns whose
+        clientMessageId is released, so that a resend with the same id runs anew."""
 
     @abc.abstractmethod
     def append_event(self, session_id: str, seq: int, turn_id: str | None, frame: str) -> None: ...

@@ -845,12 +845,18 @@ class SqliteStore(Store):
             )
         )
 
-    def delete_messages(self, session_id: str, message_ids: list[str]) -> None:
+    def delete_messages(
+        self, session_id: str, message_ids: list[str], forget_turns: list[str] | None = None
+    ) -> None:
         def op() -> None:
             db = self._db(session_id)
             ids = [(m,) for m in message_ids]
             db.executemany("DELETE FROM session_files WHERE message_id=?", ids)
             db.executemany("DELETE FROM session_messages WHERE id=?", ids)
+            db.executemany(
+                "UPDATE turns SET client_message_id=NULL WHERE id=?",
+                [(t,) for t in forget_turns or ()],
+            )
 
         self._submit(op)
 
