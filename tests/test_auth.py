@@ -198,7 +198,7 @@ def test_serve_insecure_starts_without_a_password(tmp_path):
             env=env,
             cwd=ROOT,
             stdout=subprocess.DEVNULL,
-            stderr=subprocess.DEVNULL,
+            stderr=(tmp_path / "insecure.log").open("w"),
         )
         deadline = time.monotonic() + 30
         while time.monotonic() < deadline:
@@ -210,6 +210,7 @@ def test_serve_insecure_starts_without_a_password(tmp_path):
         else:
             raise AssertionError("did not start")
         assert body["authRequired"] is False
+        assert "no authentication (--insecure)" in (tmp_path / "insecure.log").read_text()
     finally:
         for p in (proc, proc_insecure):
             if p is not None and p.poll() is None:

@@ -111,6 +111,12 @@ def cmd_serve(args: argparse.Namespace) -> int:
     for noisy in ("httpx", "httpx2"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
     logging.getLogger("uvicorn.error").addFilter(_client_errors_are_not_server_errors)
+    if args.insecure and _exposure_refusal(settings, False):
+        logging.getLogger("prismd").warning(
+            "serving %s with no authentication (--insecure): anyone who can reach it can use "
+            "it and its tools",
+            settings.server.host,
+        )
     _raise_open_files_limit()
     app = create_app(settings)
     uvicorn.run(
