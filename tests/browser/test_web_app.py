@@ -364,6 +364,18 @@ def test_attached_file_reaches_the_model(
     wait_done(page)
     texts = user_texts(fake_openai)
     assert any("PASTE-42" in t for t in texts) and any("DROP-9" in t for t in texts)
+    # Retry resends the last message with its files (the server hands them back as uploads).
+    before = len(fake_openai.requests)
+    page.locator(".retry-btn").click()
+    deadline = time.monotonic() + 15
+    while len(fake_openai.requests) == before:
+        assert time.monotonic() < deadline, "the retry never reached the model"
+        page.wait_for_timeout(50)
+    wait_done(page)
+    expect(page.locator("#messages-inner .msg.user")).to_have_count(2)
+    expect(page.locator("#messages-inner .msg.user").last.locator(".file-chip")).to_have_count(2)
+    last = json.dumps(fake_openai.requests[-1]["messages"][-1])
+    assert "PASTE-42" in last and "DROP-9" in last
 
 
 def test_tool_card_and_approval_dialog(
@@ -439,10 +451,19 @@ def test_retry_and_edit_last_message(
     wait_done(page)
     expect(last_answer(page)).to_contain_text("You said: edited question")
     expect(page.locator("#messages-inner .msg.user:visible")).to_have_count(1)
+    before = len(fake_openai.requests)
     page.locator(".retry-btn").click()
+    deadline = time.monotonic() + 15
+    while len(fake_openai.requests) == before:
+        assert time.monotonic() < deadline, "the retry never reached the model"
+        page.wait_for_timeout(50)
     wait_done(page)
     expect(last_answer(page)).to_contain_text("You said: edited question")
     expect(page.locator("#messages-inner .msg.assistant")).to_have_count(1)
+    # The model saw one exchange only: the dropped ones are gone from the session.
+    sent = [m for m in fake_openai.requests[-1]["messages"] if m["role"] != "system"]
+    assert [m["role"] for m in sent] == ["user"]
+    assert "edited question" in json.dumps(sent)
 
 
 # ---------------------------------------------------------------------------- screens
