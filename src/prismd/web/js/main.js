@@ -748,6 +748,8 @@ async function refreshSessions() {
 }
 
 function renderSessions(sessions, q) {
+  const current = sessions.find((s) => s.id === S.sessionId);
+  document.title = current && current.name ? `${current.name} · prismd` : "prismd";
   const list = $("#session-list");
   list.replaceChildren();
   if (!sessions.length) {
