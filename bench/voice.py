@@ -9,7 +9,7 @@ PRISMD_HOME, `voice.preload = true`) on 127.0.0.1, and measures over /ws:
   last frame holding speech → `transcribed` and → the first `audio`. This includes the silence
   the VAD waits for before it ends the utterance (`voice.silence_ms`, 500 ms by default).
 
-    .venv/bin/python bench/voice.py [--runs 10] [--out bench/voice_results.json]
+    .venv/bin/python bench/voice.py [--runs 10] [--wait-quiet S] [--out bench/voice_results.json]
 
 Needs espeak-ng (the question is spoken by it).
 """
@@ -110,7 +110,14 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--runs", type=int, default=10)
     ap.add_argument("--out", type=Path, default=ROOT / "bench" / "voice_results.json")
+    ap.add_argument(
+        "--wait-quiet", type=float, default=0, help="first wait up to S s for load < 1.0"
+    )
     args = ap.parse_args()
+    waited = perf()
+    while os.getloadavg()[0] >= 1.0 and perf() - waited < args.wait_quiet:
+        time.sleep(5)
+    load_before = os.getloadavg()[0]
 
     wav = espeak_wav(QUESTION, rate=48_000, speed=175)
     samples, rate = decode(wav)
@@ -149,7 +156,9 @@ def main() -> None:
             srv.stop()
 
     result: dict[str, Any] = {
-        "machine": f"{platform.machine()}, {os.cpu_count()} cores, load {os.getloadavg()[0]:.2f}",
+        "machine": f"{platform.machine()}, {os.cpu_count()} cores",
+        "loadBefore": round(load_before, 2),
+        "loadAfter": round(os.getloadavg()[0], 2),
         "utteranceS": round(seconds, 2),
         "runs": args.runs,
         "pushToTalk": {

@@ -277,6 +277,8 @@ def test_hands_free_pcm_stream_ends_utterance_with_vad_and_speaks(voice_server, 
         frame = 640  # 20 ms
         for i in range(0, len(silence) // 2, frame):
             c.send_raw(silence[i : i + frame])
+        c.send(type="audio_end")  # ends the utterance now, but nobody spoke yet
+        assert c.recv(timeout=30)["code"] == "transcription_failed"
         for i in range(0, len(pcm), frame):
             c.send_raw(pcm[i : i + frame])
         for i in range(0, len(silence), frame):

@@ -147,10 +147,12 @@ class VoiceEngines:
         sample_rate: int | None = None,
         language: str | None = None,
         samples: np.ndarray | None = None,
+        checked: bool = False,
     ) -> Transcript:
-        """Audio bytes (or already decoded 16 kHz samples) → a checked transcript."""
+        """Audio bytes (or already decoded 16 kHz samples) → a checked transcript.
+        `checked`: the samples are an utterance the VAD already heard as speech."""
         return await self._run(
-            self._stt_pool, self._transcribe, data, fmt, sample_rate, language, samples
+            self._stt_pool, self._transcribe, data, fmt, sample_rate, language, samples, checked
         )
 
     def _transcribe(
@@ -160,6 +162,7 @@ class VoiceEngines:
         sample_rate: int | None,
         language: str | None,
         samples: np.ndarray | None,
+        checked: bool,
     ) -> Transcript:
         from .decode import decode
         from .stt import check_transcript
@@ -173,9 +176,12 @@ class VoiceEngines:
             raise TranscriptionFailed(f"The audio is {seconds:.0f} s long; the limit is {limit} s")
         if seconds < 0.1:
             raise TranscriptionFailed("The audio is too short to hold speech")
-        vad: SileroVad = self._vad.get()
-        if vad.speech_ms(samples, self.settings.vad_threshold) < self.settings.min_speech_ms:
-            raise TranscriptionFailed("No speech was detected in the audio (silence or noise)")
+        if not checked:
+            vad: SileroVad = self._vad.get()
+            if not vad.has_speech(
+                samples, self.settings.min_speech_ms, self.settings.vad_threshold
+            ):
+                raise TranscriptionFailed("No speech was detected in the audio (silence or noise)")
         engine: SpeechToText = self._stt.get()
         return check_transcript(engine.transcribe(samples, language))
 

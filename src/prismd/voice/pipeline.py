@@ -103,6 +103,13 @@ class ConnectionVoice:
 
     async def end(self, msg: AudioEnd) -> None:
         self._require(ErrorCode.STT_UNAVAILABLE)
+        if self.stream is not None:
+            # Hands-free: the client says the utterance is over (push-to-talk within a stream).
+            if not await self.stream.end_utterance():
+                raise ProtocolError(
+                    ErrorCode.TRANSCRIPTION_FAILED, "No speech was heard before audio_end"
+                )
+            return
         data, self.buffer = bytes(self.buffer), bytearray()
         overflow, self.overflow = self.overflow, False
         if overflow:
@@ -147,7 +154,9 @@ class ConnectionVoice:
         samples: np.ndarray | None = None,
     ) -> None:
         try:
-            transcript = await self.engines.transcribe(data, fmt, rate, language, samples)
+            # Hands-free utterances were cut by the VAD: no second speech check.
+            checked = samples is not None
+            transcript = await self.engines.transcribe(data, fmt, rate, language, samples, checked)
         except VoiceError as exc:
             self._error(exc.code, exc.message)
             return
@@ -316,8 +325,14 @@ class HandsFree:
         owner = self.owner
         owner.transcribing = owner._spawn(owner._voice_turn(chat, samples=samples), "voice turn")
 
+    async def end_utterance(self) -> bool:
+        """End the utterance in progress now; False if there was none."""
+        rest = await self.owner.engines.in_vad_thread(self.endpointer.flush)
+        if rest is None:
+            return False
+        self._utterance(rest)
+        return True
+
     async def close(self, flush: bool = True) -> None:
         if flush:
-            rest = await self.owner.engines.in_vad_thread(self.endpointer.flush)
-            if rest is not None:
-                self._utterance(rest)
+            await self.end_utterance()

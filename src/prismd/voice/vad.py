@@ -60,6 +60,17 @@ class SileroVad:
         """Milliseconds of `samples` (16 kHz) that the model hears as speech."""
         return sum(WINDOW_MS for p in self.stream().probabilities(samples) if p >= threshold)
 
+    def has_speech(self, samples: np.ndarray, least_ms: int, threshold: float = 0.5) -> bool:
+        """Whether `samples` hold at least `least_ms` of speech; stops as soon as they do."""
+        stream, heard = self.stream(), 0
+        step = WINDOW * 16  # about half a second at a time
+        for start in range(0, samples.size, step):
+            probs = stream.probabilities(samples[start : start + step])
+            heard += sum(WINDOW_MS for p in probs if p >= threshold)
+            if heard >= least_ms:
+                return True
+        return False
+
 
 class VadStream:
     """Speech probabilities of a continuous 16 kHz stream, one per 32 ms window."""
