@@ -117,3 +117,16 @@ def test_word_error_rate():
     assert wer("the cat sat", "The cat, sat.") == 0
     assert wer("the cat sat on the mat", "the cat sat on a mat") == pytest.approx(1 / 6)
     assert wer("a b", "") == 1
+
+
+def test_voice_config_accepts_auto_speak_in_either_spelling(tmp_path):
+    from prismd.config import ConfigError, load_settings
+
+    for key in ("autoSpeak", "auto_speak"):
+        path = tmp_path / f"{key}.toml"
+        path.write_text(f"[voice]\n{key} = true\nsilence_ms = 700\n[voice.stt]\nwindow_s = 30\n")
+        voice = load_settings(path, env={"PRISMD_HOME": str(tmp_path)}).voice
+        assert voice.auto_speak is True and voice.silence_ms == 700 and voice.stt.window_s == 30
+    path.write_text("[voice]\nsilence_ms = 5\n")
+    with pytest.raises(ConfigError, match="voice.silence_ms"):
+        load_settings(path, env={"PRISMD_HOME": str(tmp_path)})
