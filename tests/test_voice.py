@@ -189,6 +189,21 @@ def test_stop_during_a_voice_turn(voice_server, fake_openai, question_wav):
     assert fake_openai.wait_aborted(1)
 
 
+def test_a_second_recording_waits_for_the_first(voice_server, fake_openai, question_wav):
+    fake_openai.script(Reply(text=["Paris."]))
+    with voice_server.client() as c:
+        send_recording(c, question_wav)
+        send_recording(c, question_wav)  # while the first is being transcribed
+        frames = c.until_turn_end(timeout=60)
+        if frames[-1]["type"] == "error":  # the refusal came first
+            refused = frames[-1]
+            frames = c.until_turn_end(timeout=60)
+        else:
+            refused = c.recv(timeout=30)
+    assert refused["code"] == "turn_in_progress" and "seq" not in refused
+    assert of_type(frames, "done")[0]["finalContent"] == "Paris."
+
+
 def test_silence_and_garbage_are_rejected_without_a_turn(voice_server, fake_openai):
     cases = [
         (silence_wav(2.0), "No speech"),
@@ -279,6 +294,8 @@ def test_hands_free_pcm_stream_ends_utterance_with_vad_and_speaks(voice_server, 
             c.send_raw(silence[i : i + frame])
         c.send(type="audio_end")  # ends the utterance now, but nobody spoke yet
         assert c.recv(timeout=30)["code"] == "transcription_failed"
+        c.send_raw(b"\x00" * 300_000)  # one frame of over 2.7 s
+        assert c.recv(timeout=30)["code"] == "payload_too_large"
         for i in range(0, len(pcm), frame):
             c.send_raw(pcm[i : i + frame])
         for i in range(0, len(silence), frame):
@@ -336,6 +353,11 @@ def test_speak_returns_audio(voice_server):
         assert bad["code"] == "tts_unavailable" and "no-such-voice" in bad["error"]
         c.send(type="speak", text="Hi", voice="alloy")  # OpenAI voice names map to a voice
         assert c.recv(timeout=30)["type"] == "audio"
+        for i in range(6):  # at most 4 at once per connection
+            c.send(type="speak", text=f"Number {i}.")
+        replies = [c.recv(timeout=30) for _ in range(6)]
+        kinds = sorted(f["type"] if f["type"] == "audio" else f["code"] for f in replies)
+        assert kinds == ["audio"] * 4 + ["rate_limited"] * 2
 
 
 def test_rest_transcribe_synthesize_voices(voice_server, question_wav):

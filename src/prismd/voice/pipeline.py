@@ -36,6 +36,8 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("prismd.voice")
 MAX_SPEAK_CHARS = 10_000
+MAX_PENDING_SPEAK = 4  # `speak` requests of one connection being synthesised at once
+MAX_STREAM_FRAME = 256 * 1024  # bytes of PCM in one hands-free frame (2.7 s at 48 kHz)
 STOPPING_WAIT_S = 3.0  # how long a new utterance waits for an interrupted turn to end
 
 
@@ -49,6 +51,7 @@ class ConnectionVoice:
         self.transcribing: asyncio.Task[None] | None = None
         self.tasks: set[asyncio.Task[None]] = set()
         self.stream: HandsFree | None = None
+        self.speaking: set[asyncio.Task[None]] = set()
 
     @property
     def streaming(self) -> bool:
@@ -122,6 +125,11 @@ class ConnectionVoice:
                 ErrorCode.TRANSCRIPTION_FAILED, "No audio was received before audio_end"
             )
         self._check_turn_free(msg.sessionId)
+        if self.transcribing is not None and not self.transcribing.done():
+            raise ProtocolError(
+                ErrorCode.TURN_IN_PROGRESS,
+                "A recording is already being transcribed — wait for its turn to start",
+            )
         chat = Chat(
             type="chat",
             sessionId=msg.sessionId,
@@ -216,7 +224,14 @@ class ConnectionVoice:
                 ErrorCode.PAYLOAD_TOO_LARGE,
                 f"`speak` text of {len(text)} characters exceeds {MAX_SPEAK_CHARS}",
             )
-        self._spawn(self._speak(text, msg.voice), "speak")
+        self.speaking = {t for t in self.speaking if not t.done()}
+        if len(self.speaking) >= MAX_PENDING_SPEAK:
+            raise ProtocolError(
+                ErrorCode.RATE_LIMITED,
+                f"{MAX_PENDING_SPEAK} `speak` requests are already being synthesised; "
+                "wait for their audio",
+            )
+        self.speaking.add(self._spawn(self._speak(text, msg.voice), "speak"))
 
     async def _speak(self, text: str, voice: str | None) -> None:
         from .engines import audio_frame
@@ -270,6 +285,14 @@ class ConnectionVoice:
         if self.stream is not None:
             await self.stream.feed(data)
 
+    def _check_frame(self, size: int) -> None:
+        if size > MAX_STREAM_FRAME:
+            raise ProtocolError(
+                ErrorCode.PAYLOAD_TOO_LARGE,
+                f"A hands-free frame of {size} bytes exceeds {MAX_STREAM_FRAME} bytes: send "
+                "PCM in frames of 20-100 ms",
+            )
+
     async def close(self) -> None:
         self.stream = None
         for task in list(self.tasks):
@@ -291,6 +314,7 @@ class HandsFree:
     async def feed(self, data: bytes) -> None:
         from .decode import pcm16_to_float
 
+        self.owner._check_frame(len(data))
         data = self._odd + data
         cut = len(data) - len(data) % 2
         data, self._odd = data[:cut], data[cut:]
