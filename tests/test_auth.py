@@ -229,6 +229,9 @@ def test_open_on_loopback_until_a_user_exists(make_server, fake_openai):
         "user": {"id": "local", "name": "local", "admin": True},
     }
     assert srv.get("/api/sessions").status_code == 200
+    with srv.client() as c:
+        local_sid = c.turn(message="made while open")[0]["sessionId"]
+    assert srv.get(f"/api/sessions/{local_sid}").json()["ownerId"] == "local"
     # A user added while the server runs closes it (no restart needed).
     add_user(srv.home, "alice")
     deadline = time.monotonic() + 5
@@ -239,8 +242,14 @@ def test_open_on_loopback_until_a_user_exists(make_server, fake_openai):
     assert srv.get("/api/health").json() == {"status": "ok"}
     # A token created while it runs works at once; revoked, it stops working at once.
     token = make_token(srv.home, "alice")
+    add_user(srv.home, "bob")
+    # What was made while open belongs to the local owner: the admin sees it, others do not.
+    with bearer(srv.url, make_token(srv.home, "bob")) as c:
+        assert c.get(f"/api/sessions/{local_sid}").status_code == 404
+        assert c.get("/api/sessions").json()["sessions"] == []
     with bearer(srv.url, token) as c:
         assert c.get("/api/sessions").status_code == 200
+        assert c.get(f"/api/sessions/{local_sid}").status_code == 200
         token_id = cli(srv.home, "tokens", "list").stdout.split()[0]
         assert cli(srv.home, "tokens", "revoke", token_id).returncode == 0
         assert c.get("/api/sessions").status_code == 401
