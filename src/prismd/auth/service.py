@@ -133,9 +133,6 @@ class Auth:
             self._users_seen = (now, seen)
         return seen
 
-    def forget_cache(self) -> None:
-        self._users_seen = (0.0, False)
-
     async def authenticate(self, cookie: str | None, bearer: str | None) -> Principal | None:
         if bearer:
             configured = self.settings.auth.token
