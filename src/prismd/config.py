@@ -174,7 +174,7 @@ class SttSettings(_Section):
     # Let faster-whisper download a model given by name (off by default: offline).
     download: bool = False
     compute_type: str = "int8"
-    threads: Annotated[int, Field(ge=0)] = 0  # 0: CTranslate2 picks
+    threads: Annotated[int, Field(ge=0)] = 0  # 0: one per CPU (at most 8)
     beam_size: Annotated[int, Field(ge=1, le=10)] = 1
     # The encoder window for utterances shorter than it (30 = standard Whisper; shorter is
     # faster on a CPU and a little less accurate).
