@@ -30,6 +30,8 @@ from typing import Any
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+import numpy as np  # noqa: E402
+
 from prismd.testing.fake_models import FakeModelServer, Reply  # noqa: E402
 from tests.conftest import Client, PrismdServer, openai_env  # noqa: E402
 from tests.voice_fixtures import chunks, decode, encode, espeak_wav, pcm16  # noqa: E402
@@ -124,6 +126,9 @@ def main() -> None:
     seconds = len(samples) / rate
     webm = encode(wav, "webm", "libopus")
     pcm = pcm16(wav, 16_000)
+    # Hands-free latency counts from the end of speech: drop espeak's trailing silence.
+    voiced = np.flatnonzero(np.abs(np.frombuffer(pcm, dtype="<i2")) > 600)
+    pcm = pcm[: 2 * (int(voiced[-1]) + 1)]
     print(f"utterance: {seconds:.2f} s of espeak-ng speech ({len(webm)} bytes WebM/Opus)")
 
     with FakeModelServer("openai") as fake, tempfile.TemporaryDirectory() as home:
