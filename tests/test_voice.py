@@ -189,6 +189,18 @@ def test_stop_during_a_voice_turn(voice_server, fake_openai, question_wav):
     assert fake_openai.wait_aborted(1)
 
 
+def test_raw_pcm16_recording_with_its_sample_rate(voice_server, fake_openai):
+    fake_openai.script(Reply(text=["Paris."]))
+    pcm = pcm16(espeak_wav(QUESTION), 24_000)
+    with voice_server.client() as c:
+        for piece in chunks(pcm, 3):
+            c.send(type="audio_chunk", data=piece, format="pcm16", sampleRate=24_000)
+        c.send(type="audio_end")
+        frames = c.until_turn_end(timeout=60)
+    assert wer(QUESTION, of_type(frames, "transcribed")[0]["text"]) <= 0.34
+    assert of_type(frames, "done")[0]["finalContent"] == "Paris."
+
+
 def test_a_second_recording_waits_for_the_first(voice_server, fake_openai, question_wav):
     fake_openai.script(Reply(text=["Paris."]))
     with voice_server.client() as c:
