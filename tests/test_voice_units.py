@@ -113,6 +113,29 @@ def test_vad_ends_the_utterance_after_the_configured_silence():
     assert ep.feed(np.zeros(16_000 * 3, dtype=np.float32)) == [] and ep.flush() is None
 
 
+@pytest.mark.skipif(not HAVE_ESPEAK, reason="espeak-ng is not installed")
+def test_vad_offers_the_utterance_at_a_pause_and_takes_it_back_if_speech_resumes():
+    from prismd.voice.vad import EndpointConfig, Endpointer, SileroVad
+
+    vad = SileroVad()
+    speech = pcm16_to_float(pcm16(espeak_wav("What is the capital of France?")), 16_000)
+    voiced = np.flatnonzero(np.abs(speech) > 0.02)
+    speech = speech[voiced[0] : voiced[-1] + 1]  # espeak's leading and trailing silence cut
+    silence = np.zeros(16_000, dtype=np.float32)
+    ep = Endpointer(vad.stream(), EndpointConfig(silence_ms=800, pause_ms=300))
+    events = []
+    # Speech, a 0.5 s pause (longer than pause_ms, shorter than silence_ms), speech, silence.
+    stream = np.concatenate([silence[:8000], speech, silence[:8000], speech, silence])
+    for i in range(0, stream.size, 320):
+        events += ep.feed(stream[i : i + 320])
+    kinds = [k for k, _ in events]
+    assert kinds == ["speech", "pause", "resume", "pause", "utterance"], kinds
+    last_pause, utterance = events[3][1], events[4][1]
+    # The speculative audio is the utterance minus the end of its closing silence.
+    assert np.array_equal(utterance[: last_pause.size], last_pause)
+    assert 0.3 < (utterance.size - last_pause.size) / 16_000 < 0.6
+
+
 def test_word_error_rate():
     assert wer("the cat sat", "The cat, sat.") == 0
     assert wer("the cat sat on the mat", "the cat sat on a mat") == pytest.approx(1 / 6)

@@ -222,6 +222,9 @@ class VoiceSettings(_Section):
     vad_threshold: Annotated[float, Field(gt=0, lt=1)] = 0.5
     silence_ms: Annotated[int, Field(ge=100, le=10_000)] = 500
     min_speech_ms: Annotated[int, Field(ge=32, le=5_000)] = 250
+    # Hands-free: start transcribing halfway through that silence, so the transcript is ready
+    # when the utterance ends (a wasted transcription if the user speaks again).
+    speculative: bool = True
     stt: SttSettings = Field(default_factory=SttSettings)
     tts: TtsSettings = Field(default_factory=TtsSettings)
 

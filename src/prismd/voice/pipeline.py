@@ -32,6 +32,7 @@ if TYPE_CHECKING:
     import numpy as np
 
     from ..server.ws import Connection
+    from .stt import Transcript
     from .vad import Endpointer
 
 log = logging.getLogger("prismd.voice")
@@ -160,11 +161,17 @@ class ConnectionVoice:
         rate: int | None = None,
         language: str | None = None,
         samples: np.ndarray | None = None,
+        pending: asyncio.Future[Transcript] | None = None,
     ) -> None:
         try:
-            # Hands-free utterances were cut by the VAD: no second speech check.
-            checked = samples is not None
-            transcript = await self.engines.transcribe(data, fmt, rate, language, samples, checked)
+            if pending is not None:  # the speculative transcription of this utterance
+                transcript = await pending
+            else:
+                # Hands-free utterances were cut by the VAD: no second speech check.
+                checked = samples is not None
+                transcript = await self.engines.transcribe(
+                    data, fmt, rate, language, samples, checked
+                )
         except VoiceError as exc:
             self._error(exc.code, exc.message)
             return
@@ -262,10 +269,14 @@ class ConnectionVoice:
         settings = self.conn.core.settings.voice
         from .vad import EndpointConfig, Endpointer
 
+        silence_ms = msg.silenceMs or settings.silence_ms
         config = EndpointConfig(
             threshold=settings.vad_threshold,
-            silence_ms=msg.silenceMs or settings.silence_ms,
+            silence_ms=silence_ms,
             min_speech_ms=settings.min_speech_ms,
+            # Transcribe speculatively halfway through the silence that ends an utterance:
+            # if the user does not speak again, the transcript is (almost) ready when it ends.
+            pause_ms=max(160, silence_ms // 2) if settings.speculative else 0,
         )
         if self.stream is not None:
             await self.stream.close(flush=False)
@@ -310,6 +321,7 @@ class HandsFree:
         self.endpointer = endpointer
         self.rate = msg.sampleRate
         self._odd = b""
+        self._speculative: asyncio.Future[Transcript] | None = None
 
     async def feed(self, data: bytes) -> None:
         from .decode import pcm16_to_float
@@ -325,8 +337,23 @@ class HandsFree:
         for kind, value in events:
             if kind == "speech":
                 self._barge_in()
+            elif kind == "pause":
+                self._discard_speculative()
+                self._speculative = asyncio.ensure_future(
+                    self.owner.engines.transcribe(None, samples=value, checked=True)
+                )
+            elif kind == "resume":
+                self._discard_speculative()
             elif kind == "utterance":
-                self._utterance(value)
+                pending, self._speculative = self._speculative, None
+                self._utterance(value, pending)
+
+    def _discard_speculative(self) -> None:
+        """The user spoke again: that transcript is of half an utterance."""
+        stale, self._speculative = self._speculative, None
+        if stale is not None:
+            stale.cancel()
+            stale.add_done_callback(lambda f: f.cancelled() or f.exception())
 
     def _barge_in(self) -> None:
         """The user speaks while the session's turn runs: stop it (what was said so far is
@@ -336,7 +363,9 @@ class HandsFree:
         if live is not None and live.turn is not None:
             conn.core.runner.stop(live)
 
-    def _utterance(self, samples: np.ndarray) -> None:
+    def _utterance(
+        self, samples: np.ndarray, pending: asyncio.Future[Transcript] | None = None
+    ) -> None:
         msg = self.msg
         chat = Chat(
             type="chat",
@@ -347,10 +376,13 @@ class HandsFree:
             voice=msg.voice,
         )
         owner = self.owner
-        owner.transcribing = owner._spawn(owner._voice_turn(chat, samples=samples), "voice turn")
+        owner.transcribing = owner._spawn(
+            owner._voice_turn(chat, samples=samples, pending=pending), "voice turn"
+        )
 
     async def end_utterance(self) -> bool:
         """End the utterance in progress now; False if there was none."""
+        self._discard_speculative()
         rest = await self.owner.engines.in_vad_thread(self.endpointer.flush)
         if rest is None:
             return False
@@ -358,5 +390,6 @@ class HandsFree:
         return True
 
     async def close(self, flush: bool = True) -> None:
+        self._discard_speculative()
         if flush:
             await self.end_utterance()

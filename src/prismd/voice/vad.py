@@ -105,12 +105,16 @@ class EndpointConfig:
     min_speech_ms: int = 250  # speech shorter than this is a click or a cough
     preroll_ms: int = 300  # audio kept from before the speech started
     max_utterance_ms: int = 30_000
+    # Silence after which the speech so far is offered for speculative transcription (0: off).
+    pause_ms: int = 0
 
 
 @dataclass
 class Endpointer:
     """Cuts a PCM stream into utterances. `feed` returns events: ("speech", None) once an
-    utterance has `min_speech_ms` of speech (the moment to interrupt a spoken reply) and
+    utterance has `min_speech_ms` of speech (the moment to interrupt a spoken reply),
+    ("pause", samples) after `pause_ms` of silence (the utterance may be over: transcribe it
+    speculatively), ("resume", None) if speech comes back after a pause, and
     ("utterance", samples) when `silence_ms` of silence ends it."""
 
     vad: VadStream
@@ -120,6 +124,7 @@ class Endpointer:
     _speech: list[Any] = field(default_factory=list)
     _in_speech: bool = False
     _announced: bool = False
+    _paused: bool = False
     _speech_ms: int = 0
     _silence_ms: int = 0
     _total_ms: int = 0
@@ -159,11 +164,21 @@ class Endpointer:
                 if p >= cfg.threshold:
                     self._speech_ms += WINDOW_MS
                 self._silence_ms = 0
+                if self._paused:
+                    self._paused = False
+                    events.append(("resume", None))
             else:
                 self._silence_ms += WINDOW_MS
             if not self._announced and self._speech_ms >= cfg.min_speech_ms:
                 self._announced = True
                 events.append(("speech", None))
+            if (
+                0 < cfg.pause_ms <= self._silence_ms < cfg.silence_ms
+                and self._announced
+                and not self._paused
+            ):
+                self._paused = True
+                events.append(("pause", np.concatenate(self._speech)))
             if self._silence_ms >= cfg.silence_ms or self._total_ms >= cfg.max_utterance_ms:
                 utterance = self._end()
                 if utterance is not None:
@@ -180,7 +195,7 @@ class Endpointer:
 
         enough = self._speech_ms >= self.config.min_speech_ms
         speech, self._speech = self._speech, []
-        self._in_speech = self._announced = False
+        self._in_speech = self._announced = self._paused = False
         self._speech_ms = self._silence_ms = self._total_ms = 0
         if not enough or not speech:
             return None
