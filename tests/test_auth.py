@@ -255,6 +255,31 @@ def test_open_on_loopback_until_a_user_exists(make_server, fake_openai):
         assert c.get("/api/sessions").status_code == 401
 
 
+def test_open_mode_refuses_other_sites(make_server, fake_openai):
+    """With no password, a web page from another site may not drive the agent through the
+    user's browser: no cross-site WebSocket, no DNS-rebound host name. Local clients (no
+    Origin, or the app's own origin) and localhost names are served."""
+    config = '[auth]\nallowed_origins = ["http://box.lan:8080"]\n'
+    srv = make_server(openai_env(fake_openai), config)
+    for origin in (f"http://127.0.0.1:{srv.port}", "http://box.lan:8080"):
+        with ws_client(srv.ws_url, additional_headers={"Origin": origin}) as c:
+            assert c.turn(message="hello")[-1]["type"] == "context_usage", origin
+    for origin in ("https://evil.example", f"http://127.0.0.1:{srv.port + 1}", "null"):
+        headers = {"Origin": origin}
+        assert upgrade_status(srv.ws_url, additional_headers=headers) == 403, origin
+
+    def get(host: str) -> httpx.Response:
+        return httpx.get(f"{srv.url}/api/sessions", headers={"Host": host}, timeout=10)
+
+    for host in ("localhost", f"localhost:{srv.port}", f"[::1]:{srv.port}", "app.localhost"):
+        assert get(host).status_code == 200, host
+    for host in (f"evil.example:{srv.port}", "rebound.example.com", f"192.168.1.4:{srv.port}"):
+        r = get(host)
+        assert r.status_code == 403 and r.json()["code"] == "unauthorized", host
+        assert "sessions" not in r.json()
+    assert get("box.lan:8080").status_code == 200
+
+
 def test_configured_token(make_server, fake_openai):
     token = "a-configured-token-0123456789"
     srv = make_server({**openai_env(fake_openai), "PRISMD_TOKEN": token})

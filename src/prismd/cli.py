@@ -48,20 +48,6 @@ def _raise_open_files_limit() -> None:
         pass
 
 
-LOOPBACK_HOSTS = {"127.0.0.1", "::1", "localhost"}
-
-
-def _is_loopback(host: str) -> bool:
-    if host in LOOPBACK_HOSTS:
-        return True
-    import ipaddress
-
-    try:
-        return ipaddress.ip_address(host.strip("[]")).is_loopback
-    except ValueError:
-        return False
-
-
 def _user_count(data_dir: Path) -> int:
     """Users in the core database, read without starting the store (0 if there is none)."""
     import sqlite3
@@ -80,8 +66,10 @@ def _user_count(data_dir: Path) -> int:
 
 def _exposure_refusal(settings: Settings, insecure: bool) -> str | None:
     """Why the server must not start: reachable from other machines with nothing to log in."""
+    from .auth.middleware import is_loopback
+
     host = settings.server.host
-    if insecure or _is_loopback(host) or settings.auth.token:
+    if insecure or is_loopback(host) or settings.auth.token:
         return None
     if _user_count(settings.data_dir) > 0:
         return None

@@ -8,6 +8,7 @@ in `scope["state"]["user"]` (`request.state.user`), None on the few open routes.
 
 from __future__ import annotations
 
+import ipaddress
 import json
 from typing import TYPE_CHECKING, Any
 from urllib.parse import parse_qs, urlsplit
@@ -31,6 +32,24 @@ def protected(path: str) -> bool:
 
 def _headers(scope: Scope) -> dict[str, str]:
     return {k.decode("latin-1"): v.decode("latin-1") for k, v in scope.get("headers", [])}
+
+
+def is_loopback(host: str) -> bool:
+    """A loopback address or name: 127.0.0.0/8, ::1, localhost (and *.localhost, RFC 6761)."""
+    host = host.strip("[]").lower()
+    if host == "localhost" or host.endswith(".localhost"):
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def _host_name(host_header: str) -> str:
+    """The name in a Host header, without its port ("[::1]:3000" → "::1")."""
+    if host_header.startswith("["):
+        return host_header[1 : host_header.find("]")] if "]" in host_header else host_header
+    return host_header.rsplit(":", 1)[0]
 
 
 def _origin_allowed(origin: str, host: str, allowed: list[str]) -> bool:
@@ -61,11 +80,15 @@ class AuthMiddleware:
         auth = core.auth
         state = scope.setdefault("state", {})
         path: str = scope.get("path", "")
+        headers = _headers(scope)
         if not await auth.required():
+            refusal = _open_mode_refusal(scope, headers, core)
+            if refusal is not None:
+                await _deny(scope, send, 403, "unauthorized", refusal)
+                return
             state["user"] = LOCAL_PRINCIPAL
             await self.app(scope, receive, send)
             return
-        headers = _headers(scope)
         bearer = None
         authorization = headers.get("authorization", "")
         if authorization[:7].lower() == "bearer ":
@@ -93,6 +116,34 @@ class AuthMiddleware:
             await _deny(scope, send, 401, "unauthorized", "Authentication required")
             return
         await self.app(scope, receive, send)
+
+
+def _open_mode_refusal(scope: Scope, headers: dict[str, str], core: Prismd) -> str | None:
+    """With no password, prismd trusts whoever reaches it on loopback, but not a web page that
+    the user's browser happens to show: a page from another site may not open `/ws` (a
+    cross-site WebSocket is not bound by CORS, and the agent has tools), and a host name that is
+    not loopback is refused, so DNS rebinding cannot turn a site's name into 127.0.0.1. Served
+    on a public address with `--insecure`, the operator chose to be open: only the Origin rule
+    holds then."""
+    settings = core.settings
+    host = headers.get("host", "")
+    if (
+        host
+        and is_loopback(settings.server.host)
+        and not is_loopback(_host_name(host))
+        and not any(_origin_allowed(o, host, []) for o in settings.auth.allowed_origins)
+    ):
+        return (
+            f"Host {host!r} is not a loopback name: prismd without a password answers only "
+            "localhost/127.0.0.1 (add the site to auth.allowed_origins, or set a password)"
+        )
+    if (
+        scope["type"] == "websocket"
+        and "origin" in headers
+        and not _origin_allowed(headers["origin"], host, settings.auth.allowed_origins)
+    ):
+        return "This Origin may not open a WebSocket"
+    return None
 
 
 async def _deny(scope: Scope, send: Send, status: int, code: str, message: str) -> None:
