@@ -67,7 +67,9 @@ def chromium_args(wav: Path | None) -> list[str]:
     return args
 
 
-@pytest.fixture(scope="session")
+# Package scope, not session: Playwright's sync API keeps an asyncio loop running in the main
+# thread while it is open, which breaks every later test that calls asyncio.run().
+@pytest.fixture(scope="package")
 def browser(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Browser]:
     if not CHROMIUM.exists():
         pytest.skip("Debian's chromium is not installed (make install installs it)")
