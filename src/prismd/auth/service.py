@@ -8,6 +8,7 @@ request (one indexed query); only "does any user exist?" is cached, for a second
 from __future__ import annotations
 
 import asyncio
+import functools
 import hashlib
 import hmac
 import secrets
@@ -15,18 +16,33 @@ import time
 from collections import deque
 from dataclasses import dataclass
 from datetime import UTC, datetime
-
-from argon2 import PasswordHasher
-from argon2.exceptions import InvalidHashError, VerificationError
+from typing import TYPE_CHECKING
 
 from ..config import Settings
 from ..store.base import LOCAL_USER_ID, Store, UserRecord
 
+if TYPE_CHECKING:
+    from argon2 import PasswordHasher
+
 COOKIE_NAME = "prismd_session"
-# argon2id with the library's defaults (RFC 9106 low-memory profile: 64 MiB, 3 passes).
-_hasher = PasswordHasher()
-# Verified against when a username is unknown, so that a miss costs as much as a hit.
-_DUMMY_HASH = _hasher.hash("prismd-no-such-user")
+
+
+@functools.cache
+def _hasher() -> PasswordHasher:
+    """argon2id with the library's defaults (RFC 9106 low-memory profile: 64 MiB, 3 passes).
+    Imported on first use: a server that never sees a password does not carry it (~4 MB)."""
+    from argon2 import PasswordHasher
+
+    return PasswordHasher()
+
+
+@functools.cache
+def _dummy_hash() -> str:
+    """Verified against when a username is unknown, so that a miss costs as much as a hit.
+    Made on first use: hashing costs 64 MiB and ~0.2 s, which a server start should not pay."""
+    return _hasher().hash("prismd-no-such-user")
+
+
 USERS_CACHE_S = 1.0
 WINDOW_S = 60.0
 
@@ -52,12 +68,14 @@ LOCAL_PRINCIPAL = Principal(LOCAL_USER_ID, "local", True, "open")
 
 
 def hash_password(password: str) -> str:
-    return _hasher.hash(password)
+    return _hasher().hash(password)
 
 
 def verify_password(password_hash: str, password: str) -> bool:
+    from argon2.exceptions import InvalidHashError, VerificationError
+
     try:
-        return _hasher.verify(password_hash or _DUMMY_HASH, password) and bool(password_hash)
+        return _hasher().verify(password_hash or _dummy_hash(), password) and bool(password_hash)
     except (VerificationError, InvalidHashError):
         return False
 
