@@ -73,6 +73,8 @@ def test_security_headers_on_every_app_response(web_server: PrismdServer) -> Non
         assert "unsafe-inline" not in csp and "unsafe-eval" not in csp
         assert r.headers["x-content-type-options"] == "nosniff"
         assert r.headers["referrer-policy"] == "no-referrer"
+        head = httpx.head(web_server.url + path)  # monitors and link checkers send HEAD
+        assert head.status_code == 200 and head.headers["content-security-policy"] == csp, path
     for bad in ["/static/../server/web.py", "/static/%2e%2e/server/web.py", "/static/nope.js"]:
         r = httpx.get(web_server.url + bad)
         assert r.status_code == 404, bad

@@ -54,7 +54,7 @@ def _not_found() -> JSONResponse:
     )
 
 
-@router.get("/")
+@router.api_route("/", methods=["GET", "HEAD"])
 async def index() -> Response:
     return FileResponse(
         WEB_DIR / "index.html",
@@ -70,7 +70,7 @@ async def favicon() -> Response:
     )
 
 
-@router.get("/static/{path:path}")
+@router.api_route("/static/{path:path}", methods=["GET", "HEAD"])
 async def static(path: str) -> Response:
     root = WEB_DIR.resolve()
     target = (root / path).resolve()
