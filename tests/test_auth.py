@@ -474,6 +474,30 @@ def test_sessions_belong_to_their_user(users_server):
         assert admin_ws.recv()["type"] == "session"
 
 
+def test_a_deleted_sessions_id_reused_by_another_user_reaches_only_them(users_server):
+    """Clients choose session ids, so one can be taken again after a delete: a connection
+    still bound to the deleted session is told it ended and gets nothing of the new one."""
+    srv = users_server
+    bob_t, carol_t = srv.tokens["bob"], srv.tokens["carol"]
+    sid = "shared-name-1"
+    with ws_client(f"{srv.ws_url}?token={bob_t}") as bob:
+        assert bob.turn(message="bob first", sessionId=sid)[-1]["type"] == "context_usage"
+        with bearer(srv.url, bob_t) as bob_http:
+            assert bob_http.delete(f"/api/sessions/{sid}").status_code == 204
+        ended = bob.recv()
+        assert ended == {"type": "session_ended", "sessionId": sid, "reason": "deleted"}
+        with ws_client(f"{srv.ws_url}?token={carol_t}") as carol:
+            frames = carol.turn(message="carol's secret", sessionId=sid)
+            assert frames[-1]["type"] == "context_usage"
+            assert frames[0]["sessionId"] == sid
+        assert bob.no_frame(0.5), "bob's socket received carol's session"
+        # Bob's voice_state no longer reaches anyone: he is bound to nothing.
+        bob.send(type="voice_state", speaking=True)
+        assert bob.recv()["code"] == "session_not_found"
+    with bearer(srv.url, bob_t) as bob_http:
+        assert bob_http.get(f"/api/sessions/{sid}").status_code == 404
+
+
 def test_uploads_and_agents_belong_to_their_user(users_server):
     srv = users_server
     with bearer(srv.url, srv.tokens["bob"]) as bob:

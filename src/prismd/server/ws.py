@@ -348,6 +348,12 @@ class Connection:
             }
         )
 
+    def session_gone(self, session_id: str) -> None:
+        """The bound session was deleted (REST, another tab): unbound, and told so."""
+        if self.live is not None and self.live.id == session_id:
+            self.live = None
+            self.send({"type": "session_ended", "sessionId": session_id, "reason": "deleted"})
+
     def _unbind(self) -> None:
         if self.live is not None:
             live, self.live = self.live, None

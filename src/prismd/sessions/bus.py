@@ -14,6 +14,9 @@ class Subscriber(Protocol):
     def deliver(self, seq: int, frame: str) -> None:
         """Queue one already-serialised frame; must not block."""
 
+    def session_gone(self, session_id: str) -> None:
+        """The session was deleted: stop treating it as bound (its id may be reused)."""
+
 
 class EventBus(abc.ABC):
     @abc.abstractmethod
@@ -29,6 +32,10 @@ class EventBus(abc.ABC):
 
     @abc.abstractmethod
     def subscribers(self, session_id: str) -> int: ...
+
+    @abc.abstractmethod
+    def detach_all(self, session_id: str) -> None:
+        """Unsubscribe everyone from a deleted session and tell them (`session_gone`)."""
 
 
 class LocalBus(EventBus):
@@ -54,3 +61,7 @@ class LocalBus(EventBus):
 
     def subscribers(self, session_id: str) -> int:
         return len(self._subs.get(session_id, ()))
+
+    def detach_all(self, session_id: str) -> None:
+        for sub in self._subs.pop(session_id, ()):
+            sub.session_gone(session_id)

@@ -173,6 +173,11 @@ class SessionManager:
                 await live.turn.task
             except BaseException:  # noqa: BLE001 - the turn is being thrown away
                 pass
+        # Ids can be chosen by clients, so one may be reused by a new session (another user's,
+        # even): nothing of the deleted one may reach it, neither its bound connections nor
+        # its frames still waiting for the store.
+        self.bus.detach_all(session_id)
+        self._undelivered.pop(session_id, None)
         return await self.store.delete_session(session_id)
 
     # ------------------------------------------------------------ turns
