@@ -278,6 +278,15 @@ def test_open_mode_refuses_other_sites(make_server, fake_openai):
         assert r.status_code == 403 and r.json()["code"] == "unauthorized", host
         assert "sessions" not in r.json()
     assert get("box.lan:8080").status_code == 200
+    # Nothing that changes state is taken from another site's page (a multipart POST needs no
+    # CORS preflight); the app's own pages and clients without an Origin are served.
+    files = {"file": ("note.txt", b"hello", "text/plain")}
+    for headers in ({"Origin": "https://evil.example"}, {"Sec-Fetch-Site": "cross-site"}):
+        r = httpx.post(f"{srv.url}/api/upload", files=files, headers=headers, timeout=10)
+        assert r.status_code == 403 and r.json()["code"] == "unauthorized", headers
+    for headers in ({"Origin": f"http://127.0.0.1:{srv.port}"}, {}):
+        r = httpx.post(f"{srv.url}/api/upload", files=files, headers=headers, timeout=10)
+        assert r.status_code == 201, headers
 
 
 def test_configured_token(make_server, fake_openai):
@@ -291,6 +300,25 @@ def test_configured_token(make_server, fake_openai):
         assert c.get("/api/sessions").status_code == 401
     with ws_client(f"{srv.ws_url}?token={token}") as c:
         assert c.turn(message="hi")[-1]["type"] == "context_usage"
+
+
+def test_credentials_are_checked_under_a_root_path(tmp_path):
+    """Behind a proxy that mounts prismd under a prefix (uvicorn --root-path), the check
+    applies to the path the routes see, not only to paths that start with /api."""
+    from starlette.testclient import TestClient
+
+    from prismd.config import load_settings
+    from prismd.server.app import create_app
+
+    token = "a-configured-token-0123456789"
+    settings = load_settings(env={"PRISMD_HOME": str(tmp_path), "PRISMD_TOKEN": token})
+    app = create_app(settings, probe_ollama=False)
+    with TestClient(app, root_path="/p") as c:
+        for path in ("/p/api/config", "/p/api/sessions", "/api/sessions"):
+            r = c.get(path)
+            assert r.status_code == 401 and r.json()["code"] == "unauthorized", path
+        ok = c.get("/p/api/sessions", headers={"Authorization": f"Bearer {token}"})
+        assert ok.status_code == 200
 
 
 # ---------------------------------------------------------------- login sessions

@@ -13,6 +13,7 @@ import json
 from typing import TYPE_CHECKING, Any
 from urllib.parse import parse_qs, urlsplit
 
+from starlette._utils import get_route_path
 from starlette.requests import cookie_parser
 from starlette.types import ASGIApp, Receive, Scope, Send
 
@@ -79,7 +80,9 @@ class AuthMiddleware:
         core: Prismd = scope["app"].state.prismd
         auth = core.auth
         state = scope.setdefault("state", {})
-        path: str = scope.get("path", "")
+        # The path routing sees (without a configured root path), so that "/p/api/…" served
+        # under root path "/p" is checked like "/api/…".
+        path = get_route_path(scope)
         headers = _headers(scope)
         if not await auth.required():
             refusal = _open_mode_refusal(scope, headers, core)
@@ -122,9 +125,9 @@ def _open_mode_refusal(scope: Scope, headers: dict[str, str], core: Prismd) -> s
     """With no password, prismd trusts whoever reaches it on loopback, but not a web page that
     the user's browser happens to show: a page from another site may not open `/ws` (a
     cross-site WebSocket is not bound by CORS, and the agent has tools), and a host name that is
-    not loopback is refused, so DNS rebinding cannot turn a site's name into 127.0.0.1. Served
-    on a public address with `--insecure`, the operator chose to be open: only the Origin rule
-    holds then."""
+    not loopback is refused, so DNS rebinding cannot turn a site's name into 127.0.0.1, and a
+    request that changes something must not come from another site's page. Served on a public
+    address with `--insecure`, the operator chose to be open: only the Origin rules hold then."""
     settings = core.settings
     host = headers.get("host", "")
     if (
@@ -137,12 +140,16 @@ def _open_mode_refusal(scope: Scope, headers: dict[str, str], core: Prismd) -> s
             f"Host {host!r} is not a loopback name: prismd without a password answers only "
             "localhost/127.0.0.1 (add the site to auth.allowed_origins, or set a password)"
         )
-    if (
-        scope["type"] == "websocket"
-        and "origin" in headers
-        and not _origin_allowed(headers["origin"], host, settings.auth.allowed_origins)
-    ):
+    cross_site = "origin" in headers and not _origin_allowed(
+        headers["origin"], host, settings.auth.allowed_origins
+    )
+    if scope["type"] == "websocket" and cross_site:
         return "This Origin may not open a WebSocket"
+    # A page may send a form or multipart POST to any site without a CORS preflight: no
+    # request that changes something is taken from another site.
+    unsafe = scope["type"] == "http" and scope.get("method") not in ("GET", "HEAD", "OPTIONS")
+    if unsafe and (cross_site or headers.get("sec-fetch-site") == "cross-site"):
+        return "Requests from another site are refused (see auth.allowed_origins)"
     return None
 
 

@@ -12,13 +12,13 @@ import base64
 import time
 from typing import Any, Literal
 
-from fastapi import APIRouter, Body, File, Query, Request, Response, UploadFile
+from fastapi import APIRouter, Body, File, HTTPException, Query, Request, Response, UploadFile
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from .. import __version__
 from ..agent.agents import AgentDirectory, row
-from ..auth import LOCAL_PRINCIPAL, Principal
+from ..auth import Principal
 from ..auth.service import COOKIE_NAME, RateLimited
 from ..config import PROVIDER_KINDS, AgentSettings
 from ..protocol import PROTOCOL_VERSION, SESSION_ID_RE, ErrorCode, ProtocolError
@@ -253,9 +253,12 @@ def _core(request: Request) -> Prismd:
 
 
 def _user(request: Request) -> Principal:
-    """The caller; the middleware has refused the request already if credentials are missing."""
+    """The caller; the middleware has refused the request already if credentials are missing.
+    Should a route be reached without a user all the same, it fails closed (401)."""
     user: Principal | None = getattr(request.state, "user", None)
-    return user or LOCAL_PRINCIPAL
+    if user is None:
+        raise HTTPException(401, "Authentication required")
+    return user
 
 
 def _not_found(session_id: str) -> JSONResponse:

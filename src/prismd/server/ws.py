@@ -18,7 +18,7 @@ from fastapi.responses import JSONResponse
 from starlette.websockets import WebSocketDisconnect, WebSocketState
 
 from .. import __version__
-from ..auth import LOCAL_PRINCIPAL, Principal
+from ..auth import Principal
 from ..protocol import (
     PROTOCOL_VERSION,
     ApprovalResponse,
@@ -61,6 +61,10 @@ async def ws_without_upgrade(request: Request) -> JSONResponse:
 @router.websocket("/ws")
 async def ws_endpoint(websocket: WebSocket) -> None:
     core: Prismd = websocket.app.state.prismd
+    if getattr(websocket.state, "user", None) is None:
+        # The auth middleware refuses such an upgrade; should one get here, it fails closed.
+        await websocket.close(code=1008)
+        return
     await Connection(websocket, core).run()
 
 
@@ -91,8 +95,8 @@ class Connection:
         from ..voice.pipeline import ConnectionVoice  # light: engines load on first use
 
         self.voice = ConnectionVoice(self)
-        # Set by the auth middleware before the upgrade; the local admin in the open mode.
-        self.user: Principal = getattr(ws.state, "user", None) or LOCAL_PRINCIPAL
+        # Set by the auth middleware before the upgrade (the local admin in the open mode).
+        self.user: Principal = ws.state.user
 
     # ------------------------------------------------------------ outgoing
 
