@@ -403,6 +403,25 @@ def test_failed_logins_are_rate_limited(make_server, fake_openai):
     assert attempt("bob", PASSWORDS["bob"]).status_code == 429
 
 
+def test_failed_logins_sent_at_once_are_limited_too(make_server, fake_openai):
+    """Attempts count when they arrive, not when their (slow) check ends: 20 guesses sent
+    together get no more than the limit of checks."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    srv = make_server(openai_env(fake_openai), start=False)
+    add_user(srv.home, "alice")
+    srv.start()
+
+    def guess(i: int) -> int:
+        body = {"username": "alice", "password": f"guess{i}"}
+        return httpx.post(f"{srv.url}/api/auth/login", json=body, timeout=30).status_code
+
+    with ThreadPoolExecutor(20) as pool:
+        codes = list(pool.map(guess, range(20)))
+    assert codes.count(401) <= 5 and codes.count(429) >= 15, codes
+    assert set(codes) <= {401, 429}, codes
+
+
 # ---------------------------------------------------------------- what needs credentials
 
 

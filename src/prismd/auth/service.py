@@ -8,6 +8,7 @@ request (one indexed query); only "does any user exist?" is cached, for a second
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import functools
 import hashlib
 import hmac
@@ -124,6 +125,13 @@ class _FailureLimiter:
         if len(self._failures) > 100_000:  # bounded memory under a spray of names/addresses
             self._failures.pop(next(iter(self._failures)))
 
+    def forgive(self, key: str, at: float) -> None:
+        """Take back an attempt counted in advance (it succeeded)."""
+        window = self._failures.get(key)
+        if window is not None:
+            with contextlib.suppress(ValueError):
+                window.remove(at)
+
 
 class Auth:
     def __init__(self, settings: Settings, store: Store) -> None:
@@ -131,6 +139,7 @@ class Auth:
         self.store = store
         self._users_seen: tuple[float, bool] = (0.0, False)
         self._limiter = _FailureLimiter(settings.auth.login_attempts_per_minute)
+        self._verifying = asyncio.Semaphore(2)
         # Each user's chosen default agent (None: the server's); only this process writes it.
         self._default_agents: dict[str, str | None] = {}
 
@@ -173,13 +182,18 @@ class Auth:
         wait = max(self._limiter.retry_after(k, now) for k in keys)
         if wait:
             raise RateLimited(wait)
+        # Counted before the check, not after it: attempts sent all at once would otherwise
+        # all pass the limit while the first ones are still being verified.
+        for k in keys:
+            self._limiter.fail(k, now)
         user = await self.store.get_user_by_name(username)
         stored = user.password_hash if user is not None else ""
-        ok = await asyncio.to_thread(verify_password, stored, password)
+        async with self._verifying:  # each check takes 64 MiB: a few at a time
+            ok = await asyncio.to_thread(verify_password, stored, password)
         if user is None or not ok:
-            for k in keys:
-                self._limiter.fail(k, time.monotonic())
             raise PermissionError("Wrong username or password")
+        for k in keys:
+            self._limiter.forgive(k, now)
         token = new_token("sess")
         await self.store.create_login(token_hash(token), user.id, time.time() + self.ttl_s)
         return _principal(user, "cookie"), token
