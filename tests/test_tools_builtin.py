@@ -912,6 +912,15 @@ def test_memory_note_and_search(ctx: ToolContext) -> None:
     run("memory_note", other, text="agent b knows about tea too")
     assert run("memory_search", other, query="tea").count("\n") == 0
     assert (ctx.data_dir / "memory.db").exists()
+    # Users share agents, not what an agent remembers for one of them.
+    for user in ("user_a", "user_b"):
+        mine = ToolContext(ctx.session_id, ctx.agent_id, ctx.workspace, ctx.data_dir, ctx.settings)
+        mine.owner_id = user
+        assert run("memory_search", mine, query="tea") == "no matching notes"
+        assert run("memory_search", mine, query="") == "no matching notes"
+        run("memory_note", mine, text=f"{user} likes tea")
+        assert run("memory_search", mine, query="tea").count("\n") == 0
+        assert user in run("memory_search", mine, query="tea")
 
 
 @pytest.mark.parametrize(
@@ -958,3 +967,19 @@ def test_current_time(ctx: ToolContext) -> None:
     assert "time zone: Asia/Kolkata (IST, UTC+05:30)" in out
     for bad in ["Mars/Olympus", "../../etc/passwd", "Not A Zone"]:
         assert "unknown time zone" in refused("current_time", ctx, timezone=bad)
+
+
+def test_each_user_has_their_own_workspace(tmp_path: Path) -> None:
+    """The open mode keeps `workspaces/<agent>`; a user's files live under their own root."""
+    from prismd.config import load_settings
+    from prismd.tools.registry import ToolRegistry
+
+    registry = ToolRegistry(load_settings(env={"PRISMD_HOME": str(tmp_path)}), [])
+    local = registry.workspace("assistant", "sess_1")
+    alice = registry.workspace("assistant", "sess_2", "user_alice")
+    bob = registry.workspace("assistant", "sess_3", "user_bob")
+    data = (tmp_path / "data").resolve()
+    assert local == data / "workspaces" / "assistant"
+    assert alice == data / "workspaces" / "@users" / "user_alice" / "assistant"
+    assert len({local, alice, bob}) == 3
+    assert not alice.is_relative_to(local) and not local.is_relative_to(bob)

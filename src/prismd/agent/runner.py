@@ -450,9 +450,12 @@ class _Execution:
                 ctx = ToolContext(
                     session_id=self.live.id,
                     agent_id=self.plan.agent.id,
-                    workspace=self.runner.tools.workspace(self.plan.agent.id, self.live.id),
+                    workspace=self.runner.tools.workspace(
+                        self.plan.agent.id, self.live.id, self.live.record.owner_id
+                    ),
                     data_dir=self.runner.settings.data_dir,
                     settings=settings,
+                    owner_id=self.live.record.owner_id,
                 )
                 output = await tool.run(args, ctx)
         except ToolError as exc:

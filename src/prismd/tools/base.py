@@ -50,6 +50,13 @@ class ToolContext:
     data_dir: Path  # prismd's data directory (shared state such as the memory database)
     settings: ToolsSettings
     extra: dict[str, Any] = field(default_factory=dict)
+    owner_id: str = "local"  # the session's user ("local": the open mode's one user)
+
+    @property
+    def memory_scope(self) -> str:
+        """Whose notes the memory tools read and write: the agent's, per user (users share
+        agents such as the built-in assistant, never what it remembers for another)."""
+        return self.agent_id if self.owner_id == "local" else f"{self.owner_id}/{self.agent_id}"
 
 
 class Tool(abc.ABC):

@@ -100,8 +100,13 @@ class ToolRegistry:
             view = self._views[agent.id] = ToolView(agent, allowed)
         return view
 
-    def workspace(self, agent_id: str, session_id: str) -> Path:
-        root = self.settings.data_dir / "workspaces" / agent_id
+    def workspace(self, agent_id: str, session_id: str, owner_id: str = "local") -> Path:
+        """`workspaces/<agent>` in the open mode; each user's own under `workspaces/@users/`
+        (agent ids cannot start with "@"): users share agents, never their files."""
+        root = self.settings.data_dir / "workspaces"
+        if owner_id != "local":
+            root = root / "@users" / owner_id
+        root = root / agent_id
         if self.settings.tools.workspace_per_session:
             root = root / session_id
         root.mkdir(parents=True, exist_ok=True)

@@ -1,10 +1,10 @@
 """`memory_note` and `memory_search`: facts an agent keeps across sessions.
 
 One SQLite database, `<data_dir>/memory.db` (WAL mode), shared by all agents; every note belongs
-to one agent (`ctx.agent_id`) and only that agent's searches see it. Text and tags are indexed
-with FTS5; searches rank with bm25. The query is reduced to its words, each quoted, joined with
-OR, so that no user text is read as FTS5 syntax. SQLite runs in a worker thread with a
-connection per call.
+to one agent of one user (`ctx.memory_scope`) and only that agent's searches for that user see
+it. Text and tags are indexed with FTS5; searches rank with bm25. The query is reduced to its
+words, each quoted, joined with OR, so that no user text is read as FTS5 syntax. SQLite runs in
+a worker thread with a connection per call.
 """
 
 from __future__ import annotations
@@ -153,7 +153,7 @@ class MemoryNote(Tool):
         tags = tags[:MAX_TAGS]
         try:
             note_id = await asyncio.to_thread(
-                add_note, db_path(ctx), ctx.agent_id, text.strip(), tags
+                add_note, db_path(ctx), ctx.memory_scope, text.strip(), tags
             )
         except sqlite3.Error as exc:
             raise ToolError(f"memory database error: {exc}") from None
@@ -195,7 +195,9 @@ class MemorySearch(Tool):
             raise ToolError("limit must be a positive integer")
         limit = min(limit, MAX_LIMIT)
         try:
-            rows = await asyncio.to_thread(search_notes, db_path(ctx), ctx.agent_id, query, limit)
+            rows = await asyncio.to_thread(
+                search_notes, db_path(ctx), ctx.memory_scope, query, limit
+            )
         except sqlite3.Error as exc:
             raise ToolError(f"memory database error: {exc}") from None
         if not rows:
