@@ -3,6 +3,8 @@ end-of-utterance on a PCM stream (Silero's ONNX model in this process, no server
 
 from __future__ import annotations
 
+from typing import Any
+
 import numpy as np
 import pytest
 
@@ -70,6 +72,113 @@ def test_pcm16_is_resampled_to_16k():
     assert resample(np.zeros(22_050, dtype=np.float32), 22_050).size == 16_000
     # An odd byte (half a sample) is dropped, not an error.
     assert pcm16_to_float(b"\x00\x00\x01", 16_000).size == 1
+
+
+def silence_encoded(container: str, codec: str, seconds: int, rate: int = 16_000) -> bytes:
+    """`seconds` of silence compressed with PyAV: tiny for its length (a decompression bomb)."""
+    import io
+
+    import av
+
+    buf = io.BytesIO()
+    with av.open(buf, mode="w", format=container) as box:
+        stream: Any = box.add_stream(codec, rate=rate, layout="mono")
+        zeros = np.zeros((1, rate), dtype=np.int16)
+        for n in range(seconds):
+            frame = av.AudioFrame.from_ndarray(zeros, format="s16", layout="mono")
+            frame.sample_rate, frame.pts = rate, n * rate
+            for packet in stream.encode(frame):
+                box.mux(packet)
+        for packet in stream.encode(None):
+            box.mux(packet)
+    return buf.getvalue()
+
+
+def test_compressed_silence_over_the_limit_is_refused_while_decoding(monkeypatch):
+    import tracemalloc
+
+    import av
+
+    from prismd.config import VoiceSettings
+    from prismd.voice.engines import VoiceEngines
+    from prismd.voice.errors import TranscriptionFailed
+
+    flac = silence_encoded("flac", "flac", 1200)  # 20 minutes: ~220 KB, 77 MB decoded
+    assert sniff(flac) == "flac" and len(flac) < 400_000
+    limit = 30 * 16_000
+    decoded = 0
+    real = av.AudioResampler
+
+    class Counting:  # counts what the decoder turns into 16 kHz samples
+        def __init__(self, **kwargs: Any) -> None:
+            self.inner = real(**kwargs)
+
+        def resample(self, frame: Any) -> Any:
+            nonlocal decoded
+            out = self.inner.resample(frame)
+            decoded += sum(o.samples for o in out)
+            return out
+
+    monkeypatch.setattr(av, "AudioResampler", Counting)
+    tracemalloc.start()
+    try:
+        with pytest.raises(TranscriptionFailed, match="longer than 30 s; the limit is 30 s"):
+            decode(flac, max_samples=limit)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    monkeypatch.undo()
+    # Stopped within one frame (FLAC's default block: 4608 samples) of the limit.
+    assert limit - 5_000 < decoded <= limit
+    assert peak < 2 * limit * 4  # float32: never far past the limit (77 MB decoded whole)
+    # Under the limit it decodes whole.
+    assert decode(silence_encoded("flac", "flac", 2), max_samples=limit).size == 32_000
+    # The transcribe path (REST and push-to-talk) passes the configured limit, and refuses
+    # before any model loads.
+    engines = VoiceEngines(VoiceSettings(max_audio_seconds=30))
+    try:
+        with pytest.raises(TranscriptionFailed, match="the limit is 30 s") as err:
+            engines._transcribe(flac, None, None, None, None, False)
+        assert err.value.code.value == "transcription_failed"
+    finally:
+        engines.close()
+
+
+def test_opus_silence_over_the_limit_is_refused():
+    from prismd.voice.errors import TranscriptionFailed
+
+    ogg = silence_encoded("ogg", "libopus", 120, rate=48_000)
+    with pytest.raises(TranscriptionFailed, match="longer than 60 s"):
+        decode(ogg, max_samples=60 * 16_000)
+    assert decode(ogg, max_samples=200 * 16_000).size > 119 * 16_000
+
+
+def test_containers_open_only_with_the_detected_demuxer():
+    webm = silence_encoded("webm", "libopus", 2, rate=48_000)
+    assert sniff(webm) == "webm" and abs(decode(webm).size - 32_000) < 400
+    # FLAC behind an ID3 tag: FFmpeg's probing would find and decode the FLAC; the bytes
+    # are MP3 by their magic, so only the MP3 demuxer runs and refuses them.
+    disguised = b"ID3\x04\x00\x00\x00\x00\x00\x00" + silence_encoded("flac", "flac", 2)
+    assert sniff(disguised) == "mp3"
+    with pytest.raises(AudioDecodeError, match="mp3"):
+        decode(disguised)
+
+
+def test_raw_pcm16_over_the_limit_is_refused_before_resampling(monkeypatch):
+    from prismd.voice import decode as decode_module
+    from prismd.voice.errors import TranscriptionFailed
+
+    def no_resampling(*args: Any) -> None:
+        raise AssertionError("resampled audio over the limit")
+
+    monkeypatch.setattr(decode_module, "resample", no_resampling)
+    raw = bytes(2 * 4000 * 301)  # 301 s at 4 kHz: 2.4 MB that would resample to 4.8 M samples
+    with pytest.raises(TranscriptionFailed, match="301 s long; the limit is 300 s"):
+        decode(raw, "pcm16", 4000, max_samples=300 * 16_000)
+    with pytest.raises(TranscriptionFailed, match="the limit is 300 s"):
+        pcm16_to_float(raw, 4000, 300 * 16_000)
+    monkeypatch.undo()
+    assert decode(raw[: 2 * 4000 * 2], "pcm16", 4000, max_samples=300 * 16_000).size == 32_000
 
 
 @pytest.mark.skipif(not HAVE_ESPEAK, reason="espeak-ng is not installed")

@@ -2,8 +2,13 @@
 
 Containers are recognised from their first bytes (a client's `format` is trusted only for raw
 PCM): WAV `RIFF`, Ogg `OggS`, WebM/Matroska `1A45DFA3`, MP3 `ID3` or a frame sync. Containers
-are decoded with PyAV (FFmpeg); a browser's MediaRecorder WebM arrives in chunks of which only
+are decoded with PyAV (FFmpeg) opened with the demuxer of the detected container only (FFmpeg
+never probes other formats); a browser's MediaRecorder WebM arrives in chunks of which only
 the first holds the header, so the chunks are decoded as one concatenated stream.
+
+A small compressed file can decode to gigabytes (an hour of silence is a few hundred KB of
+FLAC or Opus), so `max_samples` (the duration limit at 16 kHz) is enforced while decoding: a
+recording longer than that is refused before more than the limit is held.
 """
 
 from __future__ import annotations
@@ -11,13 +16,22 @@ from __future__ import annotations
 import io
 from typing import TYPE_CHECKING, Any
 
-from .errors import AudioDecodeError
+from .errors import AudioDecodeError, TranscriptionFailed, VoiceError
 
 if TYPE_CHECKING:
     import numpy as np
 
 SAMPLE_RATE = 16_000
 PCM_FORMATS = ("pcm16", "pcm", "s16le", "raw")
+# The FFmpeg demuxer for each container `sniff` recognises.
+DEMUXERS = {
+    "wav": "wav",
+    "ogg": "ogg",
+    "webm": "matroska",
+    "mp3": "mp3",
+    "flac": "flac",
+    "mp4": "mov",
+}
 
 
 def sniff(data: bytes) -> str | None:
@@ -38,26 +52,43 @@ def sniff(data: bytes) -> str | None:
     return None
 
 
-def decode(data: bytes, fmt: str | None = None, sample_rate: int | None = None) -> np.ndarray:
-    """Decode a whole recording; raises AudioDecodeError with a reason a user can act on."""
+def decode(
+    data: bytes,
+    fmt: str | None = None,
+    sample_rate: int | None = None,
+    max_samples: int | None = None,
+) -> np.ndarray:
+    """Decode a whole recording; raises AudioDecodeError with a reason a user can act on, or
+    TranscriptionFailed as soon as it is longer than `max_samples` (at 16 kHz)."""
     if not data:
         raise AudioDecodeError("No audio was received")
     container = sniff(data)
     if container is None and fmt is not None and fmt.lower() in PCM_FORMATS:
-        return pcm16_to_float(data, sample_rate or SAMPLE_RATE)
+        return pcm16_to_float(data, sample_rate or SAMPLE_RATE, max_samples)
     if container is None:
         raise AudioDecodeError(
             "Unrecognised audio: expected WAV, Ogg, WebM, MP3 (detected from the bytes) or "
             '`format: "pcm16"` with `sampleRate`'
         )
-    return _decode_container(data, container)
+    return _decode_container(data, container, max_samples)
 
 
-def pcm16_to_float(data: bytes, sample_rate: int) -> np.ndarray:
+def too_long(max_samples: int, seconds: float | None = None) -> TranscriptionFailed:
+    """The error for audio over the duration limit (`seconds`: its length, when known)."""
+    limit = f"{max_samples / SAMPLE_RATE:g}"
+    if seconds is None:
+        return TranscriptionFailed(f"The audio is longer than {limit} s; the limit is {limit} s")
+    return TranscriptionFailed(f"The audio is {seconds:.0f} s long; the limit is {limit} s")
+
+
+def pcm16_to_float(data: bytes, sample_rate: int, max_samples: int | None = None) -> np.ndarray:
     import numpy as np
 
     if len(data) % 2:
         data = data[:-1]
+    seconds = len(data) / 2 / sample_rate
+    if max_samples is not None and seconds * SAMPLE_RATE > max_samples:
+        raise too_long(max_samples, seconds)  # before any copy or resampling
     samples = np.frombuffer(data, dtype="<i2").astype(np.float32) / 32768.0
     return resample(samples, sample_rate, SAMPLE_RATE)
 
@@ -78,19 +109,27 @@ def resample(samples: np.ndarray, rate: int, target: int = SAMPLE_RATE) -> np.nd
     return np.interp(x, np.arange(samples.size), samples).astype(np.float32)
 
 
-def _decode_container(data: bytes, container: str) -> np.ndarray:
+def _decode_container(data: bytes, container: str, max_samples: int | None) -> np.ndarray:
     import av
     import numpy as np
 
     pieces: list[np.ndarray] = []
+    # The length decoded so far, in samples at 16 kHz, counted from each frame's own rate
+    # before it is resampled (a frame at a tiny rate would resample to a huge one).
+    length = 0.0
     try:
-        with av.open(io.BytesIO(data), mode="r", format=None) as box:
+        with av.open(io.BytesIO(data), mode="r", format=DEMUXERS[container]) as box:
             if not box.streams.audio:
                 raise AudioDecodeError(f"The {container} data holds no audio stream")
             stream = box.streams.audio[0]
             resampler = av.AudioResampler(format="flt", layout="mono", rate=SAMPLE_RATE)
             try:
                 for frame in box.decode(stream):
+                    if not frame.sample_rate:
+                        raise AudioDecodeError(f"The {container} audio has no sample rate")
+                    length += frame.samples * SAMPLE_RATE / frame.sample_rate
+                    if max_samples is not None and length > max_samples + 1:
+                        raise too_long(max_samples)
                     for out in resampler.resample(frame):
                         pieces.append(out.to_ndarray().reshape(-1))
             except av.error.InvalidDataError:
@@ -99,7 +138,7 @@ def _decode_container(data: bytes, container: str) -> np.ndarray:
                 pass
             for out in resampler.resample(None):
                 pieces.append(out.to_ndarray().reshape(-1))
-    except AudioDecodeError:
+    except VoiceError:
         raise
     except (av.error.FFmpegError, ValueError, IndexError) as exc:
         raise AudioDecodeError(f"Could not decode the {container} audio: {exc}") from None

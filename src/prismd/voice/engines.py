@@ -167,11 +167,12 @@ class VoiceEngines:
         from .decode import decode
         from .stt import check_transcript
 
-        # Bad audio is refused before any model is loaded.
-        if samples is None:
-            samples = decode(data or b"", fmt, sample_rate)
-        seconds = samples.size / 16_000
+        # Bad audio is refused before any model is loaded; audio over the limit while it is
+        # decoded (a small compressed file can decode to gigabytes).
         limit = self.settings.max_audio_seconds
+        if samples is None:
+            samples = decode(data or b"", fmt, sample_rate, max_samples=limit * 16_000)
+        seconds = samples.size / 16_000
         if seconds > limit:
             raise TranscriptionFailed(f"The audio is {seconds:.0f} s long; the limit is {limit} s")
         if seconds < 0.1:
