@@ -521,6 +521,15 @@ def test_sessions_belong_to_their_user(users_server):
         assert admin_ws.recv()["type"] == "session"
 
 
+def test_only_admins_read_the_config(users_server):
+    srv = users_server
+    with bearer(srv.url, srv.tokens["bob"]) as bob:
+        r = bob.get("/api/config")
+        assert r.status_code == 403 and "config" not in r.json()
+    with login(srv.url, "alice") as admin:
+        assert admin.get("/api/config").json()["config"]["auth"]["allowed_origins"]
+
+
 def test_a_deleted_sessions_id_reused_by_another_user_reaches_only_them(users_server):
     """Clients choose session ids, so one can be taken again after a delete: a connection
     still bound to the deleted session is told it ended and gets nothing of the new one."""

@@ -235,6 +235,21 @@ def test_upload_size_limit(make_server, fake_openai):
         assert h.post("/api/upload", files={"file": ("ok.bin", b"x" * 1000)}).status_code == 201
 
 
+def test_config_masks_credentials_inside_urls():
+    from prismd.server.config_api import MASK, _mask
+
+    masked = _mask(
+        {
+            "base_url": "https://user:pw@llm.example/v1?key=abc&x",
+            "mcp": [{"url": "http://127.0.0.1:9/mcp?token=t"}],
+            "plain": "http://127.0.0.1:11434/v1",
+        }
+    )
+    assert masked["base_url"] == f"https://{MASK}@llm.example/v1?key={MASK}&x"
+    assert masked["mcp"][0]["url"] == f"http://127.0.0.1:9/mcp?token={MASK}"
+    assert masked["plain"] == "http://127.0.0.1:11434/v1"
+
+
 def test_config_get_masks_secrets_and_patch_persists(make_server, fake_openai):
     config = '[providers.anthropic]\napi_key = "sk-ant-secret"\n# a comment\n'
     srv = make_server(openai_env(fake_openai), config)

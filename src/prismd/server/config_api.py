@@ -13,6 +13,7 @@ import os
 import tomllib
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
+from urllib.parse import urlsplit, urlunsplit
 
 from pydantic import ValidationError
 
@@ -51,7 +52,25 @@ def _mask(node: Any, key: str = "") -> Any:
         return [_mask(v, key) for v in node]
     if key in SECRET_KEYS and node:
         return MASK
+    if isinstance(node, str) and "://" in node:
+        return _mask_url(node)
     return node
+
+
+def _mask_url(url: str) -> str:
+    """Credentials inside a URL (`https://user:pass@host`, `?key=…`) are secrets too."""
+    parts = urlsplit(url)
+    if not parts.scheme or not parts.netloc:
+        return url
+    netloc = parts.netloc
+    if "@" in netloc:
+        netloc = f"{MASK}@{netloc.rsplit('@', 1)[1]}"
+    query = "&".join(
+        f"{pair.split('=', 1)[0]}={MASK}" if "=" in pair else pair
+        for pair in parts.query.split("&")
+        if pair
+    )
+    return urlunsplit((parts.scheme, netloc, parts.path, query, parts.fragment))
 
 
 def effective(settings: Settings) -> dict[str, Any]:

@@ -846,7 +846,11 @@ async def select_agent(request: Request, agent_id: str) -> Any:
     summary="The effective settings (secrets masked)",
     responses=_doc(ConfigOut),
 )
-async def get_config(request: Request) -> dict[str, Any]:
+async def get_config(request: Request) -> Any:
+    # Admins only: besides the masked secrets it shows the server's paths, MCP commands and
+    # endpoints, which are not every user's business.
+    if not _user(request).admin:
+        return _error(403, ErrorCode.UNAUTHORIZED, "Only an admin may read the configuration")
     return config_api.effective(_core(request).settings)
 
 
