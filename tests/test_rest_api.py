@@ -235,6 +235,34 @@ def test_upload_size_limit(make_server, fake_openai):
         assert h.post("/api/upload", files={"file": ("ok.bin", b"x" * 1000)}).status_code == 201
 
 
+def test_request_bodies_are_capped_while_they_arrive(make_server, fake_openai):
+    """Multipart spools file parts to disk before a route can check them: the cap (the largest
+    accepted file or recording plus 1 MiB) applies to the body itself, declared or chunked."""
+    config = "[server]\nmax_file_bytes = 1000\n[voice]\nmax_audio_bytes = 1024\n"
+    srv = make_server(openai_env(fake_openai), config)
+    huge = b"x" * (3 * 1024 * 1024)
+    with _http(srv) as h:
+        declared = h.post("/api/upload", files={"file": ("big.bin", huge)})
+        assert declared.status_code == 413 and declared.json()["code"] == "payload_too_large"
+
+        body = (
+            b'--XyZ\r\nContent-Disposition: form-data; name="file"; filename="big.bin"\r\n'
+            b"Content-Type: application/octet-stream\r\n\r\n" + huge + b"\r\n--XyZ--\r\n"
+        )
+
+        def chunks():  # no Content-Length: sent chunked
+            for i in range(0, len(body), 65536):
+                yield body[i : i + 65536]
+
+        chunked = h.post(
+            "/api/upload",
+            content=chunks(),
+            headers={"Content-Type": "multipart/form-data; boundary=XyZ"},
+        )
+        assert chunked.status_code == 413 and chunked.json()["code"] == "payload_too_large"
+        assert h.post("/api/upload", files={"file": ("ok.bin", b"x" * 1000)}).status_code == 201
+
+
 def test_config_masks_credentials_inside_urls():
     from prismd.server.config_api import MASK, _mask
 

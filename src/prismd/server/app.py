@@ -117,6 +117,13 @@ def create_app(settings: Settings, probe_ollama: bool = True) -> FastAPI:
     )
     app.state.prismd = core
     app.add_middleware(AuthMiddleware)
+    from .limits import ENVELOPE_BYTES, BodyLimitMiddleware
+
+    def body_limit() -> int:
+        largest = max(settings.server.max_file_bytes, settings.voice.max_audio_bytes)
+        return largest + ENVELOPE_BYTES
+
+    app.add_middleware(BodyLimitMiddleware, limit=body_limit)
 
     from . import rest, ws
 
