@@ -104,6 +104,8 @@ def test_deleting_a_bound_session_lets_the_connection_start_afresh(server):
     with server.client() as c:
         sid = c.turn(message="doomed")[0]["sessionId"]
         assert httpx.delete(f"{server.url}/api/sessions/{sid}").status_code == 204
+        # The bound connection is told, and unbound.
+        assert c.recv() == {"type": "session_ended", "sessionId": sid, "reason": "deleted"}
         frames = c.turn(message="next")
     assert frames[0]["type"] == "session" and frames[0]["sessionId"] != sid
     assert not (server.data_dir / "sessions" / f"{sid}.db").exists()
