@@ -148,11 +148,13 @@ class TurnRunner:
         turn.task = asyncio.create_task(execution.run(), name=f"turn {turn.id}")
         return turn
 
-    def stop(self, live: LiveSession) -> bool:
+    def stop(self, live: LiveSession, keep_spoken: bool = False) -> bool:
+        """`keep_spoken`: a barge-in; the stored answer is the part that was spoken."""
         turn = live.turn
         if turn is None or turn.stop_requested or turn.task is None:
             return False
         turn.stop_requested = True
+        turn.keep_spoken = keep_spoken
         self.manager.publish(live, turn.id, {"type": "stopped"})
         if turn.consumer is not None:
             turn.consumer.cancel()
@@ -541,6 +543,11 @@ class _Execution:
         if answer is None or answer.status != "streaming":
             return
         answer.content = "".join(self.pieces)
+        if status == "stopped" and self.turn.keep_spoken and self.speech is not None:
+            # Interrupted by the user's voice: the conversation holds what they heard (the
+            # streamed text stays in meta for the record).
+            meta = {**(meta or {}), "streamed": answer.content}
+            answer.content = " ".join(self.speech.spoken)
         answer.status = status
         answer.reasoning = "".join(self.reasoning) or None
         answer.meta = meta or {}

@@ -54,6 +54,8 @@ class Turn:
     task: asyncio.Task[None] | None = None
     consumer: asyncio.Task[Any] | None = None  # the turn's work; `stop` cancels it
     stop_requested: bool = False
+    # Stopped by the user speaking over the spoken reply: what they heard is what is kept.
+    keep_spoken: bool = False
     approvals: dict[str, asyncio.Future[bool]] = field(default_factory=dict)
 
 

@@ -356,12 +356,12 @@ class HandsFree:
             stale.add_done_callback(lambda f: f.cancelled() or f.exception())
 
     def _barge_in(self) -> None:
-        """The user speaks while the session's turn runs: stop it (what was said so far is
-        kept, as with any `stop`)."""
+        """The user speaks while the session's turn runs: stop it; the answer kept is the part
+        that was spoken (meta.streamed holds what had streamed)."""
         conn = self.owner.conn
         live = conn.live
         if live is not None and live.turn is not None:
-            conn.core.runner.stop(live)
+            conn.core.runner.stop(live, keep_spoken=True)
 
     def _utterance(
         self, samples: np.ndarray, pending: asyncio.Future[Transcript] | None = None
