@@ -437,7 +437,9 @@ def test_everything_needs_credentials(users_server):
     assert upgrade_status(f"{srv.ws_url}?token=wrong") == 401
     with bearer(srv.url, srv.tokens["bob"]) as c:
         assert c.get("/api/health").json()["version"]
-        assert c.get("/metrics").status_code == 200
+        assert c.get("/metrics").status_code == 403  # admins only: labels name others' agents
+    with login(srv.url, "alice") as admin:
+        assert "prismd_turns_total" in admin.get("/metrics").text
 
 
 def test_websocket_credentials_and_origin(users_server):

@@ -89,5 +89,11 @@ class Metrics:
     responses={200: {"content": {CONTENT_TYPE_LATEST: {}}, "description": "Prometheus text"}},
 )
 async def metrics(request: Request) -> Response:
+    # Admins only (a scraper uses an admin's token or [auth] token): the labels name every
+    # user's agents.
+    user = getattr(request.state, "user", None)
+    if user is None or not user.admin:
+        body = '{"error": "Only an admin may read the metrics", "code": "unauthorized"}'
+        return Response(body, status_code=403, media_type="application/json")
     registry = request.app.state.prismd.metrics.registry
     return Response(generate_latest(registry), media_type=CONTENT_TYPE_LATEST)
