@@ -31,7 +31,13 @@ writeFileSync(
 );
 for (const lang of LANGUAGES) copy(`highlight.js/es/languages/${lang}.js`, `hljs/languages/${lang}.js`);
 copy("highlight.js/LICENSE", "LICENSE.highlight.js");
-const versions = ["marked", "dompurify", "highlight.js"].map((n) => `${n} ${version(n)}`);
+// Swagger UI for the API docs at /docs (FastAPI would load it from a CDN).
+mkdirSync(join(out, "swagger"), { recursive: true });
+copy("swagger-ui-dist/swagger-ui-bundle.js", "swagger/swagger-ui-bundle.js");
+copy("swagger-ui-dist/swagger-ui.css", "swagger/swagger-ui.css");
+copy("swagger-ui-dist/LICENSE", "LICENSE.swagger-ui-dist");
+copy("swagger-ui-dist/NOTICE", "NOTICE.swagger-ui-dist");
+const versions = ["dompurify", "highlight.js", "marked", "swagger-ui-dist"].map((n) => `${n} ${version(n)}`);
 writeFileSync(join(out, "VERSIONS.txt"), versions.join("\n") + "\n");
 writeFileSync(
   join(out, "languages.js"),

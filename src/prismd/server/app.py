@@ -114,6 +114,10 @@ def create_app(settings: Settings, probe_ollama: bool = True) -> FastAPI:
         version=__version__,
         description="A self-hosted agentic AI harness speaking CortexPrism's WebSocket protocol.",
         lifespan=lifespan,
+        # /docs is served by web.py with a vendored Swagger UI (FastAPI's loads it from a CDN,
+        # which an offline server cannot reach); ReDoc would need one too.
+        docs_url=None,
+        redoc_url=None,
     )
     app.state.prismd = core
     app.add_middleware(AuthMiddleware)

@@ -12,6 +12,7 @@ import mimetypes
 from pathlib import Path
 
 from fastapi import APIRouter
+from fastapi.openapi.docs import get_swagger_ui_html
 from fastapi.responses import FileResponse, JSONResponse, Response
 
 WEB_DIR = Path(__file__).resolve().parent.parent / "web"
@@ -60,6 +61,18 @@ async def index() -> Response:
         WEB_DIR / "index.html",
         media_type=_TYPES[".html"],
         headers=_headers("no-cache"),
+    )
+
+
+@router.get("/docs")
+async def api_docs() -> Response:
+    """The OpenAPI schema in Swagger UI, from the vendored copy (no CDN)."""
+    return get_swagger_ui_html(
+        openapi_url="/openapi.json",
+        title="prismd API",
+        swagger_js_url="/static/vendor/swagger/swagger-ui-bundle.js",
+        swagger_css_url="/static/vendor/swagger/swagger-ui.css",
+        swagger_favicon_url="/favicon.ico",
     )
 
 
