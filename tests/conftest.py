@@ -29,8 +29,9 @@ ROOT = Path(__file__).resolve().parent.parent
 # `make test` runs the same property-based examples every time (a run on a clean clone decides
 # whether a change lands, so it must not depend on luck); `HYPOTHESIS_PROFILE=explore make test`
 # draws new ones and keeps what it finds in .hypothesis/ to replay.
-settings.register_profile("default", derandomize=True, database=None)
-settings.register_profile("explore", derandomize=False)
+# No deadline either: timings never decide a test (a loaded CI machine is slower, not wrong).
+settings.register_profile("default", derandomize=True, database=None, deadline=None)
+settings.register_profile("explore", derandomize=False, deadline=None)
 settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "default"))
 
 
