@@ -14,7 +14,7 @@ import threading
 import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
-from typing import TYPE_CHECKING, Any, TypeVar
+from typing import TYPE_CHECKING, Any, Protocol, TypeVar
 
 from .errors import SttUnavailable, TranscriptionFailed, TtsUnavailable, VoiceError
 
@@ -29,6 +29,13 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("prismd.voice")
 T = TypeVar("T")
+
+
+class _Engine(Protocol):
+    name: str
+
+
+E = TypeVar("E", bound=_Engine)
 
 
 class _Lazy:
@@ -77,27 +84,28 @@ class VoiceEngines:
     def _build_stt(self) -> SpeechToText:
         from . import stt
 
-        if not self.settings.enabled:
-            raise SttUnavailable("Speech-to-text is disabled on this server (voice.enabled)")
-        started = time.monotonic()
-        try:
-            engine = stt.create(self.settings.stt)
-        except VoiceError as exc:
-            raise SttUnavailable(exc.message) from None
-        log.info("speech-to-text %s loaded in %.1f s", engine.name, time.monotonic() - started)
-        return engine
+        return self._build("speech-to-text", SttUnavailable, stt.create, self.settings.stt)
 
     def _build_tts(self) -> TextToSpeech:
         from . import tts
 
+        return self._build("text-to-speech", TtsUnavailable, tts.create, self.settings.tts)
+
+    def _build(
+        self,
+        what: str,
+        unavailable: type[SttUnavailable | TtsUnavailable],
+        create: Callable[[Any], E],
+        settings: Any,
+    ) -> E:
         if not self.settings.enabled:
-            raise TtsUnavailable("Text-to-speech is disabled on this server (voice.enabled)")
+            raise unavailable(f"{what.capitalize()} is disabled on this server (voice.enabled)")
         started = time.monotonic()
         try:
-            engine = tts.create(self.settings.tts)
+            engine = create(settings)
         except VoiceError as exc:
-            raise TtsUnavailable(exc.message) from None
-        log.info("text-to-speech %s loaded in %.1f s", engine.name, time.monotonic() - started)
+            raise unavailable(exc.message) from None
+        log.info("%s %s loaded in %.1f s", what, engine.name, time.monotonic() - started)
         return engine
 
     def _build_vad(self) -> SileroVad:

@@ -2,7 +2,12 @@
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING, Any
+
 from ..protocol import ErrorCode
+
+if TYPE_CHECKING:
+    import openai
 
 
 class VoiceError(Exception):
@@ -35,3 +40,19 @@ class TtsUnavailable(VoiceError):
 
 class SynthesisFailed(VoiceError):
     code = ErrorCode.TTS_UNAVAILABLE
+
+
+def openai_client(
+    settings: Any, unavailable: type[SttUnavailable | TtsUnavailable], section: str
+) -> openai.OpenAI:
+    """The SDK client of an OpenAI-compatible speech endpoint (`voice.stt` / `voice.tts`)."""
+    import openai
+
+    if not settings.base_url:
+        raise unavailable(f"{section}.engine is 'openai' but {section}.base_url is not set")
+    return openai.OpenAI(
+        base_url=settings.base_url,
+        api_key=settings.api_key or "none",
+        timeout=settings.timeout_s,
+        max_retries=1,
+    )

@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol
 
-from .errors import SttUnavailable, TranscriptionFailed
+from .errors import SttUnavailable, TranscriptionFailed, openai_client
 
 if TYPE_CHECKING:
     import numpy as np
@@ -170,16 +170,7 @@ class OpenAiStt:
     """An OpenAI-compatible `/v1/audio/transcriptions` endpoint, through the openai SDK."""
 
     def __init__(self, settings: SttSettings) -> None:
-        import openai
-
-        if not settings.base_url:
-            raise SttUnavailable("voice.stt.engine is 'openai' but voice.stt.base_url is not set")
-        self.client = openai.OpenAI(
-            base_url=settings.base_url,
-            api_key=settings.api_key or "none",
-            timeout=settings.timeout_s,
-            max_retries=1,
-        )
+        self.client = openai_client(settings, SttUnavailable, "voice.stt")
         self.model = settings.openai_model
         self.language = settings.language
         self.name = f"openai:{self.model}"

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol
 
-from .errors import SynthesisFailed, TtsUnavailable
+from .errors import SynthesisFailed, TtsUnavailable, openai_client
 
 if TYPE_CHECKING:
     from ..config import TtsSettings
@@ -116,16 +116,7 @@ class OpenAiTts:
     24 kHz PCM, as OpenAI's API returns it)."""
 
     def __init__(self, settings: TtsSettings) -> None:
-        import openai
-
-        if not settings.base_url:
-            raise TtsUnavailable("voice.tts.engine is 'openai' but voice.tts.base_url is not set")
-        self.client = openai.OpenAI(
-            base_url=settings.base_url,
-            api_key=settings.api_key or "none",
-            timeout=settings.timeout_s,
-            max_retries=1,
-        )
+        self.client = openai_client(settings, TtsUnavailable, "voice.tts")
         self.model = settings.openai_model
         self.default_voice = settings.openai_voice
         self.aliases = dict(settings.voice_map)
