@@ -9,7 +9,9 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import contextlib
 import time
+from collections.abc import AsyncIterator
 from typing import Any, Literal
 
 from fastapi import APIRouter, Body, File, HTTPException, Query, Request, Response, UploadFile
@@ -277,15 +279,18 @@ async def _record(request: Request, session_id: str) -> SessionRecord | JSONResp
     return record
 
 
-async def _live(request: Request, session_id: str) -> LiveSession | JSONResponse:
-    """The caller's session, loaded; the caller must `maybe_evict` it when done."""
+@contextlib.asynccontextmanager
+async def _loaded(request: Request, session_id: str) -> AsyncIterator[LiveSession | JSONResponse]:
+    """The caller's session, loaded for the block (evicted after it if nobody holds it), or
+    the error response."""
     found = await _record(request, session_id)
-    if isinstance(found, JSONResponse):
-        return found
-    live = await _core(request).manager.get(session_id)
-    if live is None:
-        return _not_found(session_id)
-    return live
+    manager = _core(request).manager
+    live = None if isinstance(found, JSONResponse) else await manager.get(session_id)
+    try:
+        yield found if isinstance(found, JSONResponse) else live or _not_found(session_id)
+    finally:
+        if live is not None:
+            manager.maybe_evict(live)
 
 
 def _live_json(live: LiveSession) -> dict[str, Any]:
@@ -474,14 +479,11 @@ async def get_messages(request: Request, session_id: str) -> Any:
     responses=_doc(SessionDetail, 400, 404),
 )
 async def resume_session(request: Request, session_id: str) -> Any:
-    core = _core(request)
-    live = await _live(request, session_id)
-    if isinstance(live, JSONResponse):
-        return live
-    core.manager.activate(live)
-    body = _live_json(live)
-    core.manager.maybe_evict(live)
-    return body
+    async with _loaded(request, session_id) as live:
+        if isinstance(live, JSONResponse):
+            return live
+        _core(request).manager.activate(live)
+        return _live_json(live)
 
 
 @router.patch(
@@ -490,15 +492,12 @@ async def resume_session(request: Request, session_id: str) -> Any:
     responses=_doc(SessionDetail, 400, 404),
 )
 async def rename_session(request: Request, session_id: str, body: RenameIn) -> Any:
-    core = _core(request)
-    live = await _live(request, session_id)
-    if isinstance(live, JSONResponse):
-        return live
-    live.record.name = body.name.strip()
-    core.store.update_session(session_id, name=live.record.name)
-    result = _live_json(live)
-    core.manager.maybe_evict(live)
-    return result
+    async with _loaded(request, session_id) as live:
+        if isinstance(live, JSONResponse):
+            return live
+        live.record.name = body.name.strip()
+        _core(request).store.update_session(session_id, name=live.record.name)
+        return _live_json(live)
 
 
 @router.post(
@@ -521,16 +520,14 @@ async def archive_session(request: Request, session_id: str) -> Any:
 
 async def _set_status(request: Request, session_id: str, status: str) -> Any:
     core = _core(request)
-    live = await _live(request, session_id)
-    if isinstance(live, JSONResponse):
-        return live
-    core.manager.close(live)
-    if status != "closed":
-        live.record.status = status
-        core.store.update_session(session_id, status=status)
-    result = _live_json(live)
-    core.manager.maybe_evict(live)
-    return result
+    async with _loaded(request, session_id) as live:
+        if isinstance(live, JSONResponse):
+            return live
+        core.manager.close(live)
+        if status != "closed":
+            live.record.status = status
+            core.store.update_session(session_id, status=status)
+        return _live_json(live)
 
 
 @router.delete(
@@ -565,10 +562,9 @@ def _busy() -> JSONResponse:
 )
 async def retry(request: Request, session_id: str) -> Any:
     core = _core(request)
-    live = await _live(request, session_id)
-    if isinstance(live, JSONResponse):
-        return live
-    try:
+    async with _loaded(request, session_id) as live:
+        if isinstance(live, JSONResponse):
+            return live
         if live.turn is not None:
             return _busy()
         history = live.history
@@ -585,8 +581,6 @@ async def retry(request: Request, session_id: str) -> Any:
         for client_id in [k for k, v in live.client_turns.items() if v in turns]:
             del live.client_turns[client_id]
         core.store.delete_messages(session_id, [m.id for m in dropped], sorted(turns))
-    finally:
-        core.manager.maybe_evict(live)
     user = _user(request)
     files = []
     for f in dropped[0].files:
@@ -605,20 +599,16 @@ async def retry(request: Request, session_id: str) -> Any:
     responses=_doc(None, 400, 404, 409),
 )
 async def delete_message(request: Request, session_id: str, message_id: str) -> Response:
-    core = _core(request)
-    live = await _live(request, session_id)
-    if isinstance(live, JSONResponse):
-        return live
-    try:
+    async with _loaded(request, session_id) as live:
+        if isinstance(live, JSONResponse):
+            return live
         if live.turn is not None:
             return _busy()
         index = next((i for i, m in enumerate(live.history) if m.id == message_id), None)
         if index is None:
             return _error(404, ErrorCode.INVALID_MESSAGE, f'Message "{message_id}" not found')
         del live.history[index]
-        core.store.delete_messages(session_id, [message_id])
-    finally:
-        core.manager.maybe_evict(live)
+        _core(request).store.delete_messages(session_id, [message_id])
     return Response(status_code=204)
 
 
