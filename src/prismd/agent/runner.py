@@ -35,7 +35,7 @@ from ..providers.registry import ProviderRegistry
 from ..sessions.manager import LiveSession, SessionManager, Turn, new_id, now_iso
 from ..store.base import FileRecord, MessageRecord
 from ..tools.base import ToolContext, ToolError
-from ..tools.registry import ToolRegistry, ToolView
+from ..tools.registry import Caller, ToolRegistry, ToolView
 from .context import BuiltContext, build_context, estimate_tokens
 from .files import decode_files, extract
 from .markup import FilterOutput, MalformedCall, MarkupFilter, malformed_feedback
@@ -80,6 +80,7 @@ ReplySpeakerFactory = Callable[
 @dataclass(slots=True)
 class TurnPlan:
     agent: AgentSettings
+    caller: Caller  # who the turn runs for: decides which tools it may use
     provider: Provider
     model: str
     text: str
@@ -128,7 +129,7 @@ class TurnRunner:
         # Set by the server when voice is available: speaks answers that ask for it.
         self.reply_speaker: ReplySpeakerFactory | None = None
 
-    def plan(self, chat: Chat, agent: AgentSettings) -> TurnPlan:
+    def plan(self, chat: Chat, agent: AgentSettings, caller: Caller) -> TurnPlan:
         """Validate a chat before anything is stored; raises ProtocolError (no seq)."""
         text = chat.message.strip()
         if not text and not chat.files:
@@ -136,7 +137,7 @@ class TurnRunner:
         limits = self.settings.server
         files = decode_files(chat.files, limits.max_files, limits.max_file_bytes)
         provider, model = self.providers.resolve(agent, chat.model)
-        return TurnPlan(agent, provider, model, chat.message, files, chat)
+        return TurnPlan(agent, caller, provider, model, chat.message, files, chat)
 
     def start(self, live: LiveSession, plan: TurnPlan) -> Turn:
         """Take the session's turn lock and launch the turn. Synchronous, hence atomic."""
@@ -188,7 +189,7 @@ class _Execution:
         self.live = live
         self.turn = turn
         self.plan = plan
-        self.view: ToolView = runner.tools.view(plan.agent)
+        self.view: ToolView = runner.tools.view(plan.agent, plan.caller)
         self.text_tools = bool(self.view.tools) and runner.text_protocol(plan.provider, plan.model)
         self.window = runner.providers.context_window(plan.provider, plan.model)
         self.totals = _Totals()
@@ -458,6 +459,7 @@ class _Execution:
                     data_dir=self.runner.settings.data_dir,
                     settings=settings,
                     owner_id=self.live.record.owner_id,
+                    trusted=self.plan.caller.admin,
                 )
                 output = await tool.run(args, ctx)
         except ToolError as exc:

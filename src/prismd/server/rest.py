@@ -641,7 +641,7 @@ async def session_stats(request: Request, session_id: str) -> Any:
 
 @router.get(
     "/tools",
-    summary="Every tool, with its schema and each agent's policy",
+    summary="Every tool, with its schema and, for the caller, each agent's policy and why",
     responses=_doc(ToolsOut),
 )
 async def list_tools(request: Request) -> dict[str, Any]:
@@ -651,14 +651,16 @@ async def list_tools(request: Request) -> dict[str, Any]:
     agents = core.agents.all(user.id, user.admin)
     for tool in core.tools.all():
         body = tool.spec.to_json()
-        policy = {}
+        policy, why = {}, {}
         for agent in agents:
-            view = core.tools.view(agent)
-            if tool.spec.name in view.tools:
-                policy[agent.id] = "approve" if view.needs_approval(tool.spec.name) else "allow"
-            else:
-                policy[agent.id] = "deny"
+            access = core.tools.access(agent, user, tool.spec.name)
+            policy[agent.id] = (
+                ("approve" if access.approval else "allow") if access.allowed else "deny"
+            )
+            why[agent.id] = access.why
+        # For this caller: per agent, whether they may use it and why.
         body["agents"] = policy
+        body["why"] = why
         tools.append(body)
     from ..tools.builtins.sandbox import isolation
 

@@ -393,7 +393,7 @@ class Connection:
             msg = await resolve_uploads(core, user, msg)
         # Everything that can refuse the chat (files, limits, provider) is checked before a
         # session is created or anything is stored.
-        plan = core.runner.plan(msg, agent)
+        plan = core.runner.plan(msg, agent, user)
 
         if msg.sessionId is not None:
             sid = check_session_id(msg.sessionId)
