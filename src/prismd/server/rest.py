@@ -24,7 +24,8 @@ from ..auth import Principal
 from ..auth.service import COOKIE_NAME, RateLimited
 from ..config import PROVIDER_KINDS, AgentSettings
 from ..protocol import PROTOCOL_VERSION, SESSION_ID_RE, ErrorCode, ProtocolError
-from ..sessions.manager import LiveSession, new_id, now_iso
+from ..sessions.ids import new_id, now_iso
+from ..sessions.service import LiveSession
 from ..store.base import SessionRecord, UploadRecord
 from . import config_api
 from .app import Prismd
@@ -271,26 +272,19 @@ async def _record(request: Request, session_id: str) -> SessionRecord | JSONResp
     """The caller's session (live copy if loaded), or the error response."""
     if not SESSION_ID_RE.match(session_id):
         return _error(400, ErrorCode.INVALID_SESSION_ID, "Invalid session id")
-    core = _core(request)
-    live = core.manager.live(session_id)
-    record = live.record if live is not None else await core.store.get_session(session_id)
-    if record is None or not _user(request).owns(record.owner_id):
-        return _not_found(session_id)
-    return record
+    record = await _core(request).sessions.find(_user(request), session_id)
+    return record if record is not None else _not_found(session_id)
 
 
 @contextlib.asynccontextmanager
 async def _loaded(request: Request, session_id: str) -> AsyncIterator[LiveSession | JSONResponse]:
     """The caller's session, loaded for the block (evicted after it if nobody holds it), or
     the error response."""
-    found = await _record(request, session_id)
-    manager = _core(request).manager
-    live = None if isinstance(found, JSONResponse) else await manager.get(session_id)
-    try:
-        yield found if isinstance(found, JSONResponse) else live or _not_found(session_id)
-    finally:
-        if live is not None:
-            manager.maybe_evict(live)
+    if not SESSION_ID_RE.match(session_id):
+        yield _error(400, ErrorCode.INVALID_SESSION_ID, "Invalid session id")
+        return
+    async with _core(request).sessions.loaded(_user(request), session_id) as live:
+        yield live if live is not None else _not_found(session_id)
 
 
 def _live_json(live: LiveSession) -> dict[str, Any]:
@@ -300,17 +294,10 @@ def _live_json(live: LiveSession) -> dict[str, Any]:
 
 
 async def _session_json(request: Request, session_id: str) -> dict[str, Any] | JSONResponse:
-    core = _core(request)
     record = await _record(request, session_id)
     if isinstance(record, JSONResponse):
         return record
-    live = core.manager.live(session_id)
-    if live is not None:
-        return _live_json(live)
-    log = await core.store.open_log(session_id)
-    body = record.to_json()
-    body.update(lastSeq=log.last_seq, firstSeq=log.first_seq, turnRunning=False)
-    return body
+    return record.to_json() | await _core(request).sessions.position(record)
 
 
 # ---------------------------------------------------------------- health, version, auth
@@ -327,8 +314,8 @@ async def health(request: Request) -> dict[str, Any]:
         "provider": core.providers.default_kind,
         "providerConfigured": core.providers.default_kind is not None,
         "connections": len(core.connections),
-        "liveSessions": len(core.manager._live),
-        "runningTurns": len(core.manager.running_turns()),
+        "liveSessions": core.sessions.live_count(),
+        "runningTurns": len(core.sessions.running_turns()),
     }
 
 
@@ -441,7 +428,7 @@ async def list_sessions(
     )
     sessions = []
     for r in records:
-        live = core.manager.live(r.id)
+        live = core.sessions.live(r.id)
         sessions.append((live.record if live else r).to_json())
     return {"sessions": sessions, "total": total, "limit": limit, "offset": offset}
 
@@ -465,7 +452,7 @@ async def get_messages(request: Request, session_id: str) -> Any:
     body = await _session_json(request, session_id)
     if isinstance(body, JSONResponse):
         return body
-    messages = await core.store.load_messages(session_id)
+    messages = await core.sessions.messages(session_id)
     return {
         "sessionId": session_id,
         "lastSeq": body["lastSeq"],
@@ -482,7 +469,7 @@ async def resume_session(request: Request, session_id: str) -> Any:
     async with _loaded(request, session_id) as live:
         if isinstance(live, JSONResponse):
             return live
-        _core(request).manager.activate(live)
+        await _core(request).sessions.set_status(live, "active")
         return _live_json(live)
 
 
@@ -495,8 +482,7 @@ async def rename_session(request: Request, session_id: str, body: RenameIn) -> A
     async with _loaded(request, session_id) as live:
         if isinstance(live, JSONResponse):
             return live
-        live.record.name = body.name.strip()
-        _core(request).store.update_session(session_id, name=live.record.name)
+        await _core(request).sessions.rename(live, body.name)
         return _live_json(live)
 
 
@@ -523,10 +509,7 @@ async def _set_status(request: Request, session_id: str, status: str) -> Any:
     async with _loaded(request, session_id) as live:
         if isinstance(live, JSONResponse):
             return live
-        core.manager.close(live)
-        if status != "closed":
-            live.record.status = status
-            core.store.update_session(session_id, status=status)
+        await core.sessions.set_status(live, status)
         return _live_json(live)
 
 
@@ -541,7 +524,7 @@ async def delete_session(request: Request, session_id: str) -> Response:
     found = await _record(request, session_id)
     if isinstance(found, JSONResponse):
         return found
-    if not await core.manager.delete(session_id):
+    if not await core.sessions.delete(session_id):
         return _not_found(session_id)
     return Response(status_code=204)
 
@@ -567,29 +550,11 @@ async def retry(request: Request, session_id: str) -> Any:
             return live
         if live.turn is not None:
             return _busy()
-        history = live.history
-        last_user = next(
-            (i for i in range(len(history) - 1, -1, -1) if history[i].role == "user"), None
-        )
-        if last_user is None:
+        dropped = await core.sessions.drop_last_exchange(live)
+        if dropped is None:
             return _error(409, ErrorCode.INVALID_MESSAGE, "This session has no message to retry")
-        # No await between the check above and this cut: a chat cannot slip in between.
-        dropped = history[last_user:]
-        del history[last_user:]
-        # The dropped turns' clientMessageIds are released: a resend runs a new turn.
-        turns = {m.turn_id for m in dropped if m.turn_id}
-        for client_id in [k for k, v in live.client_turns.items() if v in turns]:
-            del live.client_turns[client_id]
-        core.store.delete_messages(session_id, [m.id for m in dropped], sorted(turns))
-    user = _user(request)
-    files = []
-    for f in dropped[0].files:
-        upload = UploadRecord(
-            new_id("upl"), user.id, f.filename, f.mime_type, f.size, now_iso(), f.data
-        )
-        await core.store.save_upload(upload)
-        files.append(upload.meta())
-    return {"message": dropped[0].content, "files": files}
+    files = await core.sessions.reupload(_user(request), dropped)
+    return {"message": dropped.content, "files": files}
 
 
 @router.delete(
@@ -604,11 +569,8 @@ async def delete_message(request: Request, session_id: str, message_id: str) -> 
             return live
         if live.turn is not None:
             return _busy()
-        index = next((i for i, m in enumerate(live.history) if m.id == message_id), None)
-        if index is None:
+        if not await _core(request).sessions.delete_message(live, message_id):
             return _error(404, ErrorCode.INVALID_MESSAGE, f'Message "{message_id}" not found')
-        del live.history[index]
-        _core(request).store.delete_messages(session_id, [message_id])
     return Response(status_code=204)
 
 
@@ -622,11 +584,11 @@ async def session_stats(request: Request, session_id: str) -> Any:
     record = await _record(request, session_id)
     if isinstance(record, JSONResponse):
         return record
-    live = core.manager.live(session_id)
+    live = core.sessions.live(session_id)
     if live is not None:
         count = len(live.history)
     else:
-        count = len(await core.store.load_messages(session_id))
+        count = len(await core.sessions.messages(session_id))
     return {
         "turns": record.turn_count,
         "tokensIn": record.tokens_in,
@@ -918,13 +880,8 @@ async def provider_models(request: Request, kind: str) -> Any:
         provider = await asyncio.to_thread(core.providers.get, kind)
     except ProtocolError as exc:
         return _error(409, exc.code, exc.message)
-    shards = getattr(provider, "_clients", None)
-    if shards is None:
-        return _error(502, ErrorCode.PROVIDER_ERROR, f"Provider {kind!r} cannot list models")
     try:
-        with shards.lease() as client:
-            page = await asyncio.wait_for(client.models.list(), 30)
-        ids = sorted({m.id for m in page.data})
+        ids = await asyncio.wait_for(provider.list_models(), 30)
     except Exception as exc:  # noqa: BLE001 - the SDKs raise many kinds; all mean the same here
         return _error(
             502, ErrorCode.PROVIDER_ERROR, f"Listing the models of {kind!r} failed: {exc}"
