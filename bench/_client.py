@@ -35,7 +35,7 @@ import time
 from array import array
 from collections import deque
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import httptools
@@ -486,9 +486,7 @@ class TurnResult:
     t_done: float | None = None
     error: str | None = None
     chunks: int = 0  # chunk frames (prismd) or content deltas (direct)
-    pieces: int = 0  # pieces whose lag was measured (stamped answers)
-    lags: array = field(default_factory=lambda: array("d"))  # per piece, s
-    lag_at: array = field(default_factory=lambda: array("d"))  # arrival of each lags entry
+    pieces: int = 0  # pieces whose lag was measured (stamped answers; lags: the Schedule's)
     latency: dict[str, Any] | None = None  # prismd's own `done.latency`
 
 

@@ -73,10 +73,18 @@ def mb(x: int | None) -> float | None:
 
 
 def fmt(v: Any) -> str:
+    """A figure with about 3 significant digits (0.00285, 0.34, 9.31, 74.8, 954)."""
     if v is None:
         return "-"
     if isinstance(v, float):
-        return f"{v:.2f}" if abs(v) < 100 else f"{v:.0f}"
+        a = abs(v)
+        if a >= 100 or v == 0:
+            return f"{v:.0f}"
+        if a >= 10:
+            return f"{v:.1f}"
+        if a >= 1:
+            return f"{v:.2f}"
+        return f"{v:.3g}"
     return str(v)
 
 
@@ -153,30 +161,18 @@ class Child:
             return ""
 
     def cpu_s(self) -> float:
-        """CPU seconds from /proc/PID/stat: every thread, also those that ended, but counted
-        in clock ticks (10 ms)."""
+        """CPU seconds of the whole process (every thread, also those that ended), exact: the
+        kernel's CPU-time clock of another process (clockid = ~pid << 3 | CPUCLOCK_SCHED, see
+        clock_getcpuclockid(3)); /proc's clock-tick count (10 ms steps) where that fails."""
+        try:
+            return time.clock_gettime_ns(((~self.proc.pid) << 3) | 2) / 1e9
+        except (OSError, AttributeError, OverflowError):
+            pass
         try:
             t = self.ps.cpu_times()
             return t.user + t.system
         except psutil.Error:
             return float("nan")
-
-    def cpu_ns(self) -> int | None:
-        """CPU nanoseconds of the live threads (sum of /proc/PID/task/*/schedstat): exact, but
-        a thread that ended takes its time with it."""
-        base = f"/proc/{self.proc.pid}/task"
-        total = 0
-        try:
-            tids = os.listdir(base)
-        except OSError:
-            return None
-        for tid in tids:
-            try:
-                with open(f"{base}/{tid}/schedstat", "rb") as f:
-                    total += int(f.read().split(None, 1)[0])
-            except (OSError, ValueError, IndexError):
-                continue
-        return total
 
     def rss(self) -> int | None:
         try:
@@ -398,21 +394,14 @@ class RssSampler:
 
 class Cpu:
     """CPU seconds used over one phase by each child and by this process (`client`), and by
-    everything else on the machine (`other`: other people's processes skew the figures).
-
-    A child's figure is the exact sum over its live threads (schedstat), unless the clock-tick
-    count (which includes threads that ended) is more than 20 ms above it."""
+    everything else on the machine (`other`: other people's processes skew the figures)."""
 
     def __init__(self, procs: dict[str, Child]) -> None:
         self.procs = procs
         self.t0 = self._now()
 
     def _now(self) -> dict[str, float]:
-        d: dict[str, float] = {}
-        for name, c in self.procs.items():
-            d[name] = c.cpu_s()
-            ns = c.cpu_ns()
-            d[name + ":exact"] = float("nan") if ns is None else ns / 1e9
+        d = {name: c.cpu_s() for name, c in self.procs.items()}
         d["client"] = time.process_time()
         t = psutil.cpu_times()
         d["machine_busy"] = (
@@ -424,12 +413,7 @@ class Cpu:
 
     def done(self) -> dict[str, float]:
         t1 = self._now()
-        d = {k: t1[k] - self.t0[k] for k in t1 if not k.endswith(":exact")}
-        for name in self.procs:
-            exact = t1[name + ":exact"] - self.t0[name + ":exact"]
-            if exact == exact and d[name] - exact <= 0.02:  # not NaN, no thread ended
-                d[name] = exact
-        d = {k: round(v, 4) for k, v in d.items()}
+        d = {k: round(t1[k] - self.t0[k], 4) for k in t1}
         ours = sum(d[k] for k in (*self.procs, "client"))
         d["other"] = round(max(0.0, d["machine_busy"] - ours), 3)
         d["load1"] = round(os.getloadavg()[0], 2)
@@ -601,8 +585,13 @@ class Profiler:
         self_n: dict[int, float] = {}
         total_n: dict[int, float] = {}
         all_w = 0.0
+        n_samples = 0
+        threads: dict[str, float] = {}
         for prof in data.get("profiles", []):
             weights = prof.get("weights") or [1] * len(prof.get("samples", []))
+            n_samples += len(weights)
+            thread = prof.get("name") or "?"
+            threads[thread] = round(threads.get(thread, 0.0) + sum(weights), 3)
             for stack, w in zip(prof.get("samples", []), weights, strict=False):
                 all_w += w
                 if stack:
@@ -627,4 +616,10 @@ class Profiler:
                 for i, w in best
             ]
 
-        return {"samples": all_w, "self": table(self_n), "total": table(total_n)}
+        return {
+            "samples": n_samples,
+            "sampled_s": round(all_w, 3),  # py-spy weighs each sample by its interval
+            "threads_s": dict(sorted(threads.items(), key=lambda kv: -kv[1])),
+            "self": table(self_n),
+            "total": table(total_n),
+        }

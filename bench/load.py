@@ -548,6 +548,8 @@ def aggregate(runs: list[dict[str, Any]]) -> tuple[Any, Any]:
         nums = [v for v in present if isinstance(v, (int, float)) and not isinstance(v, bool)]
         if nums and len(nums) == len(present):
             x = statistics.median(nums)
+            if all(isinstance(v, int) for v in nums) and x == int(x):
+                x = int(x)
             return (round(x, 4) if isinstance(x, float) else x), [min(nums), max(nums)]
         if present and all(isinstance(v, bool) for v in present):
             return all(present), None
@@ -655,9 +657,9 @@ class Show:
     def __init__(self, summary: dict[str, Any], spread: dict[str, Any], runs: int) -> None:
         self.s, self.sp, self.runs = summary, spread, runs
 
-    def __call__(self, *path: str, unit: str = "") -> str:
+    def __call__(self, *path: str) -> str:
         v = dig(self.s, *path)
-        text = fmt(v) + unit if v is not None else "-"
+        text = fmt(v)
         if self.runs > 1:
             sp = dig(self.sp, *path)
             if isinstance(sp, list) and sp[0] != sp[1]:
@@ -665,17 +667,32 @@ class Show:
         return text
 
 
-def cpu_cells(c: dict[str, Any] | None) -> str:
-    if not c:
-        return ""
+def table(head: list[str], rows: list[list[str]], indent: str = "   ") -> list[str]:
+    """Columns right-aligned to their widest cell (the first one left-aligned)."""
+    widths = [max(len(r[i]) for r in [head, *rows]) for i in range(len(head))]
+    out = []
+    for r in [head, *rows]:
+        cells = [r[0].ljust(widths[0])] + [
+            c.rjust(w) for c, w in zip(r[1:], widths[1:], strict=True)
+        ]
+        out.append(indent + "  ".join(cells).rstrip())
+    return out
+
+
+CPU_HEAD = ["cpu s: prismd", "fake", "client", "other", "wall", "load1"]
+
+
+def cpu_cells(c: dict[str, Any] | None) -> list[str]:
+    c = c or {}
     fake = (c.get("fake") or 0) + (c.get("fake_streams") or 0)
-    return (
-        f"{c.get('prismd', 0):6.2f}{fake:6.2f}{c.get('client', 0):7.2f}{c.get('other', 0):7.2f}"
-        f"{c.get('wall', 0):7.2f}{c.get('load1', 0):6.2f}"
-    )
-
-
-CPU_HEAD = f"{'prismd':>6}{'fake':>6}{'client':>7}{'other':>7}{'wall':>7}{'load1':>6}"
+    return [
+        f"{c.get('prismd', 0):.2f}",
+        f"{fake:.2f}",
+        f"{c.get('client', 0):.2f}",
+        f"{c.get('other', 0):.2f}",
+        f"{c.get('wall', 0):.2f}",
+        f"{c.get('load1', 0):.2f}",
+    ]
 
 
 def print_report(out: dict[str, Any]) -> None:
@@ -711,112 +728,121 @@ def print_report(out: dict[str, Any]) -> None:
             f"\n1. Per-turn overhead: {cfg['turns']} sequential turns per series (after "
             f"{cfg['warmup']} warm-up), {TURN_PIECES} pieces, no delay; ms from the send"
         )
-        p(
-            f"   {'':40}{'first p50':>10}{'done p50':>16}{'done p95':>16}{'ok':>5}"
-            "   cpu ms/turn prismd/fake/client"
-        )
-        rows = [
-            ("direct (raw HTTP/1.1 keep-alive) = floor", "direct"),
+        rows = []
+        for label, key in (
+            ("direct (raw HTTP/1.1 keep-alive): floor", "direct"),
             ("direct (aiohttp, for comparison)", "direct_aiohttp"),
             ("prismd, new session per turn", "prismd"),
             ("direct, the session's growing history", "direct_history"),
             ("prismd, same session", "prismd_same_session"),
-        ]
-        for label, key in rows:
+        ):
             d = ov.get(key)
             if not d:
                 continue
             c = d.get("cpu_ms_per_turn", {})
-            p(
-                f"   {label:40}{show('overhead', key, 'first_ms_p50'):>10}"
-                f"{show('overhead', key, 'done_ms_p50'):>16}"
-                f"{show('overhead', key, 'done_ms_p95'):>16}{fmt(d.get('ok')):>5}   "
-                f"{fmt(c.get('prismd'))}/{fmt(c.get('fake'))}/{fmt(c.get('client'))}"
-                + (f"  errors {d['errors']}" if d.get("errors") else "")
+            rows.append(
+                [
+                    label,
+                    show("overhead", key, "first_ms_p50"),
+                    show("overhead", key, "done_ms_p50"),
+                    show("overhead", key, "done_ms_p95"),
+                    f"{fmt(d.get('ok'))}/{fmt(d.get('turns'))}",
+                    f"{fmt(c.get('prismd'))}/{fmt(c.get('fake'))}/{fmt(c.get('client'))}",
+                    ", ".join(d.get("errors") or []),
+                ]
             )
+        head = ["", "first p50", "done p50", "done p95", "ok", "cpu ms/turn prismd/fake/client"]
+        for line in table([*head, ""], rows):
+            p(line)
         p(
             f"   prismd - direct: done p50 {show('overhead', 'vs_direct', 'done_diff_ms_p50')} ms"
             f" (x{show('overhead', 'vs_direct', 'done_ratio_p50')}), done p95 "
-            f"{show('overhead', 'vs_direct', 'done_diff_ms_p95')} ms, first chunk "
+            f"{show('overhead', 'vs_direct', 'done_diff_ms_p95')} ms, first chunk p50 "
             f"{show('overhead', 'vs_direct', 'first_diff_ms_p50')} ms"
         )
         p(
-            "   same session - direct with the same history: done p50 "
+            "   prismd same session - direct with the same history: done p50 "
             f"{show('overhead', 'same_session_vs_direct_history', 'done_diff_ms_p50')} ms"
         )
         lat = dig(ov, "prismd", "server_latency_ms_p50")
         if lat:
-            p(f"   prismd's own done.latency (p50, ms): {lat}")
+            p(f"   prismd's own done.latency, new session (p50, ms): {lat}")
         if ov.get("cold_first_turn_ms") is not None:
             p(f"   first turn after start (cold): {fmt(ov['cold_first_turn_ms'])} ms")
 
     def concurrent_table(title: str, phase: str, stream: bool) -> None:
-        rows = s.get(phase)
-        if not rows:
+        rows_in = s.get(phase)
+        if not rows_in:
             return
         p(title)
         if stream:
-            head = f"{'':>7}{'row':<8}{'complete':>10}{'lag p50':>9}{'lag p99':>16}{'lag max':>9}"
-            head += f"{'1st p95':>9}{'done p50':>10}"
+            head = ["", "", "complete", "lag p50", "lag p99", "lag max", "1st p95", "done p50"]
         else:
-            head = f"{'':>7}{'row':<8}{'complete':>10}{'wall s':>16}{'turns/s':>9}"
-            head += f"{'done p50':>10}{'done p95':>10}{'1st p95':>9}"
-        p(head + "   cpu s: " + CPU_HEAD)
-        for n, row in rows.items():
+            head = ["", "", "complete", "wall s", "turns/s", "done p50", "done p95"]
+        head += [*CPU_HEAD, ""]
+        rows, notes = [], []
+        for n, row in rows_in.items():
             for who in ("prismd", "direct"):
                 r = row.get(who) or {}
-                lead = f"{n if who == 'prismd' else '':>6} {who:<8}"
-                done = f"{r.get('completed')}/{r.get('n')}"
+                cells = [n if who == "prismd" else "", who, f"{r.get('completed')}/{r.get('n')}"]
                 if stream:
-                    line = (
-                        f"{done:>10}{fmt(r.get('lag_ms_p50')):>9}"
-                        f"{show(phase, n, who, 'lag_ms_p99'):>16}{fmt(r.get('lag_ms_max')):>9}"
-                        f"{fmt(r.get('first_ms_p95')):>9}{fmt(r.get('done_ms_p50')):>10}"
-                    )
+                    cells += [
+                        show(phase, n, who, "lag_ms_p50"),
+                        show(phase, n, who, "lag_ms_p99"),
+                        fmt(r.get("lag_ms_max")),
+                        show(phase, n, who, "first_ms_p95"),
+                        fmt(r.get("done_ms_p50")),
+                    ]
                 else:
-                    line = (
-                        f"{done:>10}{show(phase, n, who, 'wall_s'):>16}"
-                        f"{fmt(r.get('turns_per_s')):>9}{fmt(r.get('done_ms_p50')):>10}"
-                        f"{fmt(r.get('done_ms_p95')):>10}{fmt(r.get('first_ms_p95')):>9}"
-                    )
-                extra = ""
-                if r.get("errors"):
-                    extra += f"  errors {r['errors']}"
-                p(lead + line + "   " + " " * 7 + cpu_cells(r.get("cpu_s")) + extra)
+                    cells += [
+                        show(phase, n, who, "wall_s"),
+                        fmt(r.get("turns_per_s")),
+                        fmt(r.get("done_ms_p50")),
+                        fmt(r.get("done_ms_p95")),
+                    ]
+                errors = r.get("errors") or {}
+                cells += [*cpu_cells(r.get("cpu_s")), f"errors {errors}" if errors else ""]
+                rows.append(cells)
             if stream:
-                p(f"{'':>7}{'':<8}prismd - direct lag p99: {show(phase, n, 'lag_p99_diff_ms')} ms")
+                notes.append(f"{n}: {show(phase, n, 'lag_p99_diff_ms')} ms")
             else:
-                p(f"{'':>7}{'':<8}wall prismd / direct: {show(phase, n, 'wall_ratio')}x")
+                notes.append(f"{n}: {show(phase, n, 'wall_ratio')}x")
+        for line in table(head, rows):
+            p(line)
+        what = "lag p99, prismd - direct" if stream else "wall time, prismd / direct"
+        p(f"   {what}: " + "; ".join(notes))
 
     concurrent_table(
-        f"\n2. Bursts: N chats at once, each a new session on its own connection (opened before "
-        f"the clock); {TURN_PIECES} pieces, no delay; wall = first send to last done",
+        f"\n2. Bursts: N chats at once, each a new session on its own connection (opened "
+        f"before the clock);\n   {TURN_PIECES} pieces, no delay; wall = first send to last "
+        "done; ms from the send",
         "bursts",
         False,
     )
     concurrent_table(
-        f"\n3. Streams: R at once, {cfg['stream_pieces']} pieces at {STREAM_RATE:g}/s each; lag "
-        "= arrival - the fake's schedule, per piece (ms); 1st = first chunk from the send",
+        f"\n3. Streams: R at once, {cfg['stream_pieces']} pieces at {STREAM_RATE:g}/s each; "
+        "lag = arrival - the fake's schedule,\n   every piece (ms); 1st = first chunk from the "
+        "send (ms); complete = done with every piece",
         "streams",
         True,
     )
     mem = s.get("memory")
     if mem:
         p("\n4. prismd memory (RSS, MB)")
-        p(f"   {'idle after start (settled)':36}{show('memory', 'idle_mb')}")
+        rows = [["idle after start (settled)", show("memory", "idle_mb")]]
         if mem.get("after_overhead_mb") is not None:
-            p(f"   {'after the overhead phase':36}{show('memory', 'after_overhead_mb')}")
+            rows.append(["after the overhead phase", show("memory", "after_overhead_mb")])
         for n in mem.get("burst_peak_mb") or {}:
-            p(f"   {'peak during the ' + n + ' burst':36}{show('memory', 'burst_peak_mb', n)}")
+            rows.append([f"peak during the {n} burst", show("memory", "burst_peak_mb", n)])
         for n, row in (s.get("streams") or {}).items():
-            peak = dig(row, "prismd", "rss_peak_mb")
-            if peak is not None:
-                p(
-                    f"   {'peak during ' + n + ' streams':36}"
-                    + show("streams", n, "prismd", "rss_peak_mb")
+            if dig(row, "prismd", "rss_peak_mb") is not None:
+                rows.append(
+                    [f"peak during {n} streams", show("streams", n, "prismd", "rss_peak_mb")]
                 )
-        p(f"   {'at the end (settled)':36}{show('memory', 'end_mb')}")
-        p(f"   open fds: idle {mem.get('idle_fds')}, peak {mem.get('fds_peak')}")
+        rows.append(["at the end (settled)", show("memory", "end_mb")])
+        rows.append(["open fds: idle, peak", f"{mem.get('idle_fds')}, {mem.get('fds_peak')}"])
+        for line in table(["", ""], rows)[1:]:
+            p(line)
     p(
         "\n5. CPU: the `cpu s` columns above (seconds over the row: prismd, both fakes, this "
         "client,\n   other processes; wall; load average); phase 1: ms per turn and series"
@@ -827,7 +853,12 @@ def print_report(out: dict[str, Any]) -> None:
         if prof.get("error"):
             p(f"   {prof['error']} {prof.get('py_spy_log', '')}")
         else:
-            p(f"   {fmt(prof.get('samples'))} samples; open it in https://www.speedscope.app")
+            p(
+                f"   {prof.get('samples')} samples over {fmt(prof.get('sampled_s'))} s of busy "
+                f"threads; open it in https://www.speedscope.app"
+            )
+            p(f"   busy seconds per thread: {prof.get('threads_s')}")
+            p("   (self time in Runner.run / uvloop is the event loop's own C code)")
             for kind, label in (("self", "self time"), ("total", "total (inclusive) time")):
                 p(f"   top frames by {label}:")
                 for f in prof.get(kind, [])[:20]:
@@ -875,6 +906,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help=f"phases to run, of {','.join(PHASES)} (default all; memory is always measured)",
     )
     ap.add_argument("--bursts", type=_ints, metavar="N,N", help="burst sizes (10,100,300,1000)")
+    ap.add_argument("--skip-1000", action="store_true", help="leave out the 1000 burst")
     ap.add_argument("--streams", type=_ints, metavar="R,R", help="stream counts (100,300,500)")
     ap.add_argument("--turns", type=int, help="sequential turns per series in phase 1 (60)")
     ap.add_argument("--pieces", type=int, help="pieces per streamed answer (200)")
@@ -919,6 +951,8 @@ def config_for(args: argparse.Namespace) -> Config:
     cfg.streams = list(base.streams)
     if args.bursts:
         cfg.bursts = args.bursts
+    if args.skip_1000:
+        cfg.bursts = [n for n in cfg.bursts if n != 1000]
     if args.streams:
         cfg.streams = args.streams
     if args.turns:
