@@ -359,11 +359,12 @@ class HTTPConn(asyncio.Protocol):
         self._sse = buf[start:]
 
     def on_message_complete(self) -> None:
+        keep_alive = self._parser.should_keep_alive()
         if self.status != 200:
             self._finish(RuntimeError(f"HTTP {self.status}: {bytes(self._err[:300])!r}"))
         else:
             self._finish(None)
-        if not self._parser.should_keep_alive() and self.transport is not None:
+        if not keep_alive and self.transport is not None:
             self.transport.close()
 
     def _finish(self, exc: BaseException | None) -> None:
@@ -586,7 +587,7 @@ async def direct_turn(
     except TimeoutError:
         res.error = "timeout"
         conn.abort()
-    except (Closed, RuntimeError, ValueError) as exc:
+    except Exception as exc:  # noqa: BLE001 - closed, HTTP error, unparsable stream
         res.error = type(exc).__name__ + (f": {exc}" if isinstance(exc, RuntimeError) else "")
     if schedule is not None:
         res.pieces = schedule.n
