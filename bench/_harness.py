@@ -101,12 +101,24 @@ def raise_nofile() -> tuple[int, int]:
     return resource.getrlimit(resource.RLIMIT_NOFILE)
 
 
+def _die_with_parent() -> None:
+    """Linux: the child gets SIGTERM when the bench dies, even by SIGKILL (PR_SET_PDEATHSIG)."""
+    try:
+        import ctypes
+
+        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGTERM, 0, 0, 0)
+    except (OSError, AttributeError):
+        pass
+
+
 def _child_preexec() -> None:  # runs in the child between fork and exec
+    _die_with_parent()
     _, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
 
 
 def _server_preexec() -> None:
+    _die_with_parent()
     _, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     if SERVER_NOFILE is not None:  # simulate a host whose hard limit is N
         hard = min(SERVER_NOFILE, hard)

@@ -244,8 +244,11 @@ def summarize_concurrent(
 class Run:
     """One run: fresh fakes and prismd, the chosen phases, everything stopped at the end."""
 
-    def __init__(self, args: argparse.Namespace, cfg: Config, tmp: Path, res: dict[str, Any]):
+    def __init__(
+        self, args: argparse.Namespace, cfg: Config, tmp: Path, res: dict[str, Any], index: int
+    ) -> None:
         self.args, self.cfg, self.tmp, self.res = args, cfg, tmp, res
+        self.index = index
         self.profiled: dict[str, Any] | None = None
 
     # -- set-up
@@ -273,8 +276,8 @@ class Run:
         self.sampler.stop()
 
     def profile_here(self, label: str) -> hn.Profiler | None:
-        if self.args.py_spy != label or self.profiled is not None:
-            return None
+        if self.args.py_spy != label or self.profiled is not None or self.index > 0:
+            return None  # the first run only
         out = Path(self.args.py_spy_out or hn.ROOT / "bench" / f"profile-{label.replace(':', '')}")
         if out.suffix != ".json":
             out = out.with_name(out.name + ".speedscope.json")
@@ -716,8 +719,9 @@ def print_report(out: dict[str, Any]) -> None:
         f"load average at start {m['loadavg_at_start']}, at the end {out.get('loadavg_at_end')}"
         "; `other` = CPU of processes not in the bench (they skew the figures)"
     )
-    if out.get("quiet_wait"):
-        p(f"quiet wait: {out['quiet_wait']}")
+    quiet = [r.get("quiet_wait") for r in out.get("runs", []) if r.get("quiet_wait")]
+    if quiet:
+        p(f"quiet wait before each run (--wait-quiet): {quiet}")
     if runs > 1:
         p(f"figures: medians over {runs} runs, [min-max] when they differ")
     p("=" * 100)
@@ -984,12 +988,10 @@ def main(argv: list[str] | None = None) -> int:
         print("--py-spy: overhead, bursts:N or streams:R", file=sys.stderr)
         return 2
     cfg = config_for(args)
-    quiet = hn.wait_quiet(args.wait_quiet) if args.wait_quiet > 0 else None
     out: dict[str, Any] = {
         "started": time.strftime("%Y-%m-%d %H:%M:%S"),
         "command": " ".join([Path(sys.executable).name, *sys.argv]),
         "config": {**vars(cfg), "phases": args.phases, "runs": args.runs},
-        "quiet_wait": quiet,
         "machine": hn.machine(),
         "source": hn.source(),
         "fd_limit_client": list(hn.raise_nofile()),
@@ -1026,7 +1028,7 @@ def main(argv: list[str] | None = None) -> int:
             shutil.rmtree(t.name, ignore_errors=True)
         print(f"partial results in {args.out}", file=sys.stderr)
 
-    deadline = args.deadline or (cfg.deadline_s * args.runs + int(args.wait_quiet) + 60)
+    deadline = args.deadline or ((cfg.deadline_s + int(args.wait_quiet)) * args.runs + 60)
     hn.install_deadline(deadline, on_stop)
     rc = 0
     failure = None
@@ -1037,14 +1039,17 @@ def main(argv: list[str] | None = None) -> int:
             tmps.append(tmp_obj)
             res: dict[str, Any] = {}
             out["runs"].append(res)
+            if args.wait_quiet > 0:  # other people's tests come and go: before every run
+                res["quiet_wait"] = hn.wait_quiet(args.wait_quiet)
             try:
-                hn.run_async(Run(args, cfg, Path(tmp_obj.name), res).run())
+                hn.run_async(Run(args, cfg, Path(tmp_obj.name), res, k).run())
             finally:
                 logs = {c.name: c for c in hn.CHILDREN}
                 hn.stop_children()
                 if "prismd" in logs:
-                    res["server_log"] = hn.scan_log(logs["prismd"].output())
-                    out["server_log"] = res["server_log"]
+                    res["server_log"] = lg = hn.scan_log(logs["prismd"].output())
+                    if lg["errors"] + lg["warnings"] or "server_log" not in out:
+                        out["server_log"] = lg  # the last run's, or one that logged problems
                 if args.keep_tmp:
                     kept = Path(tempfile.mkdtemp(prefix="prismd-bench-kept-"))
                     subprocess.run(["cp", "-r", tmp_obj.name + "/.", str(kept)], check=False)
