@@ -491,6 +491,9 @@ class TurnResult:
     latency: dict[str, Any] | None = None  # prismd's own `done.latency`
 
 
+USAGE_WAIT_S = 1.0  # after `done`, how long chat_turn waits for `context_usage`
+
+
 def _finish(fut: asyncio.Future[None]) -> None:
     if not fut.done():
         fut.set_result(None)
@@ -523,6 +526,8 @@ async def chat_turn(
             res.latency = d.get("latency")
             if not wait_usage:
                 _finish(fut)
+            else:  # context_usage follows at once; a server that stopped sending it is not hung
+                asyncio.get_running_loop().call_later(USAGE_WAIT_S, _finish, fut)
         elif typ == "context_usage":
             if res.t_done is not None:
                 _finish(fut)

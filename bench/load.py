@@ -38,7 +38,7 @@ Phases (`--phases`, default all):
             counts, also those merged into one chunk frame. First chunk from the send.
             Against R direct streams, measured the same way.
   memory    prismd's RSS when idle after start (settled: steady for 1.5 s), and its peak
-            during each burst (sampled every 25 ms in a thread).
+            during each burst and each stream count (sampled every 25 ms in a thread).
 
 Every row reports the CPU seconds used by prismd, the fake models, this client and everything
 else on the machine (`other`: other people's processes, which skew the figures), so the report
@@ -920,9 +920,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         type=float,
         default=0.0,
         metavar="S",
-        help="first wait up to S s until other processes use < 10%% of the CPU",
+        help="before every run, wait up to S s until other processes use < 10%% of the CPU",
     )
-    ap.add_argument("--out", default=str(hn.ROOT / "bench" / "results.json"))
+    ap.add_argument(
+        "--out", default=str(hn.ROOT / "bench" / "results.json"), help="the JSON results file"
+    )
     ap.add_argument(
         "--py-spy",
         metavar="PHASE",
