@@ -224,7 +224,7 @@ def summarize_concurrent(
     }
     if done_ok:
         t0 = min(r.t_send for r in results)
-        wall = max(r.t_done for r in done_ok) - t0  # type: ignore[type-var]
+        wall = max(r.t_done or 0.0 for r in done_ok) - t0
         out["wall_s"] = round(wall, 4)
         out["turns_per_s"] = round(len(done_ok) / wall, 1) if wall > 0 else None
         out["send_spread_ms"] = ms(max(r.t_send for r in results) - t0, 1)
