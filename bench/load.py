@@ -1,7 +1,7 @@
 """Load benchmark for prismd: every figure beside its direct floor, on the machine at hand.
 
-    .venv/bin/python bench/load.py                  # full run (make bench), about 3-4 minutes
-    .venv/bin/python bench/load.py --quick          # smoke run, about 30 s
+    .venv/bin/python bench/load.py                  # full run (make bench): ~3 min (*)
+    .venv/bin/python bench/load.py --quick          # smoke run: ~20 s
     .venv/bin/python bench/load.py --runs 3 --wait-quiet 120 --out bench/results.json
     .venv/bin/python bench/load.py --phases streams --streams 300 --py-spy streams:300
 
@@ -43,6 +43,10 @@ Phases (`--phases`, default all):
 Every row reports the CPU seconds used by prismd, the fake models, this client and everything
 else on the machine (`other`: other people's processes, which skew the figures), so the report
 shows who is the bottleneck. At the end, a verdict per target of issue 9, also in the JSON.
+
+(*) 170 s with the prismd of 3af549b on this 2-core machine at load average 8.6, most of
+it the 1000 burst (71 s) and the 300 and 500 streams (19 s each), which shrink as prismd gets
+faster; the direct rows take under 5 s each.
 
 `--runs K` repeats everything K times (fresh processes each time) and reports medians with
 [min-max]. Everything is bounded: a hard deadline (SIGALRM) stops the children and writes
