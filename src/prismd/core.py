@@ -60,7 +60,7 @@ class Prismd:
 
     async def start(self) -> None:
         await self.store.open()
-        await self.sessions.recover()
+        await self.sessions.start()
         await self.store.sync_agents(self.agents.rows())
         for row in await self.store.list_custom_agents():
             owner = row.pop("owner_id") or LOCAL_USER_ID
@@ -87,6 +87,7 @@ class Prismd:
             task.cancel()
         if turns:
             await asyncio.gather(*turns, return_exceptions=True)
+        await self.sessions.shutdown()
         await self.providers.aclose()
         await self.tools.aclose()
         if self.mcp is not None:

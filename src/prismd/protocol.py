@@ -40,6 +40,7 @@ class ErrorCode(StrEnum):
     TRANSCRIPTION_FAILED = "transcription_failed"
     RESUME_GAP = "resume_gap"
     STORE_UNAVAILABLE = "store_unavailable"
+    BUS_UNAVAILABLE = "bus_unavailable"
     INTERNAL = "internal"
 
 

@@ -140,9 +140,9 @@ class TurnRunner:
         provider, model = self.providers.resolve(agent, chat.model)
         return TurnPlan(agent, caller, provider, model, chat.message, files, chat)
 
-    def start(self, live: LiveSession, plan: TurnPlan) -> Turn:
-        """Take the session's turn lock and launch the turn. Synchronous, hence atomic."""
-        turn = self.sessions.begin_turn(live, plan.chat.clientMessageId)
+    async def start(self, live: LiveSession, plan: TurnPlan) -> Turn:
+        """Take the session's turn lock (see SessionService.begin_turn) and launch the turn."""
+        turn = await self.sessions.begin_turn(live, plan.chat.clientMessageId)
         for event in plan.preface or ():
             self.sessions.publish(live, turn.id, event)
         self.sessions.publish(live, turn.id, {"type": "start"})
@@ -477,7 +477,7 @@ class _Execution:
 
     async def _approve(self, call: PendingCall, args: dict[str, Any]) -> tuple[bool, str]:
         """Ask the session's clients; deny on timeout or when nobody is connected."""
-        if self.sessions.bus.subscribers(self.live.id) == 0:
+        if not await self.sessions.connected(self.live):
             return False, "Denied: no client was connected to approve this tool call."
         request_id = new_id("appr")
         waiter: asyncio.Future[bool] = asyncio.get_running_loop().create_future()

@@ -40,6 +40,7 @@ from ..protocol import (
     error_frame,
     parse_client_message,
 )
+from ..sessions.coordination import TurnAlreadyRan
 from ..sessions.ids import new_id
 from ..sessions.service import LiveSession
 from .uploads import resolve_uploads
@@ -405,11 +406,14 @@ class Connection:
             return
         sessions.set_agent(live, agent.id)
         plan.preface, plan.meta = preface, meta
-        core.runner.start(live, plan)
+        try:
+            await core.runner.start(live, plan)
+        except TurnAlreadyRan as ran:  # found once the session was read afresh
+            await sessions.replay(live, self, 0, ran.turn_id)
 
     async def _stop(self, msg: Stop) -> None:
         self.voice.cancel_transcription()  # a voice turn not begun yet never begins
-        if self.live is None or not self.core.sessions.stop(self.live):
+        if self.live is None or not await self.core.sessions.request_stop(self.live):
             # Not a session event (no seq): tells this client that nothing is running.
             self.send({"type": "stopped", "turnRunning": False})
 
@@ -428,16 +432,16 @@ class Connection:
     async def _resume(self, msg: Resume) -> None:
         sessions = self.core.sessions
         live = await sessions.for_resume(self.user, msg.sessionId, msg.lastSeq)
-        turn = live.turn
-        self._bind(live, lastSeq=live.last_seq, turnRunning=turn is not None)
+        running = await sessions.running_turn(live)
+        self._bind(live, lastSeq=live.last_seq, turnRunning=running is not None)
         if msg.lastSeq is not None:
             await sessions.replay(live, self, msg.lastSeq)
-        elif turn is not None:
+        elif running is not None:
             # No position given: show the turn in progress from its start.
-            await sessions.replay(live, self, 0, turn.id)
+            await sessions.replay(live, self, 0, running)
 
     async def _approval_response(self, msg: ApprovalResponse) -> None:
-        if self.live is None or not self.core.sessions.answer_approval(
+        if self.live is None or not await self.core.sessions.request_approval(
             self.live, msg.requestId, msg.approved
         ):
             raise ProtocolError(
