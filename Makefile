@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed-stamp
 # Debian packages that prismd and its tests use; installed with apt-get when missing.
 # Each entry is COMMAND:PACKAGE (the command that shows the package is there).
-DEBIAN_DEPS := chromium:chromium espeak-ng:espeak-ng
+DEBIAN_DEPS := chromium:chromium espeak-ng:espeak-ng redis-server:redis-server
 
 .PHONY: install system-deps serve test lint format bench soak clean vendor
 

@@ -6,6 +6,7 @@ import argparse
 import asyncio
 import json
 import logging
+import os
 import sys
 from pathlib import Path
 from typing import Any
@@ -81,16 +82,7 @@ def _exposure_refusal(settings: Settings, insecure: bool) -> str | None:
     )
 
 
-def cmd_serve(args: argparse.Namespace) -> int:
-    import uvicorn
-
-    from .server.app import create_app
-
-    settings = _settings(args)
-    refusal = _exposure_refusal(settings, args.insecure)
-    if refusal:
-        print(f"prismd: {refusal}", file=sys.stderr)
-        return 2
+def configure_logging(settings: Settings) -> None:
     logging.basicConfig(
         level=settings.server.log_level.upper(),
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
@@ -99,6 +91,32 @@ def cmd_serve(args: argparse.Namespace) -> int:
     for noisy in ("httpx", "httpx2"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
     logging.getLogger("uvicorn.error").addFilter(_client_errors_are_not_server_errors)
+
+
+def _workers_refusal(settings: Settings, workers: int) -> str | None:
+    if workers <= 1:
+        return None
+    if not settings.bus.url or not getattr(getattr(settings, "store", None), "url", None):
+        return (
+            f"--workers {workers} runs several processes, which share sessions through "
+            "PostgreSQL and Redis: set PRISMD_DATABASE_URL (or [store] url) and "
+            "PRISMD_REDIS_URL (or [bus] url), or run one worker"
+        )
+    return None
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    import uvicorn
+
+    from .server.app import create_app
+
+    settings = _settings(args)
+    workers = args.workers or 1
+    refusal = _exposure_refusal(settings, args.insecure) or _workers_refusal(settings, workers)
+    if refusal:
+        print(f"prismd: {refusal}", file=sys.stderr)
+        return 2
+    configure_logging(settings)
     if args.insecure and _exposure_refusal(settings, False):
         logging.getLogger("prismd").warning(
             "serving %s with no authentication (--insecure): anyone who can reach it can use "
@@ -106,18 +124,30 @@ def cmd_serve(args: argparse.Namespace) -> int:
             settings.server.host,
         )
     _raise_open_files_limit()
-    app = create_app(settings)
-    uvicorn.run(
-        app,
-        host=settings.server.host,
-        port=settings.server.port,
-        log_level=settings.server.log_level,
-        access_log=False,
-        ws_max_size=settings.server.hard_frame_bytes,
+    options: dict[str, Any] = {
+        "host": settings.server.host,
+        "port": settings.server.port,
+        "log_level": settings.server.log_level,
+        "access_log": False,
+        "ws_max_size": settings.server.hard_frame_bytes,
         # Compression costs more CPU than it saves on small, unique streaming frames.
-        ws_per_message_deflate=False,
-        timeout_graceful_shutdown=5,
-    )
+        "ws_per_message_deflate": False,
+        "timeout_graceful_shutdown": 5,
+    }
+    if workers > 1:
+        # Each worker process builds the app from the same settings: the flags travel in the
+        # environment (uvicorn starts the workers).
+        for name, value in (
+            ("PRISMD_CONFIG", args.config),
+            ("PRISMD_HOST", args.host),
+            ("PRISMD_PORT", args.port),
+            ("PRISMD_DATA_DIR", args.data_dir),
+        ):
+            if value is not None:
+                os.environ[name] = str(value)
+        uvicorn.run("prismd.server.app:from_environment", factory=True, workers=workers, **options)
+    else:
+        uvicorn.run(create_app(settings), **options)
     return 0
 
 
@@ -516,6 +546,11 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--host", help="address to listen on (default 127.0.0.1)")
     serve.add_argument("--port", type=int, help="port to listen on (default 3000)")
     serve.add_argument("--data-dir", help="where sessions are stored (default $PRISMD_HOME/data)")
+    serve.add_argument(
+        "--workers",
+        type=int,
+        help="processes serving the port (default 1; more need PostgreSQL and Redis)",
+    )
     serve.add_argument(
         "--insecure",
         action="store_true",

@@ -239,6 +239,13 @@ class VoiceSettings(_Section):
     tts: TtsSettings = Field(default_factory=TtsSettings)
 
 
+class BusSettings(_Section):
+    # Redis (redis://[:password@]host:6379/0): the live event bus and coordination between
+    # several prismd processes (`prismd serve --workers N`, several machines). Needs the
+    # PostgreSQL store. Unset: one process, the in-process bus.
+    url: str | None = None
+
+
 class Settings(_Section):
     home: Path = Path("~/.prismd")
     provider: ProviderKind | None = None
@@ -251,6 +258,7 @@ class Settings(_Section):
     mcp_servers: list[McpServerSettings] = Field(default_factory=list)
     voice: VoiceSettings = Field(default_factory=VoiceSettings)
     auth: AuthSettings = Field(default_factory=AuthSettings)
+    bus: BusSettings = Field(default_factory=BusSettings)
 
     @property
     def data_dir(self) -> Path:
@@ -275,6 +283,7 @@ ENV_OVERRIDES: dict[str, tuple[str, ...]] = {
     "PRISMD_MODEL": ("model",),
     "PRISMD_DEFAULT_AGENT": ("default_agent",),
     "PRISMD_TOKEN": ("auth", "token"),
+    "PRISMD_REDIS_URL": ("bus", "url"),
     # The SDKs' own variables, so that detection and the SDK agree.
     "OPENAI_BASE_URL": ("providers", "openai", "base_url"),
     "OPENAI_API_KEY": ("providers", "openai", "api_key"),

@@ -66,3 +66,16 @@ def create_app(settings: Settings, probe_ollama: bool = True) -> FastAPI:
 
     app.include_router(web.router)
     return app
+
+
+def from_environment() -> FastAPI:
+    """The app of one worker of `prismd serve --workers N` (the settings come from the
+    environment and PRISMD_CONFIG; see cli.py)."""
+    import os
+
+    from ..cli import configure_logging
+    from ..config import load_settings
+
+    settings = load_settings(os.environ.get("PRISMD_CONFIG") or None)
+    configure_logging(settings)
+    return create_app(settings)
