@@ -222,6 +222,4 @@ class DistributedCoordination(LocalCoordination):
 
 
 def _unavailable(exc: BaseException) -> ProtocolError:
-    return ProtocolError(
-        ErrorCode.STORE_UNAVAILABLE, f"The session store cannot be reached: {exc}"
-    )
+    return ProtocolError(ErrorCode.STORE_UNAVAILABLE, f"The session store cannot be reached: {exc}")

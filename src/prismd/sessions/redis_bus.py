@@ -173,21 +173,37 @@ class RedisBus(LocalBus):
         self._wake.set()
 
     async def _publisher(self) -> None:
-        """PUBLISH what is queued, many commands per round trip (a pipeline)."""
+        """PUBLISH what is queued, many commands per round trip (a pipeline). When Redis is
+        unreachable, the last message of each channel is kept and sent again once it is back:
+        a subscriber that receives it sees the gap and reads the rest from the store, so even
+        the last events of a turn reach it."""
         outbox = self._outbox
+        unsent: dict[tuple[str, bool], bytes] = {}  # (channel, is a detach) -> message
+        attempt = 0
         while True:
-            await self._wake.wait()
+            if not unsent:
+                await self._wake.wait()
             self._wake.clear()
-            while outbox:
-                batch = [outbox.popleft() for _ in range(min(len(outbox), 512))]
+            while outbox or unsent:
+                batch = [(channel, payload) for (channel, _), payload in unsent.items()]
+                unsent.clear()
+                batch += [outbox.popleft() for _ in range(min(len(outbox), 512))]
                 try:
                     async with self.redis.pipeline(transaction=False) as pipe:
                         for channel, payload in batch:
                             pipe.publish(channel, payload)
                         await pipe.execute()
                     self.published += len(batch)
-                except Exception as exc:  # noqa: BLE001 - Redis down: subscribers fill the gap
-                    log.warning("redis: %d messages not published (%s)", len(batch), exc)
+                    attempt = 0
+                except Exception as exc:  # noqa: BLE001 - Redis down: send again later
+                    if attempt == 0:
+                        log.warning("redis: publishing failed (%s); retrying", exc)
+                    for channel, payload in batch:
+                        seq = payload.split(b"\n", 2)[1]
+                        if seq != b"0":  # a voice_state relay is not worth keeping
+                            unsent[(channel, seq == b"-1")] = payload
+                    await asyncio.sleep(RECONNECT_S[min(attempt, len(RECONNECT_S) - 1)])
+                    attempt += 1
 
     async def _reader(self) -> None:
         """Receive from Redis; reconnect with backoff and fill what was missed meanwhile."""

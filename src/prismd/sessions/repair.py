@@ -49,9 +49,7 @@ async def repair(store: Store, session_id: str, state: SessionLog) -> list[Event
             state.last_seq += 1
             event.update(sessionId=session_id, turnId=turn_id, seq=state.last_seq)
             rows.append((state.last_seq, turn_id, dumps(event)))
-        last = store.save_turn(
-            session_id, turn_id, status="interrupted", stop_reason="interrupted"
-        )
+        last = store.save_turn(session_id, turn_id, status="interrupted", stop_reason="interrupted")
     if rows:
         last = store.append_events(session_id, rows)
     if last is not None:
