@@ -51,8 +51,8 @@ class Tab:
         self.gone.append(reason)
         self.changed.set()
 
-    async def until(self, cond, timeout: float = 10.0) -> None:
-        async with asyncio.timeout(timeout):
+    async def until(self, cond, within: float = 10.0) -> None:
+        async with asyncio.timeout(within):
             while not cond():
                 self.changed.clear()
                 await self.changed.wait()
@@ -128,7 +128,7 @@ def test_nothing_is_lost_across_a_redis_restart(redis_server):
         await b.connected.wait()
         await a.connected.wait()
         a.publish("s3", 8, log.add("s3", 8))
-        await tab.until(lambda: len(tab.seqs) == 8, timeout=20)
+        await tab.until(lambda: len(tab.seqs) == 8, within=20)
         assert tab.seqs == list(range(1, 9))
         await a.close()
         await b.close()
