@@ -28,6 +28,7 @@ from ..providers.base import (
     ProviderError,
     ReasoningDelta,
     TextDelta,
+    ThinkingBlock,
     ToolCall,
     Usage,
 )
@@ -170,6 +171,7 @@ class _Execution:
         self.totals = _Totals()
         self.pieces: list[str] = []  # clean text of the current round
         self.reasoning: list[str] = []
+        self.thinking: list[ThinkingBlock] = []  # the current round's signed reasoning
         self.answer: MessageRecord | None = None  # the current round's assistant message
         self.ctx: BuiltContext | None = None
         self.corrections: list[ChatMessage] = []  # re-prompts for unparseable calls
@@ -334,6 +336,7 @@ class _Execution:
             native: list[ToolCall] = []
             usage: Usage | None = None
             reasoning_before = len(self.reasoning)
+            self.thinking = []
             started = saved_at = time.monotonic()
             retrying = False
             try:
@@ -357,6 +360,8 @@ class _Execution:
                         usage = part  # type: ignore[assignment]
                     elif kind is ToolCall:
                         native.append(part)  # type: ignore[arg-type]
+                    elif kind is ThinkingBlock:
+                        self.thinking.append(part)  # type: ignore[arg-type]
                 self._emit(markup.finish())
                 return markup, native
             except ProviderError as exc:
@@ -528,6 +533,9 @@ class _Execution:
         answer.status = status
         answer.reasoning = "".join(self.reasoning) or None
         answer.meta = meta or {}
+        if tool_calls and self.thinking:
+            # Passed back with the tool results while thinking is on (providers/anthropic.py).
+            answer.meta["thinking"] = [t.to_json() for t in self.thinking]
         if tool_calls:
             answer.tool_calls = json.dumps(
                 [
