@@ -6,12 +6,13 @@ ConfigError whose message names the key and the problem; the CLI prints it witho
 
 from __future__ import annotations
 
+import ipaddress
 import os
 import tomllib
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError
 
 ProviderKind = Literal["openai", "anthropic", "ollama"]
 PROVIDER_KINDS: tuple[str, ...] = ("openai", "anthropic", "ollama")
@@ -24,6 +25,28 @@ DEFAULT_SYSTEM_PROMPT = (
 
 class ConfigError(Exception):
     """The configuration cannot be used; the message says which key and why."""
+
+
+# Bounds of every agent field, in one place: the config file's agents and those users create
+# over REST (server/rest.py's AgentIn/AgentPatch use the same types). Nothing a user sends can
+# make an agent that costs the server more than these (issue 11: a 40,000-pattern tool list).
+AgentId = Annotated[str, Field(pattern=r"^[A-Za-z0-9_-]{1,64}$")]
+AgentName = Annotated[str, Field(min_length=1, max_length=100)]
+AgentDescription = Annotated[str, Field(max_length=2_000)]
+ModelName = Annotated[str, Field(min_length=1, max_length=200)]
+SystemPrompt = Annotated[str, Field(max_length=100_000)]
+ToolPattern = Annotated[str, Field(min_length=1, max_length=128)]
+ToolPatterns = Annotated[list[ToolPattern], Field(max_length=256)]
+
+
+def _network(value: str) -> str:
+    try:
+        return str(ipaddress.ip_network(value.strip(), strict=False))
+    except ValueError:
+        raise ValueError(f"{value!r} is not an IP address or network") from None
+
+
+IpNetwork = Annotated[str, AfterValidator(_network)]
 
 
 class _Section(BaseModel):
@@ -130,19 +153,19 @@ class ToolsSettings(_Section):
 
 
 class AgentSettings(_Section):
-    id: Annotated[str, Field(pattern=r"^[A-Za-z0-9_-]{1,64}$")]
-    name: str
-    description: str = ""
+    id: AgentId
+    name: AgentName
+    description: AgentDescription = ""
     provider: ProviderKind | None = None
-    model: str | None = None
-    system_prompt: str = DEFAULT_SYSTEM_PROMPT
+    model: ModelName | None = None
+    system_prompt: SystemPrompt = DEFAULT_SYSTEM_PROMPT
     temperature: Annotated[float, Field(ge=0, le=2)] | None = None
     # Tools this agent may use: names or fnmatch patterns ("file_*", "github__*", "*").
-    tools: list[str] = Field(default_factory=lambda: ["*"])
+    tools: ToolPatterns = Field(default_factory=lambda: ["*"])
     # Tools that need the user's approval in addition to those that need it by default…
-    approve: list[str] = Field(default_factory=list)
+    approve: ToolPatterns = Field(default_factory=list)
     # …and tools this agent may run without asking (e.g. "shell" for a trusted agent).
-    auto_approve: list[str] = Field(default_factory=list)
+    auto_approve: ToolPatterns = Field(default_factory=list)
 
 
 BUILTIN_AGENT = AgentSettings(

@@ -16,7 +16,7 @@ from ..agent.agents import AgentDirectory
 from ..agent.runner import TurnRunner
 from ..auth import Auth
 from ..auth.middleware import AuthMiddleware
-from ..config import AgentSettings, Settings
+from ..config import Settings
 from ..providers.registry import ProviderRegistry
 from ..sessions.bus import LocalBus
 from ..sessions.manager import SessionManager
@@ -64,10 +64,7 @@ class Prismd:
     async def start(self) -> None:
         await self.store.open()
         await self.store.sync_agents(self.agents.rows())
-        for row in await self.store.list_custom_agents():
-            owner = row.pop("owner_id") or LOCAL_USER_ID
-            if self.agents.find(row["id"]) is None:
-                self.agents.add(AgentSettings.model_validate(row), owner)
+        self.agents.load(await self.store.list_custom_agents(), LOCAL_USER_ID)
         if self.settings.mcp_servers:
             # The MCP SDK costs ~25 MB of memory: loaded only when servers are configured.
             from ..tools.mcp import McpManager

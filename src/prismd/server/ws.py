@@ -341,7 +341,8 @@ class Connection:
             self._unbind()
             self.live = live
             self.core.manager.subscribe(live, self)
-        agent = self.core.agents.find(live.record.agent_id) if live.record.agent_id else None
+        record = live.record
+        agent = self.core.agents.find(record.agent_id, record.owner_id) if record.agent_id else None
         self.send(
             {
                 "type": "session",
@@ -380,15 +381,17 @@ class Connection:
             self._unbind()  # the bound session was deleted under this connection
         if not msg.message.strip() and not msg.files:
             raise ProtocolError(ErrorCode.EMPTY_MESSAGE, "Empty message")
+        user = self.user
         agent_id = msg.agentId or self.agent_id
+        namespace = user.id  # agent ids are per user (agent/agents.py)
         if agent_id is None and self.live is not None and msg.sessionId in (None, self.live.id):
             agent_id = self.live.record.agent_id
-        user = self.user
+            namespace = self.live.record.owner_id  # an admin in another user's session
         if agent_id is None:
             agent_id = await core.auth.default_agent(user.id)
-            if agent_id is not None and core.agents.find(agent_id) is None:
+            if agent_id is not None and core.agents.find(agent_id, user.id, user.admin) is None:
                 agent_id = None  # the chosen agent was deleted since
-        agent = core.agents.get(agent_id, user.id, user.admin)
+        agent = core.agents.get(agent_id, namespace, user.admin)
         if any(f.fileId for f in msg.files):
             msg = await resolve_uploads(core, user, msg)
         # Everything that can refuse the chat (files, limits, provider) is checked before a
