@@ -99,6 +99,13 @@ def cmd_serve(args: argparse.Namespace) -> int:
     for noisy in ("httpx", "httpx2"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
     logging.getLogger("uvicorn.error").addFilter(_client_errors_are_not_server_errors)
+    # No configured secret (MCP tokens, API keys) nor a recognisable one reaches the log.
+    from .auth.redact import RedactingFilter, configured_secrets
+
+    redact = RedactingFilter(configured_secrets(settings))
+    for handler in logging.getLogger().handlers:
+        handler.addFilter(redact)
+    logging.getLogger("uvicorn.error").addFilter(redact)
     if args.insecure and _exposure_refusal(settings, False):
         logging.getLogger("prismd").warning(
             "serving %s with no authentication (--insecure): anyone who can reach it can use "
