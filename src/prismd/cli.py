@@ -114,12 +114,18 @@ def cmd_serve(args: argparse.Namespace) -> int:
         )
     _raise_open_files_limit()
     app = create_app(settings)
+    proxies = settings.server.trusted_proxies
     uvicorn.run(
         app,
         host=settings.server.host,
         port=settings.server.port,
         log_level=settings.server.log_level,
         access_log=False,
+        # X-Forwarded-For/-Proto are read only from `server.trusted_proxies` (uvicorn would
+        # trust 127.0.0.1 by default, or $FORWARDED_ALLOW_IPS: a local client could then
+        # pose as any address and escape the per-address login limit).
+        proxy_headers=bool(proxies),
+        forwarded_allow_ips=list(proxies),
         ws_max_size=settings.server.hard_frame_bytes,
         # Compression costs more CPU than it saves on small, unique streaming frames.
         ws_per_message_deflate=False,

@@ -77,6 +77,10 @@ class ServerSettings(_Section):
     # are exempt unless `limit_loopback` (a local user already has the machine).
     max_connections_per_client: Annotated[int, Field(ge=0)] = 64
     limit_loopback: bool = False
+    # Reverse proxies (addresses or networks, e.g. "127.0.0.1", "10.0.0.0/8") whose
+    # X-Forwarded-For / X-Forwarded-Proto are believed. None by default: the client address
+    # (login limits, connection limits) is the socket's peer and the scheme is the socket's.
+    trusted_proxies: list[IpNetwork] = Field(default_factory=list)
 
 
 class ProviderSettings(_Section):
@@ -181,11 +185,15 @@ class AuthSettings(_Section):
     token: Annotated[str, Field(min_length=16)] | None = None
     # Login sessions (the `prismd_session` cookie) expire after this many hours.
     session_ttl_hours: Annotated[float, Field(gt=0)] = 168.0
-    # Origins (scheme://host[:port]) besides the server's own that may open a WebSocket with the
-    # login cookie; a cookie-authenticated upgrade from any other Origin is refused.
+    # Origins (scheme://host[:port]) besides the server's own whose pages may change things
+    # (unsafe methods) or open a WebSocket with the login cookie; other origins get 403.
     allowed_origins: list[str] = Field(default_factory=list)
-    # Failed logins allowed per username and per client address within a minute.
+    # Failed logins allowed per client address within a minute (then 429 until the oldest is a
+    # minute old), and per username before each further attempt for that name must wait…
     login_attempts_per_minute: Annotated[int, Field(ge=1)] = 5
+    # …1 s, doubling with every failure, up to this (the name's real owner waits at most
+    # this long, instead of being locked out).
+    login_delay_max_s: Annotated[float, Field(ge=1, le=3600)] = 30.0
 
 
 class SttSettings(_Section):

@@ -81,6 +81,7 @@ class Prismd:
             preload.add_done_callback(self._background.discard)
 
     async def stop(self) -> None:
+        await self.auth.aclose()
         turns = [t.task for t in self.manager.running_turns() if t.task is not None]
         for task in turns:
             task.cancel()

@@ -46,6 +46,7 @@ from .uploads import resolve_uploads
 
 log = logging.getLogger("prismd.ws")
 STUCK_S = 5.0  # a client whose writes made no progress this long, with a full queue, is dropped
+REVOKED_FLUSH_S = 1.0  # time given to the last frames of a revoked socket before it is cut
 router = APIRouter()
 
 
@@ -79,8 +80,12 @@ class Connection:
         self._wake = asyncio.Event()
         self._held: list[tuple[int, str]] | None = None
         self._limit = core.settings.server.send_queue_frames
-        self._hard_limit = max(4 * self._limit, self._limit + 8192)
+        # Frames of one store batch (up to 4096) arrive at once: a reading client may hold
+        # that many more for a moment. Beyond this, the memory bound holds whatever happens.
+        self._hard_limit = self._limit + 4096
         self._closing = False
+        self._close_code = 1000
+        self._sending = False  # the writer waits in a send: the socket takes no more bytes
         self._progress = time.monotonic()  # last time a frame left (or the queue was empty)
         self._drained = asyncio.Event()
         self._writer_task: asyncio.Task[None] | None = None
@@ -133,11 +138,13 @@ class Connection:
                     STUCK_S / 5, self._check_stuck
                 )
         elif len(out) >= self._limit:
-            # Frames arrive in bursts (a store batch, up to 4096 events, at a time), so a full
-            # queue alone does not mean a slow client: drop it when its writes have been stuck
-            # for STUCK_S, or when the queue reaches its hard cap. Its session's turn goes on
-            # and stays resumable.
-            stuck = time.monotonic() - self._progress > STUCK_S
+            # `send_queue_frames` frames wait while the socket takes no more bytes (the writer
+            # is blocked in a send, or has sent nothing for STUCK_S): the client reads slower
+            # than its frames come, by that many frames, or not at all. It is dropped; its
+            # session's turn goes on and stays resumable. A full queue whose writer is still
+            # sending is a burst (a store batch, up to 4096 frames at once) to a client that
+            # reads: it may pass the limit by that much (`_hard_limit`).
+            stuck = self._sending or time.monotonic() - self._progress > STUCK_S
             if stuck or len(out) >= self._hard_limit:
                 self._drop(f"{len(out)} frames unsent")
                 return
@@ -158,6 +165,7 @@ class Connection:
     def _drop(self, why: str) -> None:
         log.warning("connection %s dropped: %s", self.id, why)
         self._closing = True
+        self._close_code = 1013
         self._out.clear()
         self._drained.set()
         # The writer may be blocked in a send to a client that does not read: cancel it, and
@@ -176,16 +184,46 @@ class Connection:
                 if time.monotonic() - self._progress > STUCK_S:
                     self._drop(f"no progress for {STUCK_S:g} s during a replay")
 
+    def revoke(self, reason: str, user_removed: bool = False) -> None:
+        """The credential this socket was opened with no longer holds (auth/live.py): a last
+        `error` `unauthorized`, then the socket closes with CLOSE_REVOKED and handles no
+        further frame (no chat, approval or voice). `user_removed`: the user's running turns
+        are stopped too (a logout or a revoked token leaves them running, resumable, as a
+        disconnect does)."""
+        if self._closing:
+            return
+        from ..auth.live import CLOSE_REVOKED
+
+        self.send(error_frame(ErrorCode.UNAUTHORIZED, reason))
+        self._closing = True  # nothing more is queued or handled
+        self._close_code = CLOSE_REVOKED
+        self.voice.cancel_transcription()
+        if user_removed:
+            for live in list(self.core.manager._live.values()):
+                if live.record.owner_id == self.user.id:
+                    self.core.runner.stop(live)
+        self._wake.set()  # the writer sends what is queued, then ends, and so does run()
+        writer = self._writer_task
+        if writer is not None:
+            # A client that does not read would hold the socket open: cut it after a while.
+            asyncio.get_running_loop().call_later(REVOKED_FLUSH_S, writer.cancel)
+
     async def _writer(self) -> None:
         out, ws = self._out, self.ws
         while True:
             await self._wake.wait()
             self._wake.clear()
             while out:
-                await ws.send_text(out.popleft())
+                self._sending = True
+                try:
+                    await ws.send_text(out.popleft())
+                finally:
+                    self._sending = False
                 self._progress = time.monotonic()
                 if len(out) < self._limit // 2:
                     self._drained.set()
+            if self._closing:
+                return
 
     # ------------------------------------------------------------ incoming
 
@@ -233,6 +271,7 @@ class Connection:
             await self.ws.close(code=1013, reason="too many connections")
             return
         self.core.connections.add(self)
+        self.core.auth.sockets.attach(self)
         self.send(
             {
                 "type": "connected",
@@ -253,7 +292,7 @@ class Connection:
                     receiving.cancel()
                     break
                 message = receiving.result()
-                if message["type"] == "websocket.disconnect":
+                if message["type"] == "websocket.disconnect" or self._closing:
                     break
                 if not self._allow_frame():
                     wait_ms = round(1000 * (1 - self._tokens) / self._rate)
@@ -288,6 +327,7 @@ class Connection:
         except WebSocketDisconnect:
             pass
         finally:
+            self.core.auth.sockets.detach(self)
             await self.voice.close()
             self.core.connections.discard(self)
             self._release()
@@ -298,7 +338,7 @@ class Connection:
                 writer.cancel()
             await asyncio.gather(writer, return_exceptions=True)
             if self.ws.application_state != WebSocketState.DISCONNECTED:
-                code = 1013 if self._closing else 1000
+                code = self._close_code
                 try:
                     # A client that does not read blocks the close frame too: give up after a
                     # second; the transport is closed when this handler returns.
@@ -324,6 +364,8 @@ class Connection:
             self._error(ErrorCode.INTERNAL, "Internal server error")
 
     async def _handle(self, text: str) -> None:
+        if self._closing:  # revoked or dropped while frames were waiting
+            return
         try:
             msg = parse_client_message(text)
             handler = self._handlers[type(msg)]
@@ -424,6 +466,8 @@ class Connection:
             live.record.agent_id = agent.id
             core.store.update_session(live.id, agent_id=agent.id)
         plan.preface, plan.meta = preface, meta
+        if self._closing:  # revoked while this chat was being prepared (or a voice turn's)
+            return
         core.runner.start(live, plan)
 
     async def _stop(self, msg: Stop) -> None:
