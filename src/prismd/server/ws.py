@@ -76,7 +76,9 @@ class Connection:
         self.id = new_id("conn")
         self.live: LiveSession | None = None
         self.agent_id: str | None = None  # from select_agent
-        self._out: deque[str] = deque()
+        # Frames to send, each with whether it is `paced` (see _enqueue); how many are.
+        self._out: deque[tuple[str, bool]] = deque()
+        self._paced = 0
         self._wake = asyncio.Event()
         self._held: list[tuple[int, str]] | None = None
         self._limit = core.settings.server.send_queue_frames
@@ -116,18 +118,21 @@ class Connection:
             self._held = []
 
     def push(self, frame: str) -> None:
-        self._enqueue(frame)
+        self._enqueue(frame, paced=True)
 
     def release(self, after_seq: int) -> None:
         held, self._held = self._held or [], None
         for seq, frame in held:
             if seq > after_seq:
-                self._enqueue(frame)
+                self._enqueue(frame, paced=True)
 
     def send(self, frame: dict[str, Any]) -> None:
         self._enqueue(dumps(frame))
 
-    def _enqueue(self, frame: str) -> None:
+    def _enqueue(self, frame: str, paced: bool = False) -> None:
+        """`paced`: a replay's frames (and the live ones it held back), which the server
+        itself queues in steps (REPLAY_STEP) and paces with drain(): they count against the
+        memory bound only, not as frames the client failed to read."""
         if self._closing:
             return
         out = self._out
@@ -137,18 +142,21 @@ class Connection:
                 self._watchdog = asyncio.get_running_loop().call_later(
                     STUCK_S / 5, self._check_stuck
                 )
-        elif len(out) >= self._limit:
+        elif len(out) >= self._hard_limit:
+            self._drop(f"{len(out)} frames unsent")
+            return
+        elif not paced and len(out) - self._paced >= self._limit:
             # `send_queue_frames` frames wait while the socket takes no more bytes (the writer
             # is blocked in a send, or has sent nothing for STUCK_S): the client reads slower
             # than its frames come, by that many frames, or not at all. It is dropped; its
             # session's turn goes on and stays resumable. A full queue whose writer is still
             # sending is a burst (a store batch, up to 4096 frames at once) to a client that
             # reads: it may pass the limit by that much (`_hard_limit`).
-            stuck = self._sending or time.monotonic() - self._progress > STUCK_S
-            if stuck or len(out) >= self._hard_limit:
-                self._drop(f"{len(out)} frames unsent")
+            if self._sending or time.monotonic() - self._progress > STUCK_S:
+                self._drop(f"{len(out) - self._paced} frames unsent")
                 return
-        out.append(frame)
+        out.append((frame, paced))
+        self._paced += paced
         self._wake.set()
 
     def _check_stuck(self) -> None:
@@ -167,6 +175,7 @@ class Connection:
         self._closing = True
         self._close_code = 1013
         self._out.clear()
+        self._paced = 0
         self._drained.set()
         # The writer may be blocked in a send to a client that does not read: cancel it, and
         # the connection ends (see run()).
@@ -216,7 +225,9 @@ class Connection:
             while out:
                 self._sending = True
                 try:
-                    await ws.send_text(out.popleft())
+                    frame, paced = out.popleft()
+                    self._paced -= paced
+                    await ws.send_text(frame)
                 finally:
                     self._sending = False
                 self._progress = time.monotonic()
