@@ -63,7 +63,8 @@ class ServerSettings(_Section):
     hard_frame_bytes: Annotated[int, Field(ge=1024)] = 64 * 1024 * 1024
     max_files: Annotated[int, Field(ge=0)] = 10
     max_file_bytes: Annotated[int, Field(ge=1)] = 10 * 1024 * 1024
-    # Frames queued for one connection before it is considered stuck and dropped.
+    # A connection with this many frames waiting while its socket takes no more bytes (it reads
+    # slower than its frames come, by this many, or not at all) is dropped (server/ws.py).
     send_queue_frames: Annotated[int, Field(ge=16)] = 10_000
     # Events kept per session for `resume`; older ones are pruned (a resume before them gets
     # `resume_gap`).
