@@ -91,7 +91,10 @@ def users_server(tmp_path_factory, fake_openai):
     for name in ("alice", "bob", "carol"):
         add_user(home, name)
     tokens = {name: make_token(home, name) for name in ("bob", "carol")}
-    config = '[auth]\nallowed_origins = ["https://chat.example.org"]\n'
+    config = (
+        '[server]\ntrusted_proxies = ["127.0.0.1"]\n'  # as behind a proxy on loopback
+        '[auth]\nallowed_origins = ["https://chat.example.org"]\n'
+    )
     srv = PrismdServer(home, openai_env(fake_openai), config).start()
     srv.tokens = tokens  # type: ignore[attr-defined]
     yield srv
@@ -349,7 +352,8 @@ def test_login_cookie_me_logout(users_server):
 
 
 def test_cookie_is_secure_under_https(users_server):
-    # As behind a TLS-terminating proxy on loopback (uvicorn trusts its X-Forwarded-Proto).
+    # Behind a TLS-terminating proxy on loopback (`server.trusted_proxies`: its
+    # X-Forwarded-Proto is believed; test_security_auth.py checks that nothing is by default).
     resp = httpx.post(
         f"{users_server.url}/api/auth/login",
         json={"username": "carol", "password": PASSWORDS["carol"]},

@@ -91,6 +91,13 @@ def configure_logging(settings: Settings) -> None:
     for noisy in ("httpx", "httpx2"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
     logging.getLogger("uvicorn.error").addFilter(_client_errors_are_not_server_errors)
+    # No configured secret (MCP tokens, API keys) nor a recognisable one reaches the log.
+    from .auth.redact import RedactingFilter, configured_secrets
+
+    redact = RedactingFilter(configured_secrets(settings))
+    for handler in logging.getLogger().handlers:
+        handler.addFilter(redact)
+    logging.getLogger("uvicorn.error").addFilter(redact)
 
 
 def _workers_refusal(settings: Settings, workers: int) -> str | None:
@@ -124,11 +131,17 @@ def cmd_serve(args: argparse.Namespace) -> int:
             settings.server.host,
         )
     _raise_open_files_limit()
+    proxies = settings.server.trusted_proxies
     options: dict[str, Any] = {
         "host": settings.server.host,
         "port": settings.server.port,
         "log_level": settings.server.log_level,
         "access_log": False,
+        # X-Forwarded-For/-Proto are read only from `server.trusted_proxies` (uvicorn would
+        # trust 127.0.0.1 by default, or $FORWARDED_ALLOW_IPS: a local client could then
+        # pose as any address and escape the per-address login limit).
+        "proxy_headers": bool(proxies),
+        "forwarded_allow_ips": list(proxies),
         "ws_max_size": settings.server.hard_frame_bytes,
         # Compression costs more CPU than it saves on small, unique streaming frames.
         "ws_per_message_deflate": False,

@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING
 from .agent.agents import AgentDirectory
 from .agent.runner import TurnRunner
 from .auth import Auth
-from .config import AgentSettings, ConfigError, Settings
+from .config import ConfigError, Settings
 from .providers.registry import ProviderRegistry
 from .server.metrics import Metrics
 from .sessions.bus import EventBus, LocalBus
@@ -88,10 +88,7 @@ class Prismd:
             await self.bus.start()
         await self.sessions.start()
         await self.store.sync_agents(self.agents.rows())
-        for row in await self.store.list_custom_agents():
-            owner = row.pop("owner_id") or LOCAL_USER_ID
-            if self.agents.find(row["id"]) is None:
-                self.agents.add(AgentSettings.model_validate(row), owner)
+        self.agents.load(await self.store.list_custom_agents(), LOCAL_USER_ID)
         if self.settings.mcp_servers:
             # The MCP SDK costs ~25 MB of memory: loaded only when servers are configured.
             from .tools.mcp import McpManager
@@ -108,6 +105,7 @@ class Prismd:
             preload.add_done_callback(self._background.discard)
 
     async def stop(self) -> None:
+        await self.auth.aclose()
         turns = [t.task for t in self.sessions.running_turns() if t.task is not None]
         for task in turns:
             task.cancel()

@@ -19,10 +19,19 @@ from fastapi.responses import JSONResponse
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from .. import __version__
-from ..agent.agents import AgentDirectory, row
+from ..agent.agents import AgentDirectory, Found, row
 from ..auth import Principal
 from ..auth.service import COOKIE_NAME, RateLimited
-from ..config import PROVIDER_KINDS, AgentSettings
+from ..config import (
+    PROVIDER_KINDS,
+    AgentDescription,
+    AgentId,
+    AgentName,
+    AgentSettings,
+    ModelName,
+    SystemPrompt,
+    ToolPatterns,
+)
 from ..protocol import PROTOCOL_VERSION, SESSION_ID_RE, ErrorCode, ProtocolError
 from ..sessions.ids import new_id, now_iso
 from ..sessions.service import LiveSession
@@ -150,26 +159,27 @@ class AgentList(BaseModel):
 
 
 class AgentIn(BaseModel):
+    # The bounds are config.py's, shared with AgentSettings (one place for every limit).
     model_config = ConfigDict(extra="forbid")
-    id: str = Field(pattern=r"^[A-Za-z0-9_-]{1,64}$")
-    name: str = Field(min_length=1, max_length=100)
-    description: str = ""
+    id: AgentId
+    name: AgentName
+    description: AgentDescription = ""
     provider: Literal["openai", "anthropic", "ollama"] | None = None
-    model: str | None = None
-    systemPrompt: str | None = None
+    model: ModelName | None = None
+    systemPrompt: SystemPrompt | None = None
     temperature: float | None = Field(default=None, ge=0, le=2)
-    tools: list[str] | None = None
+    tools: ToolPatterns | None = None
 
 
 class AgentPatch(BaseModel):
     model_config = ConfigDict(extra="forbid")
-    name: str | None = Field(default=None, min_length=1, max_length=100)
-    description: str | None = None
+    name: AgentName | None = None
+    description: AgentDescription | None = None
     provider: Literal["openai", "anthropic", "ollama"] | None = None
-    model: str | None = None
-    systemPrompt: str | None = None
+    model: ModelName | None = None
+    systemPrompt: SystemPrompt | None = None
     temperature: float | None = Field(default=None, ge=0, le=2)
-    tools: list[str] | None = None
+    tools: ToolPatterns | None = None
 
 
 class CurrentAgent(BaseModel):
@@ -637,20 +647,25 @@ async def list_tools(request: Request) -> dict[str, Any]:
 
 async def _default_agent(core: Prismd, user: Principal) -> str:
     chosen = await core.auth.default_agent(user.id)
-    if chosen is not None and core.agents.find(chosen) is not None:
-        if core.agents.visible(chosen, user.id, user.admin):
-            return chosen
+    if chosen is not None and core.agents.find(chosen, user.id, user.admin) is not None:
+        return chosen
     return core.agents.default_id
 
 
-def _agent_json(core: Prismd, agent: AgentSettings, default: str) -> dict[str, Any]:
+def _agent_json(found: Found, default: str) -> dict[str, Any]:
+    agent = found.agent
     body = AgentDirectory.to_json(agent, default)
-    body["builtin"] = core.agents.is_config(agent.id)
+    body["builtin"] = found.owner is None
     body["systemPrompt"] = agent.system_prompt
-    owner = core.agents.owners.get(agent.id)
-    if owner is not None:
-        body["ownerId"] = owner
+    if found.owner is not None:
+        body["ownerId"] = found.owner
     return body
+
+
+def _lookup(request: Request, agent_id: str) -> Found | None:
+    """The caller's agent of that id (agent ids are per user; see agent/agents.py)."""
+    user = _user(request)
+    return _core(request).agents.lookup(agent_id, user.id, user.admin)
 
 
 def _agent_missing(agent_id: str) -> JSONResponse:
@@ -663,7 +678,7 @@ async def list_agents(request: Request) -> dict[str, Any]:
     user = _user(request)
     default = await _default_agent(core, user)
     return {
-        "agents": [_agent_json(core, a, default) for a in core.agents.all(user.id, user.admin)],
+        "agents": [_agent_json(f, default) for f in core.agents.entries(user.id, user.admin)],
         "default": default,
     }
 
@@ -675,18 +690,19 @@ async def list_agents(request: Request) -> dict[str, Any]:
 )
 async def current_agent(request: Request) -> dict[str, Any]:
     core = _core(request)
-    default = await _default_agent(core, _user(request))
-    return {"agent": _agent_json(core, core.agents.get(default), default)}
+    user = _user(request)
+    default = await _default_agent(core, user)
+    found = core.agents.lookup(default, user.id, user.admin)
+    assert found is not None  # _default_agent answers an agent the caller has
+    return {"agent": _agent_json(found, default)}
 
 
 @router.get("/agents/{agent_id}", summary="One agent", responses=_doc(AgentOut, 404))
 async def get_agent(request: Request, agent_id: str) -> Any:
-    core = _core(request)
-    user = _user(request)
-    agent = core.agents.find(agent_id)
-    if agent is None or not core.agents.visible(agent_id, user.id, user.admin):
+    found = _lookup(request, agent_id)
+    if found is None:
         return _agent_missing(agent_id)
-    return _agent_json(core, agent, await _default_agent(core, user))
+    return _agent_json(found, await _default_agent(_core(request), _user(request)))
 
 
 def _settings_from(body: dict[str, Any]) -> AgentSettings:
@@ -718,7 +734,9 @@ def _invalid(exc: ValidationError) -> JSONResponse:
 async def create_agent(request: Request, body: AgentIn) -> Any:
     core = _core(request)
     user = _user(request)
-    if core.agents.find(body.id) is not None:
+    # Ids are per user: only a config agent's id (everyone sees those) or the caller's own
+    # is taken; another user's agent of that id is not revealed (the id is free for the caller).
+    if core.agents.taken(body.id, user.id):
         return _error(409, ErrorCode.INVALID_MESSAGE, f'An agent "{body.id}" exists already')
     try:
         agent = _settings_from(body.model_dump())
@@ -726,7 +744,8 @@ async def create_agent(request: Request, body: AgentIn) -> Any:
         return _invalid(exc)
     await core.store.save_agent(row(agent), user.id)
     core.agents.add(agent, user.id)
-    return JSONResponse(_agent_json(core, agent, await _default_agent(core, user)), status_code=201)
+    found = Found(agent, user.id)
+    return JSONResponse(_agent_json(found, await _default_agent(core, user)), status_code=201)
 
 
 @router.patch(
@@ -737,24 +756,23 @@ async def create_agent(request: Request, body: AgentIn) -> Any:
 async def update_agent(request: Request, agent_id: str, body: AgentPatch) -> Any:
     core = _core(request)
     user = _user(request)
-    agent = core.agents.find(agent_id)
-    if agent is None or not core.agents.visible(agent_id, user.id, user.admin):
+    found = _lookup(request, agent_id)
+    if found is None:
         return _agent_missing(agent_id)
-    if core.agents.is_config(agent_id):
+    if found.owner is None:
         return _error(
             403, ErrorCode.INVALID_MESSAGE, f'Agent "{agent_id}" comes from the config file'
         )
-    current = row(agent)
+    current = row(found.agent)
     current["systemPrompt"] = current.pop("system_prompt")
     changes = body.model_dump(exclude_unset=True)
     try:
         updated = _settings_from({**current, **changes})
     except ValidationError as exc:
         return _invalid(exc)
-    owner = core.agents.owners[agent_id]
-    await core.store.save_agent(row(updated), owner)
-    core.agents.add(updated, owner)
-    return _agent_json(core, updated, await _default_agent(core, user))
+    await core.store.save_agent(row(updated), found.owner)
+    core.agents.add(updated, found.owner)
+    return _agent_json(Found(updated, found.owner), await _default_agent(core, user))
 
 
 @router.delete(
@@ -765,15 +783,15 @@ async def update_agent(request: Request, agent_id: str, body: AgentPatch) -> Any
 )
 async def delete_agent(request: Request, agent_id: str) -> Response:
     core = _core(request)
-    user = _user(request)
-    if core.agents.find(agent_id) is None or not core.agents.visible(agent_id, user.id, user.admin):
+    found = _lookup(request, agent_id)
+    if found is None:
         return _agent_missing(agent_id)
-    if core.agents.is_config(agent_id):
+    if found.owner is None:
         return _error(
             403, ErrorCode.INVALID_MESSAGE, f'Agent "{agent_id}" comes from the config file'
         )
-    await core.store.delete_agent(agent_id)
-    core.agents.remove(agent_id)
+    await core.store.delete_agent(agent_id, found.owner)
+    core.agents.remove(agent_id, found.owner)
     return Response(status_code=204)
 
 
@@ -784,12 +802,11 @@ async def delete_agent(request: Request, agent_id: str) -> Response:
 )
 async def select_agent(request: Request, agent_id: str) -> Any:
     core = _core(request)
-    user = _user(request)
-    agent = core.agents.find(agent_id)
-    if agent is None or not core.agents.visible(agent_id, user.id, user.admin):
+    found = _lookup(request, agent_id)
+    if found is None:
         return _agent_missing(agent_id)
-    await core.auth.set_default_agent(user.id, agent_id)
-    return {"agent": _agent_json(core, agent, agent_id)}
+    await core.auth.set_default_agent(_user(request).id, agent_id)
+    return {"agent": _agent_json(found, agent_id)}
 
 
 # ---------------------------------------------------------------- config, providers

@@ -517,6 +517,11 @@ class SessionService:
             turn.consumer.cancel()
         return True
 
+    def stop_all_of(self, owner_id: str) -> int:
+        """Stop the running turns of one user's sessions (the user was removed)."""
+        mine = [live for live in self._live.values() if live.record.owner_id == owner_id]
+        return sum(self.stop(live) for live in mine)
+
     async def request_stop(self, live: LiveSession, keep_spoken: bool = False) -> bool:
         """`stop` from any connection: here, or sent to the process running the turn."""
         if self.stop(live, keep_spoken):

@@ -237,9 +237,16 @@ class Store(abc.ABC):
     async def save_agent(self, row: dict[str, Any], owner_id: str) -> None: ...
 
     @abc.abstractmethod
-    async def delete_agent(self, agent_id: str) -> bool: ...
+    async def delete_agent(self, agent_id: str, owner_id: str) -> bool:
+        """Agent ids are per user: (owner, id) names a created agent."""
 
     # users, login sessions, API tokens, preferences, uploads (core database)
+    async def data_version(self) -> int:
+        """A number that changes when another process (`prismd users|tokens|passwd`) has
+        changed the credentials; the server then checks its open sockets again. A store that
+        cannot tell answers a constant (changes are then noticed by the periodic check)."""
+        return 0
+
     @abc.abstractmethod
     async def count_users(self) -> int: ...
 
