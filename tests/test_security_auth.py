@@ -668,15 +668,19 @@ def test_masking_of_text_args_and_urls():
 
 
 QUEUE_LIMIT = 1000
+QUEUE_BYTES = 1_000_000
 
 
 @pytest.fixture
 def queue_server(make_server: Any) -> Iterator[tuple[PrismdServer, FakeModelServer]]:
     with FakeModelServer("openai") as flood:
         # 20,000 pieces of 400 characters, as fast as they go: the kernel's buffers take
-        # ~4 MB of them, the rest backs up into the connection's send queue.
+        # ~4 MB of them, the rest backs up into the connection's send queue (pieces that
+        # arrive together are merged, so it backs up in bytes more than in frames).
         flood.script(Reply(text=["x" * 400] * 20_000), match="flood")
-        config = f"[server]\nsend_queue_frames = {QUEUE_LIMIT}\n"
+        config = (
+            f"[server]\nsend_queue_frames = {QUEUE_LIMIT}\nsend_queue_bytes = {QUEUE_BYTES}\n"
+        )
         yield make_server(openai_env(flood), config), flood
 
 
@@ -694,9 +698,11 @@ def test_a_client_that_never_reads_is_dropped_at_send_queue_frames(queue_server)
         raw.abort(reset=True)
     line = next(x for x in server.log.read_text().splitlines() if "dropped:" in x)
     unsent = int(line.split("dropped: ")[1].split()[0])
-    # At the limit, give or take one store batch (frames delivered together), never the
-    # 40,000 frames (4 x the limit) of before.
-    assert QUEUE_LIMIT <= unsent < QUEUE_LIMIT + 4096, line
+    unsent_bytes = int(line.split("frames (")[1].split()[0])
+    # At a limit (frames or bytes), give or take one store batch (frames delivered together),
+    # never the 40,000 frames (4 x the limit) of before.
+    assert unsent < QUEUE_LIMIT + 4096, line
+    assert unsent >= QUEUE_LIMIT or unsent_bytes >= QUEUE_BYTES, line
     # The turn went on without it, and completes.
     body = server.get("/api/sessions/flooded/messages").json()["messages"]
     deadline = time.monotonic() + 60

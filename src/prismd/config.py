@@ -66,6 +66,9 @@ class ServerSettings(_Section):
     # A connection with this many frames waiting while its socket takes no more bytes (it reads
     # slower than its frames come, by this many, or not at all) is dropped (server/ws.py).
     send_queue_frames: Annotated[int, Field(ge=16)] = 10_000
+    # …or this many bytes of frames (pieces that arrive together are merged into one frame, so
+    # a client that does not read may hold few, large frames).
+    send_queue_bytes: Annotated[int, Field(ge=65536)] = 16 * 1024 * 1024
     # Events kept per session for `resume`; older ones are pruned (a resume before them gets
     # `resume_gap`).
     max_events_per_session: Annotated[int, Field(ge=100)] = 50_000

@@ -83,6 +83,8 @@ class Connection:
         self._wake = asyncio.Event()
         self._held: list[tuple[int, str]] | None = None
         self._limit = core.settings.server.send_queue_frames
+        self._byte_limit = core.settings.server.send_queue_bytes
+        self._bytes = 0  # characters of the frames waiting (not paced ones)
         # Frames of one store batch (up to 4096) arrive at once: a reading client may hold
         # that many more for a moment. Beyond this, the memory bound holds whatever happens.
         self._hard_limit = self._limit + 4096
@@ -146,7 +148,9 @@ class Connection:
         elif len(out) >= self._hard_limit:
             self._drop(f"{len(out)} frames unsent")
             return
-        elif not paced and len(out) - self._paced >= self._limit:
+        elif not paced and (
+            len(out) - self._paced >= self._limit or self._bytes >= self._byte_limit
+        ):
             # `send_queue_frames` frames wait while the socket takes no more bytes (the writer
             # is blocked in a send, or has sent nothing for STUCK_S): the client reads slower
             # than its frames come, by that many frames, or not at all. It is dropped; its
@@ -154,10 +158,12 @@ class Connection:
             # sending is a burst (a store batch, up to 4096 frames at once) to a client that
             # reads: it may pass the limit by that much (`_hard_limit`).
             if self._sending or time.monotonic() - self._progress > STUCK_S:
-                self._drop(f"{len(out) - self._paced} frames unsent")
+                self._drop(f"{len(out) - self._paced} frames ({self._bytes} bytes) unsent")
                 return
         out.append((frame, paced))
         self._paced += paced
+        if not paced:
+            self._bytes += len(frame)
         self._wake.set()
 
     def _check_stuck(self) -> None:
@@ -166,8 +172,12 @@ class Connection:
         self._watchdog = None
         if not self._out or self._closing:
             return
-        if len(self._out) >= self._limit and time.monotonic() - self._progress > STUCK_S:
-            self._drop(f"{len(self._out)} frames unsent, no progress for {STUCK_S:g} s")
+        full = len(self._out) >= self._limit or self._bytes >= self._byte_limit
+        if full and time.monotonic() - self._progress > STUCK_S:
+            self._drop(
+                f"{len(self._out)} frames ({self._bytes} bytes) unsent, no progress for "
+                f"{STUCK_S:g} s"
+            )
             return
         self._watchdog = asyncio.get_running_loop().call_later(STUCK_S / 5, self._check_stuck)
 
@@ -176,7 +186,7 @@ class Connection:
         self._closing = True
         self._close_code = 1013
         self._out.clear()
-        self._paced = 0
+        self._paced = self._bytes = 0
         self._drained.set()
         # The writer may be blocked in a send to a client that does not read: cancel it, and
         # the connection ends (see run()).
@@ -226,6 +236,8 @@ class Connection:
                 try:
                     frame, paced = out.popleft()
                     self._paced -= paced
+                    if not paced:
+                        self._bytes -= len(frame)
                     await ws.send_text(frame)
                 finally:
                     self._sending = False
