@@ -1,0 +1,252 @@
+"""`/api/agents`: the agents a chat can run as, in CortexPrism's AgentConfig shape.
+
+The built-in `assistant` and the config file's agents are everyone's and cannot be changed
+here; agents created over the API belong to their creator (admins see all). The request
+models of this module (`AgentIn`, `AgentPatch`) are the only definition of what a client may
+set on an agent.
+"""
+
+from __future__ import annotations
+
+import re
+import uuid
+from typing import Annotated, Any
+
+from fastapi import Depends
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from ...agent.agents import row
+from ...auth import Principal
+from ...config import AgentSettings, ProviderKind
+from ...protocol import ErrorCode
+from .common import ApiError, Caller, Core, Ok, Open, api_router, doc
+from .providers import provider_model
+from .rows import agent_config
+
+router = api_router(tags=["agents"])
+
+
+# ---------------------------------------------------------------- shapes (OpenAPI)
+
+
+class AgentOut(Open):
+    """CortexPrism's AgentConfig; `default` and `ownerId` are prismd's."""
+
+    id: str
+    name: str
+    description: str
+    icon: str | None
+    category: str | None
+    provider: str | None
+    model: str | None
+    systemPrompt: str
+    temperature: float | None
+    tools: list[str]
+    tags: list[str]
+    builtin: bool = Field(description="From the configuration (cannot be changed here)")
+    createdAt: str | None = Field(description="prismd keeps no timestamps for agents: null")
+    updatedAt: str | None
+    default: bool = Field(description="prismd: the caller's default agent")
+
+
+class CurrentAgentOut(AgentOut):
+    isDefault: bool = Field(description="The server's default agent (config `default_agent`)")
+
+
+AGENT_ID = r"^[A-Za-z0-9_-]{1,64}$"
+
+
+class AgentPatch(BaseModel):
+    """What may be set on an agent (PUT/PATCH change only the fields given)."""
+
+    model_config = ConfigDict(extra="forbid")
+    name: str | None = Field(default=None, min_length=1, max_length=100)
+    description: str | None = None
+    provider: ProviderKind | None = None
+    model: str | None = None
+    systemPrompt: str | None = None
+    temperature: float | None = Field(default=None, ge=0, le=2)
+    tools: list[str] | None = None
+
+
+class AgentIn(AgentPatch):
+    """A new agent; without `id`, one is made from the name (as CortexPrism does)."""
+
+    id: str | None = Field(default=None, pattern=AGENT_ID)
+    name: str = Field(min_length=1, max_length=100)
+
+
+def _slug(name: str) -> str:
+    slug = re.sub(r"[^a-z0-9]+", "-", name.lower()).strip("-")[:64]
+    return slug or f"agent_{uuid.uuid4().hex[:8]}"
+
+
+def _settings_from(fields: dict[str, Any]) -> AgentSettings:
+    """An AgentSettings from API fields; an invalid one is a 422 naming the field."""
+    values = {k: v for k, v in fields.items() if v is not None}
+    if "systemPrompt" in values:
+        values["system_prompt"] = values.pop("systemPrompt")
+    try:
+        return AgentSettings.model_validate(values)
+    except ValidationError as exc:
+        err = exc.errors(include_url=False)[0]
+        field = ".".join(str(p) for p in err["loc"])
+        raise ApiError(
+            422,
+            ErrorCode.INVALID_MESSAGE,
+            f"{field}: {err['msg']}",
+            details={"field": field, "reason": err["msg"]},
+        ) from None
+
+
+# ---------------------------------------------------------------- helpers
+
+
+async def _default_id(core: Core, user: Principal) -> str:
+    chosen = await core.auth.default_agent(user.id)
+    if chosen is not None and core.agents.find(chosen) is not None:
+        if core.agents.visible(chosen, user.id, user.admin):
+            return chosen
+    return core.agents.default_id
+
+
+def _config(core: Core, agent: AgentSettings, default: str) -> dict[str, Any]:
+    return agent_config(
+        agent,
+        builtin=core.agents.is_config(agent.id),
+        default=agent.id == default,
+        owner_id=core.agents.owners.get(agent.id),
+    )
+
+
+def _missing(agent_id: str) -> ApiError:
+    return ApiError(404, ErrorCode.AGENT_NOT_FOUND, f'Agent "{agent_id}" not found')
+
+
+def caller_agent(agent_id: str, core: Core, caller: Caller) -> AgentSettings:
+    """An agent the caller may see; another user's is answered like a missing one."""
+    agent = core.agents.find(agent_id)
+    if agent is None or not core.agents.visible(agent_id, caller.id, caller.admin):
+        raise _missing(agent_id)
+    return agent
+
+
+VisibleAgent = Annotated[AgentSettings, Depends(caller_agent)]
+
+
+def created_agent(agent: VisibleAgent, core: Core) -> AgentSettings:
+    """An agent created over the API (those of the config file are changed there)."""
+    if core.agents.is_config(agent.id):
+        raise ApiError(
+            403, ErrorCode.INVALID_MESSAGE, f'Agent "{agent.id}" comes from the config file'
+        )
+    return agent
+
+
+CreatedAgent = Annotated[AgentSettings, Depends(created_agent)]
+
+
+# ---------------------------------------------------------------- routes
+
+
+@router.get(
+    "/agents",
+    summary="The agents a chat can run as, sorted by name",
+    responses=doc(list[AgentOut]),
+)
+async def list_agents(core: Core, caller: Caller) -> list[dict[str, Any]]:
+    default = await _default_id(core, caller)
+    agents = sorted(core.agents.all(caller.id, caller.admin), key=lambda a: a.name.lower())
+    return [_config(core, a, default) for a in agents]
+
+
+@router.get(
+    "/agents/current",
+    summary="The caller's default agent (set with POST /api/agents/{id}/select)",
+    description="`provider` and `model` are those a chat with this agent uses.",
+    responses=doc(CurrentAgentOut),
+)
+async def current_agent(core: Core, caller: Caller) -> dict[str, Any]:
+    default = await _default_id(core, caller)
+    agent = core.agents.get(default)
+    body = _config(core, agent, default)
+    kind = agent.provider or core.providers.default_kind
+    model = agent.model or (await provider_model(core, kind) if kind else None)
+    body.update(isDefault=agent.id == core.agents.default_id, provider=kind, model=model)
+    return body
+
+
+@router.get("/agents/{agent_id}", summary="One agent", responses=doc(AgentOut, 404))
+async def get_agent(core: Core, caller: Caller, agent: VisibleAgent) -> dict[str, Any]:
+    return _config(core, agent, await _default_id(core, caller))
+
+
+@router.post(
+    "/agents",
+    status_code=201,
+    summary="Create an agent (owned by the caller)",
+    responses=doc(AgentOut, 409, 422, status=201),
+)
+async def create_agent(core: Core, caller: Caller, body: AgentIn) -> dict[str, Any]:
+    agent_id = body.id or _slug(body.name)
+    if core.agents.find(agent_id) is not None:
+        raise ApiError(409, ErrorCode.INVALID_MESSAGE, f'Agent "{agent_id}" already exists')
+    agent = _settings_from({**body.model_dump(), "id": agent_id})
+    await core.store.save_agent(row(agent), caller.id)
+    core.agents.add(agent, caller.id)
+    return _config(core, agent, await _default_id(core, caller))
+
+
+async def _update(
+    core: Core, caller: Caller, agent: AgentSettings, body: AgentPatch
+) -> dict[str, Any]:
+    current = row(agent)
+    current["systemPrompt"] = current.pop("system_prompt")
+    updated = _settings_from({**current, **body.model_dump(exclude_unset=True)})
+    owner = core.agents.owners[agent.id]
+    await core.store.save_agent(row(updated), owner)
+    core.agents.add(updated, owner)
+    return _config(core, updated, await _default_id(core, caller))
+
+
+@router.put(
+    "/agents/{agent_id}",
+    summary="Change an agent created over the API (only the fields given)",
+    responses=doc(AgentOut, 403, 404, 422),
+)
+async def put_agent(
+    core: Core, caller: Caller, agent: CreatedAgent, body: AgentPatch
+) -> dict[str, Any]:
+    return await _update(core, caller, agent, body)
+
+
+@router.patch(
+    "/agents/{agent_id}",
+    summary="Change an agent created over the API (same as PUT)",
+    responses=doc(AgentOut, 403, 404, 422),
+)
+async def patch_agent(
+    core: Core, caller: Caller, agent: CreatedAgent, body: AgentPatch
+) -> dict[str, Any]:
+    return await _update(core, caller, agent, body)
+
+
+@router.delete(
+    "/agents/{agent_id}",
+    summary="Delete an agent created over the API (not one from the config file)",
+    responses=doc(Ok, 403, 404),
+)
+async def delete_agent(core: Core, agent: CreatedAgent) -> dict[str, Any]:
+    await core.store.delete_agent(agent.id)
+    core.agents.remove(agent.id)
+    return {"ok": True}
+
+
+@router.post(
+    "/agents/{agent_id}/select",
+    summary="Make an agent the caller's default (chats without agentId run as it)",
+    responses=doc(Ok, 404),
+)
+async def select_agent(core: Core, caller: Caller, agent: VisibleAgent) -> dict[str, Any]:
+    await core.auth.set_default_agent(caller.id, agent.id)
+    return {"ok": True}
