@@ -67,8 +67,9 @@ def question_wav() -> bytes:
 
 
 def piper_wav(server: PrismdServer, text: str) -> bytes:
-    r = httpx.post(f"{server.url}/api/voice/synthesize", json={"text": text}, timeout=30)
-    assert r.status_code == 200, r.text
+    body = {"text": text, "format": "wav"}  # the default is mp3, as in CortexPrism
+    r = httpx.post(f"{server.url}/api/voice/synthesize", json=body, timeout=30)
+    assert r.status_code == 200 and r.headers["content-type"] == "audio/wav", r.text
     return r.content
 
 
