@@ -197,8 +197,8 @@ async def create_agent(core: Core, caller: Caller, body: AgentIn) -> dict[str, A
     return _config(core, agent, await _default_id(core, caller))
 
 
-async def _update(
-    core: Core, caller: Caller, agent: AgentSettings, body: AgentPatch
+async def update_agent(
+    core: Core, caller: Caller, agent: CreatedAgent, body: AgentPatch
 ) -> dict[str, Any]:
     current = row(agent)
     current["systemPrompt"] = current.pop("system_prompt")
@@ -209,26 +209,16 @@ async def _update(
     return _config(core, updated, await _default_id(core, caller))
 
 
-@router.put(
-    "/agents/{agent_id}",
-    summary="Change an agent created over the API (only the fields given)",
-    responses=doc(AgentOut, 403, 404, 422),
-)
-async def put_agent(
-    core: Core, caller: Caller, agent: CreatedAgent, body: AgentPatch
-) -> dict[str, Any]:
-    return await _update(core, caller, agent, body)
-
-
-@router.patch(
-    "/agents/{agent_id}",
-    summary="Change an agent created over the API (same as PUT)",
-    responses=doc(AgentOut, 403, 404, 422),
-)
-async def patch_agent(
-    core: Core, caller: Caller, agent: CreatedAgent, body: AgentPatch
-) -> dict[str, Any]:
-    return await _update(core, caller, agent, body)
+# CortexPrism's PUT, and PATCH (prismd's first route): both change only the fields given.
+for _method in ("PUT", "PATCH"):
+    router.add_api_route(
+        "/agents/{agent_id}",
+        update_agent,
+        methods=[_method],
+        name=f"{_method.lower()}_agent",
+        summary="Change an agent created over the API (only the fields given)",
+        responses=doc(AgentOut, 403, 404, 422),
+    )
 
 
 @router.delete(

@@ -9,7 +9,7 @@ session manager's loading: re-pointing them re-points every route.
 from __future__ import annotations
 
 import json
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from typing import Annotated, Any, Literal
 
 from fastapi import Depends, Query, Response
@@ -183,9 +183,10 @@ def _fresh(core: Core, record: SessionRecord) -> SessionRecord:
     return live.record if live is not None else record
 
 
-async def _activity(core: Core, record: SessionRecord) -> dict[str, Any]:
-    """Tokens and cost as spent (the session's totals), calls and errors from the messages it
-    holds, and the mean model-call time from the `done` events still in its log."""
+async def _activity(core: Core, record: SessionRecord) -> tuple[dict[str, Any], int]:
+    """CortexPrism's figures of a session, and how many messages it holds. Tokens and cost as
+    spent (the session's totals), calls and errors from the messages it holds, and the mean
+    model-call time from the `done` events still in its log."""
     messages = await core.store.load_messages(record.id)
     llm_ms = rounds = 0.0
     for _, frame in await core.store.read_events(record.id, 0):
@@ -195,7 +196,7 @@ async def _activity(core: Core, record: SessionRecord) -> dict[str, Any]:
         if done.get("type") == "done" and done.get("rounds"):
             llm_ms += (done.get("latency") or {}).get("llmMs") or 0
             rounds += done["rounds"]
-    return {
+    stats = {
         "tokens_in": record.tokens_in,
         "tokens_out": record.tokens_out,
         "total_tokens": record.tokens_in + record.tokens_out,
@@ -204,8 +205,8 @@ async def _activity(core: Core, record: SessionRecord) -> dict[str, Any]:
         "tool_calls": sum(m.role == "tool" for m in messages),
         "errors": sum(m.role == "assistant" and m.status == "error" for m in messages),
         "avg_duration_ms": round(llm_ms / rounds) if rounds else 0,
-        "_messages": len(messages),
     }
+    return stats, len(messages)
 
 
 # ---------------------------------------------------------------- listings
@@ -280,8 +281,7 @@ async def enriched_sessions(
     for r in records:
         if r.parent_session_id is not None:
             continue
-        stats = await _activity(core, r)
-        del stats["_messages"]
+        stats, _ = await _activity(core, r)
         # prismd runs no sub-agents: no session has children.
         rows.append({**session_row(r), **stats, "child_count": 0, "children": []})
     return rows
@@ -349,12 +349,12 @@ async def get_messages(core: Core, session: OwnSession, response: Response) -> l
     responses=doc(SessionStats, 400, 404),
 )
 async def session_stats(core: Core, session: OwnSession) -> dict[str, Any]:
-    stats = await _activity(core, session)
+    stats, messages = await _activity(core, session)
     return {
         "sessionId": session.id,
         **stats,
         "turns": session.turn_count,
-        "messages": stats.pop("_messages"),
+        "messages": messages,
         "cost_known": session_row(session)["cost_known"],
     }
 
@@ -378,36 +378,40 @@ async def session_events(session: OwnSession) -> list[dict[str, Any]]:
     return []
 
 
-@router.post(
-    "/sessions/{session_id}/resume",
-    summary="Mark a session active again",
-    responses=doc(Ok, 400, 404),
-)
-async def resume_session(core: Core, live: LoadedSession) -> dict[str, Any]:
-    core.manager.activate(live)
-    return {"ok": True}
-
-
-@router.post(
-    "/sessions/{session_id}/close",
-    summary="Close a session (a chat or resume opens it again)",
-    responses=doc(Ok, 400, 404),
-)
-async def close_session(core: Core, live: LoadedSession) -> dict[str, Any]:
-    core.manager.close(live)
-    return {"ok": True}
-
-
-@router.post(
-    "/sessions/{session_id}/archive",
-    summary="Archive a session (prismd's own app lists it only when asked)",
-    responses=doc(Ok, 400, 404),
-)
-async def archive_session(core: Core, live: LoadedSession) -> dict[str, Any]:
+def _archive(core: Core, live: LiveSession) -> None:
     core.manager.close(live)
     live.record.status = "archived"
     core.store.update_session(live.id, status="archived")
-    return {"ok": True}
+
+
+# POST /api/sessions/{id}/<action>: what it does to the session, and its summary.
+STATUS_ACTIONS: dict[str, tuple[Callable[[Core, LiveSession], None], str]] = {
+    "resume": (lambda core, live: core.manager.activate(live), "Mark a session active again"),
+    "close": (
+        lambda core, live: core.manager.close(live),
+        "Close a session (a chat or resume opens it again)",
+    ),
+    "archive": (_archive, "Archive a session (prismd's own app lists it only when asked)"),
+}
+
+
+def _status_route(change: Callable[[Core, LiveSession], None]) -> Callable[..., Any]:
+    async def route(core: Core, live: LoadedSession) -> dict[str, Any]:
+        change(core, live)
+        return {"ok": True}
+
+    return route
+
+
+for _action, (_change, _summary) in STATUS_ACTIONS.items():
+    router.add_api_route(
+        f"/sessions/{{session_id}}/{_action}",
+        _status_route(_change),
+        methods=["POST"],
+        name=f"{_action}_session",
+        summary=_summary,
+        responses=doc(Ok, 400, 404),
+    )
 
 
 @router.patch(
