@@ -85,17 +85,14 @@ def test_kill_at_random_points_then_restart(make_server, fake_openai, seed):
     assert len(fake_openai.requests) == 1
 
     # SQLite is consistent.
-    db = sqlite3.connect(srv.data_dir / "sessions" / f"{sid}.db")
+    db = sqlite3.connect(srv.data_dir / "prismd.db")
     assert db.execute("PRAGMA integrity_check").fetchone()[0] == "ok"
     assert db.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
-    seqs = [r[0] for r in db.execute("SELECT seq FROM session_events ORDER BY seq")]
-    assert seqs == list(range(1, len(seqs) + 1))
-    assert all(
-        json.loads(r[0])["seq"] == s
-        for r, s in zip(
-            db.execute("SELECT frame FROM session_events ORDER BY seq"), seqs, strict=True
-        )
-    )
+    rows = db.execute(
+        "SELECT seq, frame FROM session_events WHERE session_id=? ORDER BY seq", (sid,)
+    ).fetchall()
+    assert [seq for seq, _ in rows] == list(range(1, len(rows) + 1))
+    assert all(json.loads(frame)["seq"] == seq for seq, frame in rows)
 
 
 def _kill_during_turn(srv, fake, rng, sid: str) -> tuple[list[dict], str]:

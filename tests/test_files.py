@@ -3,9 +3,8 @@
 from __future__ import annotations
 
 import base64
-import sqlite3
 
-from .conftest import of_type
+from .conftest import of_type, stored_rows
 
 PNG_1PX = base64.b64decode(
     "iVBORw0KGgoAAAANSUhEUgAAAAEAAAABCAYAAAAfFcSJAAAADUlEQVR4nGNgYGD4DwABBAEAwS2OUAAAAABJRU5ErkJggg=="
@@ -77,8 +76,7 @@ def test_text_pdf_and_image_reach_the_model_and_are_stored(server, fake_openai):
         "dot.png",
     ]
     assert msgs[0]["files"][1]["mime_type"] == "text/x-python"
-    db = sqlite3.connect(server.data_dir / "sessions" / f"{sid}.db")
-    stored = dict(db.execute("SELECT filename, data FROM session_files").fetchall())
+    stored = dict(stored_rows(server, "session_files", sid, "filename, data"))
     assert stored["dot.png"] == PNG_1PX
 
 

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import httpx
 
+from .conftest import stored_rows
+
 
 def _chat(server, message="hello", **extra):
     with server.client() as c:
@@ -77,11 +79,11 @@ def test_resume_reactivates_and_delete_removes_the_database(server):
     assert server.get(f"/api/sessions/{sid}").json()["status"] == "closed"
     assert httpx.post(f"{server.url}/api/sessions/{sid}/resume").json() == {"ok": True}
     assert server.get(f"/api/sessions/{sid}").json()["status"] == "active"
-    db = server.data_dir / "sessions" / f"{sid}.db"
-    assert db.exists()
+    assert stored_rows(server, "session_events", sid)
     deleted = httpx.delete(f"{server.url}/api/sessions/{sid}")
     assert deleted.status_code == 200 and deleted.json() == {"ok": True}
-    assert not db.exists()
+    for table in ("session_events", "session_messages", "turns"):
+        assert stored_rows(server, table, sid) == []
     assert server.get(f"/api/sessions/{sid}").status_code == 404
     assert httpx.delete(f"{server.url}/api/sessions/{sid}").status_code == 404
 
@@ -112,4 +114,4 @@ def test_deleting_a_bound_session_lets_the_connection_start_afresh(server):
         assert c.recv() == {"type": "session_ended", "sessionId": sid, "reason": "deleted"}
         frames = c.turn(message="next")
     assert frames[0]["type"] == "session" and frames[0]["sessionId"] != sid
-    assert not (server.data_dir / "sessions" / f"{sid}.db").exists()
+    assert stored_rows(server, "session_messages", sid) == []

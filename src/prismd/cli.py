@@ -256,9 +256,11 @@ def cmd_sessions(args: argparse.Namespace) -> int:
     from .server.routes.rows import message_row, session_row
 
     settings = _settings(args)
-    if args.action in ("show", "delete") and not SESSION_ID_RE.match(args.id or ""):
+    if args.action != "list" and not SESSION_ID_RE.match(args.id or ""):
         print("error: give a valid session id", file=sys.stderr)
         return 2
+
+    out = str(Path(args.out or f"{args.id}.db").resolve()) if args.action == "export" else ""
 
     async def run(store: Any) -> int:
         if args.action == "list":
@@ -282,6 +284,10 @@ def cmd_sessions(args: argparse.Namespace) -> int:
         if args.action == "delete":
             await store.delete_session(args.id)
             print(f"deleted {args.id}")
+            return 0
+        if args.action == "export":
+            await store.export_session(args.id, out)
+            print(f"wrote {out}")
             return 0
         messages = await store.load_messages(args.id)
         if args.json:
@@ -355,7 +361,7 @@ def _auth_command(fn: Any) -> Any:
 async def _set_user_password(store: Any, name: str, password: str, admin: bool) -> str:
     """Create the user, or change the password of an existing one. Returns what was done."""
     from .auth import hash_password
-    from .sessions.manager import new_id, now_iso
+    from .sessions.ids import new_id, now_iso
     from .store.base import UserRecord
 
     hashed = await asyncio.to_thread(hash_password, password)
@@ -410,7 +416,7 @@ async def _passwd(args: argparse.Namespace, store: Any) -> int:
 
 async def _tokens(args: argparse.Namespace, store: Any) -> int:
     from .auth import new_token, token_hash
-    from .sessions.manager import new_id, now_iso
+    from .sessions.ids import new_id, now_iso
     from .store.base import TokenRecord
 
     users = {u.id: u for u in await store.list_users()}
@@ -541,7 +547,9 @@ def build_parser() -> argparse.ArgumentParser:
     chat.set_defaults(func=cmd_chat)
 
     sessions = sub.add_parser(
-        "sessions", help="list, show or delete stored sessions", description="Stored sessions."
+        "sessions",
+        help="list, show, export or delete stored sessions",
+        description="Stored sessions.",
     )
     sessions.add_argument("--data-dir", help="data directory (default from the config)")
     ssub = sessions.add_subparsers(dest="action", required=True, metavar="ACTION")
@@ -551,8 +559,13 @@ def build_parser() -> argparse.ArgumentParser:
     ss = ssub.add_parser("show", help="print a session's messages")
     ss.add_argument("id")
     ss.add_argument("--json", action="store_true")
-    sd = ssub.add_parser("delete", help="delete a session and its database")
+    sd = ssub.add_parser("delete", help="delete a session and everything stored with it")
     sd.add_argument("id")
+    se = ssub.add_parser(
+        "export", help="write one session as a standalone SQLite file (per-session layout)"
+    )
+    se.add_argument("id")
+    se.add_argument("--out", help="the file to write (default: ./<id>.db)")
     sessions.set_defaults(func=cmd_sessions)
 
     agents = sub.add_parser("agents", help="list agents", description="Configured agents.")

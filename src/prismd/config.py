@@ -113,6 +113,10 @@ class McpServerSettings(_Section):
     timeout_s: Annotated[float, Field(gt=0)] = 60.0
     # Tools of this server that need the user's approval ("*" for all).
     approve: list[str] = Field(default_factory=list)
+    # Its tools act with the server's credentials for every caller, so in a server with users
+    # only admins get them, unless this is true (the server is safe to share: it keeps each
+    # user apart itself) or a grant names them (tools.grants, an agent's `grant`).
+    allow_users: bool = False
 
 
 class ToolsSettings(_Section):
@@ -124,6 +128,9 @@ class ToolsSettings(_Section):
     # Tool output shown in `tool_end` is cut at this many characters.
     display_output_chars: Annotated[int, Field(ge=64)] = 2_000
     approval_timeout_s: Annotated[float, Field(gt=0)] = 120.0
+    # Host-level tools (`shell`, MCP servers not marked allow_users) that non-admin users may
+    # use, by user name: {alice = ["shell"]} (names or fnmatch patterns). Admins need none.
+    grants: dict[str, list[str]] = Field(default_factory=dict)
     shell: ShellSettings = Field(default_factory=ShellSettings)
     code_exec: CodeExecSettings = Field(default_factory=CodeExecSettings)
     web_fetch: WebFetchSettings = Field(default_factory=WebFetchSettings)
@@ -143,6 +150,9 @@ class AgentSettings(_Section):
     approve: list[str] = Field(default_factory=list)
     # …and tools this agent may run without asking (e.g. "shell" for a trusted agent).
     auto_approve: list[str] = Field(default_factory=list)
+    # Host-level tools this agent may use for every user, admin or not (config file only:
+    # agents created over the API cannot carry grants).
+    grant: list[str] = Field(default_factory=list)
 
 
 BUILTIN_AGENT = AgentSettings(

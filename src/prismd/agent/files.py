@@ -14,7 +14,7 @@ import mimetypes
 from pathlib import PurePosixPath
 
 from ..protocol import ErrorCode, FileIn, ProtocolError
-from ..sessions.manager import new_id
+from ..sessions.ids import new_id
 from ..store.base import FileRecord
 
 IMAGE_TYPES = {"image/png", "image/jpeg", "image/gif", "image/webp"}

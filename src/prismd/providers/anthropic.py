@@ -1,4 +1,5 @@
-"""Anthropic's Messages API through the official `anthropic` SDK."""
+"""Anthropic's Messages API: the request the official `anthropic` SDK sends, its streamed
+bytes read by providers/_http.py (see there why not through the SDK)."""
 
 from __future__ import annotations
 
@@ -7,12 +8,9 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from typing import Any
 
-import anthropic
-import httpx2
-
 from ..config import ProviderSettings
 from ._errors import translate
-from ._sse import ClientShards, ended_early, post_stream
+from ._http import StreamClient, ended_early
 from .base import (
     ChatMessage,
     ModelRequest,
@@ -26,6 +24,8 @@ from .base import (
     coalesce,
 )
 
+ANTHROPIC_BASE_URL = "https://api.anthropic.com"
+ANTHROPIC_VERSION = "2023-06-01"
 _EFFORT_BUDGET = {"low": 1024, "medium": 4096, "high": 16384}
 
 
@@ -42,20 +42,20 @@ class AnthropicProvider(Provider):
     def __init__(
         self, settings: ProviderSettings, default_model: str, base_url: str | None, api_key: str
     ) -> None:
+        self._settings = settings
+        self._api_key = api_key
         self.default_model = default_model
         self.base_url = base_url
         self.vision = settings.vision
         self.max_output_tokens = settings.max_output_tokens
         self._label = "the Anthropic API" + (f" at {base_url}" if base_url else "")
-        tls = httpx2.create_ssl_context()  # one TLS context for every shard (~40 ms each)
-        self._clients = ClientShards(
-            lambda: anthropic.AsyncAnthropic(
-                http_client=anthropic.DefaultAsyncHttpxClient(verify=tls),
-                api_key=api_key,
-                base_url=base_url,
-                max_retries=settings.max_retries,
-                timeout=anthropic.Timeout(settings.timeout_s, connect=settings.connect_timeout_s),
-            )
+        self._http = StreamClient(
+            base_url or ANTHROPIC_BASE_URL,
+            {"x-api-key": api_key, "anthropic-version": ANTHROPIC_VERSION},
+            label=self._label,
+            timeout_s=settings.timeout_s,
+            connect_timeout_s=settings.connect_timeout_s,
+            max_retries=settings.max_retries,
         )
 
     @staticmethod
@@ -129,17 +129,16 @@ class AnthropicProvider(Provider):
         state = _StreamState()
         calls = state.calls
         try:
-            with self._clients.lease() as client:
-                async for batch in post_stream(client, "/v1/messages", kwargs):
-                    for part in coalesce(self._parts(batch, state)):
-                        yield part
+            async for batch in self._http.stream("/v1/messages", kwargs):
+                for part in coalesce(self._parts(batch, state)):
+                    yield part
             if not state.finished:
                 raise ended_early(self._label)
             for index in sorted(calls):
                 call_id, name, arguments = calls[index]
                 yield ToolCall(call_id, name, arguments or "{}")
         except Exception as exc:  # noqa: BLE001
-            raise translate(exc, self._label, anthropic) from exc
+            raise translate(exc, self._label) from exc
 
     def _parts(self, batch: list[Any], state: _StreamState) -> list[StreamPart]:
         parts: list[StreamPart] = []
@@ -180,6 +179,20 @@ class AnthropicProvider(Provider):
                 raise ProviderError(f"{self._label} reported: {error.get('message') or error}")
         return parts
 
+    async def list_models(self) -> list[str]:
+        import anthropic  # loaded only when someone asks for the list
+
+        client = anthropic.AsyncAnthropic(
+            api_key=self._api_key,
+            base_url=self.base_url,
+            max_retries=self._settings.max_retries,
+            timeout=anthropic.Timeout(
+                self._settings.timeout_s, connect=self._settings.connect_timeout_s
+            ),
+        )
+        async with client:
+            page = await client.models.list()
+            return sorted({m.id for m in page.data})
+
     async def aclose(self) -> None:
-        for client in self._clients.clients:
-            await client.close()
+        await self._http.aclose()

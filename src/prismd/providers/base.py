@@ -123,5 +123,9 @@ class Provider(abc.ABC):
     @abc.abstractmethod
     def stream(self, request: ModelRequest) -> AsyncIterator[StreamPart]: ...
 
+    async def list_models(self) -> list[str]:
+        """The ids of the models the endpoint offers (through the official SDK)."""
+        raise ProviderError(f"Provider {self.kind!r} cannot list models")
+
     async def aclose(self) -> None:  # noqa: B027 - optional hook
         pass

@@ -19,6 +19,7 @@ from starlette.websockets import WebSocketDisconnect, WebSocketState
 
 from .. import __version__
 from ..auth import Principal
+from ..core import Prismd
 from ..protocol import (
     PROTOCOL_VERSION,
     ApprovalResponse,
@@ -35,13 +36,12 @@ from ..protocol import (
     Stop,
     VoiceState,
     VoiceStream,
-    check_session_id,
     dumps,
     error_frame,
     parse_client_message,
 )
-from ..sessions.manager import LiveSession, new_id
-from .app import Prismd
+from ..sessions.ids import new_id
+from ..sessions.service import LiveSession
 from .uploads import resolve_uploads
 
 log = logging.getLogger("prismd.ws")
@@ -336,11 +336,14 @@ class Connection:
 
     # ------------------------------------------------------------ binding
 
-    def _bind(self, live: LiveSession, **extra: Any) -> None:
+    def _bind(self, live: LiveSession, announce: bool = True, **extra: Any) -> None:
+        """Bind to `live` (subscribe to its events); `announce`: send the `session` frame."""
         if self.live is not live:
             self._unbind()
             self.live = live
-            self.core.manager.subscribe(live, self)
+            self.core.sessions.subscribe(live, self)
+        if not announce:
+            return
         agent = self.core.agents.find(live.record.agent_id) if live.record.agent_id else None
         self.send(
             {
@@ -352,16 +355,17 @@ class Connection:
             }
         )
 
-    def session_gone(self, session_id: str) -> None:
-        """The bound session was deleted (REST, another tab): unbound, and told so."""
+    def session_gone(self, session_id: str, reason: str) -> None:
+        """The bound session was deleted (REST, another tab), or dropped after a store
+        failure: unbound, and told so."""
         if self.live is not None and self.live.id == session_id:
             self.live = None
-            self.send({"type": "session_ended", "sessionId": session_id, "reason": "deleted"})
+            self.send({"type": "session_ended", "sessionId": session_id, "reason": reason})
 
     def _unbind(self) -> None:
         if self.live is not None:
             live, self.live = self.live, None
-            self.core.manager.unsubscribe(live, self)
+            self.core.sessions.unsubscribe(live, self)
 
     # ------------------------------------------------------------ handlers
 
@@ -375,15 +379,14 @@ class Connection:
         meta: dict[str, Any] | None = None,
     ) -> None:
         """`preface`/`meta`: a voice turn's `transcribed` event and user-message metadata."""
-        core = self.core
-        if self.live is not None and core.manager.live(self.live.id) is not self.live:
+        core, sessions, user = self.core, self.core.sessions, self.user
+        if self.live is not None and sessions.live(self.live.id) is not self.live:
             self._unbind()  # the bound session was deleted under this connection
         if not msg.message.strip() and not msg.files:
             raise ProtocolError(ErrorCode.EMPTY_MESSAGE, "Empty message")
         agent_id = msg.agentId or self.agent_id
         if agent_id is None and self.live is not None and msg.sessionId in (None, self.live.id):
             agent_id = self.live.record.agent_id
-        user = self.user
         if agent_id is None:
             agent_id = await core.auth.default_agent(user.id)
             if agent_id is not None and core.agents.find(agent_id) is None:
@@ -393,39 +396,20 @@ class Connection:
             msg = await resolve_uploads(core, user, msg)
         # Everything that can refuse the chat (files, limits, provider) is checked before a
         # session is created or anything is stored.
-        plan = core.runner.plan(msg, agent)
-
-        if msg.sessionId is not None:
-            sid = check_session_id(msg.sessionId)
-            if self.live is not None and self.live.id == sid:
-                live = self.live
-            else:
-                live = await core.manager.get_or_create(sid, agent.id, user.id)
-                if not user.owns(live.record.owner_id):
-                    # Another user's session: as if it did not exist (its id is not revealed),
-                    # and it is not taken over.
-                    core.manager.maybe_evict(live)
-                    raise ProtocolError(ErrorCode.SESSION_NOT_FOUND, f'Session "{sid}" not found')
-                self._bind(live)
-            core.manager.activate(live)
-        elif self.live is not None:
-            live = self.live
-        else:
-            live = core.manager.create(agent.id, owner_id=user.id)
-            self._bind(live)
-
-        if msg.clientMessageId and msg.clientMessageId in live.client_turns:
-            await core.manager.replay(live, self, 0, live.client_turns[msg.clientMessageId])
+        plan = core.runner.plan(msg, agent, user)
+        live = await sessions.for_chat(user, msg.sessionId, self.live, agent.id)
+        self._bind(live, announce=live is not self.live)
+        done_turn = sessions.turn_for(live, msg.clientMessageId)
+        if done_turn is not None:
+            await sessions.replay(live, self, 0, done_turn)
             return
-        if live.record.agent_id != agent.id:
-            live.record.agent_id = agent.id
-            core.store.update_session(live.id, agent_id=agent.id)
+        sessions.set_agent(live, agent.id)
         plan.preface, plan.meta = preface, meta
         core.runner.start(live, plan)
 
     async def _stop(self, msg: Stop) -> None:
         self.voice.cancel_transcription()  # a voice turn not begun yet never begins
-        if self.live is None or not self.core.runner.stop(self.live):
+        if self.live is None or not self.core.sessions.stop(self.live):
             # Not a session event (no seq): tells this client that nothing is running.
             self.send({"type": "stopped", "turnRunning": False})
 
@@ -433,7 +417,7 @@ class Connection:
         if self.live is not None:
             live = self.live
             self._unbind()
-            self.core.manager.close(live)
+            self.core.sessions.close(live)
         self.send({"type": "session_ended"})
 
     async def _select_agent(self, msg: SelectAgent) -> None:
@@ -442,32 +426,18 @@ class Connection:
         self.send({"type": "agent_selected", "agentId": agent.id, "agentName": agent.name})
 
     async def _resume(self, msg: Resume) -> None:
-        sid = check_session_id(msg.sessionId)
-        live = await self.core.manager.get(sid)
-        if live is not None and not self.user.owns(live.record.owner_id):
-            self.core.manager.maybe_evict(live)
-            live = None
-        if live is None:
-            raise ProtocolError(ErrorCode.SESSION_NOT_FOUND, f'Session "{sid}" not found')
-        last = msg.lastSeq
-        if last is not None and (last < live.first_seq - 1 or last > live.last_seq):
-            self.core.manager.maybe_evict(live)
-            raise ProtocolError(
-                ErrorCode.RESUME_GAP,
-                f"Cannot replay after seq {last}: the server holds seq {live.first_seq} to "
-                f"{live.last_seq}; reload the history over REST",
-                {"field": "lastSeq", "reason": "outside the held event log"},
-            )
+        sessions = self.core.sessions
+        live = await sessions.for_resume(self.user, msg.sessionId, msg.lastSeq)
         turn = live.turn
         self._bind(live, lastSeq=live.last_seq, turnRunning=turn is not None)
-        if last is not None:
-            await self.core.manager.replay(live, self, last)
+        if msg.lastSeq is not None:
+            await sessions.replay(live, self, msg.lastSeq)
         elif turn is not None:
             # No position given: show the turn in progress from its start.
-            await self.core.manager.replay(live, self, 0, turn.id)
+            await sessions.replay(live, self, 0, turn.id)
 
     async def _approval_response(self, msg: ApprovalResponse) -> None:
-        if self.live is None or not self.core.runner.answer_approval(
+        if self.live is None or not self.core.sessions.answer_approval(
             self.live, msg.requestId, msg.approved
         ):
             raise ProtocolError(
@@ -493,8 +463,8 @@ class Connection:
                 ErrorCode.SESSION_NOT_FOUND, "voice_state needs a bound session (send chat first)"
             )
         speaking = msg.speaking if msg.speaking is not None else bool(msg.enabled)
-        frame = dumps({"type": "voice_state", "sessionId": self.live.id, "speaking": speaking})
-        self.core.bus.publish(self.live.id, 0, frame, exclude=self)
+        frame = {"type": "voice_state", "sessionId": self.live.id, "speaking": speaking}
+        self.core.sessions.relay(self.live, frame, exclude=self)
 
     _handlers: dict[type, Any] = {
         Ping: _ping,

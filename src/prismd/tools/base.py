@@ -31,6 +31,9 @@ class ToolSpec:
     parameters: dict[str, Any]  # JSON schema of the arguments, {"type": "object", ...}
     needs_approval: bool = False  # default policy; an agent's policy may override it
     source: str = "builtin"  # "builtin" or "mcp:<server>"
+    # Touches the host as prismd's own user (a host shell, an MCP server shared by everyone):
+    # in a server with users, only admins get it, unless the config grants it (tools/registry.py).
+    host_level: bool = False
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -39,6 +42,7 @@ class ToolSpec:
             "parameters": self.parameters,
             "needsApproval": self.needs_approval,
             "source": self.source,
+            "hostLevel": self.host_level,
         }
 
 
@@ -51,6 +55,9 @@ class ToolContext:
     settings: ToolsSettings
     extra: dict[str, Any] = field(default_factory=dict)
     owner_id: str = "local"  # the session's user ("local": the open mode's one user)
+    # The turn's user is an admin (or the open mode's one local owner). An untrusted caller's
+    # processes must run in the sandbox (tools/builtins/sandbox.py).
+    trusted: bool = True
 
     @property
     def memory_scope(self) -> str:

@@ -427,6 +427,8 @@ class McpTool(Tool):
                 for pat in s.approve
             ),
             source=f"mcp:{s.name}",
+            # Its process or endpoint acts with the server's credentials for every caller.
+            host_level=not s.allow_users,
         )
 
     async def run(self, args: dict[str, Any], ctx: ToolContext) -> str:

@@ -18,8 +18,8 @@ from pydantic import BaseModel, ConfigDict, Field
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from ...auth import Principal
-from ...protocol import ErrorCode
-from ..app import Prismd
+from ...core import Prismd
+from ...protocol import ErrorCode, ProtocolError
 
 # PROTOCOL.md D: what an unknown route under /api answers.
 NOT_FOUND = "not_found"
@@ -82,6 +82,29 @@ async def validation_error(request: Request, exc: Exception) -> JSONResponse:
     first = errors[0] if errors else {"loc": (), "msg": "invalid request"}
     field = ".".join(str(p) for p in first["loc"] if p not in ("body", "query", "path"))
     return invalid(field, str(first["msg"])).to_response()
+
+
+# A refusal of the services (a ProtocolError, as the WebSocket sends it) over HTTP.
+_PROTOCOL_STATUS = {
+    ErrorCode.INVALID_SESSION_ID: 400,
+    ErrorCode.INVALID_MESSAGE: 422,
+    ErrorCode.EMPTY_MESSAGE: 422,
+    ErrorCode.UNAUTHORIZED: 401,
+    ErrorCode.SESSION_NOT_FOUND: 404,
+    ErrorCode.AGENT_NOT_FOUND: 404,
+    ErrorCode.TURN_IN_PROGRESS: 409,
+    ErrorCode.PROVIDER_UNCONFIGURED: 409,
+    ErrorCode.PAYLOAD_TOO_LARGE: 413,
+    ErrorCode.RATE_LIMITED: 429,
+    ErrorCode.PROVIDER_ERROR: 502,
+    ErrorCode.PROVIDER_TIMEOUT: 504,
+}
+
+
+async def protocol_error(request: Request, exc: Exception) -> JSONResponse:
+    assert isinstance(exc, ProtocolError)
+    status = _PROTOCOL_STATUS.get(exc.code, 500 if exc.code == ErrorCode.INTERNAL else 400)
+    return error_response(status, exc.code, exc.message, exc.details)
 
 
 _HTTP_CODES = {

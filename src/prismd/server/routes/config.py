@@ -14,9 +14,9 @@ from fastapi import Body
 from pydantic import Field
 
 from ...config import PROVIDER_KINDS
+from ...core import Prismd
 from ...protocol import ErrorCode
 from .. import config_api
-from ..app import Prismd
 from ..limits import ENVELOPE_BYTES
 from .common import Admin, ApiError, Core, Open, api_router, doc
 from .providers import provider_info

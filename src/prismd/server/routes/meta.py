@@ -10,8 +10,8 @@ from fastapi import Request
 from pydantic import BaseModel, Field
 
 from ... import __version__
+from ...core import Prismd
 from ...protocol import PROTOCOL_VERSION
-from ..app import Prismd
 from .common import Caller, Core, Open, api_router, doc
 from .providers import provider_model
 
@@ -62,8 +62,8 @@ async def health(request: Request, core: Core) -> dict[str, Any]:
         "provider": core.providers.default_kind,
         "providerConfigured": core.providers.default_kind is not None,
         "connections": len(core.connections),
-        "liveSessions": len(core.manager._live),
-        "runningTurns": len(core.manager.running_turns()),
+        "liveSessions": core.sessions.live_count(),
+        "runningTurns": len(core.sessions.running_turns()),
     }
 
 

@@ -12,10 +12,10 @@ from fastapi import Body, Response
 from pydantic import BaseModel, ConfigDict, Field
 
 from ...config import PROVIDER_KINDS
+from ...core import Prismd
 from ...protocol import ErrorCode, ProtocolError
 from ...providers.base import Provider
 from ...providers.registry import ProviderRegistry
-from ..app import Prismd
 from .common import ApiError, Caller, Core, api_router, doc
 
 router = api_router(tags=["providers"])
@@ -108,18 +108,14 @@ async def _list_models(response: Response, get: Callable[[], Provider]) -> list[
     try:
         # Building a provider imports its SDK (a second or two) and may probe Ollama.
         provider = await asyncio.to_thread(get)
-        shards = getattr(provider, "_clients", None)
-        if shards is None:  # a provider with no /models endpoint: the model it serves
-            return [provider.default_model]
-        with shards.lease() as client:
-            page = await asyncio.wait_for(client.models.list(), 30)
+        ids = await asyncio.wait_for(provider.list_models(), 30)
     except ProtocolError as exc:
         _failed(response, exc.code, exc.message)
         return None
     except Exception as exc:  # noqa: BLE001 - the SDKs raise many kinds; all mean the same here
         _failed(response, ErrorCode.PROVIDER_ERROR, f"listing the models failed: {exc}")
         return None
-    return sorted({m.id for m in page.data})
+    return sorted(set(ids))
 
 
 async def _models(core: Prismd, kind: str, response: Response) -> list[dict[str, Any]]:

@@ -2,8 +2,9 @@
 
 Every route on one session depends on `caller_session` (the id checked, the session found and
 the caller's, else 400/404), or on `loaded_session` (the same, loaded in memory for the route
-and evicted after it if nobody else holds it). They are the only places that reach the
-session manager's loading: re-pointing them re-points every route.
+and dropped after it if nobody else holds it), both from the sessions service
+(sessions/service.py), which does every change; a refusal of the service (a turn in
+progress…) comes out through the ProtocolError handler of common.py.
 """
 
 from __future__ import annotations
@@ -15,9 +16,9 @@ from typing import Annotated, Any, Literal
 from fastapi import Depends, Query, Response
 from pydantic import BaseModel, Field
 
-from ...protocol import SESSION_ID_RE, ErrorCode
-from ...sessions.manager import LiveSession, new_id, now_iso
-from ...store.base import MessageRecord, SessionRecord, UploadRecord
+from ...protocol import ErrorCode
+from ...sessions.service import LiveSession
+from ...store.base import SessionRecord
 from .common import ApiError, Caller, Core, Ok, Open, api_router, doc, invalid
 from .rows import message_row, session_row
 
@@ -140,11 +141,8 @@ def _not_found() -> ApiError:
 async def caller_session(session_id: str, core: Core, caller: Caller) -> SessionRecord:
     """The caller's session (the live copy when it is loaded). Another user's is answered
     exactly like a missing one, so ids are not revealed."""
-    if not SESSION_ID_RE.match(session_id):
-        raise ApiError(400, ErrorCode.INVALID_SESSION_ID, "Invalid session id")
-    live = core.manager.live(session_id)
-    record = live.record if live is not None else await core.store.get_session(session_id)
-    if record is None or not caller.owns(record.owner_id):
+    record = await core.sessions.find(caller, session_id)
+    if record is None:
         raise _not_found()
     return record
 
@@ -152,34 +150,28 @@ async def caller_session(session_id: str, core: Core, caller: Caller) -> Session
 OwnSession = Annotated[SessionRecord, Depends(caller_session)]
 
 
-async def loaded_session(record: OwnSession, core: Core) -> AsyncIterator[LiveSession]:
-    """The caller's session, loaded for the route; evicted after it unless someone holds it."""
-    live = await core.manager.get(record.id)
-    if live is None:  # deleted meanwhile
-        raise _not_found()
-    try:
+async def loaded_session(session_id: str, core: Core, caller: Caller) -> AsyncIterator[LiveSession]:
+    """The caller's session, loaded for the route; dropped after it unless someone holds it."""
+    async with core.sessions.loaded(caller, session_id) as live:
+        if live is None:
+            raise _not_found()
         yield live
-    finally:
-        core.manager.maybe_evict(live)
 
 
 LoadedSession = Annotated[LiveSession, Depends(loaded_session, scope="function")]
 
 
 async def _detail(core: Core, record: SessionRecord) -> dict[str, Any]:
-    body = session_row(record)
-    live = core.manager.live(record.id)
-    if live is not None:
-        last, first, running = live.last_seq, live.first_seq, live.turn is not None
-    else:
-        log = await core.store.open_log(record.id)
-        last, first, running = log.last_seq, log.first_seq, False
-    body.update(last_seq=last, first_seq=first, turn_running=running)
-    return body
+    position = await core.sessions.position(record)
+    return session_row(record) | {
+        "last_seq": position["lastSeq"],
+        "first_seq": position["firstSeq"],
+        "turn_running": position["turnRunning"],
+    }
 
 
 def _fresh(core: Core, record: SessionRecord) -> SessionRecord:
-    live = core.manager.live(record.id)
+    live = core.sessions.live(record.id)
     return live.record if live is not None else record
 
 
@@ -187,7 +179,7 @@ async def _activity(core: Core, record: SessionRecord) -> tuple[dict[str, Any], 
     """CortexPrism's figures of a session, and how many messages it holds. Tokens and cost as
     spent (the session's totals), calls and errors from the messages it holds, and the mean
     model-call time from the `done` events still in its log."""
-    messages = await core.store.load_messages(record.id)
+    messages = await core.sessions.messages(record.id)
     llm_ms = rounds = 0.0
     for _, frame in await core.store.read_events(record.id, 0):
         if '"type":"done"' not in frame:
@@ -337,9 +329,9 @@ async def get_session(core: Core, session: OwnSession) -> dict[str, Any]:
     responses=doc(list[MessageRow], 400, 404),
 )
 async def get_messages(core: Core, session: OwnSession, response: Response) -> list[dict[str, Any]]:
-    detail = await _detail(core, session)
-    messages = await core.store.load_messages(session.id)
-    response.headers["X-Last-Seq"] = str(detail["last_seq"])
+    position = await core.sessions.position(session)
+    messages = await core.sessions.messages(session.id)
+    response.headers["X-Last-Seq"] = str(position["lastSeq"])
     return [message_row(m) for m in messages]
 
 
@@ -378,35 +370,26 @@ async def session_events(session: OwnSession) -> list[dict[str, Any]]:
     return []
 
 
-def _archive(core: Core, live: LiveSession) -> None:
-    core.manager.close(live)
-    live.record.status = "archived"
-    core.store.update_session(live.id, status="archived")
-
-
-# POST /api/sessions/{id}/<action>: what it does to the session, and its summary.
-STATUS_ACTIONS: dict[str, tuple[Callable[[Core, LiveSession], None], str]] = {
-    "resume": (lambda core, live: core.manager.activate(live), "Mark a session active again"),
-    "close": (
-        lambda core, live: core.manager.close(live),
-        "Close a session (a chat or resume opens it again)",
-    ),
-    "archive": (_archive, "Archive a session (prismd's own app lists it only when asked)"),
+# POST /api/sessions/{id}/<action>: the status it sets, and its summary.
+STATUS_ACTIONS = {
+    "resume": ("active", "Mark a session active again"),
+    "close": ("closed", "Close a session (a chat or resume opens it again)"),
+    "archive": ("archived", "Archive a session (prismd's own app lists it only when asked)"),
 }
 
 
-def _status_route(change: Callable[[Core, LiveSession], None]) -> Callable[..., Any]:
+def _status_route(status: str) -> Callable[..., Any]:
     async def route(core: Core, live: LoadedSession) -> dict[str, Any]:
-        change(core, live)
+        await core.sessions.set_status(live, status)
         return {"ok": True}
 
     return route
 
 
-for _action, (_change, _summary) in STATUS_ACTIONS.items():
+for _action, (_status, _summary) in STATUS_ACTIONS.items():
     router.add_api_route(
         f"/sessions/{{session_id}}/{_action}",
-        _status_route(_change),
+        _status_route(_status),
         methods=["POST"],
         name=f"{_action}_session",
         summary=_summary,
@@ -420,8 +403,7 @@ for _action, (_change, _summary) in STATUS_ACTIONS.items():
     responses=doc(Ok, 400, 404),
 )
 async def rename_session(core: Core, live: LoadedSession, body: RenameIn) -> dict[str, Any]:
-    live.record.name = body.name.strip()
-    core.store.update_session(live.id, name=live.record.name)
+    await core.sessions.rename(live, body.name)
     return {"ok": True}
 
 
@@ -431,15 +413,9 @@ async def rename_session(core: Core, live: LoadedSession, body: RenameIn) -> dic
     responses=doc(Ok, 400, 404),
 )
 async def delete_session(core: Core, session: OwnSession) -> dict[str, Any]:
-    if not await core.manager.delete(session.id):
+    if not await core.sessions.delete(session.id):
         raise _not_found()
     return {"ok": True}
-
-
-def _busy() -> ApiError:
-    return ApiError(
-        409, ErrorCode.TURN_IN_PROGRESS, "A turn is in progress in this session: stop it first"
-    )
 
 
 @router.post(
@@ -451,35 +427,15 @@ def _busy() -> ApiError:
     responses=doc(RetryOut, 400, 404, 409),
 )
 async def retry(core: Core, caller: Caller, live: LoadedSession) -> dict[str, Any]:
-    if live.turn is not None:
-        raise _busy()
-    history = live.history
-    last_user = next(
-        (i for i in range(len(history) - 1, -1, -1) if history[i].role == "user"), None
-    )
-    if last_user is None:
+    dropped = await core.sessions.drop_last_exchange(live)  # 409 during a turn
+    if dropped is None:
         raise invalid("", "No user message available to retry", status=400)
-    # No await between the check above and this cut: a chat cannot slip in between.
-    dropped: list[MessageRecord] = history[last_user:]
-    del history[last_user:]
-    # The dropped turns' clientMessageIds are released: a resend runs a new turn.
-    turns = {m.turn_id for m in dropped if m.turn_id}
-    for client_id in [k for k, v in live.client_turns.items() if v in turns]:
-        del live.client_turns[client_id]
-    core.store.delete_messages(live.id, [m.id for m in dropped], sorted(turns))
-    files = []
-    for f in dropped[0].files:
-        upload = UploadRecord(
-            new_id("upl"), caller.id, f.filename, f.mime_type, f.size, now_iso(), f.data
-        )
-        await core.store.save_upload(upload)
-        files.append(upload.meta())
     return {
         "success": True,
         "sessionId": live.id,
-        "message": dropped[0].content,
-        "lastUserMessageId": dropped[0].id,
-        "files": files,
+        "message": dropped.content,
+        "lastUserMessageId": dropped.id,
+        "files": await core.sessions.reupload(caller, dropped),
     }
 
 
@@ -489,11 +445,6 @@ async def retry(core: Core, caller: Caller, live: LoadedSession) -> dict[str, An
     responses=doc(DeletedMessage, 400, 404, 409),
 )
 async def delete_message(core: Core, live: LoadedSession, message_id: str) -> dict[str, Any]:
-    if live.turn is not None:
-        raise _busy()
-    index = next((i for i, m in enumerate(live.history) if m.id == message_id), None)
-    if index is None:
+    if not await core.sessions.delete_message(live, message_id):  # 409 during a turn
         raise ApiError(404, ErrorCode.INVALID_MESSAGE, "Message not found")
-    del live.history[index]
-    core.store.delete_messages(live.id, [message_id])
     return {"success": True, "messageId": message_id}

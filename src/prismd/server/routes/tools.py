@@ -41,7 +41,7 @@ class RegistryItem(Open):
 
 @router.get(
     "/tools",
-    summary="Every tool, with its schema and each agent's policy, MCP servers and sandbox",
+    summary="Every tool, with its schema and, for the caller, each agent's policy and why",
     responses=doc(ToolsOut),
 )
 async def list_tools(core: Core, caller: Caller) -> dict[str, Any]:
@@ -49,14 +49,16 @@ async def list_tools(core: Core, caller: Caller) -> dict[str, Any]:
     agents = core.agents.all(caller.id, caller.admin)
     for tool in core.tools.all():
         body = tool.spec.to_json()
-        policy = {}
+        policy, why = {}, {}
         for agent in agents:
-            view = core.tools.view(agent)
-            if tool.spec.name in view.tools:
-                policy[agent.id] = "approve" if view.needs_approval(tool.spec.name) else "allow"
-            else:
-                policy[agent.id] = "deny"
+            access = core.tools.access(agent, caller, tool.spec.name)
+            policy[agent.id] = (
+                ("approve" if access.approval else "allow") if access.allowed else "deny"
+            )
+            why[agent.id] = access.why
+        # For this caller: per agent, whether they may use it and why.
         body["agents"] = policy
+        body["why"] = why
         tools.append(body)
     from ...tools.builtins.sandbox import isolation
 

@@ -17,7 +17,7 @@ from pydantic import BaseModel, Field, ValidationError
 from ...agent.files import decode_files
 from ...config import Settings
 from ...protocol import ErrorCode, FileIn, ProtocolError
-from ...sessions.manager import new_id, now_iso
+from ...sessions.ids import new_id, now_iso
 from ...store.base import UploadRecord
 from ..limits import ENVELOPE_BYTES
 from .common import ApiError, Caller, Core, Open, api_router, doc, invalid

@@ -48,6 +48,7 @@ class Shell(Tool):
             "additionalProperties": False,
         },
         needs_approval=True,
+        host_level=True,
     )
 
     async def run(self, args: dict[str, Any], ctx: ToolContext) -> str:
