@@ -41,13 +41,13 @@ def test_kill_at_random_points_then_restart(make_server, fake_openai, seed):
     srv.start()
 
     # The session is intact; the answer holds exactly what had streamed, marked interrupted.
-    msgs = srv.get(f"/api/sessions/{sid}/messages").json()["messages"]
+    msgs = srv.get(f"/api/sessions/{sid}/messages").json()
     assert [m["role"] for m in msgs[:2]] == ["user", "assistant"]
     assert msgs[2]["content"] == "crash me"
     answers = [m for m in msgs[3:] if m["role"] == "assistant"]
     if point == "during_tool":
         # The round that asked for the tool had ended; the tool never returned.
-        assert answers[-1]["status"] == "complete" and answers[-1]["toolCalls"]
+        assert answers[-1]["status"] == "complete" and answers[-1]["tool_calls"]
         assert not [m for m in msgs if m["role"] == "tool"]
     else:
         assert answers and answers[-1]["status"] == "interrupted", (point, msgs)

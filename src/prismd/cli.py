@@ -296,6 +296,7 @@ async def _with_store(settings: Settings, fn: Any) -> Any:
 
 def cmd_sessions(args: argparse.Namespace) -> int:
     from .protocol import SESSION_ID_RE
+    from .server.routes.rows import message_row, session_row
 
     settings = _settings(args)
     if args.action != "list" and not SESSION_ID_RE.match(args.id or ""):
@@ -308,7 +309,8 @@ def cmd_sessions(args: argparse.Namespace) -> int:
         if args.action == "list":
             records, total = await store.list_sessions(args.limit, 0)  # every owner, status
             if args.json:
-                print(json.dumps([r.to_json() for r in records], indent=2))
+                # The rows of GET /api/sessions.
+                print(json.dumps([session_row(r) for r in records], indent=2, ensure_ascii=False))
                 return 0
             print(f"{'ID':<30} {'STATUS':<8} {'AGENT':<12} {'TURNS':>5}  LAST ACTIVITY")
             for r in records:
@@ -332,12 +334,9 @@ def cmd_sessions(args: argparse.Namespace) -> int:
             return 0
         messages = await store.load_messages(args.id)
         if args.json:
-            print(
-                json.dumps(
-                    {"session": record.to_json(), "messages": [m.to_json() for m in messages]},
-                    indent=2,
-                )
-            )
+            # The rows of GET /api/sessions/ID and GET /api/sessions/ID/messages.
+            body = {"session": session_row(record), "messages": [message_row(m) for m in messages]}
+            print(json.dumps(body, indent=2, ensure_ascii=False))
             return 0
         print(f"session {record.id} · agent {record.agent_id} · {record.status}")
         for m in messages:
@@ -351,6 +350,16 @@ def cmd_sessions(args: argparse.Namespace) -> int:
 
 def cmd_agents(args: argparse.Namespace) -> int:
     settings = _settings(args)
+    if args.json:
+        from .server.routes.rows import agent_config
+
+        # The objects of GET /api/agents (CortexPrism's AgentConfig).
+        configs = [
+            agent_config(a, builtin=True, default=a.id == settings.default_agent)
+            for a in sorted(settings.all_agents(), key=lambda a: a.name.lower())
+        ]
+        print(json.dumps(configs, indent=2, ensure_ascii=False))
+        return 0
     for a in settings.all_agents():
         mark = "*" if a.id == settings.default_agent else " "
         model = f"{a.provider or 'default'}/{a.model or 'default'}"
@@ -609,7 +618,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     agents = sub.add_parser("agents", help="list agents", description="Configured agents.")
     asub = agents.add_subparsers(dest="action", required=True, metavar="ACTION")
-    asub.add_parser("list", help="list agents (* marks the default)")
+    al = asub.add_parser("list", help="list agents (* marks the default)")
+    al.add_argument("--json", action="store_true", help="as GET /api/agents answers them")
     agents.set_defaults(func=cmd_agents)
     _add_auth_commands(sub)
     return parser

@@ -211,7 +211,10 @@ def parse_client_message(text: str) -> ClientMessage:
     try:
         raw = json.loads(text)
     except (ValueError, RecursionError) as exc:
-        raise ProtocolError(ErrorCode.INVALID_JSON, f"Invalid JSON: {exc}") from None
+        # The text is CortexPrism's exactly; the parser's detail goes in `details`.
+        raise ProtocolError(
+            ErrorCode.INVALID_JSON, "Invalid JSON", {"field": "", "reason": str(exc)}
+        ) from None
     if not isinstance(raw, dict):
         raise ProtocolError(
             ErrorCode.INVALID_MESSAGE,

@@ -332,7 +332,7 @@ class _Execution:
         retries = self.runner.settings.provider_settings(provider.kind).max_retries
         attempt = 0
         while True:
-            markup = MarkupFilter(self.view.tools.keys(), parse_tools=self.text_tools)
+            markup = MarkupFilter(self.view.tools.keys(), parse_tools=bool(self.view.tools))
             native: list[ToolCall] = []
             usage: Usage | None = None
             reasoning_before = len(self.reasoning)

@@ -32,7 +32,9 @@ if TYPE_CHECKING:
 
 # Reachable without credentials: they say no more than whether a login is needed (health then
 # answers only {"status": "ok"}); logout only ends the login session its cookie names.
-OPEN_PATHS = frozenset({"/api/auth/login", "/api/auth/logout", "/api/auth/status", "/api/health"})
+OPEN_PATHS = frozenset(
+    {"/api/auth/login", "/api/auth/logout", "/api/auth/status", "/api/auth/check", "/api/health"}
+)
 
 
 def protected(path: str) -> bool:
