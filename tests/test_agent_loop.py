@@ -167,3 +167,19 @@ def test_a_users_turn_has_no_host_level_tools(tmp_path):
     end = tab.of("tool_end")[0]
     assert end["status"] == "error" and "Unknown tool 'shell'" in end["output"]
     assert tab.of("approval_request") == []
+
+
+def test_broken_tool_markup_gets_one_corrective_reprompt_in_native_mode(tmp_path):
+    """A native-tool model that writes a tool call as text that cannot be parsed is told so
+    once (it would never see a result for it), instead of looping to the round limit."""
+
+    def model(request: ModelRequest) -> list[StreamPart]:
+        if any(m.text.startswith("[prismd]") for m in request.messages if m.role == "user"):
+            return [TextDelta("Sorry, here it is without a tool.")]
+        return [TextDelta('<tool_call>{"tool": "current_time", "args": {nope</tool_call>')]
+
+    tab, provider, _ = run(_turn(tmp_path, model))
+    done = tab.of("done")[0]
+    assert done["stopReason"] == "end" and len(provider.requests) == 2
+    assert done["finalContent"] == "Sorry, here it is without a tool."
+    assert "<tool_call>" not in tab.text()

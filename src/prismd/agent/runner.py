@@ -259,8 +259,11 @@ class _Execution:
                 return "end"
             if self.totals.rounds >= max_rounds:
                 return "max_rounds"
-            if all(c.error for c in calls) and self.text_tools:
-                # Text-protocol calls that could not be parsed: one corrective re-prompt.
+            # Tool calls written as text that could not be parsed (in any tool-calling mode: the
+            # markup filter runs in all of them) have no name; the model never sees a result
+            # for them, so it is told once, by a corrective re-prompt.
+            unparsed = all(c.error and (self.text_tools or not c.name) for c in calls)
+            if unparsed:
                 if corrected:
                     return "end"
                 corrected = True

@@ -210,9 +210,11 @@ class Store(abc.ABC):
         owner_id: str | None = None,
         query: str | None = None,
         statuses: tuple[str, ...] | None = None,
+        order: str = "activity",
     ) -> tuple[list[SessionRecord], int]:
-        """Newest activity first; `owner_id` None means every owner's, `statuses` None every
-        status, `query` a substring of the name (case-insensitive)."""
+        """Newest activity first (`order` "started": newest started first); `owner_id` None
+        means every owner's, `statuses` None every status, `query` a substring of the name
+        (case-insensitive)."""
 
     @abc.abstractmethod
     def update_session(self, session_id: str, **fields: Any) -> Written: ...

@@ -432,6 +432,7 @@ class SqliteStore(Store):
         owner_id: str | None = None,
         query: str | None = None,
         statuses: tuple[str, ...] | None = None,
+        order: str = "activity",
     ) -> tuple[list[SessionRecord], int]:
         conds: list[str] = []
         args: list[Any] = []
@@ -449,12 +450,13 @@ class SqliteStore(Store):
             conds.append(f"status IN ({','.join('?' * len(statuses))})")
             args.extend(statuses)
         where = f"WHERE {' AND '.join(conds)}" if conds else ""
+        sort = "started_at" if order == "started" else "COALESCE(last_turn_at, started_at)"
 
         def op(db: sqlite3.Connection) -> tuple[list[SessionRecord], int]:
             total = db.execute(f"SELECT COUNT(*) FROM sessions {where}", args).fetchone()[0]
             rows = db.execute(
                 f"SELECT {_SESSION_COLUMNS} FROM sessions {where} "
-                "ORDER BY COALESCE(last_turn_at, started_at) DESC, rowid DESC LIMIT ? OFFSET ?",
+                f"ORDER BY {sort} DESC, rowid DESC LIMIT ? OFFSET ?",
                 [*args, limit, offset],
             ).fetchall()
             return [_session_record(r) for r in rows], total

@@ -212,6 +212,7 @@ STATUS_FILTERS: dict[str, tuple[str, ...] | None] = {
     "archived": ("archived",),
 }
 StatusFilter = Literal["all", "visible", "active", "closed", "archived"]
+SortOrder = Literal["started", "activity"]
 
 
 async def _records(
@@ -222,6 +223,7 @@ async def _records(
     agent_id: str | None = None,
     q: str | None = None,
     status: StatusFilter = "all",
+    sort: SortOrder = "started",
 ) -> tuple[list[SessionRecord], int]:
     records, total = await core.store.list_sessions(
         limit,
@@ -230,13 +232,14 @@ async def _records(
         owner_id=None if caller.admin else caller.id,
         query=q,
         statuses=STATUS_FILTERS[status],
+        order=sort,
     )
     return [_fresh(core, r) for r in records], total
 
 
 @router.get(
     "/sessions",
-    summary="The caller's sessions, newest activity first (admins: everyone's)",
+    summary="The caller's sessions, newest first (admins: everyone's)",
     description="The total number of matching sessions is in the `X-Total-Count` header.",
     responses=doc(list[SessionRow]),
 )
@@ -251,8 +254,12 @@ async def list_sessions(
     status: Annotated[
         StatusFilter, Query(description="prismd: visible = active and closed (not archived)")
     ] = "all",
+    sort: Annotated[
+        SortOrder,
+        Query(description="started: newest started first (CortexPrism); activity: newest turn"),
+    ] = "started",
 ) -> list[dict[str, Any]]:
-    records, total = await _records(core, caller, limit, offset, agentId, q, status)
+    records, total = await _records(core, caller, limit, offset, agentId, q, status, sort)
     response.headers["X-Total-Count"] = str(total)
     return [session_row(r) for r in records]
 

@@ -732,7 +732,7 @@ async function refreshSessions() {
   let sessions;
   try {
     // Archived chats stay out of the sidebar (`status=visible`: active and closed ones).
-    sessions = await api(`/api/sessions?limit=100&status=visible${q ? `&q=${encodeURIComponent(q)}` : ""}`);
+    sessions = await api(`/api/sessions?limit=100&status=visible&sort=activity${q ? `&q=${encodeURIComponent(q)}` : ""}`);
   } catch (err) {
     if (err.status === 401) return showLogin();
     return;
