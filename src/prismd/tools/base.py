@@ -51,6 +51,10 @@ class ToolContext:
     settings: ToolsSettings
     extra: dict[str, Any] = field(default_factory=dict)
     owner_id: str = "local"  # the session's user ("local": the open mode's one user)
+    # False when the turn's user is not an admin of a server with users: `shell` then runs only
+    # in the sandbox, and `shell`/`code_exec` are refused where the sandbox cannot isolate
+    # such a caller (`isolation()["untrusted_ok"]`). True for admins and the open mode's owner.
+    trusted: bool = True
 
     @property
     def memory_scope(self) -> str:
