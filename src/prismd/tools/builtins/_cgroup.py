@@ -25,6 +25,7 @@ import contextlib
 import itertools
 import os
 import signal
+import time
 from dataclasses import dataclass, field
 
 PREFIX = "prismd-sbx."
@@ -256,15 +257,7 @@ class RunGroup:
 
     def remove(self) -> bool:
         """Remove the group (True when gone); it must be empty (`kill` first)."""
-        gone = True
-        for d in self.dirs:
-            try:
-                os.rmdir(d)
-            except FileNotFoundError:
-                pass
-            except OSError:
-                gone = False
-        return gone
+        return _rmdirs(self.dirs)
 
 
 def _procs(directory: str) -> set[int]:
@@ -306,15 +299,22 @@ def sweep(layout: Layout) -> list[str]:
             if owner is not None and not owner_alive(owner):
                 by_name.setdefault(name, []).append(os.path.join(base, name))
     for name, dirs in by_name.items():
-        kill_dir_tree(dirs, layout.version)
-        gone = True
-        for d in dirs:
-            try:
-                os.rmdir(d)
-            except FileNotFoundError:
-                pass
-            except OSError:
-                gone = False
-        if gone:
-            removed.append(name)
+        for _ in range(100):  # killed processes take a moment to be gone (at most a second)
+            kill_dir_tree(dirs, layout.version)
+            if _rmdirs(dirs):
+                removed.append(name)
+                break
+            time.sleep(0.01)
     return removed
+
+
+def _rmdirs(dirs: list[str]) -> bool:
+    gone = True
+    for d in dirs:
+        try:
+            os.rmdir(d)
+        except FileNotFoundError:
+            pass
+        except OSError:
+            gone = False
+    return gone
