@@ -193,6 +193,46 @@ def test_paths_outside_are_refused(ctx: ToolContext, path: str) -> None:
     assert not (ctx.workspace.parent / "x.txt").exists()
 
 
+def test_errors_name_no_server_path_or_user_id(tmp_path: Path) -> None:
+    """A tool error shows paths relative to the workspace: never the data directory, nor the
+    owner's user id that is part of a user's workspace path (issue 11, item 9)."""
+    data = tmp_path / "data"
+    ws = data / "workspaces" / "@users" / "user_7f3a9c" / "assistant"
+    ws.mkdir(parents=True)
+    (ws / "f.txt").write_text("x")
+    ctx = ToolContext(
+        "s1", "assistant", ws.resolve(), data, ToolsSettings(), owner_id="user_7f3a9c"
+    )
+    near_max = "d/" * 1999  # under the path limit alone, over PATH_MAX under the workspace
+    cases = [
+        ("file_read", {"path": "a" * 5000}),
+        ("file_write", {"path": "a" * 5000, "content": "x"}),
+        ("file_edit", {"path": "a" * 5000, "old_string": "a", "new_string": "b"}),
+        ("file_list", {"path": "a" * 5000}),
+        ("file_search", {"pattern": "x", "path": "a" * 5000}),
+        ("file_read", {"path": "b" * 300}),
+        ("file_write", {"path": "dir/" + "b" * 300, "content": "x"}),
+        ("file_search", {"pattern": "x", "path": "b" * 300 + "/*.py"}),
+        ("file_read", {"path": near_max + "x"}),
+        ("file_write", {"path": near_max + "x", "content": "x"}),
+        ("file_list", {"path": near_max}),
+        ("file_write", {"path": "f.txt/inside", "content": "x"}),
+        ("file_read", {"path": "missing/x"}),
+        ("file_list", {"path": "f.txt"}),
+        ("file_edit", {"path": "f.txt", "old_string": "nope", "new_string": "b"}),
+        ("file_search", {"pattern": "(", "path": "."}),
+    ]
+    for name, args in cases:
+        with pytest.raises(ToolError) as info:  # a ToolError, never a raw OSError
+            asyncio.run(TOOLS[name].run(args, ctx))
+        msg = str(info.value)
+        assert "user_7f3a9c" not in msg and str(tmp_path) not in msg, (name, msg)
+        assert "/tmp/" not in msg and "workspaces" not in msg, (name, msg)
+        assert len(msg) < 600, (name, len(msg))  # the model's own long path is cut
+    msg = refused("file_read", ctx, path="a" * 5000)
+    assert msg == "path is too long: 5000 bytes (the limit is 4000)"
+
+
 def test_inner_dotdot_is_fine(ctx: ToolContext) -> None:
     (ctx.workspace / "a").mkdir()
     run("file_write", ctx, path="a/../b.txt", content="ok")

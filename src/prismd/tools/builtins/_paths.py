@@ -8,6 +8,9 @@ so that a symlink is never written through to a place outside.
 (The check and the use are not atomic: a process running in the workspace at the same time
 could swap a directory for a symlink in between. Such a process would be one the agent started
 with `shell`, which can already write anywhere the server's user can.)
+
+Errors name paths relative to the workspace, never the server's: an OSError becomes a ToolError
+through `os_error`, and over-long paths are refused before the system sees them.
 """
 
 from __future__ import annotations
@@ -37,8 +40,45 @@ SKIP_DIRS = frozenset(
 BINARY_SNIFF_BYTES = 8192
 
 
+# Longer paths are refused with a clear error (Linux: PATH_MAX 4096, NAME_MAX 255 bytes).
+MAX_PATH_BYTES = 4000
+MAX_NAME_BYTES = 255
+_SHOWN_CHARS = 200
+
+
+def shown(path: str) -> str:
+    """The model's own path, cut when it is long, for an error message."""
+    return path if len(path) <= _SHOWN_CHARS else path[:_SHOWN_CHARS] + f"… ({len(path)} chars)"
+
+
 def escapes(path: str, why: str = "") -> ToolError:
-    return ToolError(f"path escapes the workspace: {path}" + (f" ({why})" if why else ""))
+    return ToolError(f"path escapes the workspace: {shown(path)}" + (f" ({why})" if why else ""))
+
+
+def redact(text: str, workspace: Path, *others: Path | str) -> str:
+    """`text` with the workspace's absolute path made relative and other server paths hidden."""
+    text = text.replace(os.path.realpath(workspace) + os.sep, "").replace(
+        os.path.realpath(workspace), "."
+    )
+    for other in others:
+        for form in {str(other), os.path.realpath(other)}:
+            if form and form != "/":
+                text = text.replace(form, "<server>")
+    return text
+
+
+def os_error(exc: OSError, workspace: Path, what: str = "") -> ToolError:
+    """An OSError for the model: its reason, and the path only relative to the workspace."""
+    reason = exc.strerror or type(exc).__name__
+    name = exc.filename
+    where = ""
+    if isinstance(name, str | bytes | os.PathLike):
+        path = os.fsdecode(name)
+        root = os.path.realpath(workspace)
+        if os.path.isabs(path) and is_inside(root, path):
+            where = display(workspace, Path(path))
+    prefix = f"{what}: " if what else ""
+    return ToolError(f"{prefix}{shown(where) + ': ' if where else ''}{reason}")
 
 
 def is_inside(root: str, candidate: str) -> bool:
@@ -58,6 +98,11 @@ def resolve(workspace: Path, path: object, *, default: str | None = None) -> Pat
         raise ToolError("path contains a NUL character")
     if os.path.isabs(path) or path.startswith("~"):
         raise escapes(path, "absolute paths are not allowed; give a path relative to the workspace")
+    encoded = os.fsencode(path)
+    if len(encoded) > MAX_PATH_BYTES:
+        raise ToolError(f"path is too long: {len(encoded)} bytes (the limit is {MAX_PATH_BYTES})")
+    if any(len(part) > MAX_NAME_BYTES for part in encoded.split(b"/")):
+        raise ToolError(f"a name in the path is longer than {MAX_NAME_BYTES} bytes: {shown(path)}")
     root = os.path.realpath(workspace)
     real = os.path.realpath(os.path.join(root, path))
     if not is_inside(root, real):
@@ -79,3 +124,37 @@ def display(workspace: Path, real: Path) -> str:
 
 def looks_binary(sample: bytes) -> bool:
     return b"\x00" in sample
+
+
+def adopt_owner(path: str | int, directory: str | Path) -> None:
+    """Give a new file or directory the owner of the directory it is in, when prismd is root
+    and that owner is another user (a workspace the sandbox user owns: see sandbox.py), so
+    that sandboxed runs can change what the file tools created. `path`: a path or an open fd."""
+    if os.geteuid() != 0:
+        return
+    st = os.stat(directory)
+    if st.st_uid == 0 and st.st_gid == 0:
+        return
+    if isinstance(path, int):
+        os.fchown(path, st.st_uid, st.st_gid)
+    else:
+        os.chown(path, st.st_uid, st.st_gid, follow_symlinks=False)
+
+
+def make_dirs(directory: Path) -> None:
+    """`mkdir -p` (of a resolved path), each new directory owned as `adopt_owner` says."""
+    missing = []
+    current = directory
+    while not current.exists():
+        missing.append(current)
+        if current.parent == current:
+            break
+        current = current.parent
+    for new in reversed(missing):
+        try:
+            os.mkdir(new)
+        except FileExistsError:
+            if not new.is_dir():
+                raise
+            continue  # made meanwhile by someone else
+        adopt_owner(str(new), new.parent)

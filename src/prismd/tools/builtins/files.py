@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import abc
 import asyncio
 import contextlib
 import json
@@ -74,6 +75,7 @@ def atomic_write(target: Path, data: bytes) -> None:
         mode = 0o666 & ~umask
     fd, tmp = tempfile.mkstemp(dir=parent, prefix=f".{target.name}.", suffix=".tmp")
     try:
+        _paths.adopt_owner(fd, parent)
         with os.fdopen(fd, "wb") as f:
             f.write(data)
             f.flush()
@@ -86,10 +88,24 @@ def atomic_write(target: Path, data: bytes) -> None:
         raise
 
 
+class _FileTool(Tool):
+    """A file tool: an OSError becomes a ToolError that names paths relative to the workspace
+    (never the server's data path or a user id)."""
+
+    async def run(self, args: dict[str, Any], ctx: ToolContext) -> str:
+        try:
+            return await self._run(args, ctx)
+        except OSError as exc:
+            raise _paths.os_error(exc, ctx.workspace, f"{self.spec.name} failed") from None
+
+    @abc.abstractmethod
+    async def _run(self, args: dict[str, Any], ctx: ToolContext) -> str: ...
+
+
 # --- file_read --------------------------------------------------------------------------------
 
 
-class FileRead(Tool):
+class FileRead(_FileTool):
     spec = ToolSpec(
         name="file_read",
         description=(
@@ -118,7 +134,7 @@ class FileRead(Tool):
         },
     )
 
-    async def run(self, args: dict[str, Any], ctx: ToolContext) -> str:
+    async def _run(self, args: dict[str, Any], ctx: ToolContext) -> str:
         rel = _str_arg(args, "path")
         offset = _int_arg(args, "offset", 1, 1)
         limit = _int_arg(args, "limit", DEFAULT_READ_LINES, 1)
@@ -178,7 +194,7 @@ class FileRead(Tool):
 # --- file_write -------------------------------------------------------------------------------
 
 
-class FileWrite(Tool):
+class FileWrite(_FileTool):
     spec = ToolSpec(
         name="file_write",
         description=(
@@ -197,7 +213,7 @@ class FileWrite(Tool):
         },
     )
 
-    async def run(self, args: dict[str, Any], ctx: ToolContext) -> str:
+    async def _run(self, args: dict[str, Any], ctx: ToolContext) -> str:
         rel = _str_arg(args, "path")
         content = _str_arg(args, "content")
         assert rel is not None and content is not None
@@ -214,7 +230,7 @@ class FileWrite(Tool):
             raise ToolError(f"{shown} is a directory")
         existed = real.exists()
         try:
-            real.parent.mkdir(parents=True, exist_ok=True)
+            _paths.make_dirs(real.parent)
             # mkdir followed no symlink out (the parent was resolved); check it again anyway.
             resolve(workspace, os.path.relpath(real.parent, os.path.realpath(workspace)))
             atomic_write(real, data)
@@ -230,7 +246,7 @@ class FileWrite(Tool):
 # --- file_edit --------------------------------------------------------------------------------
 
 
-class FileEdit(Tool):
+class FileEdit(_FileTool):
     spec = ToolSpec(
         name="file_edit",
         description=(
@@ -255,7 +271,7 @@ class FileEdit(Tool):
         },
     )
 
-    async def run(self, args: dict[str, Any], ctx: ToolContext) -> str:
+    async def _run(self, args: dict[str, Any], ctx: ToolContext) -> str:
         rel = _str_arg(args, "path")
         old = _str_arg(args, "old_string")
         new = _str_arg(args, "new_string")
@@ -304,7 +320,7 @@ class FileEdit(Tool):
 # --- file_list --------------------------------------------------------------------------------
 
 
-class FileList(Tool):
+class FileList(_FileTool):
     spec = ToolSpec(
         name="file_list",
         description=(
@@ -327,7 +343,7 @@ class FileList(Tool):
         },
     )
 
-    async def run(self, args: dict[str, Any], ctx: ToolContext) -> str:
+    async def _run(self, args: dict[str, Any], ctx: ToolContext) -> str:
         rel = _str_arg(args, "path", required=False)
         recursive = _bool_arg(args, "recursive")
         real = resolve(ctx.workspace, rel, default=".")
@@ -382,7 +398,7 @@ class FileList(Tool):
 # --- file_search ------------------------------------------------------------------------------
 
 
-class FileSearch(Tool):
+class FileSearch(_FileTool):
     spec = ToolSpec(
         name="file_search",
         description=(
@@ -408,7 +424,7 @@ class FileSearch(Tool):
         },
     )
 
-    async def run(self, args: dict[str, Any], ctx: ToolContext) -> str:
+    async def _run(self, args: dict[str, Any], ctx: ToolContext) -> str:
         pattern = _str_arg(args, "pattern")
         assert pattern is not None
         where = _str_arg(args, "path", required=False) or "."
@@ -455,7 +471,9 @@ class FileSearch(Tool):
         try:
             found = json.loads(result.output)
         except ValueError:
-            raise ToolError(f"search failed: {result.output.strip()[-500:]}") from None
+            why = result.output.strip()[-500:]
+            why = _paths.redact(why, ctx.workspace, ctx.data_dir, SEARCH_WORKER.parent)
+            raise ToolError(f"search failed: {why}") from None
         matches: list[str] = found["matches"]
         notes = []
         if found["truncated"]:
