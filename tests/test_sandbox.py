@@ -588,3 +588,126 @@ def test_trusted_shell_is_sandboxed_with_always(data: Path) -> None:
     lines = out.splitlines()
     assert lines[1:3] == ["/workspace", str(iso["runs_as_uid"])]
     assert "home" not in lines[3:] and "var" not in lines[3:] and "workspace" in lines[3:]
+
+
+# --- the file tools beside a sandboxed shell -----------------------------------------------
+
+
+def test_a_symlink_swapped_in_after_the_check_is_not_followed(
+    alice: ToolContext, tmp_path: Path
+) -> None:
+    """The file tools run as prismd's user (root) while a user's sandboxed shell may change the
+    workspace: a directory swapped for a symlink out between the path check and its use makes
+    the call fail, and nothing outside is read or written."""
+    from prismd.tools.builtins import _paths
+    from prismd.tools.builtins.files import FileEdit, FileList, FileRead, FileWrite
+
+    ws = alice.workspace
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    (outside / "secret.txt").write_text("root's secret\n")
+    (ws / "a").mkdir()
+    (ws / "a" / "secret.txt").write_text("mine\n")
+    checked = {
+        "read": _paths.resolve(ws, "a/secret.txt"),
+        "write": _paths.resolve(ws, "a/new.txt"),
+        "deep": _paths.resolve(ws, "a/sub/new.txt"),
+        "list": _paths.resolve(ws, "a"),
+    }
+    os.rename(ws / "a", ws / "a-before")
+    os.symlink(outside, ws / "a")  # what a racing shell does between check and use
+
+    def fails(fn: Callable[[], Any]) -> str:
+        with pytest.raises((ToolError, OSError)) as info:
+            fn()
+        return str(info.value)
+
+    refused = fails(lambda: FileRead._read(ws, checked["read"], 1, 10, 10_000))
+    assert "root's secret" not in refused and "Not a directory" in refused
+    fails(lambda: FileWrite._write(ws, checked["write"], b"pwned"))
+    fails(lambda: FileWrite._write(ws, checked["deep"], b"pwned"))
+    fails(lambda: FileEdit._edit(ws, checked["read"], "root", "pwned", False))
+    fails(lambda: FileList._list(ws, checked["list"], True))
+    assert sorted(p.name for p in outside.iterdir()) == ["secret.txt"]
+    assert (outside / "secret.txt").read_text() == "root's secret\n"
+
+
+def test_file_tools_race_a_sandboxed_shell_swapping_symlinks(
+    alice: ToolContext, tmp_path: Path
+) -> None:
+    """The attack itself: the user's shell swaps `a` between a directory and a symlink to a
+    directory outside as fast as it can while file_write and file_read run on `a/…` (as root).
+    Nothing lands outside, nothing outside is read."""
+    need("untrusted_ok")
+    from prismd.tools.builtins.files import FileRead, FileWrite
+
+    outside = tmp_path / "outside-race"
+    outside.mkdir()
+    (outside / "f.txt").write_text("ROOT-ONLY-CONTENT\n")
+    os.chmod(tmp_path, 0o755)
+    run("shell", alice, command="mkdir -p a && echo inside > a/f.txt")
+    swapper = (
+        f"end=$(( $(date +%s) + 4 )); while [ $(date +%s) -lt $end ]; do "
+        f"mv a a.d && ln -s {outside} a && rm a && mv a.d a; done; echo swapped"
+    )
+
+    async def scenario() -> list[str]:
+        shell = asyncio.create_task(TOOLS["shell"].run({"command": swapper}, alice))
+        seen = []
+        while not shell.done():
+            for tool, args in (
+                (FileWrite(), {"path": "a/f.txt", "content": "written\n"}),
+                (FileRead(), {"path": "a/f.txt"}),
+            ):
+                try:
+                    seen.append(await tool.run(args, alice))
+                except ToolError as exc:
+                    seen.append(f"refused: {exc}")
+        seen.append(await shell)
+        return seen
+
+    seen = asyncio.run(scenario())
+    assert seen[-1].endswith("swapped")
+    assert len(seen) > 10  # the race really ran
+    assert not any("ROOT-ONLY" in s for s in seen)
+    assert sorted(p.name for p in outside.iterdir()) == ["f.txt"]
+    assert (outside / "f.txt").read_text() == "ROOT-ONLY-CONTENT\n"
+    kinds = {s.split(":")[0].split(" ")[0] for s in seen[:-1]}
+    assert kinds & {"created", "overwrote"} and "refused" in kinds  # both sides of the race
+
+
+def test_a_fifo_in_the_workspace_does_not_hang_the_file_tools(alice: ToolContext) -> None:
+    os.mkfifo(alice.workspace / "pipe")
+    for tool, args in (
+        ("file_read", {"path": "pipe"}),
+        ("file_edit", {"path": "pipe", "old_string": "a", "new_string": "b"}),
+    ):
+        from prismd.tools.builtins.files import FileEdit, FileRead
+
+        impl = {"file_read": FileRead(), "file_edit": FileEdit()}[tool]
+        with pytest.raises(ToolError) as info:
+            asyncio.run(asyncio.wait_for(impl.run(args, alice), 20))
+        assert "pipe" in str(info.value), tool
+
+
+def test_an_untrusted_search_finds_what_a_trusted_one_does(data: Path) -> None:
+    """file_search of a user who is not trusted runs in the sandbox (workspace at /workspace):
+    the same results, paths relative to the workspace."""
+    from prismd.tools.builtins.files import FileSearch
+
+    trusted, untrusted = make_ctx(data, True), make_ctx(data, False)
+    ws = trusted.workspace
+    (ws / "src").mkdir()
+    (ws / "src" / "m.py").write_text("def needle():\n    return 1\n")
+    (ws / "notes.md").write_text("a needle here\n")
+    (ws / "blob.bin").write_bytes(b"needle\x00\x00")
+    results = []
+    for ctx in (trusted, untrusted):
+        for args in ({"pattern": "needle"}, {"pattern": "needle", "path": "src/*.py"}):
+            results.append(asyncio.run(FileSearch().run(args, ctx)))
+    assert results[0] == results[2] and results[1] == results[3]
+    assert results[0].splitlines() == [
+        "notes.md:1: a needle here",
+        "src/m.py:1: def needle():",
+        "[1 binary file(s) skipped]",
+    ]
