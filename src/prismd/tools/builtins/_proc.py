@@ -185,17 +185,30 @@ def kill_tree(leader: int) -> None:
                 os.kill(pid, signal.SIGKILL)
 
 
-async def _exited(proc: asyncio.subprocess.Process) -> None:
+class _Protocol(asyncio.subprocess.SubprocessStreamProtocol):
+    """The standard protocol, and a future resolved as soon as the process itself exits."""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
+        super().__init__(limit=2**16, loop=loop)
+        self.exited: asyncio.Future[None] = loop.create_future()
+
+    def process_exited(self) -> None:
+        super().process_exited()
+        if not self.exited.done():
+            self.exited.set_result(None)
+
+
+async def _exited(exited: asyncio.Future[None]) -> None:
     """Wait until the process itself has exited. (`proc.wait()` also waits until its output
     pipe is closed, which a background child still holding it would delay indefinitely.)"""
-    delay = 0.002
-    while proc.returncode is None:
-        await asyncio.sleep(delay)
-        delay = min(delay * 1.5, 0.02)  # at most 20 ms late; ~50 wake-ups a second
+    await asyncio.shield(exited)  # resolved after the return code is known
 
 
 async def _cleanup(
-    proc: asyncio.subprocess.Process, pump_task: asyncio.Future[None], *others: Any
+    proc: asyncio.subprocess.Process,
+    exited: asyncio.Future[None],
+    pump_task: asyncio.Future[None],
+    *others: Any,
 ) -> None:
     """Kill what is left, reap the process, close the pipes. Runs to the end even when the task
     is cancelled meanwhile (the cancellation is re-raised afterwards)."""
@@ -217,7 +230,7 @@ async def _cleanup(
         if task is not None and not task.done():
             task.cancel()
     if proc.returncode is None:
-        await bounded(_exited(proc), 5.0)
+        await bounded(_exited(exited), 5.0)
     # Close the pipes ourselves: `proc.wait()` would wait for them, and a reader that stopped
     # reading (cancelled above) may never see their end.
     transport = getattr(proc, "_transport", None)
@@ -243,7 +256,9 @@ async def run_process(
 
     Background processes left behind when the main process exits are killed (after a short grace
     for the output pipe to drain); so is everything on timeout and on cancellation."""
-    proc = await asyncio.create_subprocess_exec(
+    loop = asyncio.get_running_loop()
+    transport, protocol = await loop.subprocess_exec(
+        lambda: _Protocol(loop),
         *argv,
         stdin=subprocess.PIPE if stdin_data is not None else subprocess.DEVNULL,
         stdout=subprocess.PIPE,
@@ -255,6 +270,7 @@ async def run_process(
         close_fds=True,
         pass_fds=tuple(pass_fds),
     )
+    proc = asyncio.subprocess.Process(transport, protocol, loop)
     if on_start is not None:
         on_start(proc.pid)
     collector = OutputCollector(max_output_bytes)
@@ -278,7 +294,7 @@ async def run_process(
     try:
         try:
             async with asyncio.timeout(timeout_s):
-                await _exited(proc)
+                await _exited(protocol.exited)
         except TimeoutError:
             timed_out = True
             kill_tree(proc.pid)
@@ -287,7 +303,7 @@ async def run_process(
         with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(asyncio.shield(pump_task), 0.5)
     finally:
-        await _cleanup(proc, pump_task, feed_task)
+        await _cleanup(proc, protocol.exited, pump_task, feed_task)
     # Whatever was buffered after the kill (the pipe is closed once every holder is dead).
     return ProcResult(
         returncode=None if timed_out else proc.returncode,

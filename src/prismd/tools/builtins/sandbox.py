@@ -723,8 +723,8 @@ async def run(
     Without bubblewrap: the fallback when `fallback_ok`, else SandboxUnavailable. Exit statuses
     of bubblewrap runs above 128 are reported as the signal that ended the command (bwrap
     reports a signal n as 128 + n, as a shell does)."""
-    p = await asyncio.to_thread(probe)
-    if spec.workspace is not None:
+    p = _probed if _probed is not None else await asyncio.to_thread(probe)
+    if spec.workspace is not None and not _workspace_ready(p, spec.workspace):
         await asyncio.to_thread(prepare_workspace, spec.workspace)
     plan = _Plan.build(p, spec, fallback_ok)
     mechanism = "bubblewrap" if p["bwrap"] is not None else "fallback"
@@ -758,6 +758,16 @@ async def run(
 # --- workspaces and leftovers -------------------------------------------------------------------
 
 
+def _workspace_ready(p: dict[str, Any], workspace: Path) -> bool:
+    """Whether `prepare_workspace` has nothing to do (one stat)."""
+    if not p["privileged"] or p["bwrap"] is None:
+        return True
+    try:
+        return os.stat(workspace).st_uid == p["user"]["uid"]
+    except OSError:
+        return False
+
+
 def prepare_workspace(workspace: Path) -> None:
     """Give a workspace to the sandbox user before a run (prismd as root), so that it can read
     it, and write in it when the run may:
@@ -765,12 +775,10 @@ def prepare_workspace(workspace: Path) -> None:
     workspace (its root is the last to change owner); afterwards the file tools keep what they
     create owned by the owner of its directory. Blocking."""
     p = probe()
-    if not p["privileged"] or p["bwrap"] is None:
+    if _workspace_ready(p, workspace):
         return
     uid, gid = p["user"]["uid"], p["user"]["gid"]
     root = str(workspace)
-    if os.stat(root).st_uid == uid:
-        return
     for _dirpath, dirnames, filenames, dirfd in os.fwalk(root, follow_symlinks=False):
         for name in dirnames + filenames:
             with contextlib.suppress(FileNotFoundError):
