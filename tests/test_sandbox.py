@@ -711,3 +711,42 @@ def test_an_untrusted_search_finds_what_a_trusted_one_does(data: Path) -> None:
         "src/m.py:1: def needle():",
         "[1 binary file(s) skipped]",
     ]
+
+
+USERNS = """
+import ctypes, json, os, threading
+libc = ctypes.CDLL(None, use_errno=True)
+rc = libc.unshare(0x10000000)  # CLONE_NEWUSER
+found = {"unshare": [rc, os.strerror(ctypes.get_errno())]}
+bpf = libc.syscall(321, 0, 0, 0)  # bpf(2) on x86_64
+found["bpf"] = [bpf, os.strerror(ctypes.get_errno())]
+box = []
+t = threading.Thread(target=box.append, args=("thread ok",))
+t.start()
+t.join()
+found["thread"] = box
+print(json.dumps(found))
+"""
+
+
+def test_the_seccomp_filter_denies_user_namespaces(caller: tuple[str, ToolContext]) -> None:
+    """Creating a user namespace (the way to capabilities in a namespace of one's own, a common
+    start of kernel exploits) and bpf() fail; threads still work (clone3 falls back to clone)."""
+    iso = need("mount_namespace", "seccomp")
+    tool, ctx = caller
+    found = last_json(run(tool, ctx, **python_in(tool, USERNS)))
+    assert found["unshare"] == [-1, "Operation not permitted"], found
+    if os.uname().machine == "x86_64":
+        assert found["bpf"] == [-1, "Operation not permitted"], found
+    assert found["thread"] == ["thread ok"]
+    assert "user namespaces" in iso["seccomp_filter"]
+
+
+def test_multiprocessing_works_in_the_sandbox(alice: ToolContext) -> None:
+    need("untrusted_ok")
+    code = (
+        "import multiprocessing\n"
+        "with multiprocessing.Pool(2) as p:\n"
+        "    print(p.map(abs, [-1, -2]))"
+    )
+    assert run("code_exec", alice, code=code).splitlines()[-1] == "[1, 2]"

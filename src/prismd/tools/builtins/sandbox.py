@@ -6,10 +6,11 @@ probed once (in throwaway child processes) and reported by `isolation()` (`GET /
 
 - its own mount namespace whose only contents are the system's read-only directories (`/usr`,
   `/bin`, `/lib*`, `/sbin`, a list of harmless files of `/etc`, Python's installation), a fresh
-  `/proc` of its own PID namespace, a minimal `/dev`, an empty `/tmp` (a tmpfs, the run's
-  directory, whose pages count against the run's memory bound) and the workspace at
-  `/workspace` (read-only for `code_exec`). The host's `/run`, `/var`, `/tmp`, `/home`, the
-  data directory and the other workspaces do not exist in it, nor do the Unix sockets in them;
+  `/proc` of its own PID namespace, a minimal `/dev` (its own `/dev/shm`), an empty `/tmp`
+  (a tmpfs, the run's directory, whose pages count against the run's memory bound) and the
+  workspace at `/workspace` (read-only for `code_exec`). The host's `/run`, `/var`, `/tmp`,
+  `/home`, the data directory and the other workspaces do not exist in it, nor do the Unix
+  sockets in them;
 - a separate, unprivileged uid when prismd runs as root: bwrap runs as root (no user
   namespace needed) and `setpriv` drops to the `prismd-sandbox` system user (`nobody`, 65534,
   when there is none) with no capabilities, no supplementary groups and no_new_privs. When
@@ -23,6 +24,8 @@ probed once (in throwaway child processes) and reported by `isolation()` (`GET /
 - the parent-death signal (SIGKILL when the server dies, even by kill -9), set before bwrap is
   started and by bwrap (`--die-with-parent`) for the processes inside; the cgroups and
   processes left by a server that died anyway are removed by the next one (`sweep_leftovers`);
+- a seccomp filter (_seccomp.py) denying user namespaces and other system calls that kernel
+  exploits favour, where libseccomp is installed;
 - per-process rlimits (CPU time, address space, file size, no core dumps; the process count
   when there is no cgroup) and a scrubbed environment.
 
@@ -58,7 +61,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from . import _cgroup
+from . import _cgroup, _seccomp
 from ._landlock import (
     _ETC_READ,
     CLONE_NEWNET,
@@ -140,7 +143,8 @@ _BWRAP_CHECK = (
     "    'host_paths': [p for p in ('/run', '/var', '/home', '/root/.bashrc', '/srv')\n"
     "                   if os.path.lexists(p)],\n"
     "    'ifaces': [n for _, n in socket.if_nameindex()],\n"
-    "    'tmp': os.listdir('/tmp'), 'tmp_writable': os.access('/tmp', os.W_OK)}))\n"
+    "    'tmp': os.listdir('/tmp'), 'tmp_writable': os.access('/tmp', os.W_OK),\n"
+    "    'userns': __import__('ctypes').CDLL(None).unshare(0x10000000) == 0}))\n"
 )
 
 
@@ -175,13 +179,13 @@ def _probe_bwrap(p: dict[str, Any]) -> None:
     candidate = {**p, "bwrap": bwrap}
     expected_uid = p["user"]["uid"] if p["privileged"] else os.geteuid()
 
-    def attempt(with_cgroup: bool) -> tuple[bool, str]:
+    def attempt(without: dict[str, Any]) -> tuple[bool, str]:
         spec = RunSpec(
             [sys.executable, "-I", "-S", "-c", _BWRAP_CHECK],
             memory_mb=256,
             max_processes=16,
         )
-        plan = _Plan.build(candidate if with_cgroup else {**candidate, "cgroup": None}, spec)
+        plan = _Plan.build({**candidate, **without}, spec)
         try:
             result = subprocess.run(
                 plan.argv,
@@ -216,14 +220,19 @@ def _probe_bwrap(p: dict[str, Any]) -> None:
             problems.append("no PID namespace")
         if not seen["tmp_writable"] or seen["tmp"]:
             problems.append("/tmp is not an empty writable directory")
+        if seen["userns"] and {**candidate, **without}["seccomp"] is not None:
+            problems.append("the seccomp filter let a user namespace be created")
         return not problems, "; ".join(problems)
 
-    ok, why = attempt(with_cgroup=p["cgroup"] is not None)
-    if not ok and p["cgroup"] is not None:
-        ok, why_without = attempt(with_cgroup=False)
+    ok, why = attempt({})
+    # What the run works without, when it does not work with everything.
+    for optional, error_key in (("seccomp", "seccomp_info"), ("cgroup", "cgroup_error")):
+        if ok or p[optional] is None:
+            continue
+        ok, why_without = attempt({optional: None})
         if ok:
-            p["cgroup_error"] = f"joining a run cgroup failed: {why}"
-            p["cgroup"] = None
+            p[error_key] = f"not usable with bubblewrap here: {why}"
+            p[optional] = None
         why = why_without
     if ok:
         p["bwrap"] = bwrap
@@ -276,7 +285,10 @@ def _probe() -> dict[str, Any]:
         except OSError as exc:
             layout, cgroup_why = None, f"creating a cgroup failed: {exc}"
     user = sandbox_user()
+    program, seccomp_info = _seccomp.compile_filter()
     p.update(
+        seccomp=program,
+        seccomp_info=seccomp_info,
         netns_flags=netns_flags,
         landlock_abi=abi,
         landlock=landlock_ok,
@@ -363,6 +375,13 @@ def isolation(settings: ToolsSettings | bool | None = None) -> dict[str, Any]:
             else "NOT confined (no bubblewrap, no Landlock)"
         ),
         "pid_namespace": bwrap,
+        "seccomp": bwrap and p["seccomp"] is not None,
+        "seccomp_filter": (
+            "denies creating user namespaces, io_uring, bpf, perf_event_open, userfaultfd, the "
+            "keyring, modules, kexec, mount (" + p["seccomp_info"] + ")"
+            if bwrap and p["seccomp"] is not None
+            else p["seccomp_info"]
+        ),
         "runs_as_uid": uid,
         "runs_as_user": p["user"]["name"] if bwrap and p["privileged"] else None,
         "separate_uid": uid != os.geteuid(),
@@ -491,10 +510,11 @@ def _bwrap_mounts(
     p: dict[str, Any], spec: RunSpec, files: list[tuple[int, str]], tmp_bytes: int
 ) -> list[str]:
     args = ["--proc", "/proc", "--dev", "/dev"]
-    if "--size" in p["bwrap_features"]:
-        args += ["--size", str(tmp_bytes)]
-    args += ["--perms", "1777", "--tmpfs", RUN_DIR]
-    made = {"/", "/proc", "/dev", RUN_DIR}
+    for tmpfs in ("/dev/shm", RUN_DIR):  # /dev/shm: POSIX semaphores (multiprocessing)
+        if "--size" in p["bwrap_features"]:
+            args += ["--size", str(tmp_bytes)]
+        args += ["--perms", "1777", "--tmpfs", tmpfs]
+    made = {"/", "/proc", "/dev", "/dev/shm", RUN_DIR}
     for d in SYSTEM_DIRS:
         if os.path.islink(d):
             args += ["--symlink", os.readlink(d), d]
@@ -520,6 +540,14 @@ def _bwrap_mounts(
     for fd, name in files:
         args += ["--perms", "0644", "--file", str(fd), f"{RUN_DIR}/{name}"]
     return args
+
+
+def _memfd(name: str, data: bytes) -> int:
+    """An anonymous file holding `data`, read from its start (for bwrap's --file/--seccomp)."""
+    fd = os.memfd_create(f"prismd-{name}", os.MFD_CLOEXEC)
+    os.write(fd, data)
+    os.lseek(fd, 0, os.SEEK_SET)
+    return fd
 
 
 class _Plan:
@@ -578,13 +606,13 @@ class _Plan:
         return plan
 
     def _build_bwrap(self, p: dict[str, Any], spec: RunSpec, memory: int) -> None:
-        fds = []
-        for name, data in spec.files.items():
-            fd = os.memfd_create(f"prismd-{name}", os.MFD_CLOEXEC)
-            fds.append((fd, name))
-            os.write(fd, data)
-            os.lseek(fd, 0, os.SEEK_SET)
+        fds = [(_memfd(name, data), name) for name, data in spec.files.items()]
         self.pass_fds = tuple(fd for fd, _ in fds)
+        seccomp: list[str] = []
+        if p["seccomp"] is not None:
+            fd = _memfd("seccomp", p["seccomp"])
+            self.pass_fds += (fd,)
+            seccomp = ["--seccomp", str(fd)]
         cwd = WORKSPACE_MOUNT if spec.cwd == "workspace" else RUN_DIR
         extra = {"TMPDIR": RUN_DIR}
         if spec.workspace is not None:
@@ -594,13 +622,13 @@ class _Plan:
         argv += ["--unshare-cgroup-try", "--hostname", "sandbox"]
         if not spec.network:
             argv.append("--unshare-net")
-        argv += ["--die-with-parent", "--new-session", "--unsetenv", MARKER_ENV]
+        argv += ["--die-with-parent", "--new-session", "--unsetenv", MARKER_ENV, *seccomp]
         argv += _bwrap_mounts(p, spec, fds, memory)
         argv += ["--chdir", cwd]
         if p["privileged"]:
             user = p["user"]
             argv += ["--cap-drop", "ALL"]
-            for cap in ("CAP_SETUID", "CAP_SETGID", "CAP_SETPCAP"):
+            for cap in ("CAP_SETUID", "CAP_SETGID", "CAP_SETPCAP", "CAP_DAC_READ_SEARCH"):
                 argv += ["--cap-add", cap]
             argv += [
                 p["setpriv"],
