@@ -750,3 +750,21 @@ def test_multiprocessing_works_in_the_sandbox(alice: ToolContext) -> None:
         "    print(p.map(abs, [-1, -2]))"
     )
     assert run("code_exec", alice, code=code).splitlines()[-1] == "[1, 2]"
+
+
+def test_a_run_that_cannot_start_names_no_server_path(
+    alice: ToolContext, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    need("untrusted_ok")
+
+    def refuse(*args: Any, **kwargs: Any) -> Any:
+        raise PermissionError(13, "Permission denied", "/sys/fs/cgroup/memory/secret-path")
+
+    monkeypatch.setattr(_cgroup.RunGroup, "create", refuse)
+    for tool, args, what in (
+        ("shell", {"command": "id"}, "shell"),
+        ("code_exec", {"code": "print(1)"}, "process"),
+    ):
+        with pytest.raises(ToolError) as info:
+            run(tool, alice, **args)
+        assert str(info.value) == f"could not start the sandboxed {what}: Permission denied"

@@ -153,7 +153,8 @@ async def pdf_text(data: bytes, limits: PdfLimits = PDF_LIMITS) -> str:
                 fallback_ok=True,
             )
         except (OSError, subprocess.SubprocessError, sandbox.SandboxUnavailable) as exc:
-            return f"[The PDF could not be read: the text extractor could not start ({exc})]"
+            why = sandbox.start_error(exc)
+            return f"[The PDF could not be read: the text extractor could not start ({why})]"
     pages: list[str] = []
     count: int | None = None
     end: str | None = None

@@ -88,7 +88,8 @@ class CodeExec(Tool):
                 on_start=ctx.extra.get("on_process_start"),
             )
         except (OSError, subprocess.SubprocessError) as exc:  # e.g. the child's setup failed
-            raise ToolError(f"could not start the sandboxed process: {exc}") from None
+            why = sandbox.start_error(exc)
+            raise ToolError(f"could not start the sandboxed process: {why}") from None
         result = run.proc
         output = result.output
         header = "\n".join(run.notes)

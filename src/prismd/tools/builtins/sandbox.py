@@ -461,6 +461,14 @@ class SandboxUnavailable(Exception):
     """The run needs the bubblewrap sandbox and this machine cannot provide it."""
 
 
+def start_error(exc: BaseException) -> str:
+    """Why a run could not start, for the model: an OSError's reason without its path (the
+    server's paths stay out of tool results)."""
+    if isinstance(exc, OSError):
+        return exc.strerror or type(exc).__name__
+    return str(exc) or type(exc).__name__
+
+
 @dataclass(slots=True)
 class RunSpec:
     command: list[str]

@@ -16,6 +16,7 @@ from __future__ import annotations
 import asyncio
 import os
 import resource
+import subprocess
 from typing import Any
 
 from ..base import Tool, ToolContext, ToolError, ToolSpec
@@ -110,6 +111,9 @@ class Shell(Tool):
                 raise ToolError(
                     f'tools.shell.sandbox is "always" but this machine has no sandbox: {exc}'
                 ) from None
+            except (OSError, subprocess.SubprocessError) as exc:
+                why = sandbox.start_error(exc)
+                raise ToolError(f"could not start the sandboxed shell: {why}") from None
             result = run.proc
             if run.oom_kills:
                 result.output = (
