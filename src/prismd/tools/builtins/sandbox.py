@@ -281,7 +281,9 @@ def _probe() -> dict[str, Any]:
     layout, cgroup_why = _cgroup.detect()
     if layout is not None:
         try:  # a group can be made and limited (and removed)
-            _cgroup.RunGroup.create(layout, 64 << 20, 8).remove()
+            group = _cgroup.RunGroup.create(layout, 64 << 20, 8)
+            group.close_fds()
+            group.remove()
         except OSError as exc:
             layout, cgroup_why = None, f"creating a cgroup failed: {exc}"
     user = sandbox_user()
