@@ -6,7 +6,7 @@ STAMP := $(VENV)/.installed-stamp
 # Debian packages that prismd and its tests use; installed with apt-get when missing.
 # Each entry is COMMAND:PACKAGE (the command that shows the package is there). bubblewrap and
 # setpriv: the sandbox of code_exec and shell (src/prismd/tools/builtins/sandbox.py).
-DEBIAN_DEPS := chromium:chromium espeak-ng:espeak-ng bwrap:bubblewrap setpriv:util-linux
+DEBIAN_DEPS := chromium:chromium espeak-ng:espeak-ng redis-server:redis-server bwrap:bubblewrap setpriv:util-linux
 
 .PHONY: install system-deps serve test lint format bench soak clean vendor
 

@@ -10,6 +10,7 @@ import json
 import os
 import signal
 import socket
+import sqlite3
 import subprocess
 import sys
 import time
@@ -172,6 +173,17 @@ class Client:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+def stored_rows(srv: PrismdServer, table: str, session_id: str, columns: str = "*") -> list:
+    """A session's rows of one table in the server's database (read-only, beside it)."""
+    db = sqlite3.connect(f"file:{srv.data_dir / 'prismd.db'}?mode=ro", uri=True)
+    try:
+        return db.execute(
+            f"SELECT {columns} FROM {table} WHERE session_id=?", (session_id,)
+        ).fetchall()
+    finally:
+        db.close()
 
 
 def of_type(frames: list[dict[str, Any]], kind: str) -> list[dict[str, Any]]:

@@ -274,6 +274,25 @@ def test_openai_pacing(oai):
     assert 0.28 <= time.monotonic() - start < 2.0
 
 
+def test_stamp_gives_the_schedule_origin(oai, ant):
+    """Reply.stamp: the first text piece starts with "@<t0> ", t0 on the monotonic clock when
+    the answer started; the other pieces are unchanged (the load benchmark's lag)."""
+    oai.script(Reply(text=["a ", "b "], reasoning=["r"], stamp=True))
+    before = time.monotonic()
+    chunks = list(oai_stream(oai_client(oai)))
+    after = time.monotonic()
+    texts = [c.choices[0].delta.content for c in chunks if c.choices and c.choices[0].delta.content]
+    assert texts[1:] == ["b "]
+    stamp, rest = texts[0].split(" ", 1)
+    assert stamp.startswith("@") and rest == "a "
+    assert before <= float(stamp[1:]) <= after
+    ant.script(Reply(text=["x"], stamp=True))
+    events = list(ant_stream(ant_client(ant)))
+    (text,) = [e.delta.text for e in events if e.type == "content_block_delta"]
+    stamp, rest = text.split(" ", 1)
+    assert rest == "x" and before <= float(stamp[1:]) <= time.monotonic()
+
+
 # ----------------------------------------------------------------------------- anthropic
 
 

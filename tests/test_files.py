@@ -7,7 +7,6 @@ import base64
 import contextlib
 import os
 import re
-import sqlite3
 import time
 import zlib
 from collections.abc import Callable
@@ -19,7 +18,7 @@ import psutil
 from prismd.agent.files import PDF_PARALLEL, PdfLimits, pdf_text
 from prismd.testing.fake_models import Reply
 
-from .conftest import PrismdServer, of_type, openai_env
+from .conftest import PrismdServer, of_type, openai_env, stored_rows
 
 PNG_1PX = base64.b64decode(
     "iVBORw0KGgoAAAANSUhEUgAAAAEAAAABCAYAAAAfFcSJAAAADUlEQVR4nGNgYGD4DwABBAEAwS2OUAAAAABJRU5ErkJggg=="
@@ -83,16 +82,15 @@ def test_text_pdf_and_image_reach_the_model_and_are_stored(server, fake_openai):
     ]
 
     sid = frames[0]["sessionId"]
-    msgs = server.get(f"/api/sessions/{sid}/messages").json()["messages"]
+    msgs = server.get(f"/api/sessions/{sid}/messages").json()
     assert [f["filename"] for f in msgs[0]["files"]] == [
         "notes.md",
         "main.py",
         "report.pdf",
         "dot.png",
     ]
-    assert msgs[0]["files"][1]["mimeType"] == "text/x-python"
-    db = sqlite3.connect(server.data_dir / "sessions" / f"{sid}.db")
-    stored = dict(db.execute("SELECT filename, data FROM session_files").fetchall())
+    assert msgs[0]["files"][1]["mime_type"] == "text/x-python"
+    stored = dict(stored_rows(server, "session_files", sid, "filename, data"))
     assert stored["dot.png"] == PNG_1PX
 
 
@@ -109,7 +107,7 @@ def test_file_names_never_become_paths(server, fake_openai):
     with server.client() as c:
         frames = c.turn(message="look", files=files)
     sid = frames[0]["sessionId"]
-    msgs = server.get(f"/api/sessions/{sid}/messages").json()["messages"]
+    msgs = server.get(f"/api/sessions/{sid}/messages").json()
     assert msgs[0]["files"][0]["filename"] == "passwd"
 
 

@@ -111,7 +111,7 @@ def test_history_is_trimmed_to_the_configured_window(make_server, fake_openai):
 
 @given(st.lists(st.integers(min_value=1, max_value=40), max_size=30), st.booleans())
 def test_sse_decoder_is_independent_of_read_boundaries(cuts, crlf):
-    from prismd.providers._sse import SSEDecoder
+    from prismd.providers._http import SSEDecoder
 
     nl = "\r\n" if crlf else "\n"
     stream = (
@@ -134,18 +134,3 @@ def test_coalesce_merges_neighbouring_deltas_only():
 
     parts = [TextDelta("a"), TextDelta("b"), ReasoningDelta("r"), TextDelta("c"), Usage(1, 2)]
     assert coalesce(parts) == [TextDelta("ab"), ReasoningDelta("r"), TextDelta("c"), Usage(1, 2)]
-
-
-def test_client_shards_grow_only_under_load():
-    from prismd.providers._sse import ClientShards
-
-    made = []
-    shards = ClientShards(lambda: made.append(object()) or made[-1], per_client=2, max_clients=3)
-    leases = [shards.lease() for _ in range(7)]
-    clients = [lease.__enter__() for lease in leases]
-    assert len(made) == 3  # 2 + 2 in flight filled two clients; the cap is 3
-    assert clients.count(made[0]) >= 2
-    for lease in leases:
-        lease.__exit__(None, None, None)
-    with shards.lease() as client:
-        assert client is made[0] and len(made) == 3

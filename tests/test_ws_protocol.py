@@ -40,16 +40,12 @@ def test_chat_streams_a_turn_in_protocol_order(server, fake_openai):
     with server.client() as c:
         frames = c.turn(message="hi")
     kinds = [f["type"] for f in frames]
-    assert kinds == [
-        "session",
-        "start",
-        "chunk",
-        "chunk",
-        "chunk",
-        "chunk",
-        "done",
-        "context_usage",
-    ]
+    # Pieces that arrive while the previous event is still being logged are merged into one
+    # `chunk` (tests/test_sessions_service.py): how many chunks depends on timing, the text
+    # does not.
+    chunks = len(of_type(frames, "chunk"))
+    assert 1 <= chunks <= 4
+    assert kinds == ["session", "start", *["chunk"] * chunks, "done", "context_usage"]
     session, start, *_ = frames
     done, usage = frames[-2], frames[-1]
     sid = session["sessionId"]
@@ -244,7 +240,8 @@ def test_chat_with_unknown_well_formed_session_id_creates_it(server):
         "agentId": "assistant",
         "agentName": "Assistant",
     }
-    assert (server.data_dir / "sessions" / f"{sid}.db").exists()
+    stored = server.get(f"/api/sessions/{sid}")
+    assert stored.status_code == 200 and stored.json()["id"] == sid
 
 
 def test_oversized_frame_gets_payload_too_large(make_server, fake_openai):

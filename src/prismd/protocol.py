@@ -12,6 +12,7 @@ import re
 from enum import StrEnum
 from typing import Annotated, Any, Literal
 
+import orjson
 from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError, model_validator
 
 PROTOCOL_VERSION = 1
@@ -38,6 +39,8 @@ class ErrorCode(StrEnum):
     TTS_UNAVAILABLE = "tts_unavailable"
     TRANSCRIPTION_FAILED = "transcription_failed"
     RESUME_GAP = "resume_gap"
+    STORE_UNAVAILABLE = "store_unavailable"
+    BUS_UNAVAILABLE = "bus_unavailable"
     INTERNAL = "internal"
 
 
@@ -208,7 +211,10 @@ def parse_client_message(text: str) -> ClientMessage:
     try:
         raw = json.loads(text)
     except (ValueError, RecursionError) as exc:
-        raise ProtocolError(ErrorCode.INVALID_JSON, f"Invalid JSON: {exc}") from None
+        # The text is CortexPrism's exactly; the parser's detail goes in `details`.
+        raise ProtocolError(
+            ErrorCode.INVALID_JSON, "Invalid JSON", {"field": "", "reason": str(exc)}
+        ) from None
     if not isinstance(raw, dict):
         raise ProtocolError(
             ErrorCode.INVALID_MESSAGE,
@@ -308,8 +314,10 @@ def error_frame(code: ErrorCode | str, message: str, **extra: Any) -> dict[str, 
 
 
 def dumps(frame: dict[str, Any]) -> str:
-    text = json.dumps(frame, ensure_ascii=False, separators=(",", ":"))
-    if not _encodable(text):
-        # A lone surrogate slipped in: escape it rather than fail to send the frame.
-        text = json.dumps(frame, ensure_ascii=True, separators=(",", ":"))
-    return text
+    """A frame's JSON text (orjson: this runs once per event on the hot path)."""
+    try:
+        return orjson.dumps(frame).decode()
+    except (orjson.JSONEncodeError, TypeError):
+        # A lone surrogate slipped in (orjson refuses them): escape it rather than fail to
+        # send the frame.
+        return json.dumps(frame, ensure_ascii=True, separators=(",", ":"))

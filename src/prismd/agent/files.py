@@ -31,7 +31,7 @@ from dataclasses import dataclass
 from pathlib import PurePosixPath
 
 from ..protocol import ErrorCode, FileIn, ProtocolError
-from ..sessions.manager import new_id
+from ..sessions.ids import new_id
 from ..store.base import FileRecord
 from ..tools.builtins import sandbox
 

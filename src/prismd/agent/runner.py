@@ -28,22 +28,25 @@ from ..providers.base import (
     ProviderError,
     ReasoningDelta,
     TextDelta,
+    ThinkingBlock,
     ToolCall,
     Usage,
 )
 from ..providers.registry import ProviderRegistry
-from ..sessions.manager import LiveSession, SessionManager, Turn, new_id, now_iso
+from ..sessions.ids import new_id, now_iso
+from ..sessions.service import LiveSession, SessionService, Turn
 from ..store.base import FileRecord, MessageRecord
 from ..tools.base import ToolContext, ToolError
-from ..tools.registry import ToolRegistry, ToolView
+from ..tools.registry import Caller, ToolRegistry, ToolView
 from .context import BuiltContext, build_context, estimate_tokens
 from .files import decode_files, extract
 from .markup import FilterOutput, MalformedCall, MarkupFilter, malformed_feedback
 
 log = logging.getLogger("prismd.turns")
 
-# The assistant message is saved while it streams, at most this long after a piece arrived.
-SAVE_INTERVAL_S = 0.25
+# The assistant message is saved while it streams, at most this long after a piece arrived
+# (for readers of the stored history; crash repair rebuilds it from the logged chunks).
+SAVE_INTERVAL_S = 2.0
 
 TEXT_PROTOCOL_PROMPT = """
 
@@ -73,13 +76,14 @@ class ReplySpeaker(Protocol):
 
 # (publish, voice, stopped) -> a ReplySpeaker for one turn
 ReplySpeakerFactory = Callable[
-    [Callable[[dict[str, Any]], int], str | None, Callable[[], bool]], ReplySpeaker
+    [Callable[[dict[str, Any]], None], str | None, Callable[[], bool]], ReplySpeaker
 ]
 
 
 @dataclass(slots=True)
 class TurnPlan:
     agent: AgentSettings
+    caller: Caller  # who the turn runs for: decides which tools it may use
     provider: Provider
     model: str
     text: str
@@ -117,18 +121,17 @@ class TurnRunner:
         self,
         settings: Settings,
         providers: ProviderRegistry,
-        manager: SessionManager,
+        sessions: SessionService,
         tools: ToolRegistry,
     ) -> None:
         self.settings = settings
         self.providers = providers
-        self.manager = manager
+        self.sessions = sessions
         self.tools = tools
-        self.store = manager.store
         # Set by the server when voice is available: speaks answers that ask for it.
         self.reply_speaker: ReplySpeakerFactory | None = None
 
-    def plan(self, chat: Chat, agent: AgentSettings) -> TurnPlan:
+    def plan(self, chat: Chat, agent: AgentSettings, caller: Caller) -> TurnPlan:
         """Validate a chat before anything is stored; raises ProtocolError (no seq)."""
         text = chat.message.strip()
         if not text and not chat.files:
@@ -136,42 +139,17 @@ class TurnRunner:
         limits = self.settings.server
         files = decode_files(chat.files, limits.max_files, limits.max_file_bytes)
         provider, model = self.providers.resolve(agent, chat.model)
-        return TurnPlan(agent, provider, model, chat.message, files, chat)
+        return TurnPlan(agent, caller, provider, model, chat.message, files, chat)
 
-    def start(self, live: LiveSession, plan: TurnPlan) -> Turn:
-        """Take the session's turn lock and launch the turn. Synchronous, hence atomic."""
-        turn = self.manager.begin_turn(live, plan.chat.clientMessageId)
+    async def start(self, live: LiveSession, plan: TurnPlan) -> Turn:
+        """Take the session's turn lock (see SessionService.begin_turn) and launch the turn."""
+        turn = await self.sessions.begin_turn(live, plan.chat.clientMessageId)
         for event in plan.preface or ():
-            self.manager.publish(live, turn.id, event)
-        self.manager.publish(live, turn.id, {"type": "start"})
+            self.sessions.publish(live, turn.id, event)
+        self.sessions.publish(live, turn.id, {"type": "start"})
         execution = _Execution(self, live, turn, plan)
         turn.task = asyncio.create_task(execution.run(), name=f"turn {turn.id}")
         return turn
-
-    def stop(self, live: LiveSession, keep_spoken: bool = False) -> bool:
-        """`keep_spoken`: a barge-in; the stored answer is the part that was spoken."""
-        turn = live.turn
-        if turn is None or turn.stop_requested or turn.task is None:
-            return False
-        turn.stop_requested = True
-        turn.keep_spoken = keep_spoken
-        self.manager.publish(live, turn.id, {"type": "stopped"})
-        if turn.consumer is not None:
-            turn.consumer.cancel()
-        return True
-
-    def answer_approval(self, live: LiveSession, request_id: str, approved: bool) -> bool:
-        turn = live.turn
-        waiter = turn.approvals.get(request_id) if turn is not None else None
-        if turn is None or waiter is None or waiter.done():
-            return False
-        waiter.set_result(approved)
-        self.manager.publish(
-            live,
-            turn.id,
-            {"type": "approval_resolved", "requestId": request_id, "approved": approved},
-        )
-        return True
 
     def text_protocol(self, provider: Provider, model: str) -> bool:
         ps = self.settings.provider_settings(provider.kind)
@@ -183,17 +161,17 @@ class _Execution:
 
     def __init__(self, runner: TurnRunner, live: LiveSession, turn: Turn, plan: TurnPlan):
         self.runner = runner
-        self.manager = runner.manager
-        self.store = runner.store
+        self.sessions = runner.sessions
         self.live = live
         self.turn = turn
         self.plan = plan
-        self.view: ToolView = runner.tools.view(plan.agent)
+        self.view: ToolView = runner.tools.view(plan.agent, plan.caller)
         self.text_tools = bool(self.view.tools) and runner.text_protocol(plan.provider, plan.model)
         self.window = runner.providers.context_window(plan.provider, plan.model)
         self.totals = _Totals()
         self.pieces: list[str] = []  # clean text of the current round
         self.reasoning: list[str] = []
+        self.thinking: list[ThinkingBlock] = []  # the current round's signed reasoning
         self.answer: MessageRecord | None = None  # the current round's assistant message
         self.ctx: BuiltContext | None = None
         self.corrections: list[ChatMessage] = []  # re-prompts for unparseable calls
@@ -205,8 +183,8 @@ class _Execution:
                 self.publish, plan.chat.voice, lambda: turn.stop_requested
             )
 
-    def publish(self, event: dict[str, Any]) -> int:
-        return self.manager.publish(self.live, self.turn.id, event)
+    def publish(self, event: dict[str, Any]) -> None:
+        self.sessions.publish(self.live, self.turn.id, event)
 
     # ------------------------------------------------------------ the turn
 
@@ -222,10 +200,10 @@ class _Execution:
         finally:
             if self.speech is not None:
                 await self.speech.cancel()
-            self.manager.end_turn(self.live, self.turn)
+            self.sessions.end_turn(self.live, self.turn)
 
     async def _run(self) -> None:
-        plan, turn, sid = self.plan, self.turn, self.live.id
+        plan, turn, live = self.plan, self.turn, self.live
         await extract(plan.files)
         meta = {"clientMessageId": plan.chat.clientMessageId} if plan.chat.clientMessageId else {}
         meta.update(plan.meta or {})
@@ -238,8 +216,8 @@ class _Execution:
             meta=meta,
             files=plan.files,
         )
-        self.store.add_message(sid, user)
-        self.live.history.append(user)
+        self.sessions.add_message(live, user)
+        live.history.append(user)
 
         work = asyncio.create_task(self._rounds())
         turn.consumer = work
@@ -252,13 +230,13 @@ class _Execution:
             if current is not None and current.cancelling():
                 # The server is shutting down: keep what streamed, marked interrupted.
                 self._close_answer("interrupted")
-                self.store.save_turn(sid, turn.id, status="interrupted", ended_at=now_iso())
+                self.sessions.save_turn(live, turn.id, status="interrupted", ended_at=now_iso())
                 raise
             stop_reason = "stopped"
         except ProviderError as exc:
             self._close_answer("error", {"error": exc.message})
-            self.store.save_turn(
-                sid, turn.id, status="error", stop_reason="error", ended_at=now_iso()
+            self.sessions.save_turn(
+                live, turn.id, status="error", stop_reason="error", ended_at=now_iso()
             )
             if self.speech is not None:
                 await self.speech.finish(stopped=True)
@@ -281,8 +259,11 @@ class _Execution:
                 return "end"
             if self.totals.rounds >= max_rounds:
                 return "max_rounds"
-            if all(c.error for c in calls) and self.text_tools:
-                # Text-protocol calls that could not be parsed: one corrective re-prompt.
+            # Tool calls written as text that could not be parsed (in any tool-calling mode: the
+            # markup filter runs in all of them) have no name; the model never sees a result
+            # for them, so it is told once, by a corrective re-prompt.
+            unparsed = all(c.error and (self.text_tools or not c.name) for c in calls)
+            if unparsed:
                 if corrected:
                     return "end"
                 corrected = True
@@ -331,9 +312,9 @@ class _Execution:
             turn_id=self.turn.id,
             status="streaming",
             # After a crash its text is rebuilt from the chunks logged after this seq.
-            meta={"startSeq": live.last_seq},
+            meta={"startSeq": self.sessions.seal(live)},
         )
-        self.store.add_message(live.id, self.answer)
+        self.sessions.add_message(live, self.answer)
         self.pieces = []
         markup, native = await self._call_model(request, ctx)
         calls = [self._native_call(c) for c in native]
@@ -354,10 +335,11 @@ class _Execution:
         retries = self.runner.settings.provider_settings(provider.kind).max_retries
         attempt = 0
         while True:
-            markup = MarkupFilter(self.view.tools.keys(), parse_tools=self.text_tools)
+            markup = MarkupFilter(self.view.tools.keys(), parse_tools=bool(self.view.tools))
             native: list[ToolCall] = []
             usage: Usage | None = None
             reasoning_before = len(self.reasoning)
+            self.thinking = []
             started = saved_at = time.monotonic()
             retrying = False
             try:
@@ -370,8 +352,8 @@ class _Execution:
                         now = time.monotonic()
                         if now - saved_at >= SAVE_INTERVAL_S and self.answer is not None:
                             saved_at = now
-                            self.store.update_message(
-                                live.id, self.answer.id, content="".join(self.pieces)
+                            self.sessions.update_message(
+                                live, self.answer.id, content="".join(self.pieces)
                             )
                     elif kind is ReasoningDelta:
                         if self.totals.first_token is None:
@@ -381,6 +363,8 @@ class _Execution:
                         usage = part  # type: ignore[assignment]
                     elif kind is ToolCall:
                         native.append(part)  # type: ignore[arg-type]
+                    elif kind is ThinkingBlock:
+                        self.thinking.append(part)  # type: ignore[arg-type]
                 self._emit(markup.finish())
                 return markup, native
             except ProviderError as exc:
@@ -458,6 +442,7 @@ class _Execution:
                     data_dir=self.runner.settings.data_dir,
                     settings=settings,
                     owner_id=self.live.record.owner_id,
+                    trusted=self.plan.caller.admin,
                 )
                 output = await tool.run(args, ctx)
         except ToolError as exc:
@@ -485,7 +470,7 @@ class _Execution:
             turn_id=self.turn.id,
             tool_result=json.dumps({"id": call.id, "name": name, "status": status}),
         )
-        self.store.add_message(self.live.id, message)
+        self.sessions.add_message(self.live, message)
         self.live.history.append(message)
         self.publish(
             {
@@ -500,7 +485,7 @@ class _Execution:
 
     async def _approve(self, call: PendingCall, args: dict[str, Any]) -> tuple[bool, str]:
         """Ask the session's clients; deny on timeout or when nobody is connected."""
-        if self.manager.bus.subscribers(self.live.id) == 0:
+        if not await self.sessions.connected(self.live):
             return False, "Denied: no client was connected to approve this tool call."
         request_id = new_id("appr")
         waiter: asyncio.Future[bool] = asyncio.get_running_loop().create_future()
@@ -551,6 +536,9 @@ class _Execution:
         answer.status = status
         answer.reasoning = "".join(self.reasoning) or None
         answer.meta = meta or {}
+        if tool_calls and self.thinking:
+            # Passed back with the tool results while thinking is on (providers/anthropic.py).
+            answer.meta["thinking"] = [t.to_json() for t in self.thinking]
         if tool_calls:
             answer.tool_calls = json.dumps(
                 [
@@ -559,8 +547,8 @@ class _Execution:
                     if not c.error
                 ]
             )
-        self.store.update_message(
-            self.live.id,
+        self.sessions.update_message(
+            self.live,
             answer.id,
             content=answer.content,
             status=status,
@@ -572,7 +560,7 @@ class _Execution:
         self.live.history.append(answer)
 
     def _finish(self, stop_reason: str) -> None:
-        plan, t, sid = self.plan, self.totals, self.live.id
+        plan, t, live = self.plan, self.totals, self.live
         provider, model, chat = plan.provider, plan.model, plan.chat
         content = "".join(self.pieces)
         reasoning = "".join(self.reasoning)
@@ -597,8 +585,8 @@ class _Execution:
             },
         )
         ended = now_iso()
-        self.store.save_turn(
-            sid,
+        self.sessions.save_turn(
+            live,
             self.turn.id,
             status=status,
             stop_reason=stop_reason,
@@ -609,14 +597,7 @@ class _Execution:
             tokens_out=t.tokens_out,
             cost_usd=cost,
         )
-        self.store.add_turn_totals(sid, t.tokens_in, t.tokens_out, cost, ended)
-        record = self.live.record
-        record.turn_count += 1
-        record.last_turn_at = ended
-        record.tokens_in += t.tokens_in
-        record.tokens_out += t.tokens_out
-        if cost is not None:
-            record.cost_usd = (record.cost_usd or 0.0) + cost
+        self.sessions.add_turn_totals(live, t.tokens_in, t.tokens_out, cost, ended)
 
         if reasoning:
             self.publish({"type": "reasoning", "content": reasoning})

@@ -1,6 +1,8 @@
-"""Any OpenAI-compatible chat completions endpoint, through the official `openai` SDK.
+"""Any OpenAI-compatible chat completions endpoint: OpenAI itself, Ollama, vLLM, llama.cpp,
+LM Studio, OpenRouter, Groq, DeepSeek…
 
-Used for OpenAI itself and for Ollama, vLLM, llama.cpp, LM Studio, OpenRouter, Groq, DeepSeek…
+The request is the one the official `openai` SDK sends; its streamed bytes are read by
+providers/_http.py (see there why not through the SDK).
 """
 
 from __future__ import annotations
@@ -8,12 +10,9 @@ from __future__ import annotations
 from collections.abc import AsyncIterator
 from typing import Any
 
-import httpx2
-import openai
-
 from ..config import ProviderSettings
 from ._errors import translate
-from ._sse import ClientShards, ended_early, post_stream
+from ._http import StreamClient, ended_early
 from .base import (
     ChatMessage,
     ModelRequest,
@@ -27,6 +26,8 @@ from .base import (
     coalesce,
 )
 
+OPENAI_BASE_URL = "https://api.openai.com/v1"
+
 
 class OpenAICompatProvider(Provider):
     def __init__(
@@ -37,22 +38,23 @@ class OpenAICompatProvider(Provider):
         base_url: str | None,
         api_key: str | None,
     ) -> None:
+        self._settings = settings
+        self._api_key = api_key
         self.kind = kind
         self.default_model = default_model
         self.base_url = base_url
         self.vision = settings.vision
         self.max_output_tokens = settings.max_output_tokens
         self._label = f"the {kind} model endpoint" + (f" at {base_url}" if base_url else "")
-        tls = httpx2.create_ssl_context()  # one TLS context for every shard (~40 ms each)
-        self._clients = ClientShards(
-            lambda: openai.AsyncOpenAI(
-                http_client=openai.DefaultAsyncHttpxClient(verify=tls),
-                # Local servers (Ollama, llama.cpp…) take no key, but the SDK insists on one.
-                api_key=api_key or "no-key",
-                base_url=base_url,
-                max_retries=settings.max_retries,
-                timeout=openai.Timeout(settings.timeout_s, connect=settings.connect_timeout_s),
-            )
+        # Local servers (Ollama, llama.cpp…) take no key.
+        headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
+        self._http = StreamClient(
+            base_url or OPENAI_BASE_URL,
+            headers,
+            label=self._label,
+            timeout_s=settings.timeout_s,
+            connect_timeout_s=settings.connect_timeout_s,
+            max_retries=settings.max_retries,
         )
 
     @staticmethod
@@ -108,23 +110,22 @@ class OpenAICompatProvider(Provider):
             ]
         calls: dict[int, list[str]] = {}  # index -> [id, name, arguments so far]
         try:
-            # post_stream closes the HTTP response when the consuming task is cancelled: a
+            # The stream closes the HTTP response when the consuming task is cancelled: a
             # `stop` ends the upstream generation instead of letting it run on.
             finished = False
-            with self._clients.lease() as client:
-                async for batch in post_stream(client, "/chat/completions", kwargs):
-                    for part in coalesce(self._parts(batch, calls)):
-                        yield part
-                    finished = finished or any(
-                        name == "[DONE]" or _finish_reason(chunk) for name, chunk in batch
-                    )
+            async for batch in self._http.stream("/chat/completions", kwargs):
+                for part in coalesce(self._parts(batch, calls)):
+                    yield part
+                finished = finished or any(
+                    name == "[DONE]" or _finish_reason(chunk) for name, chunk in batch
+                )
             if not finished:
                 raise ended_early(self._label)
             for index in sorted(calls):
                 call_id, name, arguments = calls[index]
                 yield ToolCall(call_id or f"call_{index}", name, arguments or "{}")
         except Exception as exc:  # noqa: BLE001 - every failure becomes a coded ProviderError
-            raise translate(exc, self._label, openai) from exc
+            raise translate(exc, self._label) from exc
 
     def _parts(self, batch: list[Any], calls: dict[int, list[str]]) -> list[StreamPart]:
         """The stream parts of a batch of chunks; tool-call fragments accumulate in `calls`."""
@@ -161,9 +162,24 @@ class OpenAICompatProvider(Provider):
                 slot[2] += fn.get("arguments") or ""
         return parts
 
+    async def list_models(self) -> list[str]:
+        import openai  # ~40 MB: loaded only when someone asks for the list
+
+        client = openai.AsyncOpenAI(
+            # Local servers (Ollama, llama.cpp…) take no key, but the SDK insists on one.
+            api_key=self._api_key or "no-key",
+            base_url=self.base_url,
+            max_retries=self._settings.max_retries,
+            timeout=openai.Timeout(
+                self._settings.timeout_s, connect=self._settings.connect_timeout_s
+            ),
+        )
+        async with client:
+            page = await client.models.list()
+            return sorted({m.id for m in page.data})
+
     async def aclose(self) -> None:
-        for client in self._clients.clients:
-            await client.close()
+        await self._http.aclose()
 
 
 def _finish_reason(chunk: dict[str, Any]) -> bool:

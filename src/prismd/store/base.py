@@ -1,14 +1,19 @@
-"""The store interface. SQLite implements it now; PostgreSQL may later.
+"""The store interface: everything durable. SQLite implements it (store/sqlite.py).
 
-Writes that sit on the streaming path (`append_event`, `update_message`, …) are fire-and-forget:
-they are queued in order and applied by the store off the event loop. Reads are awaited and
-see every write queued before them.
+Writes that sit on the streaming path (`append_events`, `add_message`, `update_message`, …) are
+queued in order and applied off the event loop; each returns a `Written` awaitable that
+resolves once the write, and every write queued before it, is durable (it raises if the write
+failed). The sessions service delivers an event to clients only after its append resolved
+(write-ahead delivery), and awaits a session's last write before reading it back.
+
+Reads run apart from the writes (they never wait behind a batch of stream events) and see
+what is durable. Nothing above this interface knows about files, threads or SQL.
 """
 
 from __future__ import annotations
 
 import abc
-from collections.abc import Callable
+import asyncio
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -144,20 +149,38 @@ class MessageRecord:
 
 
 @dataclass(slots=True)
+class StreamingMessage:
+    """An assistant message still `streaming` in the store (its turn was cut off)."""
+
+    id: str
+    turn_id: str | None
+    content: str
+    start_seq: int | None  # the session's last seq when the message began (meta.startSeq)
+
+
+@dataclass(slots=True)
 class SessionLog:
-    """What a live session needs from its event log when it is loaded."""
+    """What a live session needs from its event log when it is loaded, as stored: a turn
+    still `running` or a message still `streaming` here was cut off by a crash, and is
+    repaired by the sessions service (sessions/repair.py) before the session is used."""
 
     last_seq: int
     first_seq: int  # oldest seq still held (last_seq + 1 when the log is empty)
     client_turns: dict[str, str]  # clientMessageId -> turnId
+    running_turns: list[str] = field(default_factory=list)
+    streaming: list[StreamingMessage] = field(default_factory=list)
+
+
+# An event as logged: (seq, turn id, the frame's JSON text).
+EventRow = tuple[int, str | None, str]
+
+
+# A queued write: awaiting it waits until it is durable (raises if it failed). A caller that
+# does not await it loses nothing: the store logs a failed write.
+Written = asyncio.Future[None]
 
 
 class Store(abc.ABC):
-    # Set by the session manager: called on the event loop with {session id: highest seq}
-    # when the events up to that seq are durable (committed). Frames go out only then, so a
-    # client never sees an event that a crash could take back.
-    on_events_durable: Callable[[dict[str, int]], None] | None = None
-
     @abc.abstractmethod
     async def open(self) -> None: ...
 
@@ -170,7 +193,7 @@ class Store(abc.ABC):
 
     # sessions (core database)
     @abc.abstractmethod
-    def create_session(self, record: SessionRecord) -> None:
+    def create_session(self, record: SessionRecord) -> Written:
         """Queued like the other writes: creating a session database costs a disk sync, and a
         new session's first turn must not wait for it."""
 
@@ -187,17 +210,19 @@ class Store(abc.ABC):
         owner_id: str | None = None,
         query: str | None = None,
         statuses: tuple[str, ...] | None = None,
+        order: str = "activity",
     ) -> tuple[list[SessionRecord], int]:
-        """Newest activity first; `owner_id` None means every owner's, `statuses` None every
-        status, `query` a substring of the name (case-insensitive)."""
+        """Newest activity first (`order` "started": newest started first); `owner_id` None
+        means every owner's, `statuses` None every status, `query` a substring of the name
+        (case-insensitive)."""
 
     @abc.abstractmethod
-    def update_session(self, session_id: str, **fields: Any) -> None: ...
+    def update_session(self, session_id: str, **fields: Any) -> Written: ...
 
     @abc.abstractmethod
     def add_turn_totals(
         self, session_id: str, tokens_in: int, tokens_out: int, cost_usd: float | None, at: str
-    ) -> None: ...
+    ) -> Written: ...
 
     @abc.abstractmethod
     async def delete_session(self, session_id: str) -> bool: ...
@@ -214,9 +239,16 @@ class Store(abc.ABC):
     async def save_agent(self, row: dict[str, Any], owner_id: str) -> None: ...
 
     @abc.abstractmethod
-    async def delete_agent(self, agent_id: str) -> bool: ...
+    async def delete_agent(self, agent_id: str, owner_id: str) -> bool:
+        """Agent ids are per user: (owner, id) names a created agent."""
 
     # users, login sessions, API tokens, preferences, uploads (core database)
+    async def data_version(self) -> int:
+        """A number that changes when another process (`prismd users|tokens|passwd`) has
+        changed the credentials; the server then checks its open sockets again. A store that
+        cannot tell answers a constant (changes are then noticed by the periodic check)."""
+        return 0
+
     @abc.abstractmethod
     async def count_users(self) -> int: ...
 
@@ -280,33 +312,49 @@ class Store(abc.ABC):
     async def open_log(self, session_id: str) -> SessionLog: ...
 
     @abc.abstractmethod
+    async def crashed_sessions(self) -> list[str]:
+        """Sessions with a turn still `running` in the store (cut off by a crash, when no
+        process runs it)."""
+
+    @abc.abstractmethod
     async def load_messages(
         self, session_id: str, with_file_data: bool = False
     ) -> list[MessageRecord]: ...
 
     @abc.abstractmethod
-    def add_message(self, session_id: str, message: MessageRecord) -> None: ...
+    def add_message(self, session_id: str, message: MessageRecord) -> Written: ...
 
     @abc.abstractmethod
-    def update_message(self, session_id: str, message_id: str, **fields: Any) -> None: ...
+    def update_message(self, session_id: str, message_id: str, **fields: Any) -> Written: ...
 
     @abc.abstractmethod
     def delete_messages(
         self, session_id: str, message_ids: list[str], forget_turns: list[str] | None = None
-    ) -> None:
+    ) -> Written:
         """Queued like the other writes (and so ordered with them). `forget_turns`: turns whose
         clientMessageId is released, so that a resend with the same id runs anew."""
 
     @abc.abstractmethod
-    def append_event(self, session_id: str, seq: int, turn_id: str | None, frame: str) -> None: ...
+    def append_events(self, session_id: str, events: list[EventRow]) -> Written:
+        """Log events (seq strictly increasing, after the session's last)."""
 
     @abc.abstractmethod
     async def read_events(
         self, session_id: str, after_seq: int, turn_id: str | None = None
-    ) -> list[tuple[int, str]]: ...
+    ) -> list[tuple[int, str]]:
+        """Durable events with seq > after_seq (of one turn if given), oldest first."""
 
     @abc.abstractmethod
-    def save_turn(self, session_id: str, turn_id: str, **fields: Any) -> None: ...
+    async def turn_start_seq(self, session_id: str, turn_id: str) -> int | None:
+        """The seq of a turn's first event (its `start`, or a voice turn's `transcribed`)."""
 
     @abc.abstractmethod
-    def prune_events(self, session_id: str, below_seq: int) -> None: ...
+    async def export_session(self, session_id: str, path: str) -> bool:
+        """Write one session as a standalone SQLite database in PROTOCOL.md A4's per-session
+        layout (`session_messages`, `session_events`, `turns`, `session_files`)."""
+
+    @abc.abstractmethod
+    def save_turn(self, session_id: str, turn_id: str, **fields: Any) -> Written: ...
+
+    @abc.abstractmethod
+    def prune_events(self, session_id: str, below_seq: int) -> Written: ...

@@ -31,6 +31,9 @@ class ToolSpec:
     parameters: dict[str, Any]  # JSON schema of the arguments, {"type": "object", ...}
     needs_approval: bool = False  # default policy; an agent's policy may override it
     source: str = "builtin"  # "builtin" or "mcp:<server>"
+    # Touches the host as prismd's own user (a host shell, an MCP server shared by everyone):
+    # in a server with users, only admins get it, unless the config grants it (tools/registry.py).
+    host_level: bool = False
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -39,6 +42,7 @@ class ToolSpec:
             "parameters": self.parameters,
             "needsApproval": self.needs_approval,
             "source": self.source,
+            "hostLevel": self.host_level,
         }
 
 
@@ -51,9 +55,10 @@ class ToolContext:
     settings: ToolsSettings
     extra: dict[str, Any] = field(default_factory=dict)
     owner_id: str = "local"  # the session's user ("local": the open mode's one user)
-    # False when the turn's user is not an admin of a server with users: `shell` then runs only
-    # in the sandbox, and `shell`/`code_exec` are refused where the sandbox cannot isolate
-    # such a caller (`isolation()["untrusted_ok"]`). True for admins and the open mode's owner.
+    # The turn's user is an admin (or the open mode's one local owner). An untrusted caller's
+    # processes must run in the sandbox (tools/builtins/sandbox.py): `shell` runs only there,
+    # and `shell`/`code_exec` are refused where it cannot isolate such a caller
+    # (`isolation()["untrusted_ok"]`).
     trusted: bool = True
 
     @property

@@ -74,6 +74,7 @@ class Shell(Tool):
             "additionalProperties": False,
         },
         needs_approval=True,
+        host_level=True,
     )
 
     def __init__(self) -> None:
