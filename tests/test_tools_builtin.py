@@ -58,6 +58,12 @@ def ctx(tmp_path: Path) -> ToolContext:
     )
 
 
+def force_fallback(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Run the sandboxed tools as on a machine without bubblewrap."""
+    probed = {**sandbox.probe(), "bwrap": None, "bwrap_error": "not installed (test)"}
+    monkeypatch.setattr(sandbox, "_probed", probed)
+
+
 def run(name: str, ctx: ToolContext, **args: Any) -> str:
     return asyncio.run(TOOLS[name].run(args, ctx))
 
@@ -185,6 +191,46 @@ def test_paths_outside_are_refused(ctx: ToolContext, path: str) -> None:
     ]:
         assert "path escapes the workspace" in refused(name, ctx, **args), name
     assert not (ctx.workspace.parent / "x.txt").exists()
+
+
+def test_errors_name_no_server_path_or_user_id(tmp_path: Path) -> None:
+    """A tool error shows paths relative to the workspace: never the data directory, nor the
+    owner's user id that is part of a user's workspace path (issue 11, item 9)."""
+    data = tmp_path / "data"
+    ws = data / "workspaces" / "@users" / "user_7f3a9c" / "assistant"
+    ws.mkdir(parents=True)
+    (ws / "f.txt").write_text("x")
+    ctx = ToolContext(
+        "s1", "assistant", ws.resolve(), data, ToolsSettings(), owner_id="user_7f3a9c"
+    )
+    near_max = "d/" * 1999  # under the path limit alone, over PATH_MAX under the workspace
+    cases = [
+        ("file_read", {"path": "a" * 5000}),
+        ("file_write", {"path": "a" * 5000, "content": "x"}),
+        ("file_edit", {"path": "a" * 5000, "old_string": "a", "new_string": "b"}),
+        ("file_list", {"path": "a" * 5000}),
+        ("file_search", {"pattern": "x", "path": "a" * 5000}),
+        ("file_read", {"path": "b" * 300}),
+        ("file_write", {"path": "dir/" + "b" * 300, "content": "x"}),
+        ("file_search", {"pattern": "x", "path": "b" * 300 + "/*.py"}),
+        ("file_read", {"path": near_max + "x"}),
+        ("file_write", {"path": near_max + "x", "content": "x"}),
+        ("file_list", {"path": near_max}),
+        ("file_write", {"path": "f.txt/inside", "content": "x"}),
+        ("file_read", {"path": "missing/x"}),
+        ("file_list", {"path": "f.txt"}),
+        ("file_edit", {"path": "f.txt", "old_string": "nope", "new_string": "b"}),
+        ("file_search", {"pattern": "(", "path": "."}),
+    ]
+    for name, args in cases:
+        with pytest.raises(ToolError) as info:  # a ToolError, never a raw OSError
+            asyncio.run(TOOLS[name].run(args, ctx))
+        msg = str(info.value)
+        assert "user_7f3a9c" not in msg and str(tmp_path) not in msg, (name, msg)
+        assert "/tmp/" not in msg and "workspaces" not in msg, (name, msg)
+        assert len(msg) < 600, (name, len(msg))  # the model's own long path is cut
+    msg = refused("file_read", ctx, path="a" * 5000)
+    assert msg == "path is too long: 5000 bytes (the limit is 4000)"
 
 
 def test_inner_dotdot_is_fine(ctx: ToolContext) -> None:
@@ -434,14 +480,25 @@ def test_code_exec_environment_and_directory(
         "'files': os.listdir('.')}))\n"
         "open('out.txt', 'w').write('x')\n"
     )
-    out = run("code_exec", ctx, code=code)
-    assert "should-not-leak" not in out
-    data = json.loads(out.splitlines()[-1])
-    assert set(data["env"]) <= {"PATH", "HOME", "LANG", "TERM", "TMPDIR", "LC_CTYPE"}
-    assert data["files"] == ["main.py"]
-    assert data["env"]["HOME"] == data["cwd"]
-    assert not os.path.exists(data["cwd"])  # deleted afterwards
-    assert not Path(data["cwd"]).is_relative_to(ctx.workspace)
+    allowed = {"PATH", "HOME", "LANG", "TERM", "TMPDIR", "LC_CTYPE", "WORKSPACE", "PWD"}
+    for mechanism in ("bubblewrap", "fallback"):
+        if mechanism == "fallback":
+            force_fallback(monkeypatch)
+            # Without bubblewrap, the marker of the server's leftovers is seen too.
+            allowed.add(sandbox.MARKER_ENV)
+        out = run("code_exec", ctx, code=code)
+        assert "should-not-leak" not in out
+        data = json.loads(out.splitlines()[-1])
+        assert set(data["env"]) <= allowed, mechanism
+        assert data["files"] == ["main.py"]  # out.txt of the run before is gone
+        assert data["env"]["HOME"] == data["cwd"] == data["env"]["TMPDIR"]
+        assert not Path(data["cwd"]).is_relative_to(ctx.workspace)
+        if mechanism == "fallback":
+            assert not os.path.exists(data["cwd"])  # the host directory is deleted afterwards
+        else:
+            assert data["cwd"] == "/tmp"  # the sandbox's own tmpfs, gone with it
+            assert data["env"]["WORKSPACE"] == "/workspace"
+    assert not (ctx.workspace / "out.txt").exists()
 
 
 def test_code_exec_time_limit(ctx: ToolContext) -> None:
@@ -543,9 +600,9 @@ def test_code_exec_has_no_network(ctx: ToolContext, tcp_server: int) -> None:
 def test_code_exec_each_mechanism_alone(
     ctx: ToolContext, tcp_server: int, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """The network namespace alone cuts the network; Landlock alone denies TCP; with neither,
-    the output says the network is not cut."""
-    real = sandbox.probe()
+    """Without bubblewrap (the fallback): the network namespace alone cuts the network;
+    Landlock alone denies TCP; with neither, the output says the network is not cut."""
+    real = {**sandbox.probe(), "bwrap": None, "bwrap_error": "not installed (test)"}
     code = CONNECT.format(port=tcp_server)
     if real["netns_flags"]:
         monkeypatch.setattr(sandbox, "_probed", {**real, "landlock": False})
@@ -572,7 +629,12 @@ def test_code_exec_network_when_configured(ctx: ToolContext, tcp_server: int) ->
     assert "CONNECTED b'hi'" in out
 
 
-def test_code_exec_landlock_confines_files(ctx: ToolContext, tmp_path: Path) -> None:
+def test_code_exec_landlock_confines_files(
+    ctx: ToolContext, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The fallback without bubblewrap: Landlock confines reads and writes (the bubblewrap
+    sandbox's mount namespace is tested by tests/test_sandbox.py)."""
+    force_fallback(monkeypatch)
     if not isolation()["landlock"]:
         pytest.skip("no Landlock on this machine")
     (ctx.workspace / "data.csv").write_text("a,b\n1,2\n")

@@ -111,6 +111,11 @@ class ShellSettings(_Section):
     max_output_bytes: Annotated[int, Field(ge=1024)] = 256 * 1024
     memory_mb: Annotated[int, Field(ge=64)] = 2048
     max_processes: Annotated[int, Field(ge=8)] = 256
+    # Who runs in the sandbox (tools/builtins/sandbox.py): "untrusted" callers only (non-admin
+    # users of a server with users; trusted callers get the host shell in the workspace), or
+    # "always". In the sandbox the network is cut unless `network`.
+    sandbox: Literal["untrusted", "always"] = "untrusted"
+    network: bool = False
 
 
 class CodeExecSettings(_Section):
@@ -118,8 +123,8 @@ class CodeExecSettings(_Section):
     cpu_s: Annotated[int, Field(ge=1)] = 30
     memory_mb: Annotated[int, Field(ge=64)] = 512
     max_output_bytes: Annotated[int, Field(ge=1024)] = 256 * 1024
-    # Cut the process off the network where the machine allows it (an unshared network
-    # namespace); see the README for what isolation is in force.
+    # Let the process reach the network (it is cut by default: an empty network namespace);
+    # see the README for what isolation is in force.
     network: bool = False
 
 

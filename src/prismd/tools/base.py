@@ -56,7 +56,9 @@ class ToolContext:
     extra: dict[str, Any] = field(default_factory=dict)
     owner_id: str = "local"  # the session's user ("local": the open mode's one user)
     # The turn's user is an admin (or the open mode's one local owner). An untrusted caller's
-    # processes must run in the sandbox (tools/builtins/sandbox.py).
+    # processes must run in the sandbox (tools/builtins/sandbox.py): `shell` runs only there,
+    # and `shell`/`code_exec` are refused where it cannot isolate such a caller
+    # (`isolation()["untrusted_ok"]`).
     trusted: bool = True
 
     @property
