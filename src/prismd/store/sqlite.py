@@ -26,7 +26,7 @@ import queue
 import sqlite3
 import threading
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, TypeVar
@@ -40,8 +40,10 @@ from .base import (
     SessionLog,
     SessionRecord,
     Store,
+    StoreUnavailable,
     StreamingMessage,
     TokenRecord,
+    TouchLimiter,
     UploadRecord,
     UserRecord,
     Written,
@@ -263,7 +265,7 @@ class SqliteStore(Store):
         self._readers: ThreadPoolExecutor | None = None
         self._local = threading.local()
         self._reader_conns: list[sqlite3.Connection] = []
-        self._token_touched: dict[str, float] = {}
+        self._token_touched = TouchLimiter(TOKEN_TOUCH_S)
 
     # ------------------------------------------------------------ machinery
 
@@ -325,7 +327,7 @@ class SqliteStore(Store):
                         value = None
                 except Exception as exc:  # noqa: BLE001 - reported to the caller and logged
                     log.exception("store write failed")
-                    results.append((fut, None, exc))
+                    results.append((fut, None, _unavailable(exc)))
                 else:
                     results.append((fut, value, None))
             if self._db is not None and self._db.in_transaction:
@@ -334,7 +336,8 @@ class SqliteStore(Store):
                 except sqlite3.Error as exc:
                     log.exception("store commit failed")
                     # Nothing of this batch is durable: every write of it failed.
-                    results = [(f, None, exc) for f, _, _ in results]
+                    failed = _unavailable(exc)
+                    results = [(f, None, failed) for f, _, _ in results]
                     try:
                         self._db.rollback()
                     except sqlite3.Error:
@@ -362,7 +365,10 @@ class SqliteStore(Store):
     async def _read(self, fn: Callable[[sqlite3.Connection], T]) -> T:
         assert self._readers is not None, "store is not open"
         loop = asyncio.get_running_loop()
-        return await loop.run_in_executor(self._readers, self._on_reader, fn)
+        try:
+            return await loop.run_in_executor(self._readers, self._on_reader, fn)
+        except sqlite3.Error as exc:
+            raise _unavailable(exc) from exc
 
     def _on_reader(self, fn: Callable[[sqlite3.Connection], T]) -> T:
         conn = getattr(self._local, "conn", None)
@@ -647,11 +653,7 @@ class SqliteStore(Store):
             return None
         token_id, user = found
         # Recording the last use is not worth a write per request.
-        touched = time.monotonic()
-        if touched - self._token_touched.get(token_id, -TOKEN_TOUCH_S) >= TOKEN_TOUCH_S:
-            self._token_touched[token_id] = touched
-            if len(self._token_touched) > 10_000:
-                self._token_touched.clear()
+        if self._token_touched.due(token_id):
             self._submit(
                 lambda: self._w().execute(
                     "UPDATE api_tokens SET last_used_at=? WHERE id=?", (now, token_id)
@@ -906,28 +908,13 @@ class SqliteStore(Store):
         def op(db: sqlite3.Connection) -> bool:
             if db.execute("SELECT 1 FROM sessions WHERE id=?", (session_id,)).fetchone() is None:
                 return False
-            tmp = f"{path}.tmp"
-            for suffix in ("", "-wal", "-shm"):
-                Path(f"{tmp}{suffix}").unlink(missing_ok=True)
-            out = sqlite3.connect(tmp)
-            try:
-                out.executescript(LEGACY_SESSION_SCHEMA)
-                for table, columns, order in (
-                    ("session_messages", _MESSAGE_COLUMNS, "rowid"),
-                    ("session_files", _FILE_COLUMNS, "rowid"),
-                    ("session_events", "seq, turn_id, frame", "seq"),
-                    ("turns", _TURN_COLUMNS, "rowid"),
-                ):
-                    rows = db.execute(
-                        f"SELECT {columns} FROM {table} WHERE session_id=? ORDER BY {order}",
-                        (session_id,),
-                    )
-                    marks = ",".join("?" * len(columns.split(",")))
-                    out.executemany(f"INSERT INTO {table} ({columns}) VALUES ({marks})", rows)
-                out.commit()
-            finally:
-                out.close()
-            os.replace(tmp, path)
+            write_session_file(
+                path,
+                lambda table, columns, order: db.execute(
+                    f"SELECT {columns} FROM {table} WHERE session_id=? ORDER BY {order}",
+                    (session_id,),
+                ),
+            )
             return True
 
         return await self._read(op)
@@ -995,6 +982,36 @@ class SqliteStore(Store):
                     src.replace(done / src.name)
 
 
+# A session's tables in a standalone export: (table, columns, the order of its rows here).
+EXPORT_TABLES = (
+    ("session_messages", _MESSAGE_COLUMNS, "rowid"),
+    ("session_files", _FILE_COLUMNS, "rowid"),
+    ("session_events", "seq, turn_id, frame", "seq"),
+    ("turns", _TURN_COLUMNS, "rowid"),
+)
+
+
+def write_session_file(path: str, rows: Callable[[str, str, str], Iterable[Sequence[Any]]]) -> None:
+    """Write one session as a standalone SQLite database in the per-session layout
+    (LEGACY_SESSION_SCHEMA), under a temporary name renamed into place. `rows(table, columns,
+    order)` gives each table of EXPORT_TABLES's rows, in that order."""
+    tmp = f"{path}.tmp"
+    for suffix in ("", "-wal", "-shm"):
+        Path(f"{tmp}{suffix}").unlink(missing_ok=True)
+    out = sqlite3.connect(tmp)
+    try:
+        out.executescript(LEGACY_SESSION_SCHEMA)
+        for table, columns, order in EXPORT_TABLES:
+            marks = ",".join("?" * len(columns.split(",")))
+            out.executemany(
+                f"INSERT INTO {table} ({columns}) VALUES ({marks})", rows(table, columns, order)
+            )
+        out.commit()
+    finally:
+        out.close()
+    os.replace(tmp, path)
+
+
 def _messages(db: sqlite3.Connection, session_id: str, with_data: bool) -> list[MessageRecord]:
     rows = db.execute(
         f"SELECT {_MESSAGE_COLUMNS} FROM session_messages WHERE session_id=? ORDER BY rowid",
@@ -1055,6 +1072,29 @@ def _check_fields(fields: dict[str, Any], allowed: set[str]) -> None:
     unknown = set(fields) - allowed
     if unknown:
         raise ValueError(f"unknown columns: {sorted(unknown)}")
+
+
+# SQLite's primary result codes that mean the database cannot be used now (not a bad write).
+_UNAVAILABLE_CODES = {
+    sqlite3.SQLITE_BUSY,
+    sqlite3.SQLITE_LOCKED,
+    sqlite3.SQLITE_NOMEM,
+    sqlite3.SQLITE_READONLY,
+    sqlite3.SQLITE_IOERR,
+    sqlite3.SQLITE_FULL,
+    sqlite3.SQLITE_CANTOPEN,
+}
+
+
+def _unavailable(exc: BaseException) -> BaseException:
+    """`StoreUnavailable` for a database that cannot be used (disk full, I/O error, locked),
+    with the SQLite error as its cause; any other error as it is."""
+    code = getattr(exc, "sqlite_errorcode", None)
+    if code is None or code & 0xFF not in _UNAVAILABLE_CODES:
+        return exc
+    failed = StoreUnavailable(f"the SQLite database cannot be used: {exc}")
+    failed.__cause__ = exc
+    return failed
 
 
 def _resolve_all(results: Iterable[tuple[asyncio.Future[Any], Any, BaseException | None]]) -> None:
