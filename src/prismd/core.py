@@ -18,8 +18,8 @@ from .providers.registry import ProviderRegistry
 from .server.metrics import Metrics
 from .sessions.bus import LocalBus
 from .sessions.service import SessionService
+from .store import make_store
 from .store.base import LOCAL_USER_ID
-from .store.sqlite import SqliteStore
 from .tools.builtins import builtin_tools
 from .tools.registry import ToolRegistry
 
@@ -34,7 +34,7 @@ class Prismd:
 
     def __init__(self, settings: Settings, probe_ollama: bool = True) -> None:
         self.settings = settings
-        self.store = SqliteStore(settings.data_dir)
+        self.store = make_store(settings)
         self.bus = LocalBus()
         self.sessions = SessionService(
             self.store, self.bus, max_events=settings.server.max_events_per_session
