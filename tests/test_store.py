@@ -109,6 +109,17 @@ def test_writes_resolve_in_queue_order_and_a_bad_one_fails_alone(new_store):
         assert [seq for seq, _ in await store.read_events("s1", 1, "t1")] == [2, 3, 4]
         record = await store.get_session("s1")
         assert record is not None and record.name == "renamed"
+
+        # The same with appends alone (a batch the PostgreSQL store writes without BEGIN).
+        appends = [
+            store.append_events("s1", [(5, "t1", "5")]),
+            store.append_events("s1", [(6, "t1", "6"), (4, "t1", "taken")]),
+            store.append_events("s1", [(7, "t1", "7")]),
+        ]
+        outcomes = await asyncio.gather(*appends, return_exceptions=True)
+        assert outcomes[0] is None and outcomes[2] is None
+        assert isinstance(outcomes[1], Exception)
+        assert [seq for seq, _ in await store.read_events("s1", 4)] == [5, 7]  # not 6 either
         await store.close()
 
     run(main())

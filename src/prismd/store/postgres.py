@@ -450,13 +450,15 @@ class PostgresStore(Store):
             except (TimeoutError, *_CLOSE_ERRORS):
                 conn.terminate()
 
-    async def _begin(self) -> tuple[Conn, Any]:
-        """The writer's connection in a new transaction; StoreUnavailable if there is none.
-        A connection the server closed since the last batch (it restarted) is replaced once:
-        nothing was applied on it yet."""
+    async def _begin(self, transaction: bool) -> tuple[Conn, Any]:
+        """The writer's connection (in a new transaction if asked); StoreUnavailable if there
+        is none. A connection the server closed since the last batch (it restarted) is
+        replaced once: nothing was applied on it yet."""
         for attempt in (1, 2):
             try:
                 conn = await self._writer_conn()
+                if not transaction:
+                    return conn, None
                 tr = conn.transaction()
                 await tr.start()
                 return conn, tr
@@ -472,8 +474,11 @@ class PostgresStore(Store):
 
     async def _apply(self, writes: list[tuple[Any, Written, bool]]) -> None:
         results: list[tuple[Any, BaseException | None]]
+        # A batch of event appends alone is one `executemany`, atomic by itself: it needs no
+        # BEGIN and COMMIT round trips (the streaming hot path).
+        events_only = all(isinstance(op, list) for op, _, _ in writes)
         try:
-            conn, tr = await self._begin()
+            conn, tr = await self._begin(transaction=not events_only)
         except StoreUnavailable as exc:
             _resolve(writes, [(None, exc)] * len(writes))
             return
@@ -486,7 +491,8 @@ class PostgresStore(Store):
                 return
             log.warning("a store write failed (%s); running the batch's writes one by one", exc)
             try:
-                await tr.rollback()
+                if tr is not None:
+                    await tr.rollback()
             except Exception as rollback_exc:  # noqa: BLE001 - the connection is gone
                 await self._drop_writer_conn()
                 _resolve(writes, [(None, self._failure(rollback_exc))] * len(writes))
@@ -494,7 +500,8 @@ class PostgresStore(Store):
             results = await self._one_by_one(conn, writes)
         else:
             try:
-                await tr.commit()
+                if tr is not None:
+                    await tr.commit()
             except Exception as exc:
                 # Nothing of this batch is known to be durable: every write of it failed.
                 log.error("store commit failed: %s", exc)

@@ -237,6 +237,8 @@ _TURN_FIELDS = {
     "start_seq",
 }
 MAX_BATCH = 4096
+# A write's outcome: (its future, its value, its error).
+_Result = tuple[asyncio.Future[Any], Any, BaseException | None]
 READERS = 2
 # A token's last use is written at most this often (every request used to write it).
 TOKEN_TOUCH_S = 60.0
@@ -311,44 +313,57 @@ class SqliteStore(Store):
                     batch.append(self._queue.get_nowait())
                 except queue.Empty:
                     break
-            results: list[tuple[asyncio.Future[Any], Any, BaseException | None]] = []
-            stop = False
-            for item in batch:
-                if item is _STOP:
-                    stop = True
-                    continue
-                fn, fut = item
-                try:
-                    value = fn()
-                    if isinstance(value, sqlite3.Cursor):
-                        # A cursor must never reach the event loop's thread: finalised there
-                        # while this thread uses the connection, it breaks both (SQLITE_MISUSE).
-                        value.close()
-                        value = None
-                except Exception as exc:  # noqa: BLE001 - reported to the caller and logged
-                    log.exception("store write failed")
-                    results.append((fut, None, _unavailable(exc)))
-                else:
-                    results.append((fut, value, None))
-            if self._db is not None and self._db.in_transaction:
-                try:
-                    self._db.commit()
-                except sqlite3.Error as exc:
-                    log.exception("store commit failed")
-                    # Nothing of this batch is durable: every write of it failed.
-                    failed = _unavailable(exc)
-                    results = [(f, None, failed) for f, _, _ in results]
-                    try:
-                        self._db.rollback()
-                    except sqlite3.Error:
-                        pass
+            results = self._apply([item for item in batch if item is not _STOP])
             if results and self._loop is not None:
                 self._loop.call_soon_threadsafe(_resolve_all, results)
-            if stop:
+            if _STOP in batch:
                 if self._db is not None:
                     self._db.close()
                     self._db = None
                 return
+
+    def _apply(self, writes: list[tuple[Callable[[], Any], Written]]) -> list[_Result]:
+        """Run a batch's writes in one transaction and commit it. A write that fails fails
+        alone, and nothing of it is kept: the batch is rolled back and its writes run again
+        one by one, each committed on its own. If the commit fails, every write fails."""
+        results: list[_Result] = []
+        for fn, fut in writes:
+            try:
+                value = _run_write(fn)
+            except Exception as exc:  # noqa: BLE001 - the batch is run again one by one
+                log.warning("a store write failed (%s); running the batch's writes one by one", exc)
+                self._rollback()
+                return [self._alone(fn, fut) for fn, fut in writes]
+            results.append((fut, value, None))
+        return self._commit(results)
+
+    def _alone(self, fn: Callable[[], Any], fut: Written) -> _Result:
+        try:
+            value = _run_write(fn)
+        except Exception as exc:  # noqa: BLE001 - reported to the caller and logged
+            log.exception("store write failed")
+            self._rollback()
+            return (fut, None, _unavailable(exc))
+        return self._commit([(fut, value, None)])[0]
+
+    def _commit(self, results: list[_Result]) -> list[_Result]:
+        if self._db is not None and self._db.in_transaction:
+            try:
+                self._db.commit()
+            except sqlite3.Error as exc:
+                log.exception("store commit failed")
+                # Nothing of this batch is durable: every write of it failed.
+                failed = _unavailable(exc)
+                self._rollback()
+                return [(f, None, failed) for f, _, _ in results]
+        return results
+
+    def _rollback(self) -> None:
+        if self._db is not None and self._db.in_transaction:
+            try:
+                self._db.rollback()
+            except sqlite3.Error:
+                log.exception("store rollback failed")
 
     def _submit(self, fn: Callable[[], Any]) -> Written:
         """Queue a write; the future resolves once it is committed."""
@@ -1097,7 +1112,17 @@ def _unavailable(exc: BaseException) -> BaseException:
     return failed
 
 
-def _resolve_all(results: Iterable[tuple[asyncio.Future[Any], Any, BaseException | None]]) -> None:
+def _run_write(fn: Callable[[], Any]) -> Any:
+    value = fn()
+    if isinstance(value, sqlite3.Cursor):
+        # A cursor must never reach the event loop's thread: finalised there while the writer
+        # thread uses the connection, it breaks both (SQLITE_MISUSE).
+        value.close()
+        value = None
+    return value
+
+
+def _resolve_all(results: Iterable[_Result]) -> None:
     for fut, value, exc in results:
         if fut.done():  # cancelled by an awaiting caller
             continue
