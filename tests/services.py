@@ -18,6 +18,7 @@ import os
 import shutil
 import socket
 import subprocess
+import sys
 import tempfile
 import uuid
 from collections.abc import Callable, Iterator
@@ -46,13 +47,18 @@ class PostgresCluster:
 
     def __init__(self, bin_dir: Path) -> None:
         self.bin_dir = bin_dir
-        self.root = Path(tempfile.mkdtemp(prefix="prismd-pg-"))
+        self._as_postgres = os.geteuid() == 0
+        # As root, in /tmp: the `postgres` user must reach it (a root-only TMPDIR would not
+        # do), and the socket path must stay short.
+        self.root = Path(
+            tempfile.mkdtemp(prefix="prismd-pg-", dir="/tmp" if self._as_postgres else None)
+        )
         self.data = self.root / "data"
         self.log = self.root / "server.log"
         self.port = _free_port()
-        self._as_postgres = os.geteuid() == 0
         if self._as_postgres:
             shutil.chown(self.root, "postgres", "postgres")
+        self._watchdog: subprocess.Popen[bytes] | None = None
 
     def _run(self, tool: str, *args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
         cmd = [str(self.bin_dir / tool), *args]
@@ -110,6 +116,28 @@ class PostgresCluster:
         if self.data.exists():
             self.stop("immediate")
         shutil.rmtree(self.root, ignore_errors=True)
+        if self._watchdog is not None:
+            self._watchdog.kill()
+            self._watchdog.wait()
+
+    def watch(self) -> None:
+        """If this test process dies without cleaning up (SIGKILL), a watchdog stops the
+        cluster and removes its directory: no test run leaves a server behind."""
+        stop = [str(self.bin_dir / "pg_ctl"), "-D", str(self.data), "-m", "immediate", "stop"]
+        if self._as_postgres:
+            stop = ["runuser", "-u", "postgres", "--", *stop]
+        script = (
+            "import os, shutil, subprocess, sys, time\n"
+            "while os.getppid() == int(sys.argv[1]):\n"
+            "    time.sleep(1)\n"
+            "subprocess.run(sys.argv[3:], capture_output=True)\n"
+            "shutil.rmtree(sys.argv[2], ignore_errors=True)\n"
+        )
+        self._watchdog = subprocess.Popen(
+            [sys.executable, "-c", script, str(os.getpid()), str(self.root), *stop],
+            stdin=subprocess.DEVNULL,
+            start_new_session=True,  # not in the test's process group: it outlives a kill
+        )
 
 
 @pytest.fixture(scope="session")
@@ -119,6 +147,7 @@ def postgres() -> Iterator[PostgresCluster]:
         pytest.fail("PostgreSQL is not installed (Debian's `postgresql`): run `make install`")
     cluster = PostgresCluster(bin_dir)
     try:
+        cluster.watch()
         cluster.init()
         cluster.start()
         yield cluster

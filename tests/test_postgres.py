@@ -423,6 +423,9 @@ def test_db_import_moves_an_embedded_install_once(tmp_path, make_pg_database):
         await store.close()
 
     run(check())
+    listed = prismd("sessions", "list", "--json", env=env)  # the CLI's store follows the URL
+    assert listed.returncode == 0, listed.stderr
+    assert sorted(s["id"] for s in json.loads(listed.stdout)) == ["new", "old"]
     again = prismd("db", "import", "--from-sqlite", str(data), env=env)
     assert again.returncode == 0, again.stderr
     assert {k: v for k, v in _counts(again.stdout).items() if v} == {"events": 1}

@@ -445,3 +445,26 @@ def test_legacy_session_files_are_imported_once(tmp_path):
     run(main())
     assert not (sessions / "old.db").exists() and (sessions / "imported" / "old.db").exists()
     run(main())  # a second start imports nothing twice
+
+
+def test_a_locked_sqlite_database_fails_writes_as_unavailable(tmp_path):
+    """Another process holding the database's write lock past the busy timeout: the write
+    fails with StoreUnavailable (not a hang), the next one after the lock is gone works."""
+
+    async def main() -> None:
+        store = SqliteStore(tmp_path)
+        await store.open()
+        await store.create_session(SessionRecord("s1", "a", started_at="t"))
+        other = sqlite3.connect(tmp_path / "prismd.db", isolation_level=None)
+        other.execute("BEGIN EXCLUSIVE")
+        try:
+            with pytest.raises(StoreUnavailable, match="locked"):
+                await asyncio.wait_for(store.append_events("s1", [(1, None, "a")]), 60)
+        finally:
+            other.execute("ROLLBACK")
+            other.close()
+        await store.append_events("s1", [(1, None, "b")])
+        assert await store.read_events("s1", 0) == [(1, "b")]
+        await store.close()
+
+    run(main())

@@ -325,14 +325,19 @@ class SqliteStore(Store):
     def _apply(self, writes: list[tuple[Callable[[], Any], Written]]) -> list[_Result]:
         """Run a batch's writes in one transaction and commit it. A write that fails fails
         alone, and nothing of it is kept: the batch is rolled back and its writes run again
-        one by one, each committed on its own. If the commit fails, every write fails."""
+        one by one, each committed on its own. If the database cannot be used (locked, disk
+        full) or the commit fails, every write of the batch fails."""
         results: list[_Result] = []
         for fn, fut in writes:
             try:
                 value = _run_write(fn)
-            except Exception as exc:  # noqa: BLE001 - the batch is run again one by one
-                log.warning("a store write failed (%s); running the batch's writes one by one", exc)
+            except Exception as exc:  # noqa: BLE001 - reported to the callers and logged
                 self._rollback()
+                failed = _unavailable(exc)
+                if isinstance(failed, StoreUnavailable):  # the others would fail the same way
+                    log.error("store write failed: %s", failed)
+                    return [(f, None, failed) for _, f in writes]
+                log.warning("a store write failed (%s); running the batch's writes one by one", exc)
                 return [self._alone(fn, fut) for fn, fut in writes]
             results.append((fut, value, None))
         return self._commit(results)
