@@ -333,7 +333,7 @@ def test_a_server_that_never_answers_fails_open_and_migrate_fast(tmp_path):
         config = tmp_path / "config.toml"
         config.write_text(f'[store]\nurl = "{url}"\ntimeout_s = 1\n')
         done = prismd("--config", str(config), "db", "migrate", env={"PRISMD_HOME": str(tmp_path)})
-        assert done.returncode == 1 and "unreachable" in done.stderr
+        assert done.returncode == 1 and "cannot connect: no answer within 1 s" in done.stderr
         assert "secret" not in done.stderr and "Traceback" not in done.stderr
     finally:
         stop.set()
@@ -341,6 +341,11 @@ def test_a_server_that_never_answers_fails_open_and_migrate_fast(tmp_path):
         for conn in accepted:
             conn.close()
         listener.close()
+
+
+def test_a_database_that_does_not_exist_is_reported(postgres):
+    with pytest.raises(StoreUnavailable, match='database "nope" does not exist'):
+        run(within(PostgresStore(postgres.url("nope"), timeout_s=2).open()))
 
 
 # ---------------------------------------------------------------- prismd db import

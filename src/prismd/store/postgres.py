@@ -248,8 +248,8 @@ _STOP = object()
 
 
 def _unavailable(exc: BaseException) -> bool:
-    """The server is unreachable, restarting, out of resources, or the connection broke
-    (rather than a bad statement or a constraint)."""
+    """The server is unreachable, restarting, out of resources, refuses us, or the connection
+    broke (rather than a bad statement or a constraint)."""
     return isinstance(
         exc,
         OSError
@@ -257,7 +257,10 @@ def _unavailable(exc: BaseException) -> bool:
         | asyncpg.PostgresConnectionError
         | asyncpg.InterfaceError
         | asyncpg.exceptions.OperatorInterventionError
-        | asyncpg.exceptions.InsufficientResourcesError,
+        | asyncpg.exceptions.InsufficientResourcesError
+        # Refused: a wrong password, a database that does not exist (yet).
+        | asyncpg.exceptions.InvalidAuthorizationSpecificationError
+        | asyncpg.exceptions.InvalidCatalogNameError,
     )
 
 
@@ -280,8 +283,9 @@ async def connect(url: str, timeout_s: float, command_timeout: float | None) -> 
         return await asyncpg.connect(url, timeout=timeout_s, command_timeout=command_timeout)
     except Exception as exc:
         if _unavailable(exc):
+            reason = f"no answer within {timeout_s:g} s" if isinstance(exc, TimeoutError) else exc
             raise StoreUnavailable(
-                f"PostgreSQL at {describe_url(url)} is unreachable: {exc or type(exc).__name__}"
+                f"PostgreSQL at {describe_url(url)}: cannot connect: {reason}"
             ) from exc
         raise
 
@@ -378,9 +382,8 @@ class PostgresStore(Store):
         return await self._submit(op, keep=True)
 
     def _failure(self, exc: BaseException) -> StoreUnavailable:
-        failure = StoreUnavailable(
-            f"PostgreSQL at {self.where} is unavailable: {exc or type(exc).__name__}"
-        )
+        reason = f"no answer within {self.timeout_s:g} s" if isinstance(exc, TimeoutError) else exc
+        failure = StoreUnavailable(f"PostgreSQL at {self.where} is unavailable: {reason}")
         failure.__cause__ = exc
         return failure
 
