@@ -826,10 +826,10 @@ def stalled(queue_server: PrismdServer) -> Iterator[dict[str, Any]]:
         except (ConnectionClosed, TimeoutError) as exc:
             seen["other"] = (exc, time.monotonic() - t0)
     # Proof that the two ran at the same time: the flood was still streaming.
-    seen["flood_running"] = srv.get(f"/api/sessions/{sid}").json()["turnRunning"]
+    seen["flood_running"] = srv.get(f"/api/sessions/{sid}").json()["turn_running"]
 
     def turn_over() -> bool:
-        return srv.get(f"/api/sessions/{sid}").json()["turnRunning"] is False
+        return srv.get(f"/api/sessions/{sid}").json()["turn_running"] is False
 
     seen["turn_done"] = wait_for(turn_over, 60, 0.2)
     seen["turn_s"] = time.monotonic() - started
@@ -851,10 +851,10 @@ def test_stalled_client_does_not_stop_the_turn(stalled, queue_server):
     assert stalled["turn_s"] < 20, f"the turn took {stalled['turn_s']:.1f} s"
     assert "Traceback" not in stalled["log"], stalled["log"][-3000:]
     body = queue_server.get(f"/api/sessions/{stalled['sid']}/messages").json()
-    answers = [m for m in body["messages"] if m["role"] == "assistant"]
+    answers = [m for m in body if m["role"] == "assistant"]
     assert len(answers) == 1 and answers[0]["status"] == "complete"
     assert answers[0]["content"] == FLOOD_TEXT
-    user = [m for m in body["messages"] if m["role"] == "user"]
+    user = [m for m in body if m["role"] == "user"]
     assert [m["content"] for m in user] == ["flood the stalled client"]
     assert alive(queue_server)
 
@@ -878,7 +878,7 @@ def test_stalled_client_is_dropped(stalled):
 
 def test_resume_of_the_tail_after_the_stall(stalled, queue_server):
     sid = stalled["sid"]
-    last = queue_server.get(f"/api/sessions/{sid}").json()["lastSeq"]
+    last = queue_server.get(f"/api/sessions/{sid}").json()["last_seq"]
     with queue_server.client() as c:
         c.send(type="resume", sessionId=sid, lastSeq=last - 100)
         session = c.recv()
@@ -891,7 +891,7 @@ def test_resume_of_the_tail_after_the_stall(stalled, queue_server):
 
 def test_resume_from_zero_replays_the_whole_stalled_turn(stalled, queue_server):
     sid = stalled["sid"]
-    last = queue_server.get(f"/api/sessions/{sid}").json()["lastSeq"]
+    last = queue_server.get(f"/api/sessions/{sid}").json()["last_seq"]
     with queue_server.client() as c:
         c.send(type="resume", sessionId=sid, lastSeq=0)
         assert c.recv()["type"] == "session"
@@ -1051,5 +1051,5 @@ def test_pings_and_chats_back_to_back_on_one_connection(churn_server, churn_fake
     assert len(frames) == 200 + 49 + 1 + len(turn)
     # Exactly one turn reached the model and one answer was stored.
     body = srv.get("/api/sessions/one_conn_flood/messages").json()
-    assert [m["content"] for m in body["messages"] if m["role"] == "user"] == ["flood chat 0"]
+    assert [m["content"] for m in body if m["role"] == "user"] == ["flood chat 0"]
     assert health(srv)["runningTurns"] == 0

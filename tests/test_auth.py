@@ -91,7 +91,10 @@ def users_server(tmp_path_factory, fake_openai):
     for name in ("alice", "bob", "carol"):
         add_user(home, name)
     tokens = {name: make_token(home, name) for name in ("bob", "carol")}
-    config = '[auth]\nallowed_origins = ["https://chat.example.org"]\n'
+    config = (
+        '[server]\ntrusted_proxies = ["127.0.0.1"]\n'  # as behind a proxy on loopback
+        '[auth]\nallowed_origins = ["https://chat.example.org"]\n'
+    )
     srv = PrismdServer(home, openai_env(fake_openai), config).start()
     srv.tokens = tokens  # type: ignore[attr-defined]
     yield srv
@@ -163,7 +166,7 @@ def test_serve_refuses_a_public_address_without_a_password(tmp_path, fake_openai
         deadline = time.monotonic() + 30
         while time.monotonic() < deadline:
             try:
-                if srv.get("/api/health").json() == {"status": "ok"}:
+                if srv.get("/api/health").json()["status"] == "ok":
                     break
             except httpx.HTTPError:
                 time.sleep(0.1)
@@ -224,29 +227,41 @@ def test_serve_insecure_starts_without_a_password(tmp_path):
 def test_open_on_loopback_until_a_user_exists(make_server, fake_openai):
     srv = make_server(openai_env(fake_openai))
     status = srv.get("/api/auth/status").json()
+    local = {"id": "local", "username": "local", "isInstanceAdmin": True}
     assert status == {
+        "authenticated": True,
+        "user": {**local, "name": "local", "admin": True},
+        "hasPassword": False,
+        "requireAuth": False,
         "authRequired": False,
-        "user": {"id": "local", "name": "local", "admin": True},
     }
+    assert srv.get("/api/auth/check").json() == {"authenticated": True, "user": status["user"]}
     assert srv.get("/api/sessions").status_code == 200
     with srv.client() as c:
         local_sid = c.turn(message="made while open")[0]["sessionId"]
-    assert srv.get(f"/api/sessions/{local_sid}").json()["ownerId"] == "local"
+    assert srv.get(f"/api/sessions/{local_sid}").json()["owner_id"] == "local"
     # A user added while the server runs closes it (no restart needed).
     add_user(srv.home, "alice")
     deadline = time.monotonic() + 5
     while srv.get("/api/sessions").status_code != 401:
         assert time.monotonic() < deadline
         time.sleep(0.2)
-    assert srv.get("/api/auth/status").json() == {"authRequired": True, "user": None}
-    assert srv.get("/api/health").json() == {"status": "ok"}
+    assert srv.get("/api/auth/status").json() == {
+        "authenticated": False,
+        "hasPassword": True,
+        "requireAuth": True,
+        "authRequired": True,
+    }
+    assert srv.get("/api/auth/check").json() == {"authenticated": False}
+    health = srv.get("/api/health").json()
+    assert set(health) == {"status", "ts"} and health["status"] == "ok"
     # A token created while it runs works at once; revoked, it stops working at once.
     token = make_token(srv.home, "alice")
     add_user(srv.home, "bob")
     # What was made while open belongs to the local owner: the admin sees it, others do not.
     with bearer(srv.url, make_token(srv.home, "bob")) as c:
         assert c.get(f"/api/sessions/{local_sid}").status_code == 404
-        assert c.get("/api/sessions").json()["sessions"] == []
+        assert c.get("/api/sessions").json() == []
     with bearer(srv.url, token) as c:
         assert c.get("/api/sessions").status_code == 200
         assert c.get(f"/api/sessions/{local_sid}").status_code == 200
@@ -330,7 +345,16 @@ def test_login_cookie_me_logout(users_server):
         f"{srv.url}/api/auth/login", json={"username": "bob", "password": PASSWORDS["bob"]}
     )
     assert resp.status_code == 200
-    assert resp.json() == {"user": {"id": resp.json()["user"]["id"], "name": "bob", "admin": False}}
+    bob = {"username": "bob", "isInstanceAdmin": False, "name": "bob", "admin": False}
+    body = resp.json()
+    assert body == {
+        "success": True,
+        "sessionId": body["sessionId"],
+        "user": {**bob, "id": body["user"]["id"]},
+    }
+    # The login session's id, not its cookie (which stays HttpOnly).
+    assert re.fullmatch(r"[0-9a-f]{32}", body["sessionId"])
+    assert body["sessionId"] not in resp.headers["set-cookie"]
     cookie = resp.headers["set-cookie"]
     assert cookie.startswith("prismd_session=")
     attrs = {a.strip().split("=")[0].lower() for a in cookie.split(";")}
@@ -340,8 +364,10 @@ def test_login_cookie_me_logout(users_server):
     with httpx.Client(base_url=srv.url, cookies={"prismd_session": value}) as c:
         assert c.get("/api/auth/me").json()["user"]["name"] == "bob"
         assert c.get("/api/auth/status").json()["user"]["name"] == "bob"
+        assert c.get("/api/auth/check").json()["user"]["username"] == "bob"
         out = c.post("/api/auth/logout")
-        assert out.status_code == 204 and 'prismd_session=""' in out.headers["set-cookie"]
+        assert out.status_code == 200 and out.json() == {"success": True}
+        assert 'prismd_session=""' in out.headers["set-cookie"]
     with httpx.Client(base_url=srv.url, cookies={"prismd_session": value}) as c:
         assert c.get("/api/auth/me").status_code == 401  # the login session is gone
     bad = httpx.post(f"{srv.url}/api/auth/login", json={"username": "bob", "password": "nope"})
@@ -349,7 +375,8 @@ def test_login_cookie_me_logout(users_server):
 
 
 def test_cookie_is_secure_under_https(users_server):
-    # As behind a TLS-terminating proxy on loopback (uvicorn trusts its X-Forwarded-Proto).
+    # Behind a TLS-terminating proxy on loopback (`server.trusted_proxies`: its
+    # X-Forwarded-Proto is believed; test_security_auth.py checks that nothing is by default).
     resp = httpx.post(
         f"{users_server.url}/api/auth/login",
         json={"username": "carol", "password": PASSWORDS["carol"]},
@@ -432,7 +459,8 @@ def test_everything_needs_credentials(users_server):
         assert resp.status_code == 401, path
         assert resp.json()["code"] == "unauthorized"
         assert resp.headers["www-authenticate"].startswith("Bearer")
-    assert srv.get("/api/health").json() == {"status": "ok"}
+    health = srv.get("/api/health").json()
+    assert set(health) == {"status", "ts"} and health["status"] == "ok"
     assert upgrade_status(srv.ws_url) == 401
     assert upgrade_status(f"{srv.ws_url}?token=wrong") == 401
     with bearer(srv.url, srv.tokens["bob"]) as c:
@@ -497,7 +525,7 @@ def test_sessions_belong_to_their_user(users_server):
         frames = bob.turn(message="bob's secret")
         sid = frames[0]["sessionId"]
     with bearer(srv.url, carol_t) as carol:
-        listed = carol.get("/api/sessions?status=all&limit=500").json()["sessions"]
+        listed = carol.get("/api/sessions?status=all&limit=500").json()
         assert sid not in [s["id"] for s in listed]
         assert carol.get(f"/api/sessions/{sid}").status_code == 404
     with ws_client(f"{srv.ws_url}?token={carol_t}") as carol_ws:
@@ -510,11 +538,11 @@ def test_sessions_belong_to_their_user(users_server):
         assert carol_ws.no_frame()
     with bearer(srv.url, bob_t) as bob_http:
         body = bob_http.get(f"/api/sessions/{sid}/messages").json()
-        assert [m["content"] for m in body["messages"]][0] == "bob's secret"
-        assert len(body["messages"]) == 2  # carol's chat did not reach it
-        assert bob_http.get(f"/api/sessions/{sid}").json()["ownerId"] != "local"
+        assert [m["content"] for m in body][0] == "bob's secret"
+        assert len(body) == 2  # carol's chat did not reach it
+        assert bob_http.get(f"/api/sessions/{sid}").json()["owner_id"] != "local"
     with login(srv.url, "alice") as admin:  # admins see and resume everyone's
-        listed = admin.get("/api/sessions?limit=500").json()["sessions"]
+        listed = admin.get("/api/sessions?limit=500").json()
         assert sid in [s["id"] for s in listed]
         assert admin.post(f"/api/sessions/{sid}/resume").status_code == 200
         cookie = f"prismd_session={admin.cookies['prismd_session']}"
@@ -527,9 +555,12 @@ def test_only_admins_read_the_config(users_server):
     srv = users_server
     with bearer(srv.url, srv.tokens["bob"]) as bob:
         r = bob.get("/api/config")
-        assert r.status_code == 403 and "config" not in r.json()
+        assert r.status_code == 403 and set(r.json()) == {"error", "code"}
+        # Nor try provider credentials through the server.
+        trial = bob.post("/api/providers/openai/models", json={"apiKey": "k", "baseUrl": "x"})
+        assert trial.status_code == 403
     with login(srv.url, "alice") as admin:
-        assert admin.get("/api/config").json()["config"]["auth"]["allowed_origins"]
+        assert admin.get("/api/config").json()["settings"]["auth"]["allowed_origins"]
 
 
 def test_a_deleted_sessions_id_reused_by_another_user_reaches_only_them(users_server):
@@ -541,7 +572,7 @@ def test_a_deleted_sessions_id_reused_by_another_user_reaches_only_them(users_se
     with ws_client(f"{srv.ws_url}?token={bob_t}") as bob:
         assert bob.turn(message="bob first", sessionId=sid)[-1]["type"] == "context_usage"
         with bearer(srv.url, bob_t) as bob_http:
-            assert bob_http.delete(f"/api/sessions/{sid}").status_code == 204
+            assert bob_http.delete(f"/api/sessions/{sid}").json() == {"ok": True}
         ended = bob.recv()
         assert ended == {"type": "session_ended", "sessionId": sid, "reason": "deleted"}
         with ws_client(f"{srv.ws_url}?token={carol_t}") as carol:
@@ -608,7 +639,7 @@ def test_sweep_every_route_without_and_with_another_users_credentials(users_serv
         frames = c.turn(message="sweep victim text")
     sid = frames[0]["sessionId"]
     with bearer(srv.url, victim) as bob:
-        messages = bob.get(f"/api/sessions/{sid}/messages").json()["messages"]
+        messages = bob.get(f"/api/sessions/{sid}/messages").json()
         upload = bob.post("/api/upload", files={"file": ("v.txt", b"victim file", "text/plain")})
         bob.post("/api/agents", json={"id": "victim-agent", "name": "Victim"})
     ids = {
@@ -621,7 +652,13 @@ def test_sweep_every_route_without_and_with_another_users_credentials(users_serv
     }
     secrets = [sid, messages[0]["id"], "victim-agent", upload.json()["id"], "sweep victim text"]
     schema = srv.get("/openapi.json").json()
-    open_paths = {"/api/auth/login", "/api/auth/logout", "/api/auth/status", "/api/health"}
+    open_paths = {
+        "/api/auth/login",
+        "/api/auth/logout",
+        "/api/auth/status",
+        "/api/auth/check",
+        "/api/health",
+    }
     checked = 0
     anon = httpx.Client(base_url=srv.url, timeout=10)
     other = bearer(srv.url, attacker)
@@ -647,9 +684,9 @@ def test_sweep_every_route_without_and_with_another_users_credentials(users_serv
     assert checked >= 30
     # And nothing of the victim's was changed or removed by the attempts.
     with bearer(srv.url, victim) as bob:
-        after = bob.get(f"/api/sessions/{sid}/messages").json()["messages"]
+        after = bob.get(f"/api/sessions/{sid}/messages").json()
         assert [m["id"] for m in after] == [m["id"] for m in messages]
         assert bob.get(f"/api/sessions/{sid}").json()["name"] == ""
         assert bob.get("/api/agents/victim-agent").status_code == 200
     with login(srv.url, "alice") as admin:  # PATCH /api/config was refused to carol
-        assert admin.get("/api/config").json()["config"]["default_agent"] == "assistant"
+        assert admin.get("/api/config").json()["defaultAgent"] == "assistant"

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import sqlite3
 import subprocess
@@ -81,6 +82,13 @@ def test_agents_list(tmp_path):
     out = prismd("agents", "list", home=tmp_path)
     assert out.returncode == 0
     assert "* assistant" in out.stdout and "coder" in out.stdout and "Writes code" in out.stdout
+    # --json: GET /api/agents's objects (CortexPrism's AgentConfig), sorted by name.
+    listed = json.loads(prismd("agents", "list", "--json", home=tmp_path).stdout)
+    assert [(a["id"], a["default"], a["builtin"]) for a in listed] == [
+        ("assistant", True, True),
+        ("coder", False, True),
+    ]
+    assert listed[1]["description"] == "Writes code" and listed[1]["systemPrompt"]
 
 
 def test_chat_one_shot_and_sessions_commands(server, fake_openai):
@@ -96,6 +104,14 @@ def test_chat_one_shot_and_sessions_commands(server, fake_openai):
     assert listing.returncode == 0 and sid in listing.stdout
     shown = prismd("sessions", "show", sid, home=home)
     assert "hello from cli" in shown.stdout and "streamed to the terminal" in shown.stdout
+    # --json: the same rows as the REST API.
+    rows = json.loads(prismd("sessions", "list", "--json", home=home).stdout)
+    (row,) = [r for r in rows if r["id"] == sid]
+    rest = {r["id"]: r for r in server.get("/api/sessions?limit=500").json()}
+    assert row == rest[sid]
+    shown = json.loads(prismd("sessions", "show", sid, "--json", home=home).stdout)
+    assert shown["session"]["agent_id"] == "assistant" and shown["session"]["turn_count"] == 1
+    assert shown["messages"] == server.get(f"/api/sessions/{sid}/messages").json()
 
     again = prismd("chat", "--url", server.ws_url, "--session", sid, "-q", "-m", "more", home=home)
     assert again.returncode == 0 and again.stderr == ""

@@ -104,7 +104,7 @@ def assert_turn_error(frames: list[dict[str, Any]], code: str) -> dict[str, Any]
 def stored(srv: PrismdServer, sid: str) -> list[dict[str, Any]]:
     resp = srv.get(f"/api/sessions/{sid}/messages")
     assert resp.status_code == 200
-    return resp.json()["messages"]
+    return resp.json()
 
 
 def history(request: dict[str, Any]) -> list[tuple[str, Any]]:
@@ -464,7 +464,7 @@ def test_failure_in_a_later_round_keeps_the_tool_round_and_a_valid_history(srv, 
             ("tool", "complete"),
             ("assistant", "error"),
         ]
-        assert json.loads(msgs[1]["toolCalls"])[0]["name"] == "current_time"
+        assert json.loads(msgs[1]["tool_calls"])[0]["name"] == "current_time"
         assert msgs[3]["content"] == "Half "
         frames = c.turn(message="and now?", sessionId=sid)
     assert of_type(frames, "done")[0]["stopReason"] == "end"

@@ -68,14 +68,14 @@ def test_text_pdf_and_image_reach_the_model_and_are_stored(server, fake_openai):
     ]
 
     sid = frames[0]["sessionId"]
-    msgs = server.get(f"/api/sessions/{sid}/messages").json()["messages"]
+    msgs = server.get(f"/api/sessions/{sid}/messages").json()
     assert [f["filename"] for f in msgs[0]["files"]] == [
         "notes.md",
         "main.py",
         "report.pdf",
         "dot.png",
     ]
-    assert msgs[0]["files"][1]["mimeType"] == "text/x-python"
+    assert msgs[0]["files"][1]["mime_type"] == "text/x-python"
     stored = dict(stored_rows(server, "session_files", sid, "filename, data"))
     assert stored["dot.png"] == PNG_1PX
 
@@ -93,7 +93,7 @@ def test_file_names_never_become_paths(server, fake_openai):
     with server.client() as c:
         frames = c.turn(message="look", files=files)
     sid = frames[0]["sessionId"]
-    msgs = server.get(f"/api/sessions/{sid}/messages").json()["messages"]
+    msgs = server.get(f"/api/sessions/{sid}/messages").json()
     assert msgs[0]["files"][0]["filename"] == "passwd"
 
 

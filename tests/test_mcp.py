@@ -65,7 +65,7 @@ def by_name(manager: McpManager) -> dict[str, McpTool]:
 def test_stdio_tools_calls_timeout_cancel_and_close(
     tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
-    caplog.set_level(logging.INFO, logger="prismd.tools.mcp.stderr")
+    caplog.set_level(logging.DEBUG, logger="prismd.tools.mcp.stderr")  # logged at DEBUG
     ctx = ToolContext("s1", "a1", tmp_path, tmp_path, ToolsSettings())
 
     async def main() -> None:

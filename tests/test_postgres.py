@@ -18,7 +18,6 @@ from collections.abc import Awaitable, Callable, Iterator
 from typing import Any
 
 import asyncpg
-import httpx
 import psutil
 import pytest
 
@@ -476,8 +475,8 @@ def test_prismd_serves_from_postgresql_across_a_restart(make_server, make_pg_dat
         assert c.recv()["lastSeq"] == last
         second = c.turn(message="second", sessionId=sid)
     assert second[0]["seq"] == last + 1  # seq survives the restart
-    body = httpx.get(f"{srv.url}/api/sessions/{sid}/messages", timeout=10).json()
-    assert [(m["role"], m["content"]) for m in body["messages"]] == [
+    messages = srv.get(f"/api/sessions/{sid}/messages").json()
+    assert [(m["role"], m["content"]) for m in messages] == [
         ("user", "first"),
         ("assistant", "remembered this"),
         ("user", "second"),

@@ -88,7 +88,7 @@ def test_each_piece_is_its_own_event_when_the_store_keeps_up(tmp_path):
         live = sessions.create("assistant")
         tab = Tab()
         sessions.subscribe(live, tab)
-        turn = sessions.begin_turn(live, None)
+        turn = await sessions.begin_turn(live, None)
         for piece in ("a", "b", "c"):
             sessions.publish(live, turn.id, {"type": "chunk", "delta": piece})
             assert tab.chunks()[-1:] != [piece]  # not delivered before it is durable
@@ -106,7 +106,7 @@ def test_pieces_merge_while_the_previous_append_is_written(tmp_path):
         live = sessions.create("assistant")
         tab = Tab()
         sessions.subscribe(live, tab)
-        turn = sessions.begin_turn(live, None)
+        turn = await sessions.begin_turn(live, None)
         sessions.publish(live, turn.id, {"type": "chunk", "delta": "a"})
         for piece in ("b", "c", "d"):  # all while "a" is being written
             sessions.publish(live, turn.id, {"type": "chunk", "delta": piece})
@@ -134,7 +134,7 @@ def test_a_failed_append_is_never_delivered_and_ends_the_turn(tmp_path):
         live = sessions.create("assistant")
         tab = Tab()
         sessions.subscribe(live, tab)
-        turn = sessions.begin_turn(live, None)
+        turn = await sessions.begin_turn(live, None)
         turn.task = asyncio.create_task(asyncio.sleep(60))
         sessions.publish(live, turn.id, {"type": "chunk", "delta": "saved"})
         await store.release()
@@ -163,7 +163,7 @@ def test_a_reload_waits_for_the_last_write(tmp_path):
         await store.open()
         sessions = SessionService(store, LocalBus())
         live = sessions.create("assistant")
-        turn = sessions.begin_turn(live, "cm-1")
+        turn = await sessions.begin_turn(live, "cm-1")
         sessions.publish(live, turn.id, {"type": "start"})
         sessions.add_turn_totals(live, 3, 4, None, "2026-01-01T00:00:00Z")
         sessions.save_turn(live, turn.id, status="complete")
@@ -213,7 +213,7 @@ def test_coalescing_keeps_the_text_and_the_numbering(steps):
         live = sessions.create("assistant")
         tab = Tab()
         sessions.subscribe(live, tab)
-        turn = sessions.begin_turn(live, None)
+        turn = await sessions.begin_turn(live, None)
         sessions.publish(live, turn.id, {"type": "start"})
         sent = []
         for step in steps:

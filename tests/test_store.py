@@ -160,6 +160,7 @@ def test_sessions_listed_filtered_updated_and_deleted(new_store):
         assert await ids(statuses=("archived", "closed")) == ["s3"]
         page, total = await store.list_sessions(2, 1)
         assert [r.id for r in page] == ["s4", "s3"] and total == 4
+        assert await ids(order="started") == ["s4", "s3", "s2", "s1"]
 
         s1 = await store.get_session("s1")
         assert s1 is not None
@@ -314,6 +315,33 @@ def test_users_logins_tokens_and_preferences(new_store):
     run(main())
 
 
+def test_another_process_changing_credentials_moves_the_data_version(new_store):
+    """What a server watches to check its open sockets again when the CLI (or another
+    server) removed a user, changed a password, logged out or revoked a token."""
+
+    async def main() -> None:
+        server, cli = new_store(), new_store()  # two processes' stores on one database
+        await server.open()
+        await cli.open()
+        await cli.create_user(UserRecord("u1", "alice", True, "h", "t"))
+        await cli.create_token(TokenRecord("k1", "u1", "", "hash", "t"))
+        await cli.create_login("login", "u1", expires_at=2e9)
+        for change in (
+            lambda: cli.delete_login("login"),
+            lambda: cli.revoke_token("k1"),
+            lambda: cli.set_password("u1", "h2"),
+            lambda: cli.create_user(UserRecord("u2", "bob", False, "h", "t")),
+            lambda: cli.delete_user("u2"),
+        ):
+            before = await server.data_version()
+            await change()
+            assert await server.data_version() != before
+        await cli.close()
+        await server.close()
+
+    run(main())
+
+
 def test_agents_and_uploads(new_store):
     async def main() -> None:
         store = new_store()
@@ -338,12 +366,19 @@ def test_agents_and_uploads(new_store):
         ]
         assert custom[0]["temperature"] == pytest.approx(0.3)
         await store.save_agent({**agent, "name": "Helper 2"}, "u1")
-        names = {a["id"]: a["name"] for a in await store.list_custom_agents()}
-        assert names == {"helper": "Helper 2", "other": "Helper"}
-        assert await store.delete_agent("assistant") is False  # from the config
-        assert await store.delete_agent("other") is True
+        await store.save_agent({**agent, "name": "Bob's helper"}, "u2")  # ids are per user
+        names = {(a["owner_id"], a["id"]): a["name"] for a in await store.list_custom_agents()}
+        assert names == {
+            ("u1", "helper"): "Helper 2",
+            ("u2", "other"): "Helper",
+            ("u2", "helper"): "Bob's helper",
+        }
+        assert await store.delete_agent("assistant", "") is False  # from the config
+        assert await store.delete_agent("other", "u1") is False  # not u1's
+        assert await store.delete_agent("other", "u2") is True
         await store.sync_agents([])  # the config's agents are replaced, users' kept
-        assert [a["id"] for a in await store.list_custom_agents()] == ["helper"]
+        kept = [(a["owner_id"], a["id"]) for a in await store.list_custom_agents()]
+        assert sorted(kept) == [("u1", "helper"), ("u2", "helper")]
 
         data = bytes(range(256)) * 64
         upload = UploadRecord(

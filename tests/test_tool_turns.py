@@ -108,7 +108,7 @@ def test_tool_calls_are_stored_and_sent_again_next_turn(tool_server, fake_openai
         first = c.turn(message="time?")
         sid = first[0]["sessionId"]
         c.turn(message="did you check?")
-    msgs = tool_server.get(f"/api/sessions/{sid}/messages").json()["messages"]
+    msgs = tool_server.get(f"/api/sessions/{sid}/messages").json()
     assert [m["role"] for m in msgs] == [
         "user",
         "assistant",
@@ -117,8 +117,8 @@ def test_tool_calls_are_stored_and_sent_again_next_turn(tool_server, fake_openai
         "user",
         "assistant",
     ]
-    assert json.loads(msgs[1]["toolCalls"])[0]["name"] == "current_time"
-    assert json.loads(msgs[2]["toolResult"])["status"] == "ok"
+    assert json.loads(msgs[1]["tool_calls"])[0]["name"] == "current_time"
+    assert json.loads(msgs[2]["tool_result"])["status"] == "ok"
     last = fake_openai.requests[-1]["messages"]
     assert [m["role"] for m in last[1:]] == ["user", "assistant", "tool", "assistant", "user"]
 
@@ -395,12 +395,12 @@ def test_approval_is_denied_when_no_client_is_connected(tool_server, fake_openai
     c.close()  # gone before the model asks for the tool
     deadline = time.monotonic() + 10
     while time.monotonic() < deadline:
-        msgs = tool_server.get(f"/api/sessions/{sid}/messages").json()["messages"]
+        msgs = tool_server.get(f"/api/sessions/{sid}/messages").json()
         if msgs and msgs[-1]["role"] == "assistant" and msgs[-1]["status"] == "complete":
             break
         time.sleep(0.1)
     tool = [m for m in msgs if m["role"] == "tool"][0]
-    assert json.loads(tool["toolResult"])["status"] == "denied"
+    assert json.loads(tool["tool_result"])["status"] == "denied"
     assert "no client" in tool["content"]
 
 

@@ -67,8 +67,9 @@ def question_wav() -> bytes:
 
 
 def piper_wav(server: PrismdServer, text: str) -> bytes:
-    r = httpx.post(f"{server.url}/api/voice/synthesize", json={"text": text}, timeout=30)
-    assert r.status_code == 200, r.text
+    body = {"text": text, "format": "wav"}  # the default is mp3, as in CortexPrism
+    r = httpx.post(f"{server.url}/api/voice/synthesize", json=body, timeout=30)
+    assert r.status_code == 200 and r.headers["content-type"] == "audio/wav", r.text
     return r.content
 
 
@@ -142,7 +143,7 @@ def test_voice_turn_end_to_end_webm_in_chunks(voice_server, fake_openai, questio
     # The model saw the transcript as the user message, and the turn is in the history.
     assert fake_openai.requests[-1]["messages"][-1]["content"] == transcribed["text"]
     sid = start["sessionId"]
-    msgs = voice_server.get(f"/api/sessions/{sid}/messages").json()["messages"]
+    msgs = voice_server.get(f"/api/sessions/{sid}/messages").json()
     assert [m["role"] for m in msgs] == ["user", "assistant"]
     assert msgs[0]["content"] == transcribed["text"]
     # A reload replays the voice turn, audio included.
@@ -342,7 +343,7 @@ def test_hands_free_speech_interrupts_the_spoken_reply(voice_server, fake_openai
     assert of_type(rest, "done")[0]["stopReason"] == "stopped"
     # The answer kept is what the user heard; what had streamed beyond it stays on record.
     sid = rest[-1]["sessionId"]
-    answer = voice_server.get(f"/api/sessions/{sid}/messages").json()["messages"][-1]
+    answer = voice_server.get(f"/api/sessions/{sid}/messages").json()[-1]
     assert answer["status"] == "stopped"
     spoken = answer["meta"]["spoken"]
     assert spoken.startswith("Sentence number 0.") and answer["content"] == spoken

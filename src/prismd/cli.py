@@ -6,6 +6,7 @@ import argparse
 import asyncio
 import json
 import logging
+import os
 import sys
 from pathlib import Path
 from typing import Any
@@ -81,16 +82,7 @@ def _exposure_refusal(settings: Settings, insecure: bool) -> str | None:
     )
 
 
-def cmd_serve(args: argparse.Namespace) -> int:
-    import uvicorn
-
-    from .server.app import create_app
-
-    settings = _settings(args)
-    refusal = _exposure_refusal(settings, args.insecure)
-    if refusal:
-        print(f"prismd: {refusal}", file=sys.stderr)
-        return 2
+def configure_logging(settings: Settings) -> None:
     logging.basicConfig(
         level=settings.server.log_level.upper(),
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
@@ -99,6 +91,39 @@ def cmd_serve(args: argparse.Namespace) -> int:
     for noisy in ("httpx", "httpx2"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
     logging.getLogger("uvicorn.error").addFilter(_client_errors_are_not_server_errors)
+    # No configured secret (MCP tokens, API keys) nor a recognisable one reaches the log.
+    from .auth.redact import RedactingFilter, configured_secrets
+
+    redact = RedactingFilter(configured_secrets(settings))
+    for handler in logging.getLogger().handlers:
+        handler.addFilter(redact)
+    logging.getLogger("uvicorn.error").addFilter(redact)
+
+
+def _workers_refusal(settings: Settings, workers: int) -> str | None:
+    if workers <= 1:
+        return None
+    if not settings.bus.url or not getattr(getattr(settings, "store", None), "url", None):
+        return (
+            f"--workers {workers} runs several processes, which share sessions through "
+            "PostgreSQL and Redis: set PRISMD_DATABASE_URL (or [store] url) and "
+            "PRISMD_REDIS_URL (or [bus] url), or run one worker"
+        )
+    return None
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    import uvicorn
+
+    from .server.app import create_app
+
+    settings = _settings(args)
+    workers = args.workers or 1
+    refusal = _exposure_refusal(settings, args.insecure) or _workers_refusal(settings, workers)
+    if refusal:
+        print(f"prismd: {refusal}", file=sys.stderr)
+        return 2
+    configure_logging(settings)
     if args.insecure and _exposure_refusal(settings, False):
         logging.getLogger("prismd").warning(
             "serving %s with no authentication (--insecure): anyone who can reach it can use "
@@ -106,18 +131,36 @@ def cmd_serve(args: argparse.Namespace) -> int:
             settings.server.host,
         )
     _raise_open_files_limit()
-    app = create_app(settings)
-    uvicorn.run(
-        app,
-        host=settings.server.host,
-        port=settings.server.port,
-        log_level=settings.server.log_level,
-        access_log=False,
-        ws_max_size=settings.server.hard_frame_bytes,
+    proxies = settings.server.trusted_proxies
+    options: dict[str, Any] = {
+        "host": settings.server.host,
+        "port": settings.server.port,
+        "log_level": settings.server.log_level,
+        "access_log": False,
+        # X-Forwarded-For/-Proto are read only from `server.trusted_proxies` (uvicorn would
+        # trust 127.0.0.1 by default, or $FORWARDED_ALLOW_IPS: a local client could then
+        # pose as any address and escape the per-address login limit).
+        "proxy_headers": bool(proxies),
+        "forwarded_allow_ips": list(proxies),
+        "ws_max_size": settings.server.hard_frame_bytes,
         # Compression costs more CPU than it saves on small, unique streaming frames.
-        ws_per_message_deflate=False,
-        timeout_graceful_shutdown=5,
-    )
+        "ws_per_message_deflate": False,
+        "timeout_graceful_shutdown": 5,
+    }
+    if workers > 1:
+        # Each worker process builds the app from the same settings: the flags travel in the
+        # environment (uvicorn starts the workers).
+        for name, value in (
+            ("PRISMD_CONFIG", args.config),
+            ("PRISMD_HOST", args.host),
+            ("PRISMD_PORT", args.port),
+            ("PRISMD_DATA_DIR", args.data_dir),
+        ):
+            if value is not None:
+                os.environ[name] = str(value)
+        uvicorn.run("prismd.server.app:from_environment", factory=True, workers=workers, **options)
+    else:
+        uvicorn.run(create_app(settings), **options)
     return 0
 
 
@@ -253,6 +296,7 @@ async def _with_store(settings: Settings, fn: Any) -> Any:
 
 def cmd_sessions(args: argparse.Namespace) -> int:
     from .protocol import SESSION_ID_RE
+    from .server.routes.rows import message_row, session_row
 
     settings = _settings(args)
     if args.action != "list" and not SESSION_ID_RE.match(args.id or ""):
@@ -265,7 +309,8 @@ def cmd_sessions(args: argparse.Namespace) -> int:
         if args.action == "list":
             records, total = await store.list_sessions(args.limit, 0)  # every owner, status
             if args.json:
-                print(json.dumps([r.to_json() for r in records], indent=2))
+                # The rows of GET /api/sessions.
+                print(json.dumps([session_row(r) for r in records], indent=2, ensure_ascii=False))
                 return 0
             print(f"{'ID':<30} {'STATUS':<8} {'AGENT':<12} {'TURNS':>5}  LAST ACTIVITY")
             for r in records:
@@ -289,12 +334,9 @@ def cmd_sessions(args: argparse.Namespace) -> int:
             return 0
         messages = await store.load_messages(args.id)
         if args.json:
-            print(
-                json.dumps(
-                    {"session": record.to_json(), "messages": [m.to_json() for m in messages]},
-                    indent=2,
-                )
-            )
+            # The rows of GET /api/sessions/ID and GET /api/sessions/ID/messages.
+            body = {"session": session_row(record), "messages": [message_row(m) for m in messages]}
+            print(json.dumps(body, indent=2, ensure_ascii=False))
             return 0
         print(f"session {record.id} · agent {record.agent_id} · {record.status}")
         for m in messages:
@@ -308,6 +350,16 @@ def cmd_sessions(args: argparse.Namespace) -> int:
 
 def cmd_agents(args: argparse.Namespace) -> int:
     settings = _settings(args)
+    if args.json:
+        from .server.routes.rows import agent_config
+
+        # The objects of GET /api/agents (CortexPrism's AgentConfig).
+        configs = [
+            agent_config(a, builtin=True, default=a.id == settings.default_agent)
+            for a in sorted(settings.all_agents(), key=lambda a: a.name.lower())
+        ]
+        print(json.dumps(configs, indent=2, ensure_ascii=False))
+        return 0
     for a in settings.all_agents():
         mark = "*" if a.id == settings.default_agent else " "
         model = f"{a.provider or 'default'}/{a.model or 'default'}"
@@ -558,6 +610,11 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--port", type=int, help="port to listen on (default 3000)")
     serve.add_argument("--data-dir", help="where sessions are stored (default $PRISMD_HOME/data)")
     serve.add_argument(
+        "--workers",
+        type=int,
+        help="processes serving the port (default 1; more need PostgreSQL and Redis)",
+    )
+    serve.add_argument(
         "--insecure",
         action="store_true",
         help="serve on a non-loopback address even with no user or token (no authentication)",
@@ -624,7 +681,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     agents = sub.add_parser("agents", help="list agents", description="Configured agents.")
     asub = agents.add_subparsers(dest="action", required=True, metavar="ACTION")
-    asub.add_parser("list", help="list agents (* marks the default)")
+    al = asub.add_parser("list", help="list agents (* marks the default)")
+    al.add_argument("--json", action="store_true", help="as GET /api/agents answers them")
     agents.set_defaults(func=cmd_agents)
     _add_auth_commands(sub)
     return parser

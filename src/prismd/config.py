@@ -6,12 +6,13 @@ ConfigError whose message names the key and the problem; the CLI prints it witho
 
 from __future__ import annotations
 
+import ipaddress
 import os
 import tomllib
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 ProviderKind = Literal["openai", "anthropic", "ollama"]
 PROVIDER_KINDS: tuple[str, ...] = ("openai", "anthropic", "ollama")
@@ -24,6 +25,28 @@ DEFAULT_SYSTEM_PROMPT = (
 
 class ConfigError(Exception):
     """The configuration cannot be used; the message says which key and why."""
+
+
+# Bounds of every agent field, in one place: the config file's agents and those users create
+# over REST (server/rest.py's AgentIn/AgentPatch use the same types). Nothing a user sends can
+# make an agent that costs the server more than these (issue 11: a 40,000-pattern tool list).
+AgentId = Annotated[str, Field(pattern=r"^[A-Za-z0-9_-]{1,64}$")]
+AgentName = Annotated[str, Field(min_length=1, max_length=100)]
+AgentDescription = Annotated[str, Field(max_length=2_000)]
+ModelName = Annotated[str, Field(min_length=1, max_length=200)]
+SystemPrompt = Annotated[str, Field(max_length=100_000)]
+ToolPattern = Annotated[str, Field(min_length=1, max_length=128)]
+ToolPatterns = Annotated[list[ToolPattern], Field(max_length=256)]
+
+
+def _network(value: str) -> str:
+    try:
+        return str(ipaddress.ip_network(value.strip(), strict=False))
+    except ValueError:
+        raise ValueError(f"{value!r} is not an IP address or network") from None
+
+
+IpNetwork = Annotated[str, AfterValidator(_network)]
 
 
 class _Section(BaseModel):
@@ -40,8 +63,12 @@ class ServerSettings(_Section):
     hard_frame_bytes: Annotated[int, Field(ge=1024)] = 64 * 1024 * 1024
     max_files: Annotated[int, Field(ge=0)] = 10
     max_file_bytes: Annotated[int, Field(ge=1)] = 10 * 1024 * 1024
-    # Frames queued for one connection before it is considered stuck and dropped.
+    # A connection with this many frames waiting while its socket takes no more bytes (it reads
+    # slower than its frames come, by this many, or not at all) is dropped (server/ws.py).
     send_queue_frames: Annotated[int, Field(ge=16)] = 10_000
+    # …or this many bytes of frames (pieces that arrive together are merged into one frame, so
+    # a client that does not read may hold few, large frames).
+    send_queue_bytes: Annotated[int, Field(ge=65536)] = 16 * 1024 * 1024
     # Events kept per session for `resume`; older ones are pruned (a resume before them gets
     # `resume_gap`).
     max_events_per_session: Annotated[int, Field(ge=100)] = 50_000
@@ -54,6 +81,10 @@ class ServerSettings(_Section):
     # are exempt unless `limit_loopback` (a local user already has the machine).
     max_connections_per_client: Annotated[int, Field(ge=0)] = 64
     limit_loopback: bool = False
+    # Reverse proxies (addresses or networks, e.g. "127.0.0.1", "10.0.0.0/8") whose
+    # X-Forwarded-For / X-Forwarded-Proto are believed. None by default: the client address
+    # (login limits, connection limits) is the socket's peer and the scheme is the socket's.
+    trusted_proxies: list[IpNetwork] = Field(default_factory=list)
 
 
 class StoreSettings(_Section):
@@ -154,22 +185,22 @@ class ToolsSettings(_Section):
 
 
 class AgentSettings(_Section):
-    id: Annotated[str, Field(pattern=r"^[A-Za-z0-9_-]{1,64}$")]
-    name: str
-    description: str = ""
+    id: AgentId
+    name: AgentName
+    description: AgentDescription = ""
     provider: ProviderKind | None = None
-    model: str | None = None
-    system_prompt: str = DEFAULT_SYSTEM_PROMPT
+    model: ModelName | None = None
+    system_prompt: SystemPrompt = DEFAULT_SYSTEM_PROMPT
     temperature: Annotated[float, Field(ge=0, le=2)] | None = None
     # Tools this agent may use: names or fnmatch patterns ("file_*", "github__*", "*").
-    tools: list[str] = Field(default_factory=lambda: ["*"])
+    tools: ToolPatterns = Field(default_factory=lambda: ["*"])
     # Tools that need the user's approval in addition to those that need it by default…
-    approve: list[str] = Field(default_factory=list)
+    approve: ToolPatterns = Field(default_factory=list)
     # …and tools this agent may run without asking (e.g. "shell" for a trusted agent).
-    auto_approve: list[str] = Field(default_factory=list)
+    auto_approve: ToolPatterns = Field(default_factory=list)
     # Host-level tools this agent may use for every user, admin or not (config file only:
     # agents created over the API cannot carry grants).
-    grant: list[str] = Field(default_factory=list)
+    grant: ToolPatterns = Field(default_factory=list)
 
 
 BUILTIN_AGENT = AgentSettings(
@@ -185,11 +216,15 @@ class AuthSettings(_Section):
     token: Annotated[str, Field(min_length=16)] | None = None
     # Login sessions (the `prismd_session` cookie) expire after this many hours.
     session_ttl_hours: Annotated[float, Field(gt=0)] = 168.0
-    # Origins (scheme://host[:port]) besides the server's own that may open a WebSocket with the
-    # login cookie; a cookie-authenticated upgrade from any other Origin is refused.
+    # Origins (scheme://host[:port]) besides the server's own whose pages may change things
+    # (unsafe methods) or open a WebSocket with the login cookie; other origins get 403.
     allowed_origins: list[str] = Field(default_factory=list)
-    # Failed logins allowed per username and per client address within a minute.
+    # Failed logins allowed per client address within a minute (then 429 until the oldest is a
+    # minute old), and per username before each further attempt for that name must wait…
     login_attempts_per_minute: Annotated[int, Field(ge=1)] = 5
+    # …1 s, doubling with every failure, up to this (the name's real owner waits at most
+    # this long, instead of being locked out).
+    login_delay_max_s: Annotated[float, Field(ge=1, le=3600)] = 30.0
 
 
 class SttSettings(_Section):
@@ -256,6 +291,13 @@ class VoiceSettings(_Section):
     tts: TtsSettings = Field(default_factory=TtsSettings)
 
 
+class BusSettings(_Section):
+    # Redis (redis://[:password@]host:6379/0): the live event bus and coordination between
+    # several prismd processes (`prismd serve --workers N`, several machines). Needs the
+    # PostgreSQL store. Unset: one process, the in-process bus.
+    url: str | None = None
+
+
 class Settings(_Section):
     home: Path = Path("~/.prismd")
     provider: ProviderKind | None = None
@@ -269,6 +311,7 @@ class Settings(_Section):
     voice: VoiceSettings = Field(default_factory=VoiceSettings)
     auth: AuthSettings = Field(default_factory=AuthSettings)
     store: StoreSettings = Field(default_factory=StoreSettings)
+    bus: BusSettings = Field(default_factory=BusSettings)
 
     @property
     def data_dir(self) -> Path:
@@ -294,6 +337,7 @@ ENV_OVERRIDES: dict[str, tuple[str, ...]] = {
     "PRISMD_DEFAULT_AGENT": ("default_agent",),
     "PRISMD_TOKEN": ("auth", "token"),
     "PRISMD_DATABASE_URL": ("store", "url"),
+    "PRISMD_REDIS_URL": ("bus", "url"),
     # The SDKs' own variables, so that detection and the SDK agree.
     "OPENAI_BASE_URL": ("providers", "openai", "base_url"),
     "OPENAI_API_KEY": ("providers", "openai", "api_key"),

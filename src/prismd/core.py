@@ -8,18 +8,23 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
+import secrets
+import socket
 from typing import TYPE_CHECKING
 
 from .agent.agents import AgentDirectory
 from .agent.runner import TurnRunner
 from .auth import Auth
-from .config import AgentSettings, Settings
+from .config import ConfigError, Settings
 from .providers.registry import ProviderRegistry
 from .server.metrics import Metrics
-from .sessions.bus import LocalBus
+from .sessions.bus import EventBus, LocalBus
+from .sessions.coordination import LocalCoordination
+from .sessions.redis_bus import RedisBus  # imports redis only when one is built
 from .sessions.service import SessionService
 from .store import make_store
-from .store.base import LOCAL_USER_ID
+from .store.base import LOCAL_USER_ID, Store
 from .tools.builtins import builtin_tools
 from .tools.registry import ToolRegistry
 
@@ -34,10 +39,15 @@ class Prismd:
 
     def __init__(self, settings: Settings, probe_ollama: bool = True) -> None:
         self.settings = settings
-        self.store = make_store(settings)
-        self.bus = LocalBus()
+        # This process among several (logs, leases, the bus's origin).
+        self.origin = f"{socket.gethostname()}:{os.getpid()}:{secrets.token_hex(3)}"
+        self.store: Store = make_store(settings)
+        self.bus, coordination = self._coordination(settings)
         self.sessions = SessionService(
-            self.store, self.bus, max_events=settings.server.max_events_per_session
+            self.store,
+            self.bus,
+            max_events=settings.server.max_events_per_session,
+            coordination=coordination,
         )
         self.providers = ProviderRegistry(settings, probe_ollama=probe_ollama)
         self.agents = AgentDirectory(settings)
@@ -58,14 +68,27 @@ class Prismd:
         )
         self._background: set[asyncio.Task[None]] = set()
 
+    def _coordination(self, settings: Settings) -> tuple[EventBus, LocalCoordination]:
+        """The in-process bus, or Redis between processes (sessions/coordination.py)."""
+        if not settings.bus.url:
+            return LocalBus(), LocalCoordination()
+        if not hasattr(self.store, "acquire_lease"):
+            raise ConfigError(
+                "bus.url (Redis) coordinates several prismd processes over a shared PostgreSQL "
+                "store: set store.url (PRISMD_DATABASE_URL) too"
+            )
+        from .sessions.coordination import DistributedCoordination
+
+        bus = RedisBus(settings.bus.url, self.origin, self.store.read_events)
+        return bus, DistributedCoordination(self.store, bus, self.origin)
+
     async def start(self) -> None:
         await self.store.open()
-        await self.sessions.recover()
+        if isinstance(self.bus, RedisBus):
+            await self.bus.start()
+        await self.sessions.start()
         await self.store.sync_agents(self.agents.rows())
-        for row in await self.store.list_custom_agents():
-            owner = row.pop("owner_id") or LOCAL_USER_ID
-            if self.agents.find(row["id"]) is None:
-                self.agents.add(AgentSettings.model_validate(row), owner)
+        self.agents.load(await self.store.list_custom_agents(), LOCAL_USER_ID)
         if self.settings.mcp_servers:
             # The MCP SDK costs ~25 MB of memory: loaded only when servers are configured.
             from .tools.mcp import McpManager
@@ -82,11 +105,15 @@ class Prismd:
             preload.add_done_callback(self._background.discard)
 
     async def stop(self) -> None:
+        await self.auth.aclose()
         turns = [t.task for t in self.sessions.running_turns() if t.task is not None]
         for task in turns:
             task.cancel()
         if turns:
             await asyncio.gather(*turns, return_exceptions=True)
+        await self.sessions.shutdown()
+        if isinstance(self.bus, RedisBus):
+            await self.bus.close()
         await self.providers.aclose()
         await self.tools.aclose()
         if self.mcp is not None:

@@ -40,6 +40,7 @@ class ErrorCode(StrEnum):
     TRANSCRIPTION_FAILED = "transcription_failed"
     RESUME_GAP = "resume_gap"
     STORE_UNAVAILABLE = "store_unavailable"
+    BUS_UNAVAILABLE = "bus_unavailable"
     INTERNAL = "internal"
 
 
@@ -210,7 +211,10 @@ def parse_client_message(text: str) -> ClientMessage:
     try:
         raw = json.loads(text)
     except (ValueError, RecursionError) as exc:
-        raise ProtocolError(ErrorCode.INVALID_JSON, f"Invalid JSON: {exc}") from None
+        # The text is CortexPrism's exactly; the parser's detail goes in `details`.
+        raise ProtocolError(
+            ErrorCode.INVALID_JSON, "Invalid JSON", {"field": "", "reason": str(exc)}
+        ) from None
     if not isinstance(raw, dict):
         raise ProtocolError(
             ErrorCode.INVALID_MESSAGE,

@@ -276,15 +276,13 @@ def test_sessions_sidebar_switch_rename_delete_and_agent_picker(
     expect(page.locator(".session-item.active")).to_have_count(1)
     assert page.locator(".session-item").count() >= 2
     # Resume the first chat from the sidebar: its messages come back.
-    sessions = httpx.get(web_server.url + "/api/sessions").json()["sessions"]
+    sessions = httpx.get(web_server.url + "/api/sessions").json()
     first = next(
         s
         for s in sessions
         if any(
             "apples" in m["content"]
-            for m in httpx.get(f"{web_server.url}/api/sessions/{s['id']}/messages").json()[
-                "messages"
-            ]
+            for m in httpx.get(f"{web_server.url}/api/sessions/{s['id']}/messages").json()
         )
     )
     page.locator(f'.session-item[data-id="{first["id"]}"]').click()
@@ -292,7 +290,7 @@ def test_sessions_sidebar_switch_rename_delete_and_agent_picker(
     expect(last_answer(page)).to_contain_text("You said: first chat about apples")
     expect(page.locator("#agent-picker")).to_have_value("assistant")
     # Delete the second chat (a click arms, a second click deletes).
-    second = next(s for s in sessions if s["id"] != first["id"] and s["agentId"] == "coder")
+    second = next(s for s in sessions if s["id"] != first["id"] and s["agent_id"] == "coder")
     item = page.locator(f'.session-item[data-id="{second["id"]}"]')
     item.hover()
     item.locator(".s-del").click()

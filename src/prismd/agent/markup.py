@@ -1,8 +1,11 @@
 """Streaming filter for model text: strips `<think>` blocks and text-protocol tool calls.
 
-Models without native tool calling write their calls into the answer text. The answer is
-streamed to the user while it is generated, so the markup has to be recognised on the fly,
-whatever way the model's deltas split it, while ordinary prose streams through at once.
+Models without native tool calling write their calls into the answer text, and so do many
+models served with native tool calling (llama.cpp, Ollama or vLLM without a tool parser for the
+model): the turn runner filters the text of every model call of an agent that has tools,
+whatever the provider's tool-calling mode, and runs the calls found in it like native ones.
+The answer is streamed to the user while it is generated, so the markup has to be recognised on
+the fly, whatever way the model's deltas split it, while ordinary prose streams through at once.
 
 `MarkupFilter.feed` takes each delta and returns the clean text (and reasoning) that can be
 released now; it holds back only the shortest suffix that could still open a construct, and
@@ -468,7 +471,7 @@ class MarkupFilter:
     ``tool_names``: the tools the model may call; a `<tool_call>` naming another goes to
     ``malformed``, and bare/fenced JSON objects are calls only when they name one of them
     (``None``: any name is accepted in `<tool_call>`, bare/fenced JSON is never a call).
-    ``parse_tools=False``: only think blocks are handled (models with native tool calling).
+    ``parse_tools=False``: only think blocks are handled (an agent without tools).
     ``starts_in_think=True``: the answer starts inside a think block whose opening tag the
     model does not write (DeepSeek-R1 distills, Qwen3 templates): text up to ``</think>`` is
     reasoning.

@@ -28,6 +28,7 @@ from ..providers.base import (
     ProviderError,
     ReasoningDelta,
     TextDelta,
+    ThinkingBlock,
     ToolCall,
     Usage,
 )
@@ -140,9 +141,9 @@ class TurnRunner:
         provider, model = self.providers.resolve(agent, chat.model)
         return TurnPlan(agent, caller, provider, model, chat.message, files, chat)
 
-    def start(self, live: LiveSession, plan: TurnPlan) -> Turn:
-        """Take the session's turn lock and launch the turn. Synchronous, hence atomic."""
-        turn = self.sessions.begin_turn(live, plan.chat.clientMessageId)
+    async def start(self, live: LiveSession, plan: TurnPlan) -> Turn:
+        """Take the session's turn lock (see SessionService.begin_turn) and launch the turn."""
+        turn = await self.sessions.begin_turn(live, plan.chat.clientMessageId)
         for event in plan.preface or ():
             self.sessions.publish(live, turn.id, event)
         self.sessions.publish(live, turn.id, {"type": "start"})
@@ -170,6 +171,7 @@ class _Execution:
         self.totals = _Totals()
         self.pieces: list[str] = []  # clean text of the current round
         self.reasoning: list[str] = []
+        self.thinking: list[ThinkingBlock] = []  # the current round's signed reasoning
         self.answer: MessageRecord | None = None  # the current round's assistant message
         self.ctx: BuiltContext | None = None
         self.corrections: list[ChatMessage] = []  # re-prompts for unparseable calls
@@ -257,8 +259,11 @@ class _Execution:
                 return "end"
             if self.totals.rounds >= max_rounds:
                 return "max_rounds"
-            if all(c.error for c in calls) and self.text_tools:
-                # Text-protocol calls that could not be parsed: one corrective re-prompt.
+            # Tool calls written as text that could not be parsed (in any tool-calling mode: the
+            # markup filter runs in all of them) have no name; the model never sees a result
+            # for them, so it is told once, by a corrective re-prompt.
+            unparsed = all(c.error and (self.text_tools or not c.name) for c in calls)
+            if unparsed:
                 if corrected:
                     return "end"
                 corrected = True
@@ -330,10 +335,11 @@ class _Execution:
         retries = self.runner.settings.provider_settings(provider.kind).max_retries
         attempt = 0
         while True:
-            markup = MarkupFilter(self.view.tools.keys(), parse_tools=self.text_tools)
+            markup = MarkupFilter(self.view.tools.keys(), parse_tools=bool(self.view.tools))
             native: list[ToolCall] = []
             usage: Usage | None = None
             reasoning_before = len(self.reasoning)
+            self.thinking = []
             started = saved_at = time.monotonic()
             retrying = False
             try:
@@ -357,6 +363,8 @@ class _Execution:
                         usage = part  # type: ignore[assignment]
                     elif kind is ToolCall:
                         native.append(part)  # type: ignore[arg-type]
+                    elif kind is ThinkingBlock:
+                        self.thinking.append(part)  # type: ignore[arg-type]
                 self._emit(markup.finish())
                 return markup, native
             except ProviderError as exc:
@@ -477,7 +485,7 @@ class _Execution:
 
     async def _approve(self, call: PendingCall, args: dict[str, Any]) -> tuple[bool, str]:
         """Ask the session's clients; deny on timeout or when nobody is connected."""
-        if self.sessions.bus.subscribers(self.live.id) == 0:
+        if not await self.sessions.connected(self.live):
             return False, "Denied: no client was connected to approve this tool call."
         request_id = new_id("appr")
         waiter: asyncio.Future[bool] = asyncio.get_running_loop().create_future()
@@ -528,6 +536,9 @@ class _Execution:
         answer.status = status
         answer.reasoning = "".join(self.reasoning) or None
         answer.meta = meta or {}
+        if tool_calls and self.thinking:
+            # Passed back with the tool results while thinking is on (providers/anthropic.py).
+            answer.meta["thinking"] = [t.to_json() for t in self.thinking]
         if tool_calls:
             answer.tool_calls = json.dumps(
                 [

@@ -2,7 +2,8 @@
 
 Everything lives in the core database, so `prismd users …` / `prismd tokens …` work with the
 server stopped, and a running server sees their changes at once: credentials are looked up per
-request (one indexed query); only "does any user exist?" is cached, for a second.
+request (one indexed query); only "does any user exist?" is cached, for a second. Open
+WebSockets are checked again when the credentials change (auth/live.py).
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ import contextlib
 import functools
 import hashlib
 import hmac
+import math
 import secrets
 import time
 from collections import deque
@@ -46,6 +48,8 @@ def _dummy_hash() -> str:
 
 USERS_CACHE_S = 1.0
 WINDOW_S = 60.0
+# A username's failures are forgotten after this long without one (or at a successful login).
+NAME_FORGET_S = 900.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -56,6 +60,10 @@ class Principal:
     name: str
     admin: bool
     via: str  # open | cookie | token | config-token
+    # Which credential: the SHA-256 of the login-session cookie, of the API token or of the
+    # configured token ("" in the open mode). An open socket is checked against it again when
+    # credentials change (auth/live.py).
+    key: str = ""
 
     def to_json(self) -> dict[str, object]:
         return {"id": self.id, "name": self.name, "admin": self.admin}
@@ -101,7 +109,7 @@ class RateLimited(Exception):
 
 
 class _FailureLimiter:
-    """Failed attempts per key within a sliding minute."""
+    """Failed attempts per client address within a sliding minute."""
 
     def __init__(self, limit: int) -> None:
         self.limit = limit
@@ -133,70 +141,124 @@ class _FailureLimiter:
                 window.remove(at)
 
 
+class _NameDelay:
+    """Failed attempts per username: after `free` failures in a row, the next attempt for the
+    name must wait 1 s after the last failure, 2 s after the next one, doubling up to `cap`.
+    An attacker gets one guess per `cap` seconds at most; the name's owner waits at most
+    `cap`, and is never locked out for longer (the old rule refused them for a minute)."""
+
+    def __init__(self, free: int, cap: float) -> None:
+        self.free = free
+        self.cap = cap
+        self._failures: dict[str, tuple[int, float]] = {}  # name -> (count, last failure)
+
+    def retry_after(self, name: str, now: float) -> float:
+        state = self._failures.get(name)
+        if state is None:
+            return 0.0
+        count, last = state
+        if now - last > NAME_FORGET_S:
+            del self._failures[name]
+            return 0.0
+        if count < self.free:
+            return 0.0
+        return max(0.0, last + min(self.cap, 2.0 ** (count - self.free)) - now)
+
+    def fail(self, name: str, now: float) -> None:
+        count = self._failures.pop(name, (0, now))[0]
+        self._failures[name] = (count + 1, now)  # re-inserted: the dict stays oldest-first
+        if len(self._failures) > 100_000:  # bounded memory under a spray of names
+            self._failures.pop(next(iter(self._failures)))
+
+    def succeed(self, name: str) -> None:
+        self._failures.pop(name, None)
+
+
 class Auth:
     def __init__(self, settings: Settings, store: Store) -> None:
         self.settings = settings
         self.store = store
         self._users_seen: tuple[float, bool] = (0.0, False)
         self._limiter = _FailureLimiter(settings.auth.login_attempts_per_minute)
+        self._names = _NameDelay(
+            settings.auth.login_attempts_per_minute, settings.auth.login_delay_max_s
+        )
         self._verifying = asyncio.Semaphore(2)
         # Each user's chosen default agent (None: the server's); only this process writes it.
         self._default_agents: dict[str, str | None] = {}
+        from .live import LiveSockets
+
+        self.sockets = LiveSockets(self)
 
     @property
     def ttl_s(self) -> float:
         return self.settings.auth.session_ttl_hours * 3600
 
-    async def required(self) -> bool:
-        """Credentials are needed once a user exists or a token is configured."""
+    async def required(self, fresh: bool = False) -> bool:
+        """Credentials are needed once a user exists or a token is configured. `fresh`: the
+        credentials changed (another process wrote them): ask the database now."""
         if self.settings.auth.token:
             return True
         at, seen = self._users_seen
         now = time.monotonic()
         if seen:
             return True  # users are rarely all removed; a restart notices
-        if now - at > USERS_CACHE_S:
+        if fresh or now - at > USERS_CACHE_S:
             seen = await self.store.count_users() > 0
             self._users_seen = (now, seen)
         return seen
 
     async def authenticate(self, cookie: str | None, bearer: str | None) -> Principal | None:
         if bearer:
-            configured = self.settings.auth.token
-            if configured and hmac.compare_digest(bearer.encode(), configured.encode()):
-                return Principal(LOCAL_USER_ID, "admin", True, "config-token")
-            user = await self.store.token_user(token_hash(bearer), now_iso())
-            if user is not None:
-                return _principal(user, "token")
+            found = await self.check("token", token_hash(bearer))
+            if found is not None:
+                return found
         if cookie:
-            user = await self.store.login_user(token_hash(cookie), time.time())
-            if user is not None:
-                return _principal(user, "cookie")
+            return await self.check("cookie", token_hash(cookie))
+        return None
+
+    async def check(self, via: str, key: str) -> Principal | None:
+        """Who the credential `key` (a hash, see Principal.key) of kind `via` acts as now; None
+        if it no longer does (logged out, revoked, expired, user removed, users added)."""
+        if via == "open":
+            return None if await self.required(fresh=True) else LOCAL_PRINCIPAL
+        if via in ("token", "config-token"):
+            configured = self.settings.auth.token
+            if configured and hmac.compare_digest(key, token_hash(configured)):
+                return Principal(LOCAL_USER_ID, "admin", True, "config-token", key)
+            if via == "config-token":
+                return None
+            user = await self.store.token_user(key, now_iso())
+            return _principal(user, "token", key) if user is not None else None
+        if via == "cookie":
+            user = await self.store.login_user(key, time.time())
+            return _principal(user, "cookie", key) if user is not None else None
         return None
 
     async def login(self, username: str, password: str, client: str) -> tuple[Principal, str]:
         """Check a password; returns the principal and a new login-session token. Raises
         RateLimited, or PermissionError for wrong credentials."""
         now = time.monotonic()
-        keys = (f"user:{username.lower()}", f"addr:{client}")
-        wait = max(self._limiter.retry_after(k, now) for k in keys)
+        name = username.lower()
+        wait = max(self._limiter.retry_after(client, now), self._names.retry_after(name, now))
         if wait:
-            raise RateLimited(wait)
+            raise RateLimited(max(1, math.ceil(wait)))
         # Counted before the check, not after it: attempts sent all at once would otherwise
         # all pass the limit while the first ones are still being verified.
-        for k in keys:
-            self._limiter.fail(k, now)
+        self._limiter.fail(client, now)
+        self._names.fail(name, now)
         user = await self.store.get_user_by_name(username)
         stored = user.password_hash if user is not None else ""
         async with self._verifying:  # each check takes 64 MiB: a few at a time
             ok = await asyncio.to_thread(verify_password, stored, password)
         if user is None or not ok:
             raise PermissionError("Wrong username or password")
-        for k in keys:
-            self._limiter.forgive(k, now)
+        self._limiter.forgive(client, now)
+        self._names.succeed(name)
         token = new_token("sess")
-        await self.store.create_login(token_hash(token), user.id, time.time() + self.ttl_s)
-        return _principal(user, "cookie"), token
+        key = token_hash(token)
+        await self.store.create_login(key, user.id, time.time() + self.ttl_s)
+        return _principal(user, "cookie", key), token
 
     async def default_agent(self, user_id: str) -> str | None:
         if user_id not in self._default_agents:
@@ -208,8 +270,16 @@ class Auth:
         self._default_agents[user_id] = agent_id
 
     async def logout(self, cookie: str) -> None:
-        await self.store.delete_login(token_hash(cookie))
+        """Ends the login session, and at once the sockets opened with it."""
+        key = token_hash(cookie)
+        await self.store.delete_login(key)
+        self.sockets.revoke(
+            lambda p: p.via == "cookie" and p.key == key, "You logged out: this login ended"
+        )
+
+    async def aclose(self) -> None:
+        await self.sockets.aclose()
 
 
-def _principal(user: UserRecord, via: str) -> Principal:
-    return Principal(user.id, user.name, user.admin, via)
+def _principal(user: UserRecord, via: str, key: str) -> Principal:
+    return Principal(user.id, user.name, user.admin, via, key)

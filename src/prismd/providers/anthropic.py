@@ -19,6 +19,7 @@ from .base import (
     ReasoningDelta,
     StreamPart,
     TextDelta,
+    ThinkingBlock,
     ToolCall,
     Usage,
     coalesce,
@@ -34,6 +35,7 @@ class _StreamState:
     input_tokens: int = 0
     finished: bool = False  # message_stop seen
     calls: dict[int, list[str]] = field(default_factory=dict)  # index -> [id, name, input JSON]
+    thinking: dict[int, ThinkingBlock] = field(default_factory=dict)  # index -> block so far
 
 
 class AnthropicProvider(Provider):
@@ -70,6 +72,12 @@ class AnthropicProvider(Provider):
                 }
             ]
         blocks: list[dict[str, Any]] = [
+            {"type": "redacted_thinking", "data": t.redacted}
+            if t.redacted is not None
+            else {"type": "thinking", "thinking": t.thinking, "signature": t.signature}
+            for t in m.thinking
+        ]
+        blocks += [
             {
                 "type": "image",
                 "source": {"type": "base64", "media_type": i.mime_type, "data": i.data_b64},
@@ -92,7 +100,7 @@ class AnthropicProvider(Provider):
         out: list[dict[str, Any]] = []
         for m in messages:
             role = "assistant" if m.role == "assistant" else "user"
-            simple = m.role != "tool" and not m.images and not m.tool_calls
+            simple = m.role != "tool" and not m.images and not m.tool_calls and not m.thinking
             if out and out[-1]["role"] == role:
                 prev = out[-1]
                 if isinstance(prev["content"], str):
@@ -117,10 +125,12 @@ class AnthropicProvider(Provider):
                 {"name": t.name, "description": t.description, "input_schema": t.parameters}
                 for t in request.tools
             ]
-        # Extended thinking needs the signed thinking blocks of earlier tool-use turns replayed;
-        # prismd does not keep them, so thinking is off once a tool call is in the history.
-        used_tools = any(m.tool_calls for m in request.messages)
-        if request.reasoning_effort and not used_tools:
+        # With thinking on, the assistant message that asked for the tools whose results this
+        # request carries must begin with its signed thinking blocks (kept with the message,
+        # passed back unchanged); one recorded without them (thinking was off) turns it off.
+        last = next((m for m in reversed(request.messages) if m.role == "assistant"), None)
+        unsigned = last is not None and bool(last.tool_calls) and not last.thinking
+        if request.reasoning_effort and not unsigned:
             budget = _EFFORT_BUDGET[request.reasoning_effort]
             kwargs["thinking"] = {"type": "enabled", "budget_tokens": budget}
             kwargs["max_tokens"] = max(max_tokens, budget + 1024)
@@ -152,11 +162,24 @@ class AnthropicProvider(Provider):
                     parts.append(TextDelta(delta["text"]))
                 elif dtype == "thinking_delta":
                     parts.append(ReasoningDelta(delta["thinking"]))
+                    if event.get("index") in state.thinking:
+                        state.thinking[event["index"]].thinking += delta["thinking"]
+                elif dtype == "signature_delta" and event.get("index") in state.thinking:
+                    state.thinking[event["index"]].signature += delta.get("signature") or ""
                 elif dtype == "input_json_delta" and event.get("index") in calls:
                     calls[event["index"]][2] += delta.get("partial_json") or ""
+            elif kind == "content_block_stop":
+                done = state.thinking.pop(event.get("index", -1), None)
+                if done is not None:
+                    parts.append(done)
             elif kind == "content_block_start":
                 block = event.get("content_block") or {}
-                if block.get("type") == "tool_use":
+                btype = block.get("type")
+                if btype == "thinking":
+                    state.thinking[event.get("index", -1)] = ThinkingBlock()
+                elif btype == "redacted_thinking":
+                    parts.append(ThinkingBlock(redacted=str(block.get("data") or "")))
+                if btype == "tool_use":
                     calls[event.get("index", len(calls))] = [
                         block.get("id") or f"toolu_{len(calls)}",
                         block.get("name") or "",

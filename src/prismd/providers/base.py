@@ -26,6 +26,28 @@ class ToolCall:
 
 
 @dataclass(slots=True)
+class ThinkingBlock:
+    """A model's signed reasoning (Anthropic extended thinking). When thinking is on, the
+    assistant message that asked for tools must carry its thinking blocks back, unchanged,
+    with the tool results."""
+
+    thinking: str = ""
+    signature: str = ""
+    redacted: str | None = None  # a redacted_thinking block's opaque data
+
+    def to_json(self) -> dict[str, str]:
+        if self.redacted is not None:
+            return {"redacted": self.redacted}
+        return {"thinking": self.thinking, "signature": self.signature}
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any]) -> ThinkingBlock:
+        if "redacted" in data:
+            return cls(redacted=str(data["redacted"]))
+        return cls(str(data.get("thinking", "")), str(data.get("signature", "")))
+
+
+@dataclass(slots=True)
 class ChatMessage:
     """One message of the model's view. `tool` messages carry a result for `tool_call_id`."""
 
@@ -36,6 +58,7 @@ class ChatMessage:
     tool_call_id: str | None = None  # on tool messages
     tool_name: str | None = None  # on tool messages
     is_error: bool = False  # on tool messages
+    thinking: list[ThinkingBlock] = field(default_factory=list)  # on assistant messages
 
 
 @dataclass(slots=True)
@@ -73,7 +96,7 @@ class Usage:
     reasoning_tokens: int = 0
 
 
-StreamPart = TextDelta | ReasoningDelta | Usage | ToolCall
+StreamPart = TextDelta | ReasoningDelta | Usage | ToolCall | ThinkingBlock
 
 
 def coalesce(parts: list[StreamPart]) -> list[StreamPart]:

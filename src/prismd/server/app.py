@@ -7,7 +7,6 @@ import logging
 from collections.abc import AsyncIterator
 
 from fastapi import FastAPI
-from fastapi.exceptions import RequestValidationError
 
 from .. import __version__
 from ..auth.middleware import AuthMiddleware
@@ -43,18 +42,14 @@ def create_app(settings: Settings, probe_ollama: bool = True) -> FastAPI:
     )
     app.state.prismd = core
     app.add_middleware(AuthMiddleware)
-    from .limits import ENVELOPE_BYTES, BodyLimitMiddleware
+    from .limits import BodyLimitMiddleware
+    from .routes.uploads import max_body_bytes
 
-    def body_limit() -> int:
-        largest = max(settings.server.max_file_bytes, settings.voice.max_audio_bytes)
-        return largest + ENVELOPE_BYTES
+    app.add_middleware(BodyLimitMiddleware, limit=lambda: max_body_bytes(settings))
 
-    app.add_middleware(BodyLimitMiddleware, limit=body_limit)
+    from . import routes, ws
 
-    from . import rest, ws
-
-    app.include_router(rest.router)
-    app.add_exception_handler(RequestValidationError, rest.validation_error)
+    routes.install(app)
     app.include_router(ws.router)
     from . import voice
 
@@ -66,3 +61,16 @@ def create_app(settings: Settings, probe_ollama: bool = True) -> FastAPI:
 
     app.include_router(web.router)
     return app
+
+
+def from_environment() -> FastAPI:
+    """The app of one worker of `prismd serve --workers N` (the settings come from the
+    environment and PRISMD_CONFIG; see cli.py)."""
+    import os
+
+    from ..cli import configure_logging
+    from ..config import load_settings
+
+    settings = load_settings(os.environ.get("PRISMD_CONFIG") or None)
+    configure_logging(settings)
+    return create_app(settings)

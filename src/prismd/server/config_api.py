@@ -11,18 +11,18 @@ from __future__ import annotations
 import json
 import os
 import tomllib
+from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
-from urllib.parse import urlsplit, urlunsplit
 
 from pydantic import ValidationError
 
+from ..auth.redact import MASK, configured_secrets, mask_args, mask_text
 from ..config import ConfigError, Settings
 
 if TYPE_CHECKING:
     from .app import Prismd
 
-MASK = "••••"
 SECRET_KEYS = {"api_key", "token", "password", "secret"}
 # Dotted keys PATCH /api/config accepts, each applied to the running server at once.
 RUNTIME_KEYS = (
@@ -39,42 +39,30 @@ RUNTIME_KEYS = (
 )
 
 
-def _mask(node: Any, key: str = "") -> Any:
+def _mask(node: Any, known: Sequence[str] = (), key: str = "") -> Any:
+    """Secrets masked (auth/redact.py): values of secret keys, of `env` and `headers`, secret
+    `args`, credentials in URLs, and any configured secret wherever else it occurs."""
     if isinstance(node, dict):
         masked: dict[str, Any] = {}
         for k, v in node.items():
             if k in ("env", "headers") and isinstance(v, dict):
                 masked[k] = {name: MASK for name in v}
+            elif k == "args" and isinstance(v, list) and all(isinstance(a, str) for a in v):
+                masked[k] = [mask_text(a, known) for a in mask_args(v)]
             else:
-                masked[k] = _mask(v, k)
+                masked[k] = _mask(v, known, k)
         return masked
     if isinstance(node, list):
-        return [_mask(v, key) for v in node]
+        return [_mask(v, known, key) for v in node]
     if key in SECRET_KEYS and node:
         return MASK
-    if isinstance(node, str) and "://" in node:
-        return _mask_url(node)
+    if isinstance(node, str):
+        return mask_text(node, known)
     return node
 
 
-def _mask_url(url: str) -> str:
-    """Credentials inside a URL (`https://user:pass@host`, `?key=…`) are secrets too."""
-    parts = urlsplit(url)
-    if not parts.scheme or not parts.netloc:
-        return url
-    netloc = parts.netloc
-    if "@" in netloc:
-        netloc = f"{MASK}@{netloc.rsplit('@', 1)[1]}"
-    query = "&".join(
-        f"{pair.split('=', 1)[0]}={MASK}" if "=" in pair else pair
-        for pair in parts.query.split("&")
-        if pair
-    )
-    return urlunsplit((parts.scheme, netloc, parts.path, query, parts.fragment))
-
-
 def effective(settings: Settings) -> dict[str, Any]:
-    body = _mask(settings.model_dump(mode="json"))
+    body = _mask(settings.model_dump(mode="json"), configured_secrets(settings))
     return {"config": body, "runtimeKeys": list(RUNTIME_KEYS)}
 
 

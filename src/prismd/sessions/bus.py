@@ -38,6 +38,9 @@ class EventBus(abc.ABC):
     def detach_all(self, session_id: str, reason: str = "deleted") -> None:
         """Unsubscribe everyone from a session and tell them (`session_gone`)."""
 
+    def position(self, session_id: str, seq: int) -> None:  # noqa: B027 - optional
+        """This process's connections to the session have every event up to `seq`."""
+
 
 class LocalBus(EventBus):
     def __init__(self) -> None:

@@ -41,6 +41,7 @@ from ..store.base import (
     Written,
 )
 from .bus import EventBus, Subscriber
+from .coordination import LocalCoordination, TurnAlreadyRan
 from .ids import new_id, now_iso
 from .repair import repair
 
@@ -115,10 +116,18 @@ class LiveSession:
 
 
 class SessionService:
-    def __init__(self, store: Store, bus: EventBus, max_events: int = 50_000) -> None:
+    def __init__(
+        self,
+        store: Store,
+        bus: EventBus,
+        max_events: int = 50_000,
+        coordination: LocalCoordination | None = None,
+    ) -> None:
         self.store = store
         self.bus = bus
         self.max_events = max_events
+        # One process, or many (sessions/coordination.py).
+        self.coordination = coordination or LocalCoordination()
         self._live: dict[str, LiveSession] = {}
         self._loading: dict[str, asyncio.Future[LiveSession | None]] = {}
         # The last write of sessions dropped from memory, until it is durable: a reload waits
@@ -177,16 +186,47 @@ class SessionService:
             record, log_state.last_seq, log_state.first_seq, log_state.client_turns, history
         )
 
-    async def recover(self) -> int:
-        """At start: repair every session a crash cut off (before anyone reads it). Returns
-        how many were repaired."""
-        crashed = await self.store.crashed_sessions()
+    async def start(self) -> int:
+        """At start: repair every session a crash cut off (before anyone reads it), when this
+        is the only process; then start coordinating. Returns how many were repaired."""
+        crashed = [] if self.coordination.distributed else await self.store.crashed_sessions()
         for session_id in crashed:
             state = await self.store.open_log(session_id)
             await repair(self.store, session_id, state)
         if crashed:
             log.info("repaired %d session(s) cut off by a crash", len(crashed))
+        await self.coordination.start(self)
         return len(crashed)
+
+    async def shutdown(self) -> None:
+        await self.coordination.close()
+
+    async def take_over(self, session_id: str) -> None:
+        """The process running this session's turn died (its lease expired and this process
+        holds it now): end the turn in the log and tell the session's connections."""
+        state = await self.store.open_log(session_id)
+        if not state.running_turns:
+            return
+        rows = await repair(self.store, session_id, state)
+        live = self._live.get(session_id)
+        if live is not None:
+            live.last_seq = max(live.last_seq, state.last_seq)
+        for seq, _turn_id, frame in rows:
+            self.bus.publish(session_id, seq, frame)
+        log.warning("session %s: its process died mid-turn; the turn was ended", session_id)
+
+    async def reload(self, live: LiveSession) -> None:
+        """Read a session's state afresh from the store (another process may have run turns
+        in it since it was loaded here)."""
+        await self._durable(live)
+        state = await self.store.open_log(live.id)
+        record = await self.store.get_session(live.id)
+        if record is not None:
+            live.record = record
+        if state.last_seq != live.last_seq:
+            live.history = await self.store.load_messages(live.id, with_file_data=True)
+        live.last_seq, live.first_seq = state.last_seq, state.first_seq
+        live.client_turns = state.client_turns
 
     def create(
         self, agent_id: str, session_id: str | None = None, owner_id: str = LOCAL_USER_ID
@@ -259,6 +299,7 @@ class SessionService:
             live = None
         if live is None:
             raise ProtocolError(ErrorCode.SESSION_NOT_FOUND, f'Session "{sid}" not found')
+        await self.coordination.refresh(live)
         if last_seq is not None and (last_seq < live.first_seq - 1 or last_seq > live.last_seq):
             self.maybe_evict(live)
             raise ProtocolError(
@@ -412,14 +453,27 @@ class SessionService:
 
     # ------------------------------------------------------------ turns
 
-    def begin_turn(self, live: LiveSession, client_message_id: str | None) -> Turn:
-        """Take the session's turn lock, atomically (no await here)."""
+    async def begin_turn(self, live: LiveSession, client_message_id: str | None) -> Turn:
+        """Take the session's turn lock: here atomically (no await before it is set), then
+        across processes (the lease). Raises turn_in_progress, or TurnAlreadyRan when the
+        clientMessageId ran before (possibly on another process)."""
         if live.turn is not None:
             raise ProtocolError(
                 ErrorCode.TURN_IN_PROGRESS, "A turn is already in progress — wait for it to finish"
             )
         turn = Turn(id=new_id("turn"), client_message_id=client_message_id)
         live.turn = turn
+        try:
+            await self.coordination.claim(live)
+            ran = self.turn_for(live, client_message_id)
+            if ran is not None:
+                raise TurnAlreadyRan(ran)
+        except BaseException:
+            if live.turn is turn:
+                live.turn = None
+                self.coordination.released(live)
+            self.maybe_evict(live)
+            raise
         if client_message_id:
             live.client_turns[client_message_id] = turn.id
         self.seal(live)
@@ -439,6 +493,7 @@ class SessionService:
     def end_turn(self, live: LiveSession, turn: Turn) -> None:
         if live.turn is turn:
             live.turn = None
+            self.coordination.released(live)
         self.seal(live)
         if live.last_seq - live.first_seq + 1 > self.max_events:
             live.first_seq = live.last_seq - self.max_events + 1
@@ -461,6 +516,49 @@ class SessionService:
         if turn.consumer is not None:
             turn.consumer.cancel()
         return True
+
+    def stop_all_of(self, owner_id: str) -> int:
+        """Stop the running turns of one user's sessions (the user was removed)."""
+        mine = [live for live in self._live.values() if live.record.owner_id == owner_id]
+        return sum(self.stop(live) for live in mine)
+
+    async def request_stop(self, live: LiveSession, keep_spoken: bool = False) -> bool:
+        """`stop` from any connection: here, or sent to the process running the turn."""
+        if self.stop(live, keep_spoken):
+            return True
+        if live.turn is None and self.coordination.distributed:
+            command = {"type": "stop", "keepSpoken": keep_spoken}
+            return await self.coordination.command(live.id, command)
+        return False
+
+    async def request_approval(self, live: LiveSession, request_id: str, approved: bool) -> bool:
+        """An approval answer from any connection: here, or sent to the turn's process."""
+        if self.answer_approval(live, request_id, approved):
+            return True
+        if live.turn is None and self.coordination.distributed:
+            command = {"type": "approval", "requestId": request_id, "approved": approved}
+            return await self.coordination.command(live.id, command)
+        return False
+
+    async def connected(self, live: LiveSession) -> bool:
+        """Is a connection bound to the session, on any process (someone to ask)?"""
+        return await self.coordination.connected(live)
+
+    async def running_turn(self, live: LiveSession) -> str | None:
+        """The id of the turn running in the session, on any process."""
+        return await self.coordination.running_turn(live)
+
+    def abandon(self, live: LiveSession) -> None:
+        """This process lost the session's lease mid-turn (cut off from the store for longer
+        than the lease): it must write and deliver nothing more of it."""
+        live.gone = True
+        live.pending.clear()
+        live.open_chunk = None
+        if self._live.get(live.id) is live:
+            del self._live[live.id]
+        if live.turn is not None and live.turn.task is not None:
+            live.turn.task.cancel()
+        self.bus.detach_all(live.id, "store_failed")
 
     def answer_approval(self, live: LiveSession, request_id: str, approved: bool) -> bool:
         turn = live.turn
@@ -608,6 +706,7 @@ class SessionService:
         """Send the logged events after `after_seq` (of one turn, if given), then go live with
         no gap and no duplicate. The target must already be subscribed: an event durable
         before the read is in it, one durable after is held and released after it."""
+        await self.coordination.ready(live)
         target.hold()
         sent = after_seq
         try:
@@ -621,4 +720,5 @@ class SessionService:
                     await target.drain(REPLAY_STEP)
         finally:
             target.release(max(sent, after_seq))
+        self.bus.position(live.id, sent)
         return sent

@@ -240,9 +240,11 @@ class Store(abc.ABC):
         owner_id: str | None = None,
         query: str | None = None,
         statuses: tuple[str, ...] | None = None,
+        order: str = "activity",
     ) -> tuple[list[SessionRecord], int]:
-        """Newest activity first; `owner_id` None means every owner's, `statuses` None every
-        status, `query` a substring of the name (case-insensitive)."""
+        """Newest activity first (`order` "started": newest started first); `owner_id` None
+        means every owner's, `statuses` None every status, `query` a substring of the name
+        (case-insensitive)."""
 
     @abc.abstractmethod
     def update_session(self, session_id: str, **fields: Any) -> Written: ...
@@ -267,9 +269,16 @@ class Store(abc.ABC):
     async def save_agent(self, row: dict[str, Any], owner_id: str) -> None: ...
 
     @abc.abstractmethod
-    async def delete_agent(self, agent_id: str) -> bool: ...
+    async def delete_agent(self, agent_id: str, owner_id: str) -> bool:
+        """Agent ids are per user: (owner, id) names a created agent."""
 
     # users, login sessions, API tokens, preferences, uploads (core database)
+    async def data_version(self) -> int:
+        """A number that changes when another process (`prismd users|tokens|passwd`) has
+        changed the credentials; the server then checks its open sockets again. A store that
+        cannot tell answers a constant (changes are then noticed by the periodic check)."""
+        return 0
+
     @abc.abstractmethod
     async def count_users(self) -> int: ...
 

@@ -52,7 +52,24 @@ from .base import (
 log = logging.getLogger("prismd.store")
 T = TypeVar("T")
 
-CORE_SCHEMA = """
+# Agent ids are per user: (owner_id, id) is the key; config agents have owner ''.
+AGENTS_TABLE = """
+CREATE TABLE IF NOT EXISTS agents (
+  id TEXT NOT NULL,
+  name TEXT NOT NULL,
+  description TEXT NOT NULL DEFAULT '',
+  provider TEXT,
+  model TEXT,
+  system_prompt TEXT NOT NULL DEFAULT '',
+  temperature REAL,
+  tools TEXT NOT NULL DEFAULT '[]',
+  builtin INTEGER NOT NULL DEFAULT 0,
+  source TEXT NOT NULL DEFAULT 'config',
+  owner_id TEXT NOT NULL DEFAULT '',
+  PRIMARY KEY (owner_id, id)
+);
+"""
+CORE_SCHEMA = f"""
 CREATE TABLE IF NOT EXISTS sessions (
   id TEXT PRIMARY KEY,
   name TEXT NOT NULL DEFAULT '',
@@ -69,19 +86,7 @@ CREATE TABLE IF NOT EXISTS sessions (
   cost_usd REAL
 );
 CREATE INDEX IF NOT EXISTS sessions_recent ON sessions(last_turn_at DESC, started_at DESC);
-CREATE TABLE IF NOT EXISTS agents (
-  id TEXT PRIMARY KEY,
-  name TEXT NOT NULL,
-  description TEXT NOT NULL DEFAULT '',
-  provider TEXT,
-  model TEXT,
-  system_prompt TEXT NOT NULL DEFAULT '',
-  temperature REAL,
-  tools TEXT NOT NULL DEFAULT '[]',
-  builtin INTEGER NOT NULL DEFAULT 0,
-  source TEXT NOT NULL DEFAULT 'config'
-);
-CREATE TABLE IF NOT EXISTS users (
+{AGENTS_TABLE}CREATE TABLE IF NOT EXISTS users (
   id TEXT PRIMARY KEY,
   name TEXT NOT NULL UNIQUE,
   password_hash TEXT NOT NULL DEFAULT '',
@@ -127,7 +132,7 @@ CREATE TABLE IF NOT EXISTS session_messages (
   turn_id TEXT,
   status TEXT NOT NULL DEFAULT 'complete',
   reasoning TEXT,
-  meta TEXT NOT NULL DEFAULT '{}'
+  meta TEXT NOT NULL DEFAULT '{{}}'
 );
 CREATE INDEX IF NOT EXISTS session_messages_session ON session_messages(session_id);
 CREATE TABLE IF NOT EXISTS session_files (
@@ -167,10 +172,21 @@ CREATE INDEX IF NOT EXISTS turns_session ON turns(session_id, client_message_id)
 CREATE INDEX IF NOT EXISTS turns_running ON turns(status) WHERE status = 'running';
 """
 # Columns added after the first release: (table, column, definition).
-CORE_MIGRATIONS = (
-    ("sessions", "owner_id", f"TEXT NOT NULL DEFAULT '{LOCAL_USER_ID}'"),
-    ("agents", "owner_id", "TEXT"),
+CORE_MIGRATIONS = (("sessions", "owner_id", f"TEXT NOT NULL DEFAULT '{LOCAL_USER_ID}'"),)
+# Agent ids became per user: a database whose agents table is keyed by id alone is rebuilt
+# with the key (owner_id, id) (config agents have owner '').
+_AGENT_COLUMNS = (
+    "id, name, description, provider, model, system_prompt, temperature, tools, builtin, source"
 )
+AGENTS_PER_USER = f"""
+ALTER TABLE agents RENAME TO agents_v1;
+{AGENTS_TABLE}
+INSERT INTO agents ({_AGENT_COLUMNS}, owner_id)
+  SELECT {_AGENT_COLUMNS},
+    CASE WHEN source='user' THEN coalesce({{owner}}, '{LOCAL_USER_ID}') ELSE '' END
+  FROM agents_v1;
+DROP TABLE agents_v1;
+"""
 
 # The per-session layout of PROTOCOL.md A4, for `export_session` and the legacy import.
 LEGACY_SESSION_SCHEMA = """
@@ -286,6 +302,12 @@ class SqliteStore(Store):
             have = {r[1] for r in db.execute(f"PRAGMA table_info({table})")}
             if column not in have:
                 db.execute(f"ALTER TABLE {table} ADD COLUMN {column} {definition}")
+        agent_key = [r[1] for r in db.execute("PRAGMA table_info(agents)") if r[5]]
+        if agent_key == ["id"]:
+            have = {r[1] for r in db.execute("PRAGMA table_info(agents)")}
+            owner = "owner_id" if "owner_id" in have else "NULL"
+            db.commit()
+            db.executescript(AGENTS_PER_USER.format(owner=owner))
         db.execute("CREATE INDEX IF NOT EXISTS sessions_owner ON sessions(owner_id)")
         db.commit()
         self._import_legacy()
@@ -436,6 +458,7 @@ class SqliteStore(Store):
         owner_id: str | None = None,
         query: str | None = None,
         statuses: tuple[str, ...] | None = None,
+        order: str = "activity",
     ) -> tuple[list[SessionRecord], int]:
         conds: list[str] = []
         args: list[Any] = []
@@ -453,12 +476,13 @@ class SqliteStore(Store):
             conds.append(f"status IN ({','.join('?' * len(statuses))})")
             args.extend(statuses)
         where = f"WHERE {' AND '.join(conds)}" if conds else ""
+        sort = "started_at" if order == "started" else "COALESCE(last_turn_at, started_at)"
 
         def op(db: sqlite3.Connection) -> tuple[list[SessionRecord], int]:
             total = db.execute(f"SELECT COUNT(*) FROM sessions {where}", args).fetchone()[0]
             rows = db.execute(
                 f"SELECT {_SESSION_COLUMNS} FROM sessions {where} "
-                "ORDER BY COALESCE(last_turn_at, started_at) DESC, rowid DESC LIMIT ? OFFSET ?",
+                f"ORDER BY {sort} DESC, rowid DESC LIMIT ? OFFSET ?",
                 [*args, limit, offset],
             ).fetchall()
             return [_session_record(r) for r in rows], total
@@ -537,11 +561,14 @@ class SqliteStore(Store):
             )
         )
 
-    async def delete_agent(self, agent_id: str) -> bool:
+    async def delete_agent(self, agent_id: str, owner_id: str) -> bool:
         return await self._call(
             lambda: (
                 self._w()
-                .execute("DELETE FROM agents WHERE id=? AND source='user'", (agent_id,))
+                .execute(
+                    "DELETE FROM agents WHERE id=? AND owner_id=? AND source='user'",
+                    (agent_id, owner_id),
+                )
                 .rowcount
                 > 0
             )
@@ -550,6 +577,12 @@ class SqliteStore(Store):
     # ------------------------------------------------------------ users and credentials
 
     _USER_COLUMNS = "id, name, admin, password_hash, created_at"
+
+    async def data_version(self) -> int:
+        """SQLite's `PRAGMA data_version` on the writer's connection: it changes only when
+        another connection (another process: the CLI) commits, never for this store's writes
+        (its readers never write)."""
+        return await self._call(lambda: int(self._w().execute("PRAGMA data_version").fetchone()[0]))
 
     async def count_users(self) -> int:
         return await self._read(

@@ -40,6 +40,7 @@ from mcp.client.streamable_http import streamable_http_client
 from mcp.shared.exceptions import MCPError
 
 from .. import __version__
+from ..auth.redact import mask_text, secrets_of
 from .base import Tool, ToolContext, ToolError, ToolSpec
 
 if TYPE_CHECKING:
@@ -222,18 +223,21 @@ class _Attempt:
         return await stack.enter_async_context(Client(transport, **common))
 
     def _stderr_pipe(self) -> Any:
-        """A file for the child's stderr; a thread logs its lines and keeps the last ones."""
+        """A file for the child's stderr; a thread keeps the last lines (masked: they reach
+        `GET /api/tools`) and logs them masked at DEBUG (a server may print what it was given,
+        and the default log is no place for what it prints)."""
         r, w = os.pipe()
         name = self.conn.name
         tail = self.stderr_tail
+        mask = self.conn.mask
 
         def pump() -> None:
             with open(r, "rb", closefd=True) as f:
                 for raw in f:
-                    line = raw.decode("utf-8", "replace").rstrip()
+                    line = mask(raw.decode("utf-8", "replace").rstrip()[:2000])
                     if line:
                         tail.append(line)
-                        stderr_log.info("[%s] %s", name, line)
+                        stderr_log.debug("[%s] %s", name, line)
 
         self._stderr_thread = threading.Thread(target=pump, name=f"mcp-stderr-{name}", daemon=True)
         self._stderr_thread.start()
@@ -270,7 +274,7 @@ class _Attempt:
                 tail = []
             if tail:
                 reason += " | stderr: " + " / ".join(tail)
-        return reason
+        return self.conn.mask(reason)
 
     async def close(self) -> None:
         """Close the session (and stop the process), bounded; cancel the task if it hangs."""
@@ -313,6 +317,12 @@ class _Connection:
         self.closed = False
         self._lock = asyncio.Lock()
         self._next_reconnect = 0.0
+        self._secrets = secrets_of(settings)
+
+    def mask(self, text: str) -> str:
+        """`text` without this server's configured secrets nor recognisable ones: what reaches
+        the log, tool errors and `GET /api/tools` (auth/redact.py)."""
+        return mask_text(text, self._secrets)
 
     def config_error(self) -> str | None:
         s = self.settings
@@ -379,6 +389,7 @@ class _Connection:
     def mark_dead(self, attempt: _Attempt, reason: str) -> None:
         if attempt.dead:
             return
+        reason = self.mask(reason)
         attempt.dead = True
         attempt.error = reason
         self.error = reason
@@ -393,7 +404,7 @@ class _Connection:
             "name": self.name,
             "transport": self.transport,
             "connected": connected,
-            "error": error,
+            "error": self.mask(error) if error else error,
             "tools": len(self.tools) if connected else 0,
         }
 
@@ -455,15 +466,19 @@ class McpTool(Tool):
                 raise ToolError(
                     f"MCP server '{conn.name}' is not connected: the connection closed"
                 ) from None
-            raise ToolError(f"{label} failed: {exc.message} (MCP error {exc.code})") from None
+            raise ToolError(
+                conn.mask(f"{label} failed: {exc.message} (MCP error {exc.code})")
+            ) from None
         except TimeoutError:
             raise ToolError(f"{label} timed out after {timeout:g} s") from None
         except _CONNECTION_ERRORS as exc:
             if attempt is not None:
                 conn.mark_dead(attempt, f"{type(exc).__name__}: {exc}")
-            raise ToolError(f"MCP server '{conn.name}' is not connected: {exc}") from None
+            raise ToolError(
+                conn.mask(f"MCP server '{conn.name}' is not connected: {exc}")
+            ) from None
         except Exception as exc:  # e.g. a result that fails its output schema
-            raise ToolError(f"{label} failed: {type(exc).__name__}: {exc}") from None
+            raise ToolError(conn.mask(f"{label} failed: {type(exc).__name__}: {exc}")) from None
         text = result_to_text(result)
         if result.is_error:
             raise ToolError(text or f"{label} reported an error")

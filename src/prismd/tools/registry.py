@@ -119,8 +119,9 @@ class ToolRegistry:
     def __init__(self, settings: Settings, tools: Iterable[Tool]) -> None:
         self.settings = settings
         self._tools: dict[str, Tool] = {}
-        # (agent id, caller class) -> view; see `view`.
-        self._views: dict[tuple[str, str], ToolView] = {}
+        # (the agent object, caller class) -> view; see `view`. Keyed by the object: agent ids
+        # are per user, so two users' agents may share one.
+        self._views: dict[tuple[int, str], ToolView] = {}
         self.add(tools)
 
     def add(self, tools: Iterable[Tool]) -> None:
@@ -162,7 +163,7 @@ class ToolRegistry:
             kind = "admin"
         else:
             kind = f"user:{caller.name}" if caller.name in grants else "user"
-        key = (agent.id, kind)
+        key = (id(agent), kind)
         view = self._views.get(key)
         if view is None or view.agent is not agent:
             allowed = {

@@ -1,12 +1,14 @@
-// REST helpers. A route that does not exist (404 with no JSON error body, or 405) is reported
-// as `missing` so the app can hide the feature instead of failing.
+// REST helpers. A route that does not exist (404 `not_found`, a 404 with no error code, or 405)
+// is reported as `missing` so the app can hide the feature instead of failing.
 export class ApiError extends Error {
   constructor(status, body) {
     super((body && body.error) || `HTTP ${status}`);
     this.status = status;
     this.code = body && body.code;
-    // FastAPI's own 404 for an unknown route has no `code`; prismd's refusals always have one.
-    this.missing = status === 405 || (status === 404 && !(body && body.code));
+    // An unknown route answers 404 `not_found`; a missing object has its own code
+    // (session_not_found, agent_not_found…).
+    const code = body && body.code;
+    this.missing = status === 405 || (status === 404 && (!code || code === "not_found"));
   }
 }
 

@@ -252,12 +252,12 @@ async function onResumed(frame) {
     return;
   }
   const sessionId = frame.sessionId;
-  let history = null;
+  let history = [];
   try {
     history = await api(`/api/sessions/${encodeURIComponent(sessionId)}/messages`);
   } catch (err) {
     if (err.status === 401) return showLogin();
-    history = { messages: [] };
+    history = [];
   }
   if (S.sessionId !== sessionId) return; // switched away meanwhile
   // A chat typed while offline waits in the outbox: keep its bubble and placeholder.
@@ -268,10 +268,10 @@ async function onResumed(frame) {
   S.queue = null;
   const live = new Set(queued.filter((f) => f.turnId).map((f) => f.turnId));
   const spoken = new Set(queued.filter((f) => f.type === "transcribed").map((f) => f.turnId));
-  const turns = renderHistory(history.messages || [], $("#messages-inner"), { skipTurns: live, skipUsers: spoken, makeTurn });
+  const turns = renderHistory(history, $("#messages-inner"), { skipTurns: live, skipUsers: spoken, makeTurn });
   for (const [id, view] of turns) S.turns.set(id, view);
   S.shownSession = sessionId;
-  showEmpty(!(history.messages || []).length && !queued.length);
+  showEmpty(!history.length && !queued.length);
   S.lastSeq = 0;
   for (const event of queued) applyEvent(event, false);
   S.lastSeq = Math.max(S.lastSeq, frame.lastSeq || 0);
@@ -713,7 +713,6 @@ function answerApproval(requestId, approved) {
 
 // ------------------------------------------------------------------ sessions sidebar
 
-let sessionsTotal = null;
 let searchTimer = null;
 
 function relTime(iso) {
@@ -730,19 +729,13 @@ function relTime(iso) {
 
 async function refreshSessions() {
   const q = $("#session-search").value.trim();
-  let data;
+  let sessions;
   try {
-    data = await api(`/api/sessions?limit=100${q ? `&q=${encodeURIComponent(q)}` : ""}`);
+    // Archived chats stay out of the sidebar (`status=visible`: active and closed ones).
+    sessions = await api(`/api/sessions?limit=100&status=visible&sort=activity${q ? `&q=${encodeURIComponent(q)}` : ""}`);
   } catch (err) {
     if (err.status === 401) return showLogin();
     return;
-  }
-  let sessions = data.sessions || [];
-  if (!q) sessionsTotal = data.total;
-  else if (sessionsTotal !== null && data.total === sessionsTotal) {
-    // The server ignored `q`: filter by name here.
-    const needle = q.toLowerCase();
-    sessions = sessions.filter((s) => (s.name || "").toLowerCase().includes(needle));
   }
   renderSessions(sessions, q);
 }
@@ -758,7 +751,7 @@ function renderSessions(sessions, q) {
   }
   let group = null;
   for (const s of sessions) {
-    const label = dayGroup(s.lastTurnAt || s.startedAt);
+    const label = dayGroup(s.last_turn_at || s.started_at);
     if (label !== group) {
       group = label;
       list.append(h("div", { class: "side-group", text: label }));
@@ -783,8 +776,8 @@ function sessionTitle(s) {
 
 function sessionItem(s) {
   const title = h("span", { class: "s-title", text: sessionTitle(s) });
-  const agent = S.agents.find((a) => a.id === s.agentId);
-  const sub = h("span", { class: "s-sub", text: [agent ? agent.name : s.agentId, relTime(s.lastTurnAt || s.startedAt)].filter(Boolean).join(" · ") });
+  const agent = S.agents.find((a) => a.id === s.agent_id);
+  const sub = h("span", { class: "s-sub", text: [agent ? agent.name : s.agent_id, relTime(s.last_turn_at || s.started_at)].filter(Boolean).join(" · ") });
   const del = h("button", { type: "button", class: "icon-btn s-del", title: "Delete chat", "aria-label": "Delete chat", text: "✕" });
   const ren = h("button", { type: "button", class: "icon-btn s-ren", title: "Rename chat", "aria-label": "Rename chat" }, icon("edit", 14));
   const item = h("div", { class: "session-item" + (s.id === S.sessionId ? " active" : ""), role: "button", tabindex: "0", "data-id": s.id },
@@ -875,10 +868,11 @@ function newChat(notify = true) {
 // ------------------------------------------------------------------ agents and models
 
 async function loadAgents() {
-  let data;
-  try { data = await api("/api/agents"); } catch { $("#agent-picker").hidden = true; return; }
-  S.agents = data.agents || [];
-  S.defaultAgent = data.default;
+  let agents;
+  try { agents = await api("/api/agents"); } catch { $("#agent-picker").hidden = true; return; }
+  S.agents = agents;
+  const chosen = agents.find((a) => a.default);
+  S.defaultAgent = chosen ? chosen.id : null;
   const picker = $("#agent-picker");
   picker.replaceChildren(...S.agents.map((a) => h("option", { value: a.id, text: a.name || a.id, title: a.description || "" })));
   if (!S.agentId || !S.agents.some((a) => a.id === S.agentId)) S.agentId = null;
@@ -907,8 +901,8 @@ async function loadModels() {
   const providers = await maybe("/api/providers", null).catch(() => null);
   if (!providers || !providers.default) return;
   const current = (providers.providers || []).find((p) => p.kind === providers.default);
-  const data = await maybe(`/api/providers/${encodeURIComponent(providers.default)}/models`, null).catch(() => null);
-  const ids = new Set(((data && data.models) || []).map((m) => m.id));
+  const models = await maybe(`/api/providers/${encodeURIComponent(providers.default)}/models`, []).catch(() => []);
+  const ids = new Set(models.map((m) => m.id));
   if (current && current.model) ids.delete(current.model);
   const options = [h("option", { value: "", text: current && current.model ? current.model : "Default model" })];
   for (const id of [...ids].sort()) options.push(h("option", { value: id, text: id }));

@@ -317,11 +317,11 @@ function brief(input) {
   return JSON.stringify(value).slice(0, 80);
 }
 
-// Rebuilds turns from stored messages (GET /api/sessions/{id}/messages).
+// Rebuilds turns from stored messages (GET /api/sessions/{id}/messages: snake_case rows).
 export function renderHistory(messages, container, { skipTurns, skipUsers, makeTurn }) {
   const turns = new Map();
   for (const m of messages) {
-    const turnId = m.turnId || m.id;
+    const turnId = m.turn_id || m.id;
     if (m.role === "user") {
       // A voice turn being replayed brings its own `transcribed` event.
       if (skipUsers && skipUsers.has(turnId)) continue;
@@ -345,7 +345,7 @@ export function renderHistory(messages, container, { skipTurns, skipUsers, makeT
         view.flush();
       }
       let calls = [];
-      try { calls = m.toolCalls ? JSON.parse(m.toolCalls) : []; } catch { calls = []; }
+      try { calls = m.tool_calls ? JSON.parse(m.tool_calls) : []; } catch { calls = []; }
       for (const c of calls) view.toolStart({ id: c.id, name: c.name, input: c.arguments });
       const meta = m.meta || {};
       if (m.status === "error") view.error(meta.error || "The turn failed", meta.code);
@@ -355,7 +355,7 @@ export function renderHistory(messages, container, { skipTurns, skipUsers, makeT
       if (m.status === "interrupted") view.meta.prepend(h("span", { class: "badge", text: "interrupted" }));
     } else {
       let result = {};
-      try { result = m.toolResult ? JSON.parse(m.toolResult) : {}; } catch { result = {}; }
+      try { result = m.tool_result ? JSON.parse(m.tool_result) : {}; } catch { result = {}; }
       view.toolEnd({ id: result.id, name: result.name, status: result.status, output: m.content });
       view.setWaiting(false);
     }
