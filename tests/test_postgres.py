@@ -37,9 +37,9 @@ from prismd.store.base import (
 from prismd.store.postgres import MIGRATIONS, SCHEMA_VERSION, PostgresStore
 from prismd.store.sqlite import SqliteStore
 from prismd.testing.fake_models import Reply
+from prismd.testing.postgres_server import PostgresServer
 
 from .conftest import ROOT, openai_env
-from .services import PostgresCluster
 from .test_store import check_legacy_session, make_legacy_install
 
 HANG_GUARD_S = 30  # an await that takes this long has hung: the test fails, it does not wait
@@ -150,7 +150,7 @@ def test_two_processes_migrating_at_once_and_an_older_schema(make_pg_database, t
 
 
 @pytest.fixture
-def pg_url(postgres: PostgresCluster, pg_module_url: str) -> str:
+def pg_url(postgres: PostgresServer, pg_module_url: str) -> str:
     from .services import reset_pg_database
 
     reset_pg_database(postgres, pg_module_url)
@@ -205,6 +205,8 @@ def test_running_turns_without_a_live_lease_are_the_crashed_ones(pg_url):
         store.save_turn("s1", "t1", status="running")
         await store.save_turn("s2", "t2", status="complete")
         assert await store.expired_turns() == ["s1"]  # no lease was ever taken
+        assert await store.running_turn("s1") == "t1"
+        assert await store.running_turn("s2") is None
         assert await store.acquire_lease("s1", "A", 30) is True
         assert await store.expired_turns() == []  # a live process runs it
         assert await store.crashed_sessions() == []  # so a starting process leaves it alone
@@ -271,14 +273,13 @@ def test_a_stopped_server_fails_fast_and_the_store_recovers(postgres, pg_url):
 
 
 @pytest.fixture
-def frozen(postgres: PostgresCluster) -> Iterator[Callable[[], None]]:
+def frozen(postgres: PostgresServer) -> Iterator[Callable[[], None]]:
     """`freeze()` stops every process of the cluster (SIGSTOP): connections stay open and
     nothing answers, as across a network partition. They go on at the end."""
     stopped: list[psutil.Process] = []
 
     def freeze() -> None:
-        pid = int((postgres.data / "postmaster.pid").read_text().split()[0])
-        main = psutil.Process(pid)
+        main = psutil.Process(postgres.postmaster_pid())
         for proc in [main, *main.children(recursive=True)]:
             proc.send_signal(signal.SIGSTOP)
             stopped.append(proc)
