@@ -25,6 +25,9 @@ from websockets.sync.client import connect
 
 from prismd.testing.fake_models import FakeModelServer
 
+# Throwaway database servers (PostgreSQL), started on first use.
+from .services import make_pg_database, pg_module_url, postgres  # noqa: F401
+
 ROOT = Path(__file__).resolve().parent.parent
 
 # `make test` runs the same property-based examples every time (a run on a clean clone decides

@@ -284,9 +284,9 @@ def cmd_chat(args: argparse.Namespace) -> int:
 
 
 async def _with_store(settings: Settings, fn: Any) -> Any:
-    from .store.sqlite import SqliteStore
+    from .store import make_store
 
-    store = SqliteStore(settings.data_dir)
+    store = make_store(settings)
     await store.open()
     try:
         return await fn(store)
@@ -364,6 +364,47 @@ def cmd_agents(args: argparse.Namespace) -> int:
         mark = "*" if a.id == settings.default_agent else " "
         model = f"{a.provider or 'default'}/{a.model or 'default'}"
         print(f"{mark} {a.id:<16} {a.name:<20} {model:<32} {a.description}")
+    return 0
+
+
+# ---------------------------------------------------------------- db (PostgreSQL)
+
+
+def cmd_db(args: argparse.Namespace) -> int:
+    from .store.base import StoreUnavailable
+    from .store.postgres import describe_url, migrate
+    from .store.sqlite_import import KINDS, ImportSourceError, import_sqlite
+
+    settings = _settings(args)
+    url = settings.store.url
+    if not url:
+        print(
+            "prismd: no PostgreSQL database is configured: set PRISMD_DATABASE_URL or "
+            '[store] url = "postgresql://user:password@host/db" in config.toml',
+            file=sys.stderr,
+        )
+        return 2
+    timeout_s = settings.store.timeout_s
+    try:
+        if args.action == "migrate":
+            version = asyncio.run(migrate(url, timeout_s))
+            print(f"{describe_url(url)}: schema version {version}")
+            return 0
+        source = Path(args.from_sqlite).expanduser()
+        counts = asyncio.run(import_sqlite(source, url, timeout_s))
+    except StoreUnavailable as exc:
+        print(f"prismd: {exc}", file=sys.stderr)
+        return 1
+    except ImportSourceError as exc:
+        print(f"prismd: {exc}", file=sys.stderr)
+        return 1
+    width = max(len(kind) for kind in KINDS)
+    for kind in KINDS:
+        print(f"{kind:<{width}}  {counts[kind]:>8}")
+    if not any(counts.values()):
+        print(f"nothing moved: everything in {source} is in {describe_url(url)} already")
+    else:
+        print(f"moved {sum(counts.values())} rows from {source} to {describe_url(url)}")
     return 0
 
 
@@ -615,6 +656,28 @@ def build_parser() -> argparse.ArgumentParser:
     se.add_argument("id")
     se.add_argument("--out", help="the file to write (default: ./<id>.db)")
     sessions.set_defaults(func=cmd_sessions)
+
+    db = sub.add_parser(
+        "db",
+        help="PostgreSQL: apply schema migrations, import an embedded install",
+        description="The PostgreSQL database of [store] url (PRISMD_DATABASE_URL).",
+    )
+    dsub = db.add_subparsers(dest="action", required=True, metavar="ACTION")
+    dsub.add_parser(
+        "migrate", help="apply the missing schema migrations and print the schema version"
+    )
+    di = dsub.add_parser(
+        "import",
+        help="move an embedded (SQLite) install into PostgreSQL; running it again moves "
+        "nothing twice",
+    )
+    di.add_argument(
+        "--from-sqlite",
+        required=True,
+        metavar="DATA_DIR",
+        help="the embedded install's data directory (stop its server first)",
+    )
+    db.set_defaults(func=cmd_db)
 
     agents = sub.add_parser("agents", help="list agents", description="Configured agents.")
     asub = agents.add_subparsers(dest="action", required=True, metavar="ACTION")

@@ -12,7 +12,7 @@ import tomllib
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 ProviderKind = Literal["openai", "anthropic", "ollama"]
 PROVIDER_KINDS: tuple[str, ...] = ("openai", "anthropic", "ollama")
@@ -85,6 +85,23 @@ class ServerSettings(_Section):
     # X-Forwarded-For / X-Forwarded-Proto are believed. None by default: the client address
     # (login limits, connection limits) is the socket's peer and the scheme is the socket's.
     trusted_proxies: list[IpNetwork] = Field(default_factory=list)
+
+
+class StoreSettings(_Section):
+    # PostgreSQL for everything durable ("postgresql://user:pass@host:5432/db"), shared by
+    # every prismd process and machine; unset: the embedded SQLite database in data_dir.
+    url: str | None = None
+    # Connections for reads, per process (the writer has one of its own).
+    pool_size: Annotated[int, Field(ge=1, le=100)] = 10
+    # A statement, or a connection attempt, that takes longer fails with store_unavailable.
+    timeout_s: Annotated[float, Field(gt=0)] = 5.0
+
+    @field_validator("url")
+    @classmethod
+    def _postgres_url(cls, url: str | None) -> str | None:
+        if url and not url.startswith(("postgresql://", "postgres://")):
+            raise ValueError("must be a postgresql://user:password@host:port/database URL")
+        return url or None
 
 
 class ProviderSettings(_Section):
@@ -298,6 +315,7 @@ class Settings(_Section):
     mcp_servers: list[McpServerSettings] = Field(default_factory=list)
     voice: VoiceSettings = Field(default_factory=VoiceSettings)
     auth: AuthSettings = Field(default_factory=AuthSettings)
+    store: StoreSettings = Field(default_factory=StoreSettings)
     bus: BusSettings = Field(default_factory=BusSettings)
 
     @property
@@ -323,6 +341,7 @@ ENV_OVERRIDES: dict[str, tuple[str, ...]] = {
     "PRISMD_MODEL": ("model",),
     "PRISMD_DEFAULT_AGENT": ("default_agent",),
     "PRISMD_TOKEN": ("auth", "token"),
+    "PRISMD_DATABASE_URL": ("store", "url"),
     "PRISMD_REDIS_URL": ("bus", "url"),
     # The SDKs' own variables, so that detection and the SDK agree.
     "OPENAI_BASE_URL": ("providers", "openai", "base_url"),

@@ -23,8 +23,8 @@ from .sessions.bus import EventBus, LocalBus
 from .sessions.coordination import LocalCoordination
 from .sessions.redis_bus import RedisBus  # imports redis only when one is built
 from .sessions.service import SessionService
+from .store import make_store
 from .store.base import LOCAL_USER_ID, Store
-from .store.sqlite import SqliteStore
 from .tools.builtins import builtin_tools
 from .tools.registry import ToolRegistry
 
@@ -41,7 +41,7 @@ class Prismd:
         self.settings = settings
         # This process among several (logs, leases, the bus's origin).
         self.origin = f"{socket.gethostname()}:{os.getpid()}:{secrets.token_hex(3)}"
-        self.store: Store = SqliteStore(settings.data_dir)
+        self.store: Store = make_store(settings)
         self.bus, coordination = self._coordination(settings)
         self.sessions = SessionService(
             self.store,

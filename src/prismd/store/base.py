@@ -1,4 +1,5 @@
-"""The store interface: everything durable. SQLite implements it (store/sqlite.py).
+"""The store interface: everything durable. SQLite implements it (store/sqlite.py), and so does
+PostgreSQL (store/postgres.py) for several processes and machines.
 
 Writes that sit on the streaming path (`append_events`, `add_message`, `update_message`, …) are
 queued in order and applied off the event loop; each returns a `Written` awaitable that
@@ -8,17 +9,46 @@ failed). The sessions service delivers an event to clients only after its append
 
 Reads run apart from the writes (they never wait behind a batch of stream events) and see
 what is durable. Nothing above this interface knows about files, threads or SQL.
+
+When the database cannot be reached or cannot write (its server is down, the disk is full),
+writes fail and reads raise `StoreUnavailable` within seconds (never a hang); a caller answers
+`store_unavailable`. The store recovers by itself once the cause is gone.
 """
 
 from __future__ import annotations
 
 import abc
 import asyncio
+import time
 from dataclasses import dataclass, field
 from typing import Any
 
 # The owner of everything created while no user exists (the open loopback mode).
 LOCAL_USER_ID = "local"
+
+
+class StoreUnavailable(Exception):
+    """The database cannot be reached or cannot write; the message says which and why (never
+    with credentials). Callers answer `store_unavailable`."""
+
+
+class TouchLimiter:
+    """Whether a record's "last used" time is worth writing now: at most once per `every_s`
+    for one id (a token's last use used to be written on every request)."""
+
+    def __init__(self, every_s: float = 60.0, remember: int = 10_000) -> None:
+        self.every_s = every_s
+        self.remember = remember
+        self._touched: dict[str, float] = {}
+
+    def due(self, key: str) -> bool:
+        now = time.monotonic()
+        if now - self._touched.get(key, -self.every_s) < self.every_s:
+            return False
+        if len(self._touched) >= self.remember:
+            self._touched.clear()
+        self._touched[key] = now
+        return True
 
 
 @dataclass(slots=True)

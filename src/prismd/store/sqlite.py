@@ -26,7 +26,7 @@ import queue
 import sqlite3
 import threading
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, TypeVar
@@ -40,8 +40,10 @@ from .base import (
     SessionLog,
     SessionRecord,
     Store,
+    StoreUnavailable,
     StreamingMessage,
     TokenRecord,
+    TouchLimiter,
     UploadRecord,
     UserRecord,
     Written,
@@ -251,6 +253,8 @@ _TURN_FIELDS = {
     "start_seq",
 }
 MAX_BATCH = 4096
+# A write's outcome: (its future, its value, its error).
+_Result = tuple[asyncio.Future[Any], Any, BaseException | None]
 READERS = 2
 # A token's last use is written at most this often (every request used to write it).
 TOKEN_TOUCH_S = 60.0
@@ -279,7 +283,7 @@ class SqliteStore(Store):
         self._readers: ThreadPoolExecutor | None = None
         self._local = threading.local()
         self._reader_conns: list[sqlite3.Connection] = []
-        self._token_touched: dict[str, float] = {}
+        self._token_touched = TouchLimiter(TOKEN_TOUCH_S)
 
     # ------------------------------------------------------------ machinery
 
@@ -331,43 +335,62 @@ class SqliteStore(Store):
                     batch.append(self._queue.get_nowait())
                 except queue.Empty:
                     break
-            results: list[tuple[asyncio.Future[Any], Any, BaseException | None]] = []
-            stop = False
-            for item in batch:
-                if item is _STOP:
-                    stop = True
-                    continue
-                fn, fut = item
-                try:
-                    value = fn()
-                    if isinstance(value, sqlite3.Cursor):
-                        # A cursor must never reach the event loop's thread: finalised there
-                        # while this thread uses the connection, it breaks both (SQLITE_MISUSE).
-                        value.close()
-                        value = None
-                except Exception as exc:  # noqa: BLE001 - reported to the caller and logged
-                    log.exception("store write failed")
-                    results.append((fut, None, exc))
-                else:
-                    results.append((fut, value, None))
-            if self._db is not None and self._db.in_transaction:
-                try:
-                    self._db.commit()
-                except sqlite3.Error as exc:
-                    log.exception("store commit failed")
-                    # Nothing of this batch is durable: every write of it failed.
-                    results = [(f, None, exc) for f, _, _ in results]
-                    try:
-                        self._db.rollback()
-                    except sqlite3.Error:
-                        pass
+            results = self._apply([item for item in batch if item is not _STOP])
             if results and self._loop is not None:
                 self._loop.call_soon_threadsafe(_resolve_all, results)
-            if stop:
+            if _STOP in batch:
                 if self._db is not None:
                     self._db.close()
                     self._db = None
                 return
+
+    def _apply(self, writes: list[tuple[Callable[[], Any], Written]]) -> list[_Result]:
+        """Run a batch's writes in one transaction and commit it. A write that fails fails
+        alone, and nothing of it is kept: the batch is rolled back and its writes run again
+        one by one, each committed on its own. If the database cannot be used (locked, disk
+        full) or the commit fails, every write of the batch fails."""
+        results: list[_Result] = []
+        for fn, fut in writes:
+            try:
+                value = _run_write(fn)
+            except Exception as exc:  # noqa: BLE001 - reported to the callers and logged
+                self._rollback()
+                failed = _unavailable(exc)
+                if isinstance(failed, StoreUnavailable):  # the others would fail the same way
+                    log.error("store write failed: %s", failed)
+                    return [(f, None, failed) for _, f in writes]
+                log.warning("a store write failed (%s); running the batch's writes one by one", exc)
+                return [self._alone(fn, fut) for fn, fut in writes]
+            results.append((fut, value, None))
+        return self._commit(results)
+
+    def _alone(self, fn: Callable[[], Any], fut: Written) -> _Result:
+        try:
+            value = _run_write(fn)
+        except Exception as exc:  # noqa: BLE001 - reported to the caller and logged
+            log.exception("store write failed")
+            self._rollback()
+            return (fut, None, _unavailable(exc))
+        return self._commit([(fut, value, None)])[0]
+
+    def _commit(self, results: list[_Result]) -> list[_Result]:
+        if self._db is not None and self._db.in_transaction:
+            try:
+                self._db.commit()
+            except sqlite3.Error as exc:
+                log.exception("store commit failed")
+                # Nothing of this batch is durable: every write of it failed.
+                failed = _unavailable(exc)
+                self._rollback()
+                return [(f, None, failed) for f, _, _ in results]
+        return results
+
+    def _rollback(self) -> None:
+        if self._db is not None and self._db.in_transaction:
+            try:
+                self._db.rollback()
+            except sqlite3.Error:
+                log.exception("store rollback failed")
 
     def _submit(self, fn: Callable[[], Any]) -> Written:
         """Queue a write; the future resolves once it is committed."""
@@ -384,7 +407,10 @@ class SqliteStore(Store):
     async def _read(self, fn: Callable[[sqlite3.Connection], T]) -> T:
         assert self._readers is not None, "store is not open"
         loop = asyncio.get_running_loop()
-        return await loop.run_in_executor(self._readers, self._on_reader, fn)
+        try:
+            return await loop.run_in_executor(self._readers, self._on_reader, fn)
+        except sqlite3.Error as exc:
+            raise _unavailable(exc) from exc
 
     def _on_reader(self, fn: Callable[[sqlite3.Connection], T]) -> T:
         conn = getattr(self._local, "conn", None)
@@ -680,11 +706,7 @@ class SqliteStore(Store):
             return None
         token_id, user = found
         # Recording the last use is not worth a write per request.
-        touched = time.monotonic()
-        if touched - self._token_touched.get(token_id, -TOKEN_TOUCH_S) >= TOKEN_TOUCH_S:
-            self._token_touched[token_id] = touched
-            if len(self._token_touched) > 10_000:
-                self._token_touched.clear()
+        if self._token_touched.due(token_id):
             self._submit(
                 lambda: self._w().execute(
                     "UPDATE api_tokens SET last_used_at=? WHERE id=?", (now, token_id)
@@ -939,28 +961,13 @@ class SqliteStore(Store):
         def op(db: sqlite3.Connection) -> bool:
             if db.execute("SELECT 1 FROM sessions WHERE id=?", (session_id,)).fetchone() is None:
                 return False
-            tmp = f"{path}.tmp"
-            for suffix in ("", "-wal", "-shm"):
-                Path(f"{tmp}{suffix}").unlink(missing_ok=True)
-            out = sqlite3.connect(tmp)
-            try:
-                out.executescript(LEGACY_SESSION_SCHEMA)
-                for table, columns, order in (
-                    ("session_messages", _MESSAGE_COLUMNS, "rowid"),
-                    ("session_files", _FILE_COLUMNS, "rowid"),
-                    ("session_events", "seq, turn_id, frame", "seq"),
-                    ("turns", _TURN_COLUMNS, "rowid"),
-                ):
-                    rows = db.execute(
-                        f"SELECT {columns} FROM {table} WHERE session_id=? ORDER BY {order}",
-                        (session_id,),
-                    )
-                    marks = ",".join("?" * len(columns.split(",")))
-                    out.executemany(f"INSERT INTO {table} ({columns}) VALUES ({marks})", rows)
-                out.commit()
-            finally:
-                out.close()
-            os.replace(tmp, path)
+            write_session_file(
+                path,
+                lambda table, columns, order: db.execute(
+                    f"SELECT {columns} FROM {table} WHERE session_id=? ORDER BY {order}",
+                    (session_id,),
+                ),
+            )
             return True
 
         return await self._read(op)
@@ -1028,6 +1035,36 @@ class SqliteStore(Store):
                     src.replace(done / src.name)
 
 
+# A session's tables in a standalone export: (table, columns, the order of its rows here).
+EXPORT_TABLES = (
+    ("session_messages", _MESSAGE_COLUMNS, "rowid"),
+    ("session_files", _FILE_COLUMNS, "rowid"),
+    ("session_events", "seq, turn_id, frame", "seq"),
+    ("turns", _TURN_COLUMNS, "rowid"),
+)
+
+
+def write_session_file(path: str, rows: Callable[[str, str, str], Iterable[Sequence[Any]]]) -> None:
+    """Write one session as a standalone SQLite database in the per-session layout
+    (LEGACY_SESSION_SCHEMA), under a temporary name renamed into place. `rows(table, columns,
+    order)` gives each table of EXPORT_TABLES's rows, in that order."""
+    tmp = f"{path}.tmp"
+    for suffix in ("", "-wal", "-shm"):
+        Path(f"{tmp}{suffix}").unlink(missing_ok=True)
+    out = sqlite3.connect(tmp)
+    try:
+        out.executescript(LEGACY_SESSION_SCHEMA)
+        for table, columns, order in EXPORT_TABLES:
+            marks = ",".join("?" * len(columns.split(",")))
+            out.executemany(
+                f"INSERT INTO {table} ({columns}) VALUES ({marks})", rows(table, columns, order)
+            )
+        out.commit()
+    finally:
+        out.close()
+    os.replace(tmp, path)
+
+
 def _messages(db: sqlite3.Connection, session_id: str, with_data: bool) -> list[MessageRecord]:
     rows = db.execute(
         f"SELECT {_MESSAGE_COLUMNS} FROM session_messages WHERE session_id=? ORDER BY rowid",
@@ -1090,7 +1127,40 @@ def _check_fields(fields: dict[str, Any], allowed: set[str]) -> None:
         raise ValueError(f"unknown columns: {sorted(unknown)}")
 
 
-def _resolve_all(results: Iterable[tuple[asyncio.Future[Any], Any, BaseException | None]]) -> None:
+# SQLite's primary result codes that mean the database cannot be used now (not a bad write).
+_UNAVAILABLE_CODES = {
+    sqlite3.SQLITE_BUSY,
+    sqlite3.SQLITE_LOCKED,
+    sqlite3.SQLITE_NOMEM,
+    sqlite3.SQLITE_READONLY,
+    sqlite3.SQLITE_IOERR,
+    sqlite3.SQLITE_FULL,
+    sqlite3.SQLITE_CANTOPEN,
+}
+
+
+def _unavailable(exc: BaseException) -> BaseException:
+    """`StoreUnavailable` for a database that cannot be used (disk full, I/O error, locked),
+    with the SQLite error as its cause; any other error as it is."""
+    code = getattr(exc, "sqlite_errorcode", None)
+    if code is None or code & 0xFF not in _UNAVAILABLE_CODES:
+        return exc
+    failed = StoreUnavailable(f"the SQLite database cannot be used: {exc}")
+    failed.__cause__ = exc
+    return failed
+
+
+def _run_write(fn: Callable[[], Any]) -> Any:
+    value = fn()
+    if isinstance(value, sqlite3.Cursor):
+        # A cursor must never reach the event loop's thread: finalised there while the writer
+        # thread uses the connection, it breaks both (SQLITE_MISUSE).
+        value.close()
+        value = None
+    return value
+
+
+def _resolve_all(results: Iterable[_Result]) -> None:
     for fut, value, exc in results:
         if fut.done():  # cancelled by an awaiting caller
             continue
