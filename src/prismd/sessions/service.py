@@ -170,16 +170,24 @@ class SessionService:
         finally:
             del self._loading[session_id]
 
-    async def _load(self, session_id: str) -> LiveSession | None:
+    async def _settled_read(self, session_id: str) -> None:
+        """Before reading a session that is not live from the store: wait for the last write
+        it had when it was dropped from memory (reads see only what is durable)."""
         settling = self._settling.get(session_id)
         if settling is not None:
             with contextlib.suppress(Exception):
                 await asyncio.shield(settling)
+
+    async def _load(self, session_id: str) -> LiveSession | None:
+        await self._settled_read(session_id)
         record = await self.store.get_session(session_id)
         if record is None:
             return None
         log_state = await self.store.open_log(session_id)
-        if log_state.running_turns or log_state.streaming:
+        if (log_state.running_turns or log_state.streaming) and not self.coordination.distributed:
+            # One process: a turn still `running` was cut off (start repaired those already;
+            # this is a second line). With several, another process may be running it: the
+            # reaper ends it if that process died (sessions/coordination.py).
             await repair(self.store, session_id, log_state)
         history = await self.store.load_messages(session_id, with_file_data=True)
         return LiveSession(
@@ -218,7 +226,7 @@ class SessionService:
     async def reload(self, live: LiveSession) -> None:
         """Read a session's state afresh from the store (another process may have run turns
         in it since it was loaded here)."""
-        await self._durable(live)
+        await self.durable(live)
         state = await self.store.open_log(live.id)
         record = await self.store.get_session(live.id)
         if record is not None:
@@ -315,6 +323,8 @@ class SessionService:
         does not exist or is another user's."""
         check_session_id(session_id)
         live = self._live.get(session_id)
+        if live is None:
+            await self._settled_read(session_id)
         record = live.record if live is not None else await self.store.get_session(session_id)
         if record is None or not caller.owns(record.owner_id):
             return None
@@ -341,6 +351,7 @@ class SessionService:
                 "firstSeq": live.first_seq,
                 "turnRunning": live.turn is not None,
             }
+        await self._settled_read(record.id)
         state = await self.store.open_log(record.id)
         return {"lastSeq": state.last_seq, "firstSeq": state.first_seq, "turnRunning": False}
 
@@ -360,7 +371,7 @@ class SessionService:
             self.activate(live)
         else:
             self.close(live, status)
-        await self._durable(live)
+        await self.durable(live)
 
     async def rename(self, live: LiveSession, name: str) -> None:
         live.record.name = name.strip()
@@ -376,7 +387,8 @@ class SessionService:
         closed_at = live.record.closed_at = now_iso()
         self._track(live, self.store.update_session(live.id, status=status, closed_at=closed_at))
 
-    async def _durable(self, live: LiveSession) -> None:
+    async def durable(self, live: LiveSession) -> None:
+        """Wait until every write of the session so far is durable."""
         if live.last_write is not None:
             await live.last_write
 
@@ -389,7 +401,7 @@ class SessionService:
                 with contextlib.suppress(BaseException):
                     await live.turn.task
             with contextlib.suppress(Exception):
-                await self._durable(live)
+                await self.durable(live)
         # Ids can be chosen by clients, so one may be reused by a new session (another user's,
         # even): nothing of the deleted one may reach it, neither its bound connections nor
         # its frames still waiting for the store.
@@ -448,7 +460,9 @@ class SessionService:
         """The stored messages (the live history if loaded: it is what the model sees)."""
         live = self._live.get(session_id)
         if live is not None:
-            await self._durable(live)
+            await self.durable(live)
+        else:
+            await self._settled_read(session_id)
         return await self.store.load_messages(session_id)
 
     # ------------------------------------------------------------ turns

@@ -63,7 +63,7 @@ async def list_tools(core: Core, caller: Caller) -> dict[str, Any]:
     from ...tools.builtins.sandbox import isolation
 
     # The first call probes the machine in a child process: keep it off the event loop.
-    sandbox = await asyncio.to_thread(isolation)
+    sandbox = await asyncio.to_thread(isolation, core.settings.tools)
     servers = core.mcp.status() if core.mcp is not None else []
     return {"tools": tools, "mcpServers": servers, "sandbox": sandbox}
 
