@@ -26,7 +26,7 @@ from websockets.sync.client import connect
 from prismd.testing.fake_models import FakeModelServer
 
 # Throwaway database servers (PostgreSQL), started on first use.
-from .services import make_pg_database, pg_module_url, postgres  # noqa: F401
+from .services import make_pg_database, pg_module_url, postgres, redis_server  # noqa: F401
 
 ROOT = Path(__file__).resolve().parent.parent
 

@@ -1,5 +1,5 @@
-"""Throwaway database servers for the tests: a PostgreSQL cluster of the test session's own
-(prismd.testing.postgres_server).
+"""Throwaway servers for the tests: a PostgreSQL cluster and a Redis of the test session's own
+(prismd.testing.postgres_server, prismd.testing.redis_server).
 
 `postgres` starts one cluster per test session, on first use (tests that do not ask for it pay
 nothing), and stops and removes it at the end, also when tests fail.
@@ -16,6 +16,7 @@ from collections.abc import Callable, Iterator
 import pytest
 
 from prismd.testing.postgres_server import PostgresServer, postgres_bin_dir
+from prismd.testing.redis_server import RedisServer
 
 
 @pytest.fixture(scope="session")
@@ -48,3 +49,10 @@ def reset_pg_database(server: PostgresServer, url: str) -> None:
     ).strip()
     if tables:
         server.psql(f"TRUNCATE {tables}", database)
+
+
+@pytest.fixture(scope="session")
+def redis_server() -> Iterator[RedisServer]:
+    """A throwaway Redis for the test session (prismd.testing.redis_server)."""
+    with RedisServer() as server:
+        yield server

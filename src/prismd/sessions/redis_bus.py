@@ -62,6 +62,8 @@ class RedisBus(LocalBus):
         # Handlers of other channels this process listens to (the coordinator's commands).
         self.handlers: dict[str, Callable[[bytes], None]] = {}
         self.published = 0  # PUBLISH commands sent (reported by the bench)
+        # Called when another process detached a session (deleted it): (session id, reason).
+        self.on_detached: Callable[[str, str], None] | None = None
 
     async def start(self) -> None:
         await self.redis.ping()  # fail at start-up, with a clear error, if Redis is not there
@@ -264,6 +266,8 @@ class RedisBus(LocalBus):
             self._delivered.pop(session_id, None)
             super().detach_all(session_id, frame)
             self._unlisten(channel)
+            if self.on_detached is not None:  # the sessions service forgets it here too
+                self.on_detached(session_id, frame)
         elif seq == 0:
             super().publish(session_id, 0, frame)
         else:

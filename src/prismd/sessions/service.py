@@ -135,6 +135,8 @@ class SessionService:
         self._settling: dict[str, Written] = {}
         # Called with every published event (metrics); must not raise or block.
         self.observers: list[Callable[[LiveSession, dict[str, Any]], None]] = []
+        if hasattr(bus, "on_detached"):  # another process deleted a session
+            bus.on_detached = self._deleted_elsewhere
 
     # ------------------------------------------------------------ loading
 
@@ -251,6 +253,18 @@ class SessionService:
         self._live[record.id] = live
         return live
 
+    async def _created_here(self, live: LiveSession) -> LiveSession:
+        """Another process may have created a session of the same (client-chosen) id at the
+        same time: the stored row decides whose it is."""
+        await self.durable(live)
+        stored = await self.store.get_session(live.id)
+        if stored is None or stored.owner_id == live.record.owner_id:
+            return live
+        if self._live.get(live.id) is live:
+            del self._live[live.id]
+        again = await self.get(live.id)
+        return again if again is not None else live
+
     def maybe_evict(self, live: LiveSession) -> None:
         if live.turn is None and self.bus.subscribers(live.id) == 0:
             if self._live.get(live.id) is live:
@@ -287,8 +301,14 @@ class SessionService:
         else:
             found = await self.get(sid)
             # `get` awaited: a racing caller may have created it meanwhile. From here on
-            # there is no await, so the check and the creation are atomic.
-            live = found or self._live.get(sid) or self.create(agent_id, sid, caller.id)
+            # there is no await, so the check and the creation are atomic (in this process).
+            existing = found or self._live.get(sid)
+            if existing is None:
+                live = self.create(agent_id, sid, caller.id)
+                if self.coordination.distributed:
+                    live = await self._created_here(live)
+            else:
+                live = existing
             if not caller.owns(live.record.owner_id):
                 self.maybe_evict(live)
                 raise ProtocolError(ErrorCode.SESSION_NOT_FOUND, f'Session "{sid}" not found')
@@ -407,6 +427,14 @@ class SessionService:
         # its frames still waiting for the store.
         self.bus.detach_all(session_id)
         return await self.store.delete_session(session_id)
+
+    def _deleted_elsewhere(self, session_id: str, reason: str) -> None:
+        """Another process deleted the session: drop it here too, and end a turn of it."""
+        live = self._live.pop(session_id, None)
+        if live is not None:
+            live.gone = True
+            if live.turn is not None and live.turn.task is not None:
+                live.turn.task.cancel()
 
     def _check_idle(self, live: LiveSession) -> None:
         if live.turn is not None:

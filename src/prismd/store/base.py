@@ -224,8 +224,9 @@ class Store(abc.ABC):
     # sessions (core database)
     @abc.abstractmethod
     def create_session(self, record: SessionRecord) -> Written:
-        """Queued like the other writes: creating a session database costs a disk sync, and a
-        new session's first turn must not wait for it."""
+        """Queued like the other writes (a new session's first turn does not wait for it).
+        A session of that id that exists already is left as it is (client-chosen ids: two
+        processes may create the same one at once; the sessions service reads back which)."""
 
     @abc.abstractmethod
     async def get_session(self, session_id: str) -> SessionRecord | None: ...

@@ -554,7 +554,10 @@ class PostgresStore(Store):
     def create_session(self, record: SessionRecord) -> Written:
         row = tuple(getattr(record, name) for name in _SESSION_FIELDS_ORDER)
         marks = ",".join(f"${i}" for i in range(1, len(row) + 1))
-        sql = f"INSERT INTO sessions ({_SESSION_COLUMNS}) VALUES ({marks})"
+        sql = (
+            f"INSERT INTO sessions ({_SESSION_COLUMNS}) VALUES ({marks}) "
+            "ON CONFLICT (id) DO NOTHING"
+        )
         return self._submit(lambda c: c.execute(sql, *row))
 
     async def get_session(self, session_id: str) -> SessionRecord | None:

@@ -436,7 +436,9 @@ class SqliteStore(Store):
         row = _session_row(record)
         return self._submit(
             lambda: self._w().execute(
-                f"INSERT INTO sessions ({_SESSION_COLUMNS}) VALUES ({_SESSION_MARKS})", row
+                f"INSERT INTO sessions ({_SESSION_COLUMNS}) VALUES ({_SESSION_MARKS}) "
+                "ON CONFLICT(id) DO NOTHING",
+                row,
             )
         )
 
