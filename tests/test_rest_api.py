@@ -13,7 +13,10 @@ import pytest
 
 from prismd.testing.fake_models import Reply
 
-from .conftest import free_port, of_type, openai_env
+from .conftest import free_port, of_type, openai_env, uploaded_bytes
+
+# Run in both configurations: one process on SQLite, and PostgreSQL + Redis (conftest.py).
+BACKENDS = ("embedded", "scaled")
 
 
 def _http(server) -> httpx.Client:
@@ -264,14 +267,14 @@ def test_upload_checks(server):
             "id": meta["id"],
             "size": 5,
         }
-        assert (server.data_dir / meta["path"]).read_bytes() == b"hello"
+        assert uploaded_bytes(server, meta["path"]) == b"hello"
         assert h.post("/api/upload", data={"x": "1"}).status_code == 422
         # CortexPrism's clients send JSON with base64 data.
         sent = {"filename": "n.md", "mimeType": "text/markdown", "data": "IyBub3Rl"}
         as_json = h.post("/api/upload", json=sent)
         assert as_json.status_code == 201, as_json.text
         assert as_json.json()["filename"] == "n.md" and as_json.json()["size"] == 6
-        assert (server.data_dir / as_json.json()["path"]).read_bytes() == b"# note"
+        assert uploaded_bytes(server, as_json.json()["path"]) == b"# note"
         bad = h.post("/api/upload", json={**sent, "data": "not base64!"})
         assert bad.status_code == 422 and bad.json()["details"]["field"] == "data"
         missing = h.post("/api/upload", json={"mimeType": "text/plain", "data": ""})
