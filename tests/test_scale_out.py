@@ -286,3 +286,74 @@ def test_postgres_unreachable_gives_a_coded_error_then_recovers(
             assert of_type(frames, "done"), frames[-1]
         finally:
             node.stop()
+
+
+def test_serve_refuses_several_workers_without_postgres_and_redis(tmp_path):
+    from .test_cli_config import prismd
+
+    out = prismd("serve", "--workers", "2", home=tmp_path)
+    assert out.returncode == 2
+    assert "PRISMD_DATABASE_URL" in out.stderr and "PRISMD_REDIS_URL" in out.stderr
+
+
+def test_serve_says_when_postgres_cannot_be_reached(tmp_path, redis_server):
+    from .conftest import free_port
+    from .test_cli_config import prismd
+
+    url = f"postgresql://prismd:secret-pass@127.0.0.1:{free_port()}/prismd"
+    out = prismd("serve", home=tmp_path, env={"PRISMD_DATABASE_URL": url})
+    assert out.returncode == 2 and "cannot use the store" in out.stderr
+    assert "Traceback" not in out.stderr and "secret-pass" not in out.stderr
+
+
+def test_serve_with_several_workers(tmp_path, fake_openai, make_pg_database, redis_server):
+    """`prismd serve --workers 2`: two processes on one port, sharing sessions."""
+    import signal
+    import subprocess
+    import sys
+
+    from .conftest import ROOT, free_port
+
+    port = free_port()
+    env = {k: v for k, v in __import__("os").environ.items() if not k.startswith("PRISMD_")}
+    env.update(
+        openai_env(fake_openai),
+        PRISMD_HOME=str(tmp_path),
+        PRISMD_DATABASE_URL=make_pg_database(),
+        PRISMD_REDIS_URL=redis_server.url,
+    )
+    log = (tmp_path / "serve.log").open("wb")
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "prismd", "serve", "--workers", "2", "--port", str(port)],
+        env=env,
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        cwd=ROOT,
+    )
+    try:
+        node = PrismdServer(tmp_path, env)
+        node.port = port
+        deadline = time.monotonic() + 60
+        pids: set[int] = set()
+        while len(pids) < 2:  # both workers answer (each reports its process in health)
+            assert proc.poll() is None and time.monotonic() < deadline, (
+                tmp_path / "serve.log"
+            ).read_text()
+            try:
+                body = httpx.get(f"{node.url}/api/health", timeout=2).json()
+                if "pid" in body:
+                    pids.add(body["pid"])
+            except httpx.HTTPError:
+                time.sleep(0.1)
+        fake_openai.script(Reply(text=["two ", "workers"]), match="workers")
+        with node.client() as c:
+            frames = c.turn(message="workers")
+        sid = frames[0]["sessionId"]
+        assert text_of(frames) == "two workers"
+        with node.client() as c:  # may land on the other worker
+            again = c.turn(message="workers again", sessionId=sid)
+        assert again[0]["type"] == "session" or of_type(again, "done")
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        proc.wait(30)
+        log.close()

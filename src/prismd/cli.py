@@ -49,11 +49,21 @@ def _raise_open_files_limit() -> None:
         pass
 
 
-def _user_count(data_dir: Path) -> int:
-    """Users in the core database, read without starting the store (0 if there is none)."""
+def _user_count(settings: Settings) -> int:
+    """Users in the store, read without starting the server (0 if there is none)."""
+    if settings.store.url:
+        from .store.base import StoreUnavailable
+
+        async def count(store: Any) -> int:
+            return int(await store.count_users())
+
+        try:
+            return int(asyncio.run(_with_store(settings, count)))
+        except StoreUnavailable:
+            return 0  # refused below; serving would fail on the store anyway
     import sqlite3
 
-    path = data_dir / "prismd.db"
+    path = settings.data_dir / "prismd.db"
     if not path.exists():
         return 0
     conn = sqlite3.connect(f"file:{path}?mode=ro", uri=True)
@@ -65,6 +75,23 @@ def _user_count(data_dir: Path) -> int:
         conn.close()
 
 
+def _store_refusal(settings: Settings) -> str | None:
+    """A PostgreSQL store that cannot be reached (or migrated) stops the start with one clear
+    line, not a traceback from the server's start-up."""
+    if not settings.store.url:
+        return None
+    from .store.base import StoreUnavailable
+
+    async def probe(store: Any) -> None:
+        return None
+
+    try:
+        asyncio.run(_with_store(settings, probe))
+    except StoreUnavailable as exc:
+        return f"cannot use the store ({exc}); check store.url (PRISMD_DATABASE_URL)"
+    return None
+
+
 def _exposure_refusal(settings: Settings, insecure: bool) -> str | None:
     """Why the server must not start: reachable from other machines with nothing to log in."""
     from .auth.middleware import is_loopback
@@ -72,7 +99,7 @@ def _exposure_refusal(settings: Settings, insecure: bool) -> str | None:
     host = settings.server.host
     if insecure or is_loopback(host) or settings.auth.token:
         return None
-    if _user_count(settings.data_dir) > 0:
+    if _user_count(settings) > 0:
         return None
     return (
         f"refusing to listen on {host} with no password: anyone who can reach it could use "
@@ -103,7 +130,7 @@ def configure_logging(settings: Settings) -> None:
 def _workers_refusal(settings: Settings, workers: int) -> str | None:
     if workers <= 1:
         return None
-    if not settings.bus.url or not getattr(getattr(settings, "store", None), "url", None):
+    if not settings.bus.url or not settings.store.url:
         return (
             f"--workers {workers} runs several processes, which share sessions through "
             "PostgreSQL and Redis: set PRISMD_DATABASE_URL (or [store] url) and "
@@ -119,7 +146,11 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
     settings = _settings(args)
     workers = args.workers or 1
-    refusal = _exposure_refusal(settings, args.insecure) or _workers_refusal(settings, workers)
+    refusal = (
+        _workers_refusal(settings, workers)
+        or _store_refusal(settings)
+        or _exposure_refusal(settings, args.insecure)
+    )
     if refusal:
         print(f"prismd: {refusal}", file=sys.stderr)
         return 2
