@@ -9,6 +9,7 @@ processes started by tests/conftest.py's PrismdServer, the scripted fake model o
 
 from __future__ import annotations
 
+import json
 import threading
 import time
 from collections.abc import Iterator
@@ -16,6 +17,7 @@ from typing import Any
 
 import httpx
 import pytest
+from websockets.sync.client import connect
 
 from prismd.testing.fake_models import Reply
 from prismd.testing.postgres_server import PostgresServer
@@ -357,3 +359,44 @@ def test_serve_with_several_workers(tmp_path, fake_openai, make_pg_database, red
         proc.send_signal(signal.SIGTERM)
         proc.wait(30)
         log.close()
+
+
+def test_login_and_connection_limits_count_across_processes(
+    tmp_path_factory, fake_openai, make_pg_database, redis_server
+):
+    from .test_auth import add_user, make_token, ws_client
+
+    config = (
+        CONFIG
+        + "\n[server]\nmax_connections_per_client = 2\nlimit_loopback = true\n"
+        + f'\n[store]\nurl = "{make_pg_database()}"\n\n[bus]\nurl = "{redis_server.url}"\n'
+    )
+    nodes = [
+        PrismdServer(tmp_path_factory.mktemp(f"limits{i}"), openai_env(fake_openai), config)
+        for i in range(2)
+    ]
+    add_user(nodes[0].home, "alice")  # the store is shared: alice exists for both
+    for node in nodes:
+        node.start()
+    a, b = nodes
+    try:
+        wrong = {"username": "alice", "password": "not-her-password"}
+        for _ in range(5):  # the address's minute allows five failures, wherever they land
+            assert httpx.post(f"{a.url}/api/auth/login", json=wrong, timeout=10).status_code == 401
+        sixth = httpx.post(f"{b.url}/api/auth/login", json=wrong, timeout=10)
+        assert sixth.status_code == 429 and int(sixth.headers["Retry-After"]) >= 1
+
+        # (The address is at its login limit now: the sockets use a token.)
+        add_user(a.home, "bob")
+        headers = {"Authorization": f"Bearer {make_token(a.home, 'bob')}"}
+        first = ws_client(a.ws_url, additional_headers=headers)
+        second = ws_client(b.ws_url, additional_headers=headers)
+        # A third, on either process, is refused: two are open.
+        with connect(a.ws_url, additional_headers=headers, open_timeout=10) as third:
+            refused = json.loads(third.recv(timeout=10))
+        assert refused["type"] == "error" and refused["code"] == "rate_limited"
+        for c in (first, second):
+            c.close()
+    finally:
+        for node in nodes:
+            node.stop()

@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING
 from .agent.agents import AgentDirectory
 from .agent.runner import TurnRunner
 from .auth import Auth
+from .auth.limits import RedisLimits
 from .config import ConfigError, Settings
 from .providers.registry import ProviderRegistry
 from .server.metrics import Metrics
@@ -60,7 +61,6 @@ class Prismd:
         self.voice = VoiceEngines(settings.voice)
         self.runner.reply_speaker = self.voice.reply_speaker
         self.connections: set[object] = set()
-        self.connections_by_client: dict[str, int] = {}
         self.auth = Auth(settings, self.store)
         self.metrics = Metrics(self.connections)
         self.sessions.observers.append(
@@ -86,6 +86,13 @@ class Prismd:
         await self.store.open()
         if isinstance(self.bus, RedisBus):
             await self.bus.start()
+            # Failed logins and connections per address count across the processes.
+            auth = self.settings.auth
+            limits = RedisLimits(
+                self.bus.redis, self.origin, auth.login_attempts_per_minute, auth.login_delay_max_s
+            )
+            limits.start()
+            self.auth.limits = limits
         await self.sessions.start()
         await self.store.sync_agents(self.agents.rows())
         self.agents.load(await self.store.list_custom_agents(), LOCAL_USER_ID)
@@ -112,6 +119,7 @@ class Prismd:
         if turns:
             await asyncio.gather(*turns, return_exceptions=True)
         await self.sessions.shutdown()
+        await self.auth.limits.close()
         if isinstance(self.bus, RedisBus):
             await self.bus.close()
         await self.providers.aclose()
