@@ -400,3 +400,33 @@ def test_login_and_connection_limits_count_across_processes(
     finally:
         for node in nodes:
             node.stop()
+
+
+def test_a_rolling_restart_finishes_the_turns_it_runs(
+    tmp_path_factory, fake_openai, make_pg_database, redis_server
+):
+    """SIGTERM to the process running a turn: it stops taking connections, and the turn
+    finishes before it exits; the session's clients on the other process get all of it."""
+    env = {
+        **openai_env(fake_openai),
+        "PRISMD_DATABASE_URL": make_pg_database(),
+        "PRISMD_REDIS_URL": redis_server.url,
+    }
+    nodes = Cluster(tmp_path_factory, env, 2).start()
+    a, b = nodes.nodes
+    try:
+        fake_openai.script(Reply(text=PIECES, delay_s=0.04), match="restart under me")
+        with a.client() as on_a, b.client() as on_b:
+            on_a.send(type="chat", message="restart under me")
+            head = on_a.until("chunk")
+            on_b.send(type="resume", sessionId=head[0]["sessionId"])
+            assert on_b.recv()["type"] == "session"
+            stopping = threading.Thread(target=a.stop)
+            stopping.start()
+            seen = _until_turn_end(on_b, timeout=60)
+            stopping.join(60)
+        done = of_type(seen, "done")[0]
+        assert done["stopReason"] == "end" and done["finalContent"] == "".join(PIECES)
+        assert a.proc is not None and a.proc.returncode is not None  # it did exit
+    finally:
+        nodes.stop()

@@ -80,6 +80,11 @@ class ServerSettings(_Section):
     # Concurrent WebSocket connections per client address (0 = unlimited). Loopback clients
     # are exempt unless `limit_loopback` (a local user already has the machine).
     max_connections_per_client: Annotated[int, Field(ge=0)] = 64
+    # On shutdown (SIGTERM), wait this long for running turns to finish before they are cut
+    # off (kept as far as they streamed, marked interrupted). Default: 30 s when several
+    # processes share the sessions (a rolling restart loses no answer: the clients reconnect
+    # to another process and resume), 0 for one process.
+    drain_s: Annotated[float, Field(ge=0)] | None = None
     limit_loopback: bool = False
     # Reverse proxies (addresses or networks, e.g. "127.0.0.1", "10.0.0.0/8") whose
     # X-Forwarded-For / X-Forwarded-Proto are believed. None by default: the client address

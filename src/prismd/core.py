@@ -114,6 +114,15 @@ class Prismd:
     async def stop(self) -> None:
         await self.auth.aclose()
         turns = [t.task for t in self.sessions.running_turns() if t.task is not None]
+        drain = self.settings.server.drain_s
+        if drain is None:  # several processes: their clients reconnect elsewhere and resume
+            drain = 30.0 if self.sessions.coordination.distributed else 0.0
+        if turns and drain > 0:
+            # A rolling restart: the turns running here finish (their events still reach the
+            # session's connections on the other processes) before the process exits.
+            log.info("waiting up to %g s for %d running turn(s) to finish", drain, len(turns))
+            done, _ = await asyncio.wait(turns, timeout=drain)
+            log.info("%d of %d turn(s) finished", len(done), len(turns))
         for task in turns:
             task.cancel()
         if turns:

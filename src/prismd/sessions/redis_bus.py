@@ -57,6 +57,8 @@ class RedisBus(LocalBus):
         self._filling: dict[str, list[tuple[int, str]]] = {}  # frames held during a gap fill
         self._outbox: deque[tuple[str, bytes]] = deque()
         self._wake = asyncio.Event()
+        self._publishing = False  # a batch is being sent
+        self._flushed = asyncio.Event()  # nothing queued nor being sent
         self._tasks: list[asyncio.Task[None]] = []
         self.connected = asyncio.Event()
         # Handlers of other channels this process listens to (the coordinator's commands).
@@ -73,6 +75,12 @@ class RedisBus(LocalBus):
         ]
 
     async def close(self) -> None:
+        # What is queued is published first (a turn's last events), for a bounded time.
+        if self._outbox or self._publishing:
+            self._flushed.clear()
+            self._wake.set()
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._flushed.wait(), 3)
         for task in self._tasks:
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
@@ -184,7 +192,10 @@ class RedisBus(LocalBus):
         attempt = 0
         while True:
             if not unsent:
+                self._publishing = False
+                self._flushed.set()
                 await self._wake.wait()
+            self._publishing = True
             self._wake.clear()
             while outbox or unsent:
                 batch = [(channel, payload) for (channel, _), payload in unsent.items()]

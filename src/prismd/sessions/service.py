@@ -209,6 +209,13 @@ class SessionService:
         return len(crashed)
 
     async def shutdown(self) -> None:
+        """At exit: what was written is delivered (the last events of a turn that finished
+        while the process drained reach the session's connections on other processes)."""
+        writes = [live.last_write for live in self._live.values() if live.last_write is not None]
+        writes += self._settling.values()  # sessions dropped from memory, writes pending
+        if writes:
+            await asyncio.wait([asyncio.shield(w) for w in writes], timeout=5)
+        await asyncio.sleep(0)  # the deliveries scheduled by those writes
         await self.coordination.close()
 
     async def take_over(self, session_id: str) -> None:
