@@ -171,6 +171,19 @@ class SessionLog:
     streaming: list[StreamingMessage] = field(default_factory=list)
 
 
+@dataclass(slots=True)
+class SessionActivity:
+    """What a session holds, counted by the store (`Store.session_activity`)."""
+
+    messages: int = 0  # messages held
+    assistant: int = 0  # assistant messages: one per model call
+    tool: int = 0  # tool results
+    errors: int = 0  # assistant messages with status `error`
+    # Over the `done` events still in the event log with `rounds` > 0 (pruned ones are gone):
+    rounds: int = 0  # their model calls (`rounds`)
+    llm_ms: float = 0.0  # their model time (`latency.llmMs`)
+
+
 # An event as logged: (seq, turn id, the frame's JSON text).
 EventRow = tuple[int, str | None, str]
 
@@ -352,6 +365,12 @@ class Store(abc.ABC):
     async def export_session(self, session_id: str, path: str) -> bool:
         """Write one session as a standalone SQLite database in PROTOCOL.md A4's per-session
         layout (`session_messages`, `session_events`, `turns`, `session_files`)."""
+
+    @abc.abstractmethod
+    async def session_activity(self, session_id: str) -> SessionActivity:
+        """Counts over one session's durable messages and logged `done` events, aggregated
+        in the database (`GET /api/sessions/{id}/stats` and `/enriched` must not load every
+        message): see SessionActivity's fields. A session with nothing counts zeros."""
 
     @abc.abstractmethod
     def save_turn(self, session_id: str, turn_id: str, **fields: Any) -> Written: ...
