@@ -25,7 +25,7 @@ import httpx
 from prismd.auth.service import LOCAL_PRINCIPAL
 from prismd.sessions.bus import LocalBus
 from prismd.sessions.service import SessionService
-from prismd.store.base import MessageRecord, Written
+from prismd.store.base import MessageRecord, Store, Written
 from prismd.store.sqlite import SqliteStore
 
 from .conftest import PrismdServer, of_type, openai_env
@@ -124,8 +124,11 @@ def test_session_activity_counts_in_the_store(tmp_path: Path) -> None:
         counts = await store.session_activity(live.id)
         assert (counts.messages, counts.assistant, counts.tool, counts.errors) == (5, 3, 1, 1)
         assert (counts.rounds, counts.llm_ms) == (2, 30.0)
+        # The default of the interface (a store that does not aggregate) counts the same.
+        assert await Store.session_activity(store, live.id) == counts
         empty = await store.session_activity("sess_unknown")
         assert (empty.messages, empty.assistant, empty.rounds, empty.llm_ms) == (0, 0, 0, 0.0)
+        assert await Store.session_activity(store, "sess_unknown") == empty
         await store.close()
 
     asyncio.run(main())

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import abc
 import asyncio
+import json
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -366,11 +367,26 @@ class Store(abc.ABC):
         """Write one session as a standalone SQLite database in PROTOCOL.md A4's per-session
         layout (`session_messages`, `session_events`, `turns`, `session_files`)."""
 
-    @abc.abstractmethod
     async def session_activity(self, session_id: str) -> SessionActivity:
-        """Counts over one session's durable messages and logged `done` events, aggregated
-        in the database (`GET /api/sessions/{id}/stats` and `/enriched` must not load every
-        message): see SessionActivity's fields. A session with nothing counts zeros."""
+        """Counts over one session's durable messages and logged `done` events (see
+        SessionActivity's fields), for `GET /api/sessions/{id}/stats` and `/enriched`. A store
+        should aggregate them in the database (SqliteStore does); this default loads the
+        messages and the log. A session with nothing counts zeros."""
+        messages = await self.load_messages(session_id)
+        activity = SessionActivity(
+            len(messages),
+            sum(m.role == "assistant" for m in messages),
+            sum(m.role == "tool" for m in messages),
+            sum(m.role == "assistant" and m.status == "error" for m in messages),
+        )
+        for _, frame in await self.read_events(session_id, 0):
+            if '"type":"done"' not in frame:
+                continue
+            done = json.loads(frame)
+            if done.get("type") == "done" and done.get("rounds"):
+                activity.rounds += done["rounds"]
+                activity.llm_ms += (done.get("latency") or {}).get("llmMs") or 0
+        return activity
 
     @abc.abstractmethod
     def save_turn(self, session_id: str, turn_id: str, **fields: Any) -> Written: ...
