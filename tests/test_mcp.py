@@ -395,6 +395,22 @@ def test_result_text_summarises_non_text_content() -> None:
     assert result_to_text(structured) == '{"n": 1, "ok": true}'
 
 
+def test_a_change_before_the_listen_stream_is_open_is_not_lost() -> None:
+    """At 2026-07-28 a change is sent only on a listen stream: one made while prismd's stream
+    is still being opened (here acknowledged 1 s late) is found by listing again once it is."""
+
+    async def main() -> None:
+        manager = McpManager([stdio_server(extra=["--slow-listen", "1"])])
+        try:
+            await manager.start()
+            assert await by_name(manager)["fx__grow"].call({"name": "early"}) == "added early"
+            await until(lambda: "fx__early" in by_name(manager), "the tool added early")
+        finally:
+            await manager.aclose()
+
+    asyncio.run(main())
+
+
 class Named(Tool):
     def __init__(self, name: str, host_level: bool = False) -> None:
         self.spec = ToolSpec(name, f"the {name} tool", {"type": "object"}, host_level=host_level)

@@ -352,17 +352,16 @@ class _Attempt:
 
     async def _listen(self, client: Client) -> None:
         """Keep a `subscriptions/listen` stream for tool-list changes open (2026-07-28 servers
-        send them nowhere else). Its events also reach `_on_message`, which relists; after the
-        stream was reopened the tools are listed again (changes meanwhile were not sent)."""
+        send them nowhere else). Its events also reach `_on_message`, which relists. Once the
+        stream is open (again) the tools are listed again: a change made before the server
+        acknowledged it was sent to no stream."""
         delay = LISTEN_RETRY_S
-        reopened = False
         while not self.stopping:
             try:
                 async with client.listen(tools_list_changed=True) as subscription:
                     if not subscription.honored.tools_list_changed:
                         return  # the server declined
-                    if reopened:
-                        self.request_relist()
+                    self.request_relist()
                     delay = LISTEN_RETRY_S
                     async for _event in subscription:
                         pass
@@ -378,7 +377,6 @@ class _Attempt:
                 return
             except (SubscriptionLost, TimeoutError) as exc:
                 log.debug("MCP server %r: listen: %s", self.conn.name, exc)
-            reopened = True
             await asyncio.sleep(delay)
             delay = min(delay * 2, 60.0)
 
@@ -660,7 +658,8 @@ class _Connection:
     def tools_listed(self, attempt: _Attempt) -> None:
         """The attempt listed the tools again (the server said they changed)."""
         if attempt is self.attempt and self.state == "ready" and attempt.connected:
-            log.info("MCP server %r: %d tools", self.name, len(attempt.tools))
+            if attempt.tools != self.tools:
+                log.info("MCP server %r: %d tools now", self.name, len(attempt.tools))
             self._offer(attempt.tools)
 
     def offers(self, mcp_name: str) -> bool:
