@@ -100,9 +100,11 @@ class Prismd:
             # The MCP SDK costs ~25 MB of memory: loaded only when servers are configured.
             from .tools.mcp import McpManager
 
-            self.mcp = McpManager(self.settings.mcp_servers)
+            # Its tools come and go at run time (tools/mcp.py): the registry follows.
+            self.mcp = McpManager(
+                self.settings.mcp_servers, lambda tools: self.tools.set_group("mcp", tools)
+            )
             await self.mcp.start()
-            self.tools.add(self.mcp.tools())
         warm = asyncio.create_task(asyncio.to_thread(self.providers.warm_up))
         self._background.add(warm)
         warm.add_done_callback(self._background.discard)

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import abc
 import asyncio
+import json
 import time
 from dataclasses import dataclass, field
 from typing import Any
@@ -199,6 +200,19 @@ class SessionLog:
     client_turns: dict[str, str]  # clientMessageId -> turnId
     running_turns: list[str] = field(default_factory=list)
     streaming: list[StreamingMessage] = field(default_factory=list)
+
+
+@dataclass(slots=True)
+class SessionActivity:
+    """What a session holds, counted by the store (`Store.session_activity`)."""
+
+    messages: int = 0  # messages held
+    assistant: int = 0  # assistant messages: one per model call
+    tool: int = 0  # tool results
+    errors: int = 0  # assistant messages with status `error`
+    # Over the `done` events still in the event log with `rounds` > 0 (pruned ones are gone):
+    rounds: int = 0  # their model calls (`rounds`)
+    llm_ms: float = 0.0  # their model time (`latency.llmMs`)
 
 
 # An event as logged: (seq, turn id, the frame's JSON text).
@@ -383,6 +397,27 @@ class Store(abc.ABC):
     async def export_session(self, session_id: str, path: str) -> bool:
         """Write one session as a standalone SQLite database in PROTOCOL.md A4's per-session
         layout (`session_messages`, `session_events`, `turns`, `session_files`)."""
+
+    async def session_activity(self, session_id: str) -> SessionActivity:
+        """Counts over one session's durable messages and logged `done` events (see
+        SessionActivity's fields), for `GET /api/sessions/{id}/stats` and `/enriched`. A store
+        should aggregate them in the database (SqliteStore does); this default loads the
+        messages and the log. A session with nothing counts zeros."""
+        messages = await self.load_messages(session_id)
+        activity = SessionActivity(
+            len(messages),
+            sum(m.role == "assistant" for m in messages),
+            sum(m.role == "tool" for m in messages),
+            sum(m.role == "assistant" and m.status == "error" for m in messages),
+        )
+        for _, frame in await self.read_events(session_id, 0):
+            if '"type":"done"' not in frame:
+                continue
+            done = json.loads(frame)
+            if done.get("type") == "done" and done.get("rounds"):
+                activity.rounds += done["rounds"]
+                activity.llm_ms += (done.get("latency") or {}).get("llmMs") or 0
+        return activity
 
     @abc.abstractmethod
     def save_turn(self, session_id: str, turn_id: str, **fields: Any) -> Written: ...

@@ -37,6 +37,7 @@ from .base import (
     EventRow,
     FileRecord,
     MessageRecord,
+    SessionActivity,
     SessionLog,
     SessionRecord,
     Store,
@@ -935,6 +936,28 @@ class SqliteStore(Store):
                 "SELECT start_seq FROM turns WHERE id=? AND session_id=?", (turn_id, session_id)
             ).fetchone()
             return row[0] if row else None
+
+        return await self._read(op)
+
+    async def session_activity(self, session_id: str) -> SessionActivity:
+        def op(db: sqlite3.Connection) -> SessionActivity:
+            messages, assistant, tool, errors = db.execute(
+                "SELECT COUNT(*), TOTAL(role='assistant'), TOTAL(role='tool'), "
+                "TOTAL(role='assistant' AND status='error') "
+                "FROM session_messages WHERE session_id=?",
+                (session_id,),
+            ).fetchone()
+            # The LIKE skips the parse of every other event (chunks are most of the log).
+            rounds, llm_ms = db.execute(
+                "SELECT TOTAL(json_extract(frame, '$.rounds')), "
+                "TOTAL(json_extract(frame, '$.latency.llmMs')) FROM session_events "
+                "WHERE session_id=? AND frame LIKE ? "
+                "AND json_extract(frame, '$.type')='done' AND json_extract(frame, '$.rounds')>0",
+                (session_id, '%"type":"done"%'),
+            ).fetchone()
+            return SessionActivity(
+                messages, int(assistant), int(tool), int(errors), int(rounds), llm_ms
+            )
 
         return await self._read(op)
 
