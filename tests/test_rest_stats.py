@@ -29,6 +29,7 @@ from prismd.store.base import MessageRecord, Store, Written
 from prismd.store.sqlite import SqliteStore
 
 from .conftest import PrismdServer, of_type, openai_env
+from .test_store import new_store  # noqa: F401 - a fixture: both stores
 
 
 class HeldStore(SqliteStore):
@@ -101,12 +102,12 @@ def test_a_turn_is_counted_once_when_the_store_is_behind(tmp_path: Path) -> None
     asyncio.run(main())
 
 
-def test_session_activity_counts_in_the_store(tmp_path: Path) -> None:
+def test_session_activity_counts_in_the_store(new_store) -> None:  # noqa: F811
     """Tool results, errors, and only `done` events with rounds count; an unknown session
-    counts zeros."""
+    counts zeros (both stores)."""
 
     async def main() -> None:
-        store = SqliteStore(tmp_path)
+        store = new_store()
         await store.open()
         sessions = SessionService(store, LocalBus())
         live = sessions.create("assistant")

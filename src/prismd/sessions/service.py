@@ -417,7 +417,9 @@ class SessionService:
     async def durable(self, live: LiveSession) -> None:
         """Wait until every write of the session so far is durable."""
         if live.last_write is not None:
-            await live.last_write
+            # Shielded: a waiter that is cancelled must not cancel the write (the service
+            # would take a cancelled write for a failed one).
+            await asyncio.shield(live.last_write)
 
     async def delete(self, session_id: str) -> bool:
         live = self._live.pop(session_id, None)

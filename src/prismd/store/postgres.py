@@ -45,6 +45,7 @@ from .base import (
     EventRow,
     FileRecord,
     MessageRecord,
+    SessionActivity,
     SessionLog,
     SessionRecord,
     Store,
@@ -955,6 +956,33 @@ class PostgresStore(Store):
         """Sessions with a turn still `running` and no live lease (see `expired_turns`): with
         several processes, a running turn under a live lease is another process's."""
         return await self.expired_turns()
+
+    async def session_activity(self, session_id: str) -> SessionActivity:
+        async def op(c: Conn) -> tuple[Any, list[Any]]:
+            counts = await c.fetchrow(
+                "SELECT COUNT(*), COUNT(*) FILTER (WHERE role='assistant'), "
+                "COUNT(*) FILTER (WHERE role='tool'), "
+                "COUNT(*) FILTER (WHERE role='assistant' AND status='error') "
+                "FROM session_messages WHERE session_id=$1",
+                session_id,
+            )
+            # Only the `done` frames (one per turn), parsed here: PostgreSQL's json input
+            # refuses the escaped lone surrogates a logged frame may hold.
+            done = await c.fetch(
+                "SELECT frame FROM session_events WHERE session_id=$1 AND frame LIKE $2",
+                session_id,
+                '%"type":"done"%',
+            )
+            return counts, done
+
+        counts, done = await self._pooled(op)
+        activity = SessionActivity(counts[0], counts[1], counts[2], counts[3])
+        for row in done:
+            frame = json.loads(row[0])
+            if frame.get("type") == "done" and frame.get("rounds"):
+                activity.rounds += frame["rounds"]
+                activity.llm_ms += (frame.get("latency") or {}).get("llmMs") or 0
+        return activity
 
     async def load_messages(
         self, session_id: str, with_file_data: bool = False
