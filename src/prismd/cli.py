@@ -27,6 +27,18 @@ def _settings(args: argparse.Namespace) -> Settings:
 # ---------------------------------------------------------------- serve
 
 
+# uvicorn logs two INFO lines for every WebSocket (accepted, open) and one when it closes: a
+# thousand clients connecting at once write thousands of lines. Kept at debug level.
+_PER_CONNECTION = ('"WebSocket ', "connection open", "connection closed")
+
+
+def _per_connection_lines_at_debug(record: logging.LogRecord) -> bool:
+    if record.levelno == logging.INFO and isinstance(record.msg, str):
+        if record.msg.startswith(_PER_CONNECTION) or '"WebSocket ' in record.msg:
+            return logging.getLogger().isEnabledFor(logging.DEBUG)
+    return True
+
+
 def _client_errors_are_not_server_errors(record: logging.LogRecord) -> bool:
     """uvicorn logs a client's invalid UTF-8 frame as an exception with a traceback; it is
     the client's fault (the connection is closed with 1007), so log one line at INFO."""
@@ -118,6 +130,7 @@ def configure_logging(settings: Settings) -> None:
     for noisy in ("httpx", "httpx2"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
     logging.getLogger("uvicorn.error").addFilter(_client_errors_are_not_server_errors)
+    logging.getLogger("uvicorn.error").addFilter(_per_connection_lines_at_debug)
     # No configured secret (MCP tokens, API keys) nor a recognisable one reaches the log.
     from .auth.redact import RedactingFilter, configured_secrets
 
