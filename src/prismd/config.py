@@ -175,6 +175,9 @@ class McpServerSettings(_Section):
     # only admins get them, unless this is true (the server is safe to share: it keeps each
     # user apart itself) or a grant names them (tools.grants, an agent's `grant`).
     allow_users: bool = False
+    # What its tools' data is, for approval requests' `dataClassification` (None: "restricted"
+    # for a server only admins may use, else "internal").
+    data_classification: Literal["public", "internal", "confidential", "restricted"] | None = None
 
 
 class ToolsSettings(_Section):

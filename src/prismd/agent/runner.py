@@ -513,7 +513,7 @@ class _Execution:
                     "requestReason": f"The agent wants to run the tool {call.name}.",
                     "sessionId": self.live.id,
                     "agentId": self.plan.agent.id,
-                    "dataClassification": "internal",
+                    "dataClassification": self.view.tools[call.name].spec.data_classification,
                 },
             }
         )

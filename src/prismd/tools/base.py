@@ -34,6 +34,16 @@ class ToolSpec:
     # Touches the host as prismd's own user (a host shell, an MCP server shared by everyone):
     # in a server with users, only admins get it, unless the config grants it (tools/registry.py).
     host_level: bool = False
+    # The data the tool reaches, as an approval_request's `dataClassification` says it:
+    # "public" (the open web), "internal" (the user's workspace, notes and tools' services),
+    # "restricted" (the host itself). None: derived ("restricted" when host-level).
+    data_access: str | None = None
+
+    @property
+    def data_classification(self) -> str:
+        if self.data_access is not None:
+            return self.data_access
+        return "restricted" if self.host_level else "internal"
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -43,6 +53,7 @@ class ToolSpec:
             "needsApproval": self.needs_approval,
             "source": self.source,
             "hostLevel": self.host_level,
+            "dataClassification": self.data_classification,
         }
 
 

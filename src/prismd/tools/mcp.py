@@ -754,6 +754,7 @@ class McpTool(Tool):
             source=f"mcp:{s.name}",
             # Its process or endpoint acts with the server's credentials for every caller.
             host_level=not s.allow_users,
+            data_access=s.data_classification,
         )
 
     async def run(self, args: dict[str, Any], ctx: ToolContext) -> str:
