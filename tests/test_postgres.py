@@ -40,7 +40,13 @@ from prismd.testing.fake_models import Reply
 from prismd.testing.postgres_server import PostgresServer
 
 from .conftest import ROOT, openai_env
-from .test_store import check_legacy_session, make_legacy_install
+from .test_store import (
+    OLD_NOTES,
+    OTHER_NOTES,
+    check_legacy_session,
+    make_legacy_install,
+    make_memory_db,
+)
 
 HANG_GUARD_S = 30  # an await that takes this long has hung: the test fails, it does not wait
 
@@ -363,6 +369,7 @@ def _counts(stdout: str) -> dict[str, int]:
 def test_db_import_moves_an_embedded_install_once(tmp_path, make_pg_database):
     data = tmp_path / "data"
     make_legacy_install(data)  # one session still in the older per-session layout
+    make_memory_db(data / "memory.db", OLD_NOTES)  # notes where the memory tools kept them
     blob = bytes(range(256)) * 100
 
     async def fill() -> None:
@@ -381,6 +388,7 @@ def test_db_import_moves_an_embedded_install_once(tmp_path, make_pg_database):
         store.add_message("new", MessageRecord("m9", "user", "see file", "t", "tn", files=[pdf]))
         store.save_turn("new", "tn", client_message_id="c9", status="complete", start_seq=1)
         await store.append_events("new", [(1, "tn", "x"), (2, "tn", "y"), (3, "tn", "z")])
+        await store.add_note("u1/helper", "Alice's build runs on Fridays.", ["ci"])
         await store.close()
 
     run(fill())
@@ -400,6 +408,7 @@ def test_db_import_moves_an_embedded_install_once(tmp_path, make_pg_database):
         "turns": 2,
         "events": 5,
         "uploads": 1,
+        "memory notes": 4,
     }
 
     async def check() -> None:
@@ -421,6 +430,18 @@ def test_db_import_moves_an_embedded_install_once(tmp_path, make_pg_database):
         ]
         upload = await store.get_upload("upl1")
         assert upload is not None and upload.data == blob and upload.filename == "b.bin"
+        # The notes keep their numbers, dates and scopes, and are searched here.
+        notes = await store.search_notes("agent-a", "", 10)
+        assert [(n.id, n.created_at, n.tags) for n in notes] == [
+            (7, "2025-01-04T00:00:00Z", ["work", "dates"]),
+            (1, "2025-01-02T03:04:05Z", ["prefs"]),
+        ]
+        assert [n.id for n in await store.search_notes("agent-a", "GENMAICHA", 10)] == [1]
+        assert [n.text for n in await store.search_notes("u1/helper", "fridays ci", 10)] == [
+            "Alice's build runs on Fridays."
+        ]
+        assert [n.id for n in await store.search_notes("alice/agent-a", "tea", 10)] == [2]
+        assert await store.add_note("agent-a", "Noted after the move.", []) == 9  # ids go on
         # Something lost after a run cut off halfway: the next run moves just that.
         conn = await asyncpg.connect(url)
         await conn.execute("DELETE FROM session_events WHERE session_id='new' AND seq=3")
@@ -442,6 +463,53 @@ def test_db_import_moves_an_embedded_install_once(tmp_path, make_pg_database):
     assert nothing.returncode == 1 and "no prismd data" in nothing.stderr
     unset = prismd("db", "import", "--from-sqlite", str(data), env={"PRISMD_HOME": str(tmp_path)})
     assert unset.returncode == 2 and "PRISMD_DATABASE_URL" in unset.stderr
+
+
+def test_db_import_moves_the_notes_of_several_machines_into_one_database(
+    tmp_path, make_pg_database
+):
+    """Each machine of a deployment kept its own memory.db: importing each one's data
+    directory moves every note; numbers already taken are given anew, a note already there
+    (the same on two machines, or a second run) is not moved twice."""
+    url = make_pg_database()
+    env = {"PRISMD_HOME": str(tmp_path), "PRISMD_DATABASE_URL": url}
+    machines = {"m1": OLD_NOTES, "m2": OTHER_NOTES}
+    for name, notes in machines.items():
+        make_memory_db(tmp_path / name / "memory.db", notes)  # no prismd.db: notes only
+    moved = [
+        _counts(prismd("db", "import", "--from-sqlite", str(tmp_path / name), env=env).stdout)
+        for name in machines
+    ]
+    assert [m["memory notes"] for m in moved] == [3, 1]
+    again = prismd("db", "import", "--from-sqlite", str(tmp_path / "m2"), env=env)
+    assert again.returncode == 0 and _counts(again.stdout)["memory notes"] == 0
+    assert (tmp_path / "m2" / "memory.db.imported").is_file()
+
+    async def check() -> None:
+        store = PostgresStore(url)
+        await store.open()
+        assert [(n.id, n.text) for n in await store.search_notes("agent-a", "", 10)] == [
+            (8, "The office wifi is called prism."),  # its number 1 was taken
+            (7, "Project deadline is March 3rd."),
+            (1, "The user's favourite tea is genmaicha."),
+        ]
+        assert [n.id for n in await store.search_notes("alice/agent-a", "", 10)] == [2]
+        assert [n.id for n in await store.search_notes("agent-a", "wifi", 10)] == [8]
+        assert await store.add_note("agent-a", "next", []) == 9
+        await store.close()
+
+    run(check())
+
+
+def test_a_machine_with_notes_not_yet_moved_is_told_how(tmp_path, caplog):
+    settings = load_settings(
+        env={"PRISMD_HOME": str(tmp_path), "PRISMD_DATABASE_URL": "postgresql://x@127.0.0.1/db"}
+    )
+    make_store(settings)
+    assert "memory notes" not in caplog.text
+    make_memory_db(settings.data_dir / "memory.db", OLD_NOTES)
+    make_store(settings)
+    assert f"prismd db import --from-sqlite {settings.data_dir}" in caplog.text
 
 
 # ---------------------------------------------------------------- configuration, a whole server

@@ -172,6 +172,34 @@ def test_an_approval_answered_on_another_process(cluster, fake_openai):
     assert of_type(frames, "approval_resolved")[0]["approved"] is True
 
 
+def test_a_note_saved_through_one_process_is_found_through_another(cluster, fake_openai):
+    """The memory tools keep their notes in PostgreSQL: what an agent noted in a turn on one
+    process, a turn of another session on the other process finds (no machine's file)."""
+    a, b = cluster.nodes
+    note = "The team's deploy window is Tuesday 14:00 UTC."
+    fake_openai.script(
+        Reply(tool_calls=[call("memory_note", {"text": note, "tags": ["deploy"]})], times=1),
+        match="remember the window",
+    )
+    fake_openai.script(Reply(text=["noted"], times=1), match="remember the window")
+    fake_openai.script(
+        Reply(tool_calls=[call("memory_search", {"query": "when is the deploy window?"})], times=1),
+        match="recall the window",
+    )
+    fake_openai.script(Reply(text=["Tuesday"], times=1), match="recall the window")
+    with a.client() as on_a:
+        saved = of_type(on_a.turn(message="remember the window"), "tool_end")[0]
+    assert saved["status"] == "ok" and saved["output"].startswith("saved note #")
+    with b.client() as on_b:
+        found = of_type(on_b.turn(message="recall the window"), "tool_end")[0]
+    assert found["status"] == "ok"
+    assert found["output"].startswith(saved["output"].removeprefix("saved note ") + " (")
+    assert found["output"].endswith(f"[deploy]: {note}")
+    for node in cluster.nodes:
+        assert not (node.data_dir / "memory.db").exists()
+        assert not (node.data_dir / "prismd.db").exists()
+
+
 def test_a_client_that_moves_to_another_process_mid_turn_loses_nothing(cluster, fake_openai):
     a, b = cluster.nodes
     fake_openai.script(Reply(text=PIECES, delay_s=0.03), match="move mid-turn")

@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import json
 import random
+import re
 import sqlite3
 from collections.abc import Callable
 from pathlib import Path
@@ -27,6 +28,7 @@ from prismd.store.base import (
     TokenRecord,
     UploadRecord,
     UserRecord,
+    query_words,
 )
 from prismd.store.postgres import PostgresStore
 from prismd.store.sqlite import LEGACY_SESSION_SCHEMA, SqliteStore
@@ -503,3 +505,241 @@ def test_a_locked_sqlite_database_fails_writes_as_unavailable(tmp_path):
         await store.close()
 
     run(main())
+
+
+# ---------------------------------------------------------------- memory notes
+
+
+def test_notes_are_found_by_their_words_and_only_in_their_scope(new_store):
+    """A search finds the notes of its scope holding any of its words (text or tags), the
+    better match first; no words: the newest. Another agent, or the same agent for another
+    user, sees none of them."""
+
+    async def main() -> None:
+        store = new_store()
+        await store.open()
+        tea = await store.add_note("agent-a", "The user's favourite tea is genmaicha.", ["prefs"])
+        deadline = await store.add_note("agent-a", "Project deadline is March 3rd.", [])
+        coffee = await store.add_note(
+            "agent-a", "The user dislikes coffee; prefers tea.", ["likes", "drinks"]
+        )
+        assert tea < deadline < coffee
+
+        async def ids(scope: str, query: str, limit: int = 10) -> list[int]:
+            return [n.id for n in await store.search_notes(scope, query, limit)]
+
+        found = await store.search_notes("agent-a", "what TEA does the user like?", 10)
+        assert {n.id for n in found} == {tea, coffee}
+        note = next(n for n in found if n.id == tea)
+        assert (note.scope, note.text, note.tags) == (
+            "agent-a",
+            "The user's favourite tea is genmaicha.",
+            ["prefs"],
+        )
+        assert re.fullmatch(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\dZ", note.created_at)
+        assert await ids("agent-a", "genmaicha tea") == [tea, coffee]  # both words first
+        assert await ids("agent-a", "drinks") == [coffee]  # tags are searched
+        assert (await store.search_notes("agent-a", "drinks", 1))[0].tags == ["likes", "drinks"]
+        assert await ids("agent-a", "deadline", 1) == [deadline]
+        assert await ids("agent-a", "zebra") == []
+        assert len(await ids("agent-a", "the user", 1)) == 1  # the limit
+        # No words: the newest notes.
+        assert await ids("agent-a", "", 2) == [coffee, deadline]
+        assert await ids("agent-a", " ?! ") == [coffee, deadline, tea]
+
+        for scope in ("agent-b", "alice/agent-a", "bob/agent-a", "agent-%", "AGENT-A", "agent"):
+            assert await ids(scope, "tea") == [] and await ids(scope, "") == []
+        alices = await store.add_note("alice/agent-a", "alice likes tea", [])
+        bobs = await store.add_note("bob/agent-a", "bob likes tea", [])
+        assert await ids("alice/agent-a", "tea likes bob alice") == [alices]
+        assert await ids("bob/agent-a", "") == [bobs]
+        assert alices not in await ids("agent-a", "alice likes tea")
+        await store.close()
+
+    run(main())
+
+
+# (note text, tags, a query that finds it, a query that does not): the same on both stores,
+# tokens as FTS5's unicode61 (remove_diacritics 2) makes them.
+TOKENS = [
+    ("Un café à Genève", [], "CAFE geneve", "caf"),
+    ("naïve coöperation", [], "naive", "naïv"),
+    ("Übermaß", [], "ubermaß", "ubermass"),
+    ("mail user@example.com now", [], "example", "exampl"),
+    ("the foo_bar function", [], "foo_bar", "bar_foo"),
+    ("the foo-bar function", [], "Foo.Bar", "foobar"),
+    ("Ωμέγα", [], "ωμέγα", "ωμεγα"),  # diacritics are removed from Latin letters only
+    ("ΣΟΦΟΣ", [], "σοφος", "σοφο"),
+    ("日本語のテキスト", [], "日本語のテキスト", "日本"),
+    ("it's here", [], "it", "its"),
+    ("ends with alpha", ["beta"], "alpha beta", "alpha_beta"),  # no phrase spans text and tags
+]
+
+
+def test_notes_are_tokenized_alike_on_both_stores(new_store):
+    async def main() -> None:
+        store = new_store()
+        await store.open()
+        ids = [await store.add_note("s", text, tags) for text, tags, _, _ in TOKENS]
+        for note_id, (text, _, finds, misses) in zip(ids, TOKENS, strict=True):
+            assert note_id in [n.id for n in await store.search_notes("s", finds, 50)], text
+            assert note_id not in [n.id for n in await store.search_notes("s", misses, 50)], text
+        await store.close()
+
+    run(main())
+
+
+HOSTILE_QUERIES = [
+    "",
+    "\x00 '\"*",
+    '"',
+    "*",
+    "NEAR(",
+    "NEAR(tea coffee)",
+    "-",
+    "tea -coffee",
+    'tea" OR "x',
+    "AND OR NOT",
+    "col:tea",
+    "text:tea",
+    "{text tags}: tea",
+    "^tea",
+    "tea*",
+    "(",
+    ")",
+    "'",
+    "''",
+    "tea' | 'x",
+    "tea & !coffee",
+    "!tea",
+    "tea | coffee",
+    "tea <-> coffee",
+    "tea <2> coffee",
+    "tea:*",
+    "tea:A",
+    "tea:*A & x:B",
+    "\\",
+    "tea\\",
+    "\\'tea",
+    "%_",
+    "\x00tea\x00",
+    "\ud800tea",
+    "_",
+    "__ tea_",
+    "🤖",
+    "x" * 3000,  # longer than a PostgreSQL lexeme may be
+    "tea " + "x" * 3000,
+    "tea_" + "x" * 3000,
+    "a_" * 2000,
+    " ".join(f"w{i}" for i in range(40)) + " tea",  # tea past the 32 words searched
+    "tea " * 1000,
+]
+
+
+def test_hostile_queries_find_notes_or_nothing_never_an_error(new_store):
+    """No query text is read as search syntax (FTS5's or tsquery's): each query finds the tea
+    note exactly when "tea" is one of its words (query_words), and never fails."""
+
+    async def main() -> None:
+        store = new_store()
+        await store.open()
+        tea = await store.add_note("s", "Remember the tea ceremony.", ["tea"])
+        other = await store.add_note("s", "Coffee x:B near 'A' \\ of (NEAR) * AND OR NOT", [])
+        for query in HOSTILE_QUERIES:
+            found = [n.id for n in await store.search_notes("s", query, 10)]
+            words = [w.lower() for w in query_words(query)]
+            if not words:  # the newest notes
+                assert found == [other, tea], query
+            else:
+                assert (tea in found) == ("tea" in words or "tea_" in words), query[:60]
+        await store.close()
+
+    run(main())
+
+
+def make_memory_db(path: Path, notes: list[tuple[int, str, str, str, str]]) -> None:
+    """`memory.db` as the memory tools kept it before the store held the notes (WAL mode, an
+    FTS5 index kept by triggers): notes (id, agent_id (the scope), created_at, text, tags)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    db = sqlite3.connect(path, isolation_level=None)
+    db.execute("PRAGMA journal_mode=WAL")
+    db.executescript(
+        """
+        CREATE TABLE notes (id INTEGER PRIMARY KEY, agent_id TEXT NOT NULL,
+          created_at TEXT NOT NULL, text TEXT NOT NULL, tags TEXT NOT NULL DEFAULT '');
+        CREATE INDEX notes_agent ON notes(agent_id, id);
+        CREATE VIRTUAL TABLE notes_fts USING fts5(text, tags, content='notes',
+          content_rowid='id', tokenize='unicode61 remove_diacritics 2');
+        CREATE TRIGGER notes_ai AFTER INSERT ON notes BEGIN
+          INSERT INTO notes_fts(rowid, text, tags) VALUES (new.id, new.text, new.tags);
+        END;
+        """
+    )
+    db.executemany("INSERT INTO notes VALUES (?,?,?,?,?)", notes)
+    db.close()
+
+
+OLD_NOTES = [
+    (1, "agent-a", "2025-01-02T03:04:05Z", "The user's favourite tea is genmaicha.", "prefs"),
+    (2, "alice/agent-a", "2025-01-03T00:00:00Z", "Alice prefers green tea.", ""),
+    (7, "agent-a", "2025-01-04T00:00:00Z", "Project deadline is March 3rd.", "work, dates"),
+]
+# Another machine's memory.db: its notes are numbered like the first's.
+OTHER_NOTES = [
+    (1, "agent-a", "2025-02-01T00:00:00Z", "The office wifi is called prism.", ""),
+    (2, "alice/agent-a", "2025-01-03T00:00:00Z", "Alice prefers green tea.", ""),  # the same
+]
+
+
+def test_an_old_memory_db_is_imported_once_and_kept_renamed(tmp_path):
+    data = tmp_path / "data"
+    make_memory_db(data / "memory.db", OLD_NOTES)
+
+    async def notes(store: Store, scope: str) -> list[tuple[int, str, str, list[str]]]:
+        return [
+            (n.id, n.created_at, n.text, n.tags) for n in await store.search_notes(scope, "", 50)
+        ]
+
+    async def first() -> None:
+        store = SqliteStore(data)
+        await store.open()
+        assert await notes(store, "agent-a") == [
+            (7, "2025-01-04T00:00:00Z", "Project deadline is March 3rd.", ["work", "dates"]),
+            (1, "2025-01-02T03:04:05Z", "The user's favourite tea is genmaicha.", ["prefs"]),
+        ]
+        assert [n.id for n in await store.search_notes("alice/agent-a", "tea", 5)] == [2]
+        assert [n.id for n in await store.search_notes("agent-a", "dates", 5)] == [7]
+        assert await store.add_note("agent-a", "A new note.", []) == 8  # after the imported
+        await store.close()
+
+    run(first())
+    assert not (data / "memory.db").exists() and (data / "memory.db.imported").is_file()
+    assert not (data / "memory.db-wal").exists()
+
+    # The same file again (a start cut off before the rename), and another machine's: nothing
+    # is imported twice; a note whose number is taken gets a new one.
+    (data / "memory.db.imported").replace(data / "memory.db")
+    run(_open_close(SqliteStore(data)))
+    make_memory_db(data / "memory.db", OTHER_NOTES)
+
+    async def second() -> None:
+        store = SqliteStore(data)
+        await store.open()
+        assert [(n.id, n.text) for n in await store.search_notes("agent-a", "", 50)] == [
+            (9, "The office wifi is called prism."),
+            (8, "A new note."),
+            (7, "Project deadline is March 3rd."),
+            (1, "The user's favourite tea is genmaicha."),
+        ]
+        assert [n.id for n in await store.search_notes("alice/agent-a", "", 5)] == [2]
+        assert [n.id for n in await store.search_notes("agent-a", "wifi", 5)] == [9]
+        await store.close()
+
+    run(second())
+    assert not (data / "memory.db").exists()
+    assert (data / "memory.db.imported").is_file() and (data / "memory.db.imported.2").is_file()
+
+
+async def _open_close(store: Store) -> None:
+    await store.open()
+    await store.close()

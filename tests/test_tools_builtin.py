@@ -6,14 +6,16 @@ import asyncio
 import http.server
 import json
 import os
+import re
 import shutil
 import socket
+import sqlite3
 import ssl
 import subprocess
 import sys
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -21,16 +23,20 @@ import psutil
 import pytest
 
 from prismd.config import ToolsSettings
+from prismd.store.base import Store, query_words
+from prismd.store.postgres import note_query
+from prismd.store.sqlite import SqliteStore, fts_query
 from prismd.tools.base import Tool, ToolContext, ToolError
 from prismd.tools.builtins import (
     builtin_tools,
     check_address,
     files,
     isolation,
-    memory,
     sandbox,
 )
 from prismd.tools.builtins.web_fetch import WebFetch
+
+from .test_store import HOSTILE_QUERIES, new_store  # noqa: F401 - a fixture: both stores
 
 TOOLS = {t.spec.name: t for t in builtin_tools()}
 
@@ -951,64 +957,137 @@ def test_web_fetch_size_and_time_limits(ctx: ToolContext, http_server: int) -> N
 # --- memory -----------------------------------------------------------------------------------
 
 
-def test_memory_note_and_search(ctx: ToolContext) -> None:
-    out = run("memory_note", ctx, text="The user's favourite tea is genmaicha.", tags=["prefs"])
-    assert out == "saved note #1"
-    run("memory_note", ctx, text="Project deadline is March 3rd.")
-    run("memory_note", ctx, text="The user dislikes coffee; prefers tea.")
+def with_store(make: Callable[[], Store], test: Any) -> None:
+    """Run `test(call)` with the memory tools on a store (both stores: tests/test_store.py's
+    new_store), in one event loop; `call(name, ctx, **args)` runs a tool."""
 
-    out = run("memory_search", ctx, query="what tea does the user like?")
-    lines = out.splitlines()
-    assert len(lines) == 2 and all("tea" in line for line in lines)
-    assert lines[0].startswith("#") and " UTC" in lines[0]
-    assert "[prefs]" in out
-    assert run("memory_search", ctx, query="deadline", limit=1).startswith("#2 (")
-    assert run("memory_search", ctx, query="prefs").startswith("#1 (")
-    assert run("memory_search", ctx, query="zebra") == "no matching notes"
-    # No words: the most recent notes.
-    assert run("memory_search", ctx, query="", limit=2).splitlines()[0].startswith("#3 (")
+    async def call(name: str, context: ToolContext, **args: Any) -> str:
+        context.store = store
+        return await TOOLS[name].run(args, context)
 
-    other = ToolContext("s2", "agent-b", ctx.workspace, ctx.data_dir, ctx.settings)
-    assert run("memory_search", other, query="tea") == "no matching notes"
-    assert run("memory_search", other, query="") == "no matching notes"
-    run("memory_note", other, text="agent b knows about tea too")
-    assert run("memory_search", other, query="tea").count("\n") == 0
-    assert (ctx.data_dir / "memory.db").exists()
-    # Users share agents, not what an agent remembers for one of them.
-    for user in ("user_a", "user_b"):
-        mine = ToolContext(ctx.session_id, ctx.agent_id, ctx.workspace, ctx.data_dir, ctx.settings)
-        mine.owner_id = user
-        assert run("memory_search", mine, query="tea") == "no matching notes"
-        assert run("memory_search", mine, query="") == "no matching notes"
-        run("memory_note", mine, text=f"{user} likes tea")
-        assert run("memory_search", mine, query="tea").count("\n") == 0
-        assert user in run("memory_search", mine, query="tea")
+    async def main() -> None:
+        await store.open()
+        try:
+            await test(call)
+        finally:
+            await store.close()
+
+    store = make()
+    asyncio.run(main())
 
 
-@pytest.mark.parametrize(
-    "query",
-    [
-        '"',
-        "*",
-        "NEAR(",
-        "-",
-        "tea -coffee",
-        'tea" OR "x',
-        "AND OR NOT",
-        "col:tea",
-        "^tea",
-        "(",
-        "'",
-    ],
-)
-def test_memory_search_survives_fts_syntax(ctx: ToolContext, query: str) -> None:
-    run("memory_note", ctx, text="Remember the tea ceremony.")
-    run("memory_search", ctx, query=query)  # no error
+def test_memory_note_and_search(new_store, ctx: ToolContext) -> None:  # noqa: F811
+    async def test(call: Any) -> None:
+        out = await call(
+            "memory_note", ctx, text="The user's favourite tea is genmaicha.", tags=["prefs"]
+        )
+        assert re.fullmatch(r"saved note #\d+", out)
+        first = int(out.removeprefix("saved note #"))
+        await call("memory_note", ctx, text="  Project deadline is March 3rd.\n")
+        await call("memory_note", ctx, text="The user dislikes coffee; prefers tea.")
+
+        out = await call("memory_search", ctx, query="what tea does the user like?")
+        lines = out.splitlines()
+        assert len(lines) == 2 and all("tea" in line for line in lines)
+        assert re.match(r"#\d+ \(\d{4}-\d\d-\d\d \d\d:\d\d:\d\d UTC\)", lines[0])
+        assert f"#{first} (" in out and "[prefs]: The user's favourite tea is genmaicha." in out
+        deadline = await call("memory_search", ctx, query="deadline", limit=1)
+        assert deadline.startswith(f"#{first + 1} (") and deadline.endswith(
+            "UTC): Project deadline is March 3rd."
+        )
+        assert (await call("memory_search", ctx, query="prefs")).startswith(f"#{first} (")
+        assert await call("memory_search", ctx, query="zebra") == "no matching notes"
+        # No words: the most recent notes.
+        recent = await call("memory_search", ctx, query="", limit=2)
+        assert recent.splitlines()[0].startswith(f"#{first + 2} (") and recent.count("\n") == 1
+
+        other = ToolContext("s2", "agent-b", ctx.workspace, ctx.data_dir, ctx.settings)
+        assert await call("memory_search", other, query="tea") == "no matching notes"
+        assert await call("memory_search", other, query="") == "no matching notes"
+        await call("memory_note", other, text="agent b knows about tea too")
+        assert (await call("memory_search", other, query="tea")).count("\n") == 0
+        assert not (ctx.data_dir / "memory.db").exists()  # the notes are in the store
+        # Users share agents, not what an agent remembers for one of them.
+        for user in ("user_a", "user_b"):
+            mine = ToolContext(
+                ctx.session_id, ctx.agent_id, ctx.workspace, ctx.data_dir, ctx.settings
+            )
+            mine.owner_id = user
+            assert await call("memory_search", mine, query="tea") == "no matching notes"
+            assert await call("memory_search", mine, query="") == "no matching notes"
+            await call("memory_note", mine, text=f"{user} likes tea")
+            assert (await call("memory_search", mine, query="tea")).count("\n") == 0
+            assert user in await call("memory_search", mine, query="tea")
+
+        # Tags are cleaned (no commas, one space, 64 characters); text a store cannot hold (a
+        # NUL, a lone surrogate from escaped JSON) is replaced, not refused.
+        await call(
+            "memory_note", ctx, text="odd\x00text\ud800here", tags=[" a,b  c ", "x" * 99, " "]
+        )
+        out = await call("memory_search", ctx, query="odd")
+        assert out.endswith(f"[a b c, {'x' * 64}]: odd\ufffdtext\ufffdhere")
+        for bad in ({"text": " "}, {"text": "x" * 8001}, {"text": "t", "tags": "a"}):
+            with pytest.raises(ToolError):
+                await call("memory_note", ctx, **bad)
+        for bad_limit in (0, -1, True, "3"):
+            with pytest.raises(ToolError):
+                await call("memory_search", ctx, query="tea", limit=bad_limit)
+        assert (await call("memory_search", ctx, query="", limit=999)).count("\n") == 3
+
+    with_store(new_store, test)
 
 
-def test_memory_fts_query() -> None:
-    assert memory.fts_query('tea "NEAR(x* -y') == '"tea" OR "NEAR" OR "x" OR "y"'
-    assert memory.fts_query('*-()"') == ""
+def test_memory_search_survives_search_syntax(new_store, ctx: ToolContext) -> None:  # noqa: F811
+    """Every hostile query of tests/test_store.py through the tool: an answer, never an error."""
+
+    async def test(call: Any) -> None:
+        await call("memory_note", ctx, text="Remember the tea ceremony.")
+        for query in HOSTILE_QUERIES:
+            out = await call("memory_search", ctx, query=query)
+            assert out == "no matching notes" or "tea ceremony" in out, query[:60]
+
+    with_store(new_store, test)
+
+
+def test_memory_says_when_its_database_is_unavailable(ctx: ToolContext) -> None:
+    """Another process holds SQLite's write lock past the busy timeout: saving a note is
+    refused with a message for the model (no path, no database error), searching goes on,
+    and saving works again once the lock is gone."""
+
+    async def main() -> None:
+        store = SqliteStore(ctx.data_dir)
+        await store.open()
+        ctx.store = store
+        other = sqlite3.connect(ctx.data_dir / "prismd.db", isolation_level=None)
+        other.execute("BEGIN EXCLUSIVE")
+        try:
+            with pytest.raises(ToolError) as info:
+                await TOOLS["memory_note"].run({"text": "kept later"}, ctx)
+            assert str(info.value) == "the memory database is unavailable; try again later"
+            assert await TOOLS["memory_search"].run({"query": "kept"}, ctx) == "no matching notes"
+        finally:
+            other.execute("ROLLBACK")
+            other.close()
+        assert (await TOOLS["memory_note"].run({"text": "kept later"}, ctx)).startswith("saved")
+        assert "kept later" in await TOOLS["memory_search"].run({"query": "kept"}, ctx)
+        await store.close()
+
+    asyncio.run(main())
+
+
+def test_memory_without_a_store_says_so(ctx: ToolContext) -> None:
+    assert "not available" in refused("memory_note", ctx, text="x")
+    assert "not available" in refused("memory_search", ctx, query="x")
+
+
+def test_memory_queries_are_words_each_quoted() -> None:
+    assert fts_query('tea "NEAR(x* -y') == '"tea" OR "NEAR" OR "x" OR "y"'
+    assert fts_query('*-()"') == ""
+    assert fts_query("tea tea TEA") == '"tea" OR "TEA"'
+    words = query_words("tea 'NEAR(x* -y foo_bar Café | !z:*")
+    assert note_query(words) == "'tea' | 'near' | 'x' | 'y' | ('foo' <-> 'bar') | 'cafe' | 'z'"
+    assert note_query(["_"]) == ""
+    assert len(query_words(" ".join(f"w{i}" for i in range(99)))) == 32
 
 
 # --- current_time -----------------------------------------------------------------------------

@@ -450,6 +450,7 @@ class _Execution:
                     settings=settings,
                     owner_id=self.live.record.owner_id,
                     trusted=self.plan.caller.admin,
+                    store=self.sessions.store,
                 )
                 output = await tool.run(args, ctx)
         except ToolError as exc:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
@@ -14,6 +15,14 @@ def make_store(settings: Settings) -> Store:
     database in the data directory."""
     if settings.store.url:
         from .postgres import PostgresStore
+
+        if (settings.data_dir / "memory.db").is_file():
+            logging.getLogger("prismd.store").warning(
+                "%s holds memory notes that are not in PostgreSQL: move them with "
+                "`prismd db import --from-sqlite %s`",
+                settings.data_dir / "memory.db",
+                settings.data_dir,
+            )
 
         return PostgresStore(
             settings.store.url,

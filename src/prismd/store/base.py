@@ -20,8 +20,10 @@ from __future__ import annotations
 import abc
 import asyncio
 import json
+import re
 import time
 from dataclasses import dataclass, field
+from datetime import UTC, datetime
 from typing import Any
 
 # The owner of everything created while no user exists (the open loopback mode).
@@ -215,6 +217,40 @@ class SessionActivity:
     llm_ms: float = 0.0  # their model time (`latency.llmMs`)
 
 
+@dataclass(slots=True)
+class NoteRecord:
+    """An agent's memory note (`Store.add_note`, `Store.search_notes`)."""
+
+    id: int
+    scope: str  # whose note: one agent of one user (ToolContext.memory_scope)
+    created_at: str  # UTC, to the second: "2026-01-02T03:04:05Z"
+    text: str
+    tags: list[str] = field(default_factory=list)
+
+
+# A notes search looks for at most this many distinct words of its query.
+MAX_QUERY_TERMS = 32
+_WORD = re.compile(r"\w+")
+
+
+def query_words(query: str) -> list[str]:
+    """The words a notes search looks for: the runs of word characters of `query`, each once,
+    at most MAX_QUERY_TERMS. Nothing else of the query is kept, so no user text is ever read
+    as search syntax (quotes, operators, prefixes, columns)."""
+    words: list[str] = []
+    for word in _WORD.findall(query):
+        if word not in words:
+            words.append(word)
+            if len(words) >= MAX_QUERY_TERMS:
+                break
+    return words
+
+
+def note_time() -> str:
+    """A new note's `created_at`."""
+    return datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
 # An event as logged: (seq, turn id, the frame's JSON text).
 EventRow = tuple[int, str | None, str]
 
@@ -351,6 +387,22 @@ class Store(abc.ABC):
     @abc.abstractmethod
     async def get_upload(self, upload_id: str) -> UploadRecord | None:
         """With its data."""
+
+    # agents' memory notes (the memory_note and memory_search tools)
+    @abc.abstractmethod
+    async def add_note(self, scope: str, text: str, tags: list[str]) -> int:
+        """Keep a note for `scope` (one agent of one user: ToolContext.memory_scope); returns
+        its id once it is durable. Its text and its tags (without commas) are searched."""
+
+    @abc.abstractmethod
+    async def search_notes(self, scope: str, query: str, limit: int) -> list[NoteRecord]:
+        """At most `limit` of `scope`'s notes (never another scope's) holding any of the
+        query's words (`query_words`), the best matches first, the newest first among equals.
+        Each word matches as the phrase of the tokens it holds ("foo_bar": "foo" then "bar");
+        tokens are runs of letters and digits, compared without case and without the
+        diacritics of Latin letters (SQLite FTS5's unicode61 tokenizer, which PostgresStore
+        reproduces). A query with no words gives the newest notes. Ranking: bm25 (SQLite),
+        ts_rank (PostgreSQL)."""
 
     # one session's database
     @abc.abstractmethod

@@ -37,6 +37,7 @@ from .base import (
     EventRow,
     FileRecord,
     MessageRecord,
+    NoteRecord,
     SessionActivity,
     SessionLog,
     SessionRecord,
@@ -48,6 +49,8 @@ from .base import (
     UploadRecord,
     UserRecord,
     Written,
+    note_time,
+    query_words,
 )
 
 log = logging.getLogger("prismd.store")
@@ -171,6 +174,30 @@ CREATE TABLE IF NOT EXISTS turns (
 );
 CREATE INDEX IF NOT EXISTS turns_session ON turns(session_id, client_message_id);
 CREATE INDEX IF NOT EXISTS turns_running ON turns(status) WHERE status = 'running';
+"""
+# The agents' memory notes (until this layout, `memory.db`: see `_import_memory`). Text and
+# tags are indexed with FTS5 (an external-content table kept by triggers); searches rank with
+# bm25.
+NOTES_SCHEMA = """
+CREATE TABLE IF NOT EXISTS memory_notes (
+  id INTEGER PRIMARY KEY,
+  scope TEXT NOT NULL,
+  created_at TEXT NOT NULL,
+  text TEXT NOT NULL,
+  tags TEXT NOT NULL DEFAULT ''
+);
+CREATE INDEX IF NOT EXISTS memory_notes_scope ON memory_notes(scope, id);
+CREATE VIRTUAL TABLE IF NOT EXISTS memory_notes_fts USING fts5(
+  text, tags, content='memory_notes', content_rowid='id',
+  tokenize='unicode61 remove_diacritics 2'
+);
+CREATE TRIGGER IF NOT EXISTS memory_notes_ai AFTER INSERT ON memory_notes BEGIN
+  INSERT INTO memory_notes_fts(rowid, text, tags) VALUES (new.id, new.text, new.tags);
+END;
+CREATE TRIGGER IF NOT EXISTS memory_notes_ad AFTER DELETE ON memory_notes BEGIN
+  INSERT INTO memory_notes_fts(memory_notes_fts, rowid, text, tags)
+  VALUES ('delete', old.id, old.text, old.tags);
+END;
 """
 # Columns added after the first release: (table, column, definition).
 CORE_MIGRATIONS = (("sessions", "owner_id", f"TEXT NOT NULL DEFAULT '{LOCAL_USER_ID}'"),)
@@ -310,8 +337,10 @@ class SqliteStore(Store):
             db.commit()
             db.executescript(AGENTS_PER_USER.format(owner=owner))
         db.execute("CREATE INDEX IF NOT EXISTS sessions_owner ON sessions(owner_id)")
+        db.executescript(NOTES_SCHEMA)
         db.commit()
         self._import_legacy()
+        self._import_memory()
         (self.data_dir / "session-template.db").unlink(missing_ok=True)
 
     async def close(self) -> None:
@@ -785,6 +814,42 @@ class SqliteStore(Store):
 
         return await self._read(op)
 
+    # ------------------------------------------------------------ memory notes
+
+    async def add_note(self, scope: str, text: str, tags: list[str]) -> int:
+        row = (scope, note_time(), text, ", ".join(tags))
+        return await self._call(
+            lambda: int(
+                self._w()
+                .execute(
+                    "INSERT INTO memory_notes (scope, created_at, text, tags) VALUES (?,?,?,?)",
+                    row,
+                )
+                .lastrowid
+                or 0
+            )
+        )
+
+    async def search_notes(self, scope: str, query: str, limit: int) -> list[NoteRecord]:
+        match = fts_query(query)
+
+        def op(db: sqlite3.Connection) -> list[tuple[Any, ...]]:
+            if not match:  # no words: the newest notes
+                return db.execute(
+                    "SELECT id, created_at, text, tags FROM memory_notes WHERE scope=? "
+                    "ORDER BY id DESC LIMIT ?",
+                    (scope, limit),
+                ).fetchall()
+            return db.execute(
+                "SELECT n.id, n.created_at, n.text, n.tags FROM memory_notes_fts "
+                "JOIN memory_notes AS n ON n.id = memory_notes_fts.rowid "
+                "WHERE memory_notes_fts MATCH ? AND n.scope=? "
+                "ORDER BY bm25(memory_notes_fts), n.id DESC LIMIT ?",
+                (match, scope, limit),
+            ).fetchall()
+
+        return [_note(scope, row) for row in await self._read(op)]
+
     # ------------------------------------------------------------ one session's log
 
     async def open_log(self, session_id: str) -> SessionLog:
@@ -1059,6 +1124,42 @@ class SqliteStore(Store):
                 if src.exists():
                     src.replace(done / src.name)
 
+    def _import_memory(self) -> None:
+        """Move the notes of `memory.db` (where they were kept before this database held
+        them) into this database, in one transaction, idempotently (see NOTE_IS_HERE); the
+        file is then renamed `memory.db.imported` (`.imported.2`, … if taken), never deleted."""
+        path = self.data_dir / "memory.db"
+        if not path.is_file():
+            return
+        db = self._w()
+        try:
+            db.execute("ATTACH DATABASE ? AS legacy", (str(path),))
+        except sqlite3.Error:
+            log.exception("could not open %s to import its memory notes; it is left in place", path)
+            return
+        try:
+            if db.execute(
+                "SELECT 1 FROM legacy.sqlite_master WHERE type='table' AND name='notes'"
+            ).fetchall():
+                moved = sum(db.execute(sql).rowcount for sql in _MEMORY_DB_IMPORT)
+                log.info("imported %d memory notes from %s", moved, path)
+            db.commit()
+        except sqlite3.Error:
+            db.rollback()
+            log.exception("could not import the memory notes of %s; it is left in place", path)
+            return
+        finally:
+            db.execute("DETACH DATABASE legacy")
+        done = path.with_name(f"{path.name}.imported")
+        n = 1
+        while done.exists():  # an earlier import's file (another machine's) is kept too
+            n += 1
+            done = path.with_name(f"{path.name}.imported.{n}")
+        for suffix in ("", "-wal", "-shm"):
+            src = Path(f"{path}{suffix}")
+            if src.exists():
+                src.replace(f"{done}{suffix}")
+
 
 # A session's tables in a standalone export: (table, columns, the order of its rows here).
 EXPORT_TABLES = (
@@ -1144,6 +1245,39 @@ def _user_record(row: tuple[Any, ...]) -> UserRecord:
     return UserRecord(
         id=row[0], name=row[1], admin=bool(row[2]), password_hash=row[3], created_at=row[4]
     )
+
+
+def fts_query(query: str) -> str:
+    """An FTS5 query matching any of the words of `query` (`query_words`), each quoted (a
+    phrase of the tokens it holds, never syntax); "" when it has none."""
+    return " OR ".join('"' + word.replace('"', '""') + '"' for word in query_words(query))
+
+
+# Importing notes kept elsewhere (rows `o` of id, scope, created_at, text, tags) into
+# memory_notes, idempotently: a note that is here already (NOTE_IS_HERE: same scope, time, text
+# and tags) is skipped; the others keep their id when it is free (NOTE_ID_IS_FREE), else get a
+# new one (the notes of several installs are numbered alike). Each statement sees the table as
+# it was before it. (store/sqlite_import.py does the same into PostgreSQL.)
+NOTE_IS_HERE = (
+    "EXISTS (SELECT 1 FROM memory_notes m WHERE m.scope = o.scope "
+    "AND m.created_at = o.created_at AND m.text = o.text AND m.tags = o.tags)"
+)
+NOTE_ID_IS_FREE = "NOT EXISTS (SELECT 1 FROM memory_notes m WHERE m.id = o.id)"
+_MEMORY_DB_NOTES = "(SELECT id, agent_id AS scope, created_at, text, tags FROM legacy.notes) o"
+_MEMORY_DB_IMPORT = (
+    "INSERT INTO memory_notes (id, scope, created_at, text, tags) "
+    f"SELECT id, scope, created_at, text, tags FROM {_MEMORY_DB_NOTES} "
+    f"WHERE NOT {NOTE_IS_HERE} AND {NOTE_ID_IS_FREE} ORDER BY id",
+    "INSERT INTO memory_notes (scope, created_at, text, tags) "
+    f"SELECT scope, created_at, text, tags FROM {_MEMORY_DB_NOTES} "
+    f"WHERE NOT {NOTE_IS_HERE} ORDER BY id",
+)
+
+
+def _note(scope: str, row: Sequence[Any]) -> NoteRecord:
+    """A note from (id, created_at, text, tags) as stored (tags joined with ", ")."""
+    note_id, created_at, text, tags = row
+    return NoteRecord(int(note_id), scope, created_at, text, tags.split(", ") if tags else [])
 
 
 def _check_fields(fields: dict[str, Any], allowed: set[str]) -> None:

@@ -6,6 +6,11 @@ copied, in its own order, in chunks: each chunk is COPYed into a temporary table
 with `ON CONFLICT DO NOTHING`, so that a row already there (a second run, or a run cut off
 halfway) is left alone and counted as not moved. Uploads are read from DATA_DIR/uploads/ into
 the database. Config agents are not copied: each start writes them from the configuration.
+
+The agents' memory notes (and a `memory.db` of an older install, which opening the SQLite
+store imports first) are moved with their search vectors; a note already there (same scope,
+time, text and tags) is skipped, the others keep their number when it is free and get a new
+one otherwise: the notes of several installs (a machine each) can be moved into one database.
 """
 
 from __future__ import annotations
@@ -15,12 +20,14 @@ from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
-from .postgres import connect, migrate
+from .postgres import connect, migrate, note_vector
 from .sqlite import (
     _FILE_COLUMNS,
     _MESSAGE_COLUMNS,
     _SESSION_FIELDS_ORDER,
     _TURN_COLUMNS,
+    NOTE_ID_IS_FREE,
+    NOTE_IS_HERE,
     SqliteStore,
 )
 
@@ -52,7 +59,7 @@ PLAN: tuple[tuple[str, str, str, str], ...] = (
     ("turns", "turns", f"session_id, {_TURN_COLUMNS}, start_seq", "ORDER BY rowid"),
     ("events", "session_events", "session_id, seq, turn_id, frame", "ORDER BY session_id, seq"),
 )
-KINDS = (*(kind for kind, *_ in PLAN), "uploads")
+KINDS = (*(kind for kind, *_ in PLAN), "uploads", "memory notes")
 # Columns that SQLite keeps as 0/1 and PostgreSQL as booleans.
 _BOOLEANS = {"admin", "builtin"}
 
@@ -124,6 +131,51 @@ async def _copy(conn: Any, table: str, names: list[str], chunks: Iterator[Any]) 
     return moved
 
 
+def _notes(db: sqlite3.Connection) -> Iterator[list[Sequence[Any]]]:
+    """The memory notes with their search vectors (note_vector), in chunks."""
+    cur = db.execute("SELECT id, scope, created_at, text, tags FROM memory_notes ORDER BY id")
+    while chunk := cur.fetchmany(CHUNK_ROWS):
+        yield [(*row, note_vector(row[3], row[4])) for row in chunk]
+
+
+# Per chunk, as the SQLite store imports a memory.db (NOTE_IS_HERE): a note already there is
+# skipped; the others keep their id if it is free, else get the next of the identity (moved
+# past every id first). The table is locked meanwhile: no process takes an id in between.
+_NOTES_IMPORT = (
+    "INSERT INTO memory_notes (id, scope, created_at, text, tags, search) "
+    "SELECT id, scope, created_at, text, tags, search::tsvector FROM import_notes o "
+    f"WHERE NOT {NOTE_IS_HERE} AND {NOTE_ID_IS_FREE} ORDER BY import_order",
+    "SELECT setval(pg_get_serial_sequence('memory_notes', 'id'), "
+    "COALESCE(MAX(id), 0) + 1, false) FROM memory_notes",
+    "INSERT INTO memory_notes (scope, created_at, text, tags, search) "
+    "SELECT scope, created_at, text, tags, search::tsvector FROM import_notes o "
+    f"WHERE NOT {NOTE_IS_HERE} ORDER BY import_order",
+)
+
+
+async def _copy_notes(conn: Any, chunks: Iterator[list[Sequence[Any]]]) -> int:
+    """Insert the notes that are not there yet (see _NOTES_IMPORT); returns how many were."""
+    moved = 0
+    names = ["id", "scope", "created_at", "text", "tags", "search", "import_order"]
+    for chunk in chunks:
+        async with conn.transaction():
+            await conn.execute("LOCK TABLE memory_notes IN SHARE ROW EXCLUSIVE MODE")
+            await conn.execute(
+                "CREATE TEMP TABLE import_notes (id BIGINT, scope TEXT, created_at TEXT, "
+                "text TEXT, tags TEXT, search TEXT, import_order BIGINT) ON COMMIT DROP"
+            )
+            await conn.copy_records_to_table(
+                "import_notes",
+                records=[(*row, i) for i, row in enumerate(chunk)],
+                columns=names,
+            )
+            for sql in _NOTES_IMPORT:
+                status = await conn.execute(sql)
+                if status.startswith("INSERT"):
+                    moved += int(status.rsplit(" ", 1)[-1])
+    return moved
+
+
 async def import_sqlite(
     data_dir: Path,
     url: str,
@@ -133,7 +185,9 @@ async def import_sqlite(
     """Move everything of the embedded install in `data_dir` into the PostgreSQL database at
     `url` (migrated first); returns how many rows of each kind (KINDS) moved."""
     core = data_dir / "prismd.db"
-    if not core.is_file() and not (data_dir / "sessions").is_dir():
+    if not any(
+        (core.is_file(), (data_dir / "sessions").is_dir(), (data_dir / "memory.db").is_file())
+    ):
         raise ImportSourceError(f"{data_dir} holds no prismd data (no prismd.db)")
     source = SqliteStore(data_dir)
     await source.open()  # the current layout: imports sessions/<id>.db files, adds columns
@@ -152,6 +206,9 @@ async def import_sqlite(
         counts["uploads"] = await _copy(conn, "uploads", names, _uploads(db, data_dir))
         if progress is not None:
             progress("uploads", counts["uploads"])
+        counts["memory notes"] = await _copy_notes(conn, _notes(db))
+        if progress is not None:
+            progress("memory notes", counts["memory notes"])
     finally:
         db.close()
         await conn.close()

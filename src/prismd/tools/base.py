@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     from ..config import ToolsSettings
+    from ..store.base import Store
 
 TOOL_NAME_RE = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
 
@@ -62,7 +63,7 @@ class ToolContext:
     session_id: str
     agent_id: str
     workspace: Path  # exists, resolved (no symlinks in it); file tools stay inside it
-    data_dir: Path  # prismd's data directory (shared state such as the memory database)
+    data_dir: Path  # prismd's data directory
     settings: ToolsSettings
     extra: dict[str, Any] = field(default_factory=dict)
     owner_id: str = "local"  # the session's user ("local": the open mode's one user)
@@ -71,6 +72,7 @@ class ToolContext:
     # and `shell`/`code_exec` are refused where it cannot isolate such a caller
     # (`isolation()["untrusted_ok"]`).
     trusted: bool = True
+    store: Store | None = None  # the server's store (the memory tools' notes live there)
 
     @property
     def memory_scope(self) -> str:
