@@ -22,12 +22,16 @@ import time
 from collections import deque
 from typing import Any
 
+from ..protocol import ErrorCode, PrismdError
+
 WINDOW_S = 60.0
 NAME_FORGET_S = 900.0  # a username's failures are forgotten this long after the last one
 CONNECTIONS_TTL_S = 30.0  # a dead process's connection counts expire this long after it
 
 
-class RateLimited(Exception):
+class RateLimited(PrismdError):
+    code = ErrorCode.RATE_LIMITED
+
     def __init__(self, retry_after: int) -> None:
         super().__init__(f"Too many failed logins: try again in {retry_after} s")
         self.retry_after = retry_after

@@ -29,6 +29,7 @@ from ..protocol import (
     ErrorCode,
     NewSession,
     Ping,
+    PrismdError,
     ProtocolError,
     Resume,
     SelectAgent,
@@ -368,8 +369,8 @@ class Connection:
     async def _handle_binary(self, data: bytes) -> None:
         try:
             await self.voice.binary(data)
-        except ProtocolError as exc:
-            self._error(exc.code, exc.message, details=exc.details)
+        except PrismdError as exc:
+            self._error(exc.code, exc.message, details=getattr(exc, "details", None))
         except Exception:  # noqa: BLE001 - bad audio must never end the connection
             log.exception("connection %s: voice frame failed", self.id)
             self._error(ErrorCode.INTERNAL, "Internal server error")
@@ -381,8 +382,8 @@ class Connection:
             msg = parse_client_message(text)
             handler = self._handlers[type(msg)]
             await handler(self, msg)
-        except ProtocolError as exc:
-            self._error(exc.code, exc.message, details=exc.details)
+        except PrismdError as exc:  # a refusal, or a failure with its code (the store down…)
+            self._error(exc.code, exc.message, details=getattr(exc, "details", None))
         except Exception:  # noqa: BLE001 - one bad frame must never end the connection
             log.exception("connection %s: handler failed", self.id)
             self._error(ErrorCode.INTERNAL, "Internal server error")

@@ -26,13 +26,17 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
 
+from ..protocol import ErrorCode, PrismdError
+
 # The owner of everything created while no user exists (the open loopback mode).
 LOCAL_USER_ID = "local"
 
 
-class StoreUnavailable(Exception):
+class StoreUnavailable(PrismdError):
     """The database cannot be reached or cannot write; the message says which and why (never
     with credentials). Callers answer `store_unavailable`."""
+
+    code = ErrorCode.STORE_UNAVAILABLE
 
 
 class TouchLimiter:

@@ -14,6 +14,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from ..protocol import ErrorCode, PrismdError
+
 if TYPE_CHECKING:
     from ..config import ToolsSettings
     from ..store.base import Store
@@ -21,8 +23,10 @@ if TYPE_CHECKING:
 TOOL_NAME_RE = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
 
 
-class ToolError(Exception):
+class ToolError(PrismdError):
     """A refusal or failure, explained to the model (and shown on the tool card)."""
+
+    code = ErrorCode.TOOL_ERROR
 
 
 @dataclass(frozen=True, slots=True)
