@@ -73,7 +73,14 @@ class Usage:
     reasoning_tokens: int = 0
 
 
-StreamPart = TextDelta | ReasoningDelta | Usage | ToolCall
+@dataclass(slots=True)
+class Finish:
+    """Why the model ended its answer, as the API said it ("stop", "length", "tool_calls"…)."""
+
+    reason: str
+
+
+StreamPart = TextDelta | ReasoningDelta | Usage | ToolCall | Finish
 
 
 def coalesce(parts: list[StreamPart]) -> list[StreamPart]:
@@ -122,6 +129,14 @@ class Provider(abc.ABC):
 
     @abc.abstractmethod
     def stream(self, request: ModelRequest) -> AsyncIterator[StreamPart]: ...
+
+    def text_tools(self, model: str) -> bool:
+        """True when this model needs the text tool protocol whatever the settings say (a
+        local model whose chat template has no tools)."""
+        return False
+
+    def warm_up(self) -> None:  # noqa: B027 - optional hook
+        """Prepare the default model in the background (called once, at startup)."""
 
     async def aclose(self) -> None:  # noqa: B027 - optional hook
         pass
