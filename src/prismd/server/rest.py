@@ -185,6 +185,11 @@ class ProviderOut(BaseModel):
     configured: bool
     model: str | None
     baseUrl: str | None
+    # When configured: how to show the model; `note` is a line to show beside it (the offline
+    # demo model says what it is and how to connect a real one).
+    displayName: str | None = None
+    note: str | None = None
+    demo: bool = False
 
 
 class ProviderList(BaseModel):
@@ -326,6 +331,8 @@ async def health(request: Request) -> dict[str, Any]:
         "version": __version__,
         "provider": core.providers.default_kind,
         "providerConfigured": core.providers.default_kind is not None,
+        # The offline demo model says so here: {displayName, note, demo, runtime…}.
+        "model": core.providers.describe(),
         "connections": len(core.connections),
         "liveSessions": len(core.manager._live),
         "runningTurns": len(core.manager.running_turns()),
@@ -874,11 +881,17 @@ async def _provider_info(core: Prismd, kind: str) -> dict[str, Any]:
     configured = kind == core.providers.default_kind or bool(ps.api_key or ps.base_url)
     if kind == "anthropic":
         configured = bool(ps.api_key)
+    if kind == "local":
+        configured = kind == core.providers.default_kind or bool(ps.model or ps.models)
     model = ps.model
     if configured and not model:
         # Ollama's default is its first model, which may need a (blocking) probe.
         model = await asyncio.to_thread(core.providers._default_model, kind)
-    return {"kind": kind, "configured": configured, "model": model, "baseUrl": ps.base_url}
+    info = {"kind": kind, "configured": configured, "model": model, "baseUrl": ps.base_url}
+    if configured:
+        shown = core.providers.describe(kind, model)
+        info.update(displayName=shown["displayName"], note=shown["note"], demo=shown["demo"])
+    return info
 
 
 @router.get(
@@ -916,6 +929,9 @@ async def provider_models(request: Request, kind: str) -> Any:
         provider = await asyncio.to_thread(core.providers.get, kind)
     except ProtocolError as exc:
         return _error(409, exc.code, exc.message)
+    local_ids = getattr(provider, "model_ids", None)  # the local provider's configured models
+    if local_ids is not None:
+        return {"models": [{"id": m} for m in local_ids()], "cached": False}
     shards = getattr(provider, "_clients", None)
     if shards is None:
         return _error(502, ErrorCode.PROVIDER_ERROR, f"Provider {kind!r} cannot list models")
