@@ -403,6 +403,10 @@ def test_local_models_by_name_path_and_the_offline_default(tmp_path: Path) -> No
     off = local.local_models(load_settings(env={**env, "PRISMD_LOCAL_ENABLED": "false"}))
     assert off == ({}, None, False)
 
+    by_name = {**env, "PRISMD_PROVIDER": "local", "PRISMD_MODEL": local.DEMO_MODEL}
+    _, default, configured = local.local_models(load_settings(env=by_name))
+    assert (default, configured) == (local.DEMO_MODEL, True)  # chosen: it beats Ollama
+
     chosen = {**env, "PRISMD_PROVIDER": "local", "PRISMD_MODEL": "/models/qwen2.5-7b.gguf"}
     models, default, configured = local.local_models(load_settings(env=chosen))
     assert (default, configured) == ("qwen2.5-7b", True)

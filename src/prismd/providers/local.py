@@ -88,23 +88,24 @@ class LocalModel:
 
 def local_models(settings: Settings) -> tuple[dict[str, LocalModel], str | None, bool]:
     """The local models by name, the default one's name (None: there is none), and whether
-    they were configured (False: only the bundled demo model, the offline default)."""
+    the user configured them (False: the bundled demo model only, the offline default)."""
     ps = settings.provider_settings("local")
     if not ps.enabled:
         return {}, None, False
     models = {name: LocalModel(name, Path(p).expanduser()) for name, p in ps.models.items()}
     chosen = ps.model or (settings.model if settings.provider == "local" else None)
-    if chosen and chosen not in models:
+    if chosen and chosen != DEMO_MODEL and chosen not in models:
         path = Path(chosen).expanduser()
         name = chosen if path.stem in models else path.stem
         models[name] = LocalModel(name, path)
         chosen = name
-    if models:
+    if models and chosen != DEMO_MODEL:
         return models, chosen or next(iter(models)), True
     demo = bundled_model()
     if demo is None:
-        return {}, None, False
-    return {DEMO_MODEL: LocalModel(DEMO_MODEL, demo, demo=True)}, DEMO_MODEL, False
+        return models, next(iter(models), None), bool(models)
+    models[DEMO_MODEL] = LocalModel(DEMO_MODEL, demo, demo=True)
+    return models, DEMO_MODEL, chosen == DEMO_MODEL
 
 
 @dataclass(frozen=True, slots=True)
