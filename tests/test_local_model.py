@@ -391,6 +391,18 @@ def test_a_model_that_cannot_load_gives_a_coded_error(make_server: Any, tmp_path
     assert status["state"] == "failed" and status["error"] in error["error"]
 
 
+def test_with_local_models_turned_off_nothing_answers(make_server: Any) -> None:
+    srv = make_server({**LOCAL_ENV, "PRISMD_LOCAL_ENABLED": "false"})
+    assert srv.get("/api/providers").json()["default"] is None
+    listed = srv.get("/api/providers/local/models")
+    assert listed.status_code == 409 and listed.json()["code"] == "provider_unconfigured"
+    assert "enabled = false" in listed.json()["error"]
+    with srv.client() as c:
+        c.send(type="chat", message="hi")
+        error = c.recv()
+    assert error["code"] == "provider_unconfigured" and "PRISMD_PROVIDER=local" in error["error"]
+
+
 # ---------------------------------------------------------------- configuration
 
 

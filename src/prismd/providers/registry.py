@@ -135,6 +135,8 @@ class ProviderRegistry:
     def _build(self, kind: str) -> Provider:
         # Each SDK is imported on first use, and only the one in use: they take a second or
         # two and 15-40 MB each to load.
+        if kind == "local":
+            return local.LocalProvider(self.settings, self._local_runtimes)
         ps = self.settings.provider_settings(kind)
         model = self._default_model(kind)
         if model is None:
@@ -143,8 +145,6 @@ class ProviderRegistry:
                 f"No model is configured for provider {kind!r}: set PRISMD_MODEL or "
                 f"[providers.{kind}] model in config.toml.",
             )
-        if kind == "local":
-            return local.LocalProvider(self.settings, self._local_runtimes)
         if kind == "anthropic":
             if not ps.api_key:
                 raise ProtocolError(
