@@ -31,6 +31,7 @@ import pytest
 
 from prismd.agent.markup import MarkupFilter
 from prismd.agent.runner import TEXT_PROTOCOL_PROMPT
+from prismd.auth.service import LOCAL_PRINCIPAL
 from prismd.config import ConfigError, load_settings
 from prismd.protocol import clean_text
 from prismd.providers import local
@@ -171,7 +172,7 @@ def test_the_local_models_are_listed(short: PrismdServer) -> None:
     shown = {p["kind"]: p for p in body["providers"]}["local"]
     assert shown["configured"] is True and shown["demo"] is True
     assert shown["model"] == local.DEMO_MODEL and "tiny offline demo" in shown["note"]
-    models = short.get("/api/providers/local/models").json()["models"]
+    models = short.get("/api/providers/local/models").json()
     assert models == [{"id": local.DEMO_MODEL}]
     # SmolLM2's chat template takes no tools: prismd's text tool protocol is used.
     runtime(short)
@@ -254,7 +255,7 @@ def test_the_markup_filter_on_the_real_models_output(short: PrismdServer) -> Non
 
     settings = load_settings(env={"PRISMD_HOME": str(short.home), **LOCAL_ENV})
     agent = next(a for a in settings.agents if a.id == "timekeeper")
-    view = ToolRegistry(settings, builtin_tools()).view(agent)
+    view = ToolRegistry(settings, builtin_tools()).view(agent, LOCAL_PRINCIPAL)
     system = agent.system_prompt + TEXT_PROTOCOL_PROMPT.format(tools=view.describe_for_prompt())
     body = {
         "model": local.DEMO_MODEL,
@@ -395,8 +396,10 @@ def test_with_local_models_turned_off_nothing_answers(make_server: Any) -> None:
     srv = make_server({**LOCAL_ENV, "PRISMD_LOCAL_ENABLED": "false"})
     assert srv.get("/api/providers").json()["default"] is None
     listed = srv.get("/api/providers/local/models")
-    assert listed.status_code == 409 and listed.json()["code"] == "provider_unconfigured"
-    assert "enabled = false" in listed.json()["error"]
+    # CortexPrism's shape: an empty list, the reason in headers (routes/providers.py).
+    assert listed.status_code == 200 and listed.json() == []
+    assert listed.headers["X-Prismd-Error"] == "provider_unconfigured"
+    assert "enabled = false" in listed.headers["X-Prismd-Error-Detail"]
     with srv.client() as c:
         c.send(type="chat", message="hi")
         error = c.recv()

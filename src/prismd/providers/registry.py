@@ -200,6 +200,17 @@ class ProviderRegistry:
             info.update(provider.describe(model))
         return info
 
+    def max_output_tokens(self, kind: str) -> int:
+        """The output token limit a provider's requests carry (configured, else its default)."""
+        configured = self.settings.provider_settings(kind).max_output_tokens
+        if configured:
+            return configured
+        if kind == "local":
+            from .local import LOCAL_OUTPUT_TOKENS
+
+            return LOCAL_OUTPUT_TOKENS
+        return Provider.max_output_tokens
+
     def context_window(self, provider: Provider, model: str) -> int:
         configured = self.settings.provider_settings(provider.kind).context_window
         if configured:
