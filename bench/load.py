@@ -1093,8 +1093,11 @@ class Show:
 
 
 def table(head: list[str], rows: list[list[str]], indent: str = "   ") -> list[str]:
-    """Columns right-aligned to their widest cell (the first one left-aligned)."""
+    """Columns right-aligned to their widest cell (the first one left-aligned, and a last one
+    with no heading: notes)."""
     widths = [max(len(r[i]) for r in [head, *rows]) for i in range(len(head))]
+    if len(head) > 1 and not head[-1]:
+        widths[-1] = 0
     out = []
     for r in [head, *rows]:
         cells = [r[0].ljust(widths[0])] + [
