@@ -4,7 +4,7 @@
     .venv/bin/python bench/load.py --quick          # smoke run: ~20 s
     .venv/bin/python bench/load.py --runs 3 --wait-quiet 120 --out bench/results.json
     .venv/bin/python bench/load.py --phases streams --streams 300 --py-spy streams:300
-    .venv/bin/python bench/load.py --scale-out      # and 2 workers on PostgreSQL + Redis: ~6 min
+    .venv/bin/python bench/load.py --scale-out      # and 2 workers on PostgreSQL + Redis: ~3 min
     .venv/bin/python bench/load.py --quick --scale-out                          # ~1 min
 
 It starts, on 127.0.0.1 only, two fake OpenAI-compatible models, each in a process of its own
