@@ -35,8 +35,9 @@ class EventBus(abc.ABC):
     def subscribers(self, session_id: str) -> int: ...
 
     @abc.abstractmethod
-    def detach_all(self, session_id: str, reason: str = "deleted") -> None:
-        """Unsubscribe everyone from a session and tell them (`session_gone`)."""
+    def detach_all(self, session_id: str, reason: str = "deleted", everywhere: bool = True) -> None:
+        """Unsubscribe everyone from a session and tell them (`session_gone`); on every
+        process, or (`everywhere` False) on this one only."""
 
     def position(self, session_id: str, seq: int) -> None:  # noqa: B027 - optional
         """This process's connections to the session have every event up to `seq`."""
@@ -66,6 +67,6 @@ class LocalBus(EventBus):
     def subscribers(self, session_id: str) -> int:
         return len(self._subs.get(session_id, ()))
 
-    def detach_all(self, session_id: str, reason: str = "deleted") -> None:
+    def detach_all(self, session_id: str, reason: str = "deleted", everywhere: bool = True) -> None:
         for sub in self._subs.pop(session_id, ()):
             sub.session_gone(session_id, reason)

@@ -31,7 +31,7 @@ if TYPE_CHECKING:
 log = logging.getLogger("prismd.coordination")
 
 LEASE_S = 6.0  # a dead process's turn is taken over this long after its last renewal
-RENEW_S = 2.0
+RENEW_S = 1.5  # by a thread of its own (PostgresStore.keep_leases): a busy loop does not delay it
 REAP_S = 1.0
 COMMANDS = "prismd:c:"
 
@@ -91,19 +91,24 @@ class DistributedCoordination(LocalCoordination):
         self.bus = bus
         self.origin = origin
         self._held: dict[str, LiveSession] = {}
+        # The ids, as one immutable object: read by the lease keeper's thread.
+        self._held_ids: frozenset[str] = frozenset()
         self._tasks: list[asyncio.Task[None]] = []
+        self._stop_keeper: Any = None
 
     async def start(self, service: SessionService) -> None:
         await super().start(service)
-        self._tasks = [
-            asyncio.create_task(self._renew(), name="lease renewal"),
-            asyncio.create_task(self._reap(), name="lease reaper"),
-        ]
+        self._stop_keeper = self.store.keep_leases(
+            self.origin, lambda: self._held_ids, self._lost, LEASE_S, RENEW_S
+        )
+        self._tasks = [asyncio.create_task(self._reap(), name="lease reaper")]
 
     async def close(self) -> None:
         for task in self._tasks:
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
+        if self._stop_keeper is not None:
+            await asyncio.to_thread(self._stop_keeper)
         for session_id in list(self._held):
             with contextlib.suppress(Exception):
                 await self.store.release_lease(session_id, self.origin)
@@ -121,6 +126,7 @@ class DistributedCoordination(LocalCoordination):
                 ErrorCode.TURN_IN_PROGRESS, "A turn is already in progress — wait for it to finish"
             )
         self._held[live.id] = live
+        self._held_ids = frozenset(self._held)
 
         def on_command(data: bytes) -> None:
             self._on_command(live, data)
@@ -136,6 +142,7 @@ class DistributedCoordination(LocalCoordination):
     def released(self, live: LiveSession) -> None:
         if self._held.pop(live.id, None) is None:
             return
+        self._held_ids = frozenset(self._held)
         self.bus.unlisten(COMMANDS + live.id)
         task = asyncio.ensure_future(self.store.release_lease(live.id, self.origin))
         task.add_done_callback(lambda t: t.cancelled() or t.exception())
@@ -183,25 +190,15 @@ class DistributedCoordination(LocalCoordination):
             live.last_seq = max(live.last_seq, state.last_seq)
             live.first_seq = state.first_seq
 
-    async def _renew(self) -> None:
-        """Renew the leases of the turns running here; a turn whose lease was lost (this
-        process was cut off from PostgreSQL for longer than LEASE_S, and another process may
-        have taken over) is stopped here."""
-        while True:
-            await asyncio.sleep(RENEW_S)
-            held = list(self._held)
-            if not held:
-                continue
-            try:
-                kept = set(await self.store.renew_leases(held, self.origin, LEASE_S))
-            except Exception as exc:  # noqa: BLE001 - try again; the lease outlives a blip
-                log.warning("lease renewal failed: %s", exc)
-                continue
-            for session_id in held:
-                live = self._held.get(session_id)
-                if session_id not in kept and live is not None:
-                    log.error("session %s: lease lost; ending its turn here", session_id)
-                    self.service.abandon(live)
+    def _lost(self, session_ids: list[str]) -> None:
+        """Leases the keeper could not renew (this process was cut off from PostgreSQL for
+        longer than LEASE_S, and another process may have taken over): their turns stop
+        here."""
+        for session_id in session_ids:
+            live = self._held.get(session_id)
+            if live is not None:
+                log.error("session %s: lease lost; ending its turn here", session_id)
+                self.service.abandon(live)
 
     async def _reap(self) -> None:
         """End the turns of processes that died (their leases expired)."""

@@ -115,11 +115,12 @@ class RedisBus(LocalBus):
         super().publish(session_id, seq, frame, exclude)
         self._send(EVENTS + session_id, seq, frame)
 
-    def detach_all(self, session_id: str, reason: str = "deleted") -> None:
+    def detach_all(self, session_id: str, reason: str = "deleted", everywhere: bool = True) -> None:
         self._delivered.pop(session_id, None)
         super().detach_all(session_id, reason)
         self._unlisten(EVENTS + session_id)
-        self._send(EVENTS + session_id, -1, reason)
+        if everywhere:
+            self._send(EVENTS + session_id, -1, reason)
 
     def position(self, session_id: str, seq: int) -> None:
         """This process's connections to the session have everything up to `seq` (a replay

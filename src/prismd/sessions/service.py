@@ -609,7 +609,7 @@ class SessionService:
             del self._live[live.id]
         if live.turn is not None and live.turn.task is not None:
             live.turn.task.cancel()
-        self.bus.detach_all(live.id, "store_failed")
+        self.bus.detach_all(live.id, "store_failed", everywhere=False)
 
     def answer_approval(self, live: LiveSession, request_id: str, approved: bool) -> bool:
         turn = live.turn
@@ -735,7 +735,7 @@ class SessionService:
             sessionId=live.id,
         )
         self.bus.publish(live.id, 0, dumps(frame))
-        self.bus.detach_all(live.id, "store_failed")
+        self.bus.detach_all(live.id, "store_failed", everywhere=False)
 
     # ------------------------------------------------------------ subscribers and replay
 

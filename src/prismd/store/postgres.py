@@ -34,9 +34,10 @@ import asyncio
 import functools
 import json
 import logging
+import threading
 import time
 import unicodedata
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable, Collection, Sequence
 from typing import Any, TypeVar
 from urllib.parse import urlsplit
 
@@ -452,6 +453,10 @@ def note_query(words: list[str]) -> str:
     return " | ".join(phrases)
 
 
+async def _no_session_state(conn: Any) -> None:
+    """The pool's reset: nothing beyond asyncpg's own client-side cleanup (see open())."""
+
+
 class PostgresStore(Store):
     def __init__(self, url: str, *, pool_size: int = 10, timeout_s: float = 5.0) -> None:
         self.url = url
@@ -477,6 +482,10 @@ class PostgresStore(Store):
             max_size=self.pool_size,
             timeout=self.timeout_s,
             command_timeout=self.timeout_s,
+            # asyncpg's default reset runs four statements (unlisten, reset, close cursors,
+            # advisory unlock) each time a connection goes back: prismd leaves no session
+            # state on a pooled connection, so only an open transaction is rolled back.
+            reset=_no_session_state,
         )
         self._loop = asyncio.get_running_loop()
         self._queue = asyncio.Queue()
@@ -1348,6 +1357,63 @@ class PostgresStore(Store):
             )
         )
         return [r[0] for r in rows]
+
+    def keep_leases(
+        self,
+        owner: str,
+        held: Callable[[], Collection[str]],
+        lost: Callable[[list[str]], None],
+        ttl_s: float,
+        every_s: float,
+    ) -> Callable[[], None]:
+        """Renew `owner`'s leases (the ids `held()` returns) every `every_s`, from a thread
+        with an event loop and a connection of its own: a busy event loop (a thousand streams
+        on two cores) must not let a live process's leases expire, which would hand its
+        running turns to another process. `lost(ids)` is called on the calling loop with the
+        leases that could not be renewed. Returns a function that stops the keeper."""
+        caller = asyncio.get_running_loop()
+        stopping = threading.Event()
+
+        async def keep() -> None:
+            conn: Any = None
+            while not stopping.is_set():
+                ids = list(held())
+                if ids:
+                    try:
+                        if conn is None or conn.is_closed():
+                            conn = await asyncpg.connect(self.url, timeout=self.timeout_s)
+                        rows = await conn.fetch(
+                            "UPDATE sessions SET lease_until=clock_timestamp() + "
+                            "make_interval(secs => $3) WHERE id = ANY($1::text[]) AND "
+                            "lease_owner=$2 AND lease_until > clock_timestamp() RETURNING id",
+                            ids,
+                            owner,
+                            float(ttl_s),
+                            timeout=self.timeout_s,
+                        )
+                        kept = {r[0] for r in rows}
+                        gone = [i for i in ids if i not in kept]
+                        if gone:
+                            caller.call_soon_threadsafe(lost, gone)
+                    except Exception as exc:  # noqa: BLE001 - the lease outlives a blip
+                        log.warning("lease renewal failed: %s", exc)
+                        if conn is not None:
+                            conn.terminate()
+                            conn = None
+                await asyncio.get_running_loop().run_in_executor(None, stopping.wait, every_s)
+            if conn is not None:
+                conn.terminate()
+
+        thread = threading.Thread(
+            target=lambda: asyncio.run(keep()), name="prismd-leases", daemon=True
+        )
+        thread.start()
+
+        def stop() -> None:
+            stopping.set()
+            thread.join(self.timeout_s + every_s)
+
+        return stop
 
     async def release_lease(self, session_id: str, owner: str) -> None:
         """Give the lease up (nothing happens if `owner` does not hold it)."""
