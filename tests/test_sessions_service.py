@@ -234,3 +234,61 @@ def test_coalescing_keeps_the_text_and_the_numbering(steps):
 
     with tempfile.TemporaryDirectory() as tmp:
         run(main(Path(tmp)))
+
+
+def test_a_lease_is_released_only_once_the_turns_writes_are_durable(tmp_path):
+    """Several processes: a turn still `running` in the store with no lease is taken for a dead
+    process's and repaired. So the lease is given up after the turn's last writes are durable,
+    never before (a bench with 300 streams once repaired finished turns this way)."""
+    from prismd.sessions.coordination import DistributedCoordination
+
+    class Leases:
+        def __init__(self, store: GatedStore) -> None:
+            self.store = store
+            self.released_when_pending: list[int] = []
+
+        async def acquire_lease(self, session_id: str, owner: str, ttl_s: float) -> bool:
+            return True
+
+        async def release_lease(self, session_id: str, owner: str) -> None:
+            self.released_when_pending.append(len(self.store.gates))
+
+        def keep_leases(self, *args: Any) -> Any:
+            return lambda: None
+
+        async def expired_turns(self) -> list[str]:
+            return []
+
+        def __getattr__(self, name: str) -> Any:
+            return getattr(self.store, name)
+
+    class Bus(LocalBus):
+        def listen(self, channel: str, handler: Any) -> None:
+            pass
+
+        def unlisten(self, channel: str) -> None:
+            pass
+
+    async def main() -> None:
+        store = GatedStore(tmp_path)
+        await store.open()
+        leases = Leases(store)
+        bus = Bus()
+        sessions = SessionService(store, bus)
+        sessions.coordination = DistributedCoordination(leases, bus, "me")  # type: ignore[arg-type]
+        await sessions.coordination.start(sessions)
+        live = sessions.create("assistant")
+        turn = await sessions.begin_turn(live, None)
+        sessions.publish(live, turn.id, {"type": "done"})  # its append waits at the gate
+        sessions.end_turn(live, turn)
+        for _ in range(5):
+            await asyncio.sleep(0)
+        assert leases.released_when_pending == []  # not while the append is pending
+        await store.release_all()
+        for _ in range(5):
+            await asyncio.sleep(0)
+        assert leases.released_when_pending == [0]
+        await sessions.coordination.close()
+        await store.close()
+
+    run(main())

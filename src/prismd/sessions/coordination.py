@@ -95,6 +95,7 @@ class DistributedCoordination(LocalCoordination):
         self._held_ids: frozenset[str] = frozenset()
         self._tasks: list[asyncio.Task[None]] = []
         self._stop_keeper: Any = None
+        self._releasing: dict[str, asyncio.Task[None]] = {}
 
     async def start(self, service: SessionService) -> None:
         await super().start(service)
@@ -115,6 +116,10 @@ class DistributedCoordination(LocalCoordination):
         self._held.clear()
 
     async def claim(self, live: LiveSession) -> None:
+        releasing = self._releasing.get(live.id)
+        if releasing is not None:  # this process's previous turn is still giving it up
+            with contextlib.suppress(Exception):
+                await asyncio.shield(releasing)
         try:
             # The lease lives on the session's row: a new session's row must be written first.
             await self.service.durable(live)
@@ -144,8 +149,20 @@ class DistributedCoordination(LocalCoordination):
             return
         self._held_ids = frozenset(self._held)
         self.bus.unlisten(COMMANDS + live.id)
-        task = asyncio.ensure_future(self.store.release_lease(live.id, self.origin))
+        task = asyncio.ensure_future(self._release(live))
+        self._releasing[live.id] = task
         task.add_done_callback(lambda t: t.cancelled() or t.exception())
+
+    async def _release(self, live: LiveSession) -> None:
+        """Give the lease up once the turn's last writes are durable: a turn still `running`
+        in the store without a lease is taken for a dead process's, and repaired."""
+        try:
+            with contextlib.suppress(Exception):
+                await self.service.durable(live)
+            await self.store.release_lease(live.id, self.origin)
+        finally:
+            if self._releasing.get(live.id) is asyncio.current_task():
+                del self._releasing[live.id]
 
     async def command(self, session_id: str, command: dict[str, Any]) -> bool:
         try:
