@@ -1,0 +1,193 @@
+"""The store's methods for uploads' lifecycle, daily chat budgets, usage totals, login sessions
+and session files (issue 15), on a real SQLite file, in-process. A PostgreSQL store has to
+answer these tests the same way."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from pathlib import Path
+
+from prismd.store.base import FileRecord, MessageRecord, SessionRecord, UploadRecord, UserRecord
+from prismd.store.sqlite import SqliteStore
+
+
+def run(coro):
+    return asyncio.run(coro)
+
+
+async def _store(path: Path) -> SqliteStore:
+    store = SqliteStore(path)
+    await store.open()
+    return store
+
+
+def _upload(upload_id: str, user: str, size: int, created: str) -> UploadRecord:
+    return UploadRecord(
+        upload_id, user, f"{upload_id}.txt", "text/plain", size, created, b"x" * size
+    )
+
+
+def test_upload_links_quota_figures_and_session_deletion(tmp_path):
+    async def main() -> None:
+        store = await _store(tmp_path)
+        for sid in ("s1", "s2"):
+            await store.create_session(SessionRecord(sid, "a", started_at="t", owner_id="bob"))
+        await store.save_upload(_upload("u_shared", "bob", 10, "2030-01-01T00:00:00.000Z"))
+        await store.save_upload(_upload("u_only1", "bob", 20, "2030-01-01T00:00:00.000Z"))
+        await store.save_upload(_upload("u_carol", "carol", 5, "2030-01-01T00:00:00.000Z"))
+        assert await store.upload_usage("bob") == (30, 2)
+        assert await store.upload_usage("carol") == (5, 1)
+        assert await store.upload_usage("nobody") == (0, 0)
+        await store.link_uploads("s1", ["u_shared", "u_only1", "u_only1"])  # twice: harmless
+        await store.link_uploads("s2", ["u_shared"])
+        # s1 goes: its own upload with it, the one s2 sent too stays.
+        await store.delete_session("s1")
+        assert await store.delete_session_uploads("s1") == 1
+        assert await store.get_upload("u_only1") is None
+        assert not (tmp_path / "uploads" / "bob" / "u_only1").exists()
+        assert (await store.get_upload("u_shared")).data == b"x" * 10
+        assert await store.upload_usage("bob") == (10, 1)
+        await store.delete_session("s2")
+        assert await store.delete_session_uploads("s2") == 1
+        assert await store.upload_usage("bob") == (0, 0)
+        assert await store.delete_session_uploads("s2") == 0  # nothing left to do
+        assert await store.delete_upload("u_carol") is True
+        assert await store.delete_upload("u_carol") is False
+        assert not (tmp_path / "uploads" / "carol" / "u_carol").exists()
+        await store.close()
+
+    run(main())
+
+
+def test_prune_removes_only_old_uploads_no_session_refers_to(tmp_path):
+    async def main() -> None:
+        store = await _store(tmp_path)
+        await store.create_session(SessionRecord("s1", "a", started_at="t", owner_id="bob"))
+        await store.create_session(SessionRecord("gone", "a", started_at="t", owner_id="bob"))
+        old, new = "2020-01-01T00:00:00.000Z", "2030-01-01T00:00:00.000Z"
+        await store.save_upload(_upload("u_old_unused", "bob", 1, old))
+        await store.save_upload(_upload("u_old_used", "bob", 1, old))
+        await store.save_upload(_upload("u_new_unused", "bob", 1, new))
+        await store.save_upload(_upload("u_old_of_deleted", "bob", 1, old))
+        await store.link_uploads("s1", ["u_old_used"])
+        await store.link_uploads("gone", ["u_old_of_deleted"])
+        # A session deleted without cleaning its links frees its uploads all the same.
+        await store.delete_session("gone")
+        assert await store.prune_uploads("2025-01-01T00:00:00.000Z") == 2
+        assert await store.get_upload("u_old_unused") is None
+        assert await store.get_upload("u_old_of_deleted") is None
+        assert await store.get_upload("u_old_used") is not None
+        assert await store.get_upload("u_new_unused") is not None
+        assert await store.prune_uploads("2025-01-01T00:00:00.000Z") == 0
+        await store.close()
+
+    run(main())
+
+
+def test_daily_chat_budget_is_atomic_and_per_user(tmp_path):
+    async def main() -> None:
+        store = await _store(tmp_path)
+        day = "2030-05-01"
+        assert await store.add_chat_usage("bob", day, 600, 1, 1000, 3) == (True, 600, 1)
+        assert await store.add_chat_usage("bob", day, 500, 0, 1000, 3) == (False, 600, 1)
+        assert await store.add_chat_usage("bob", day, 400, 2, 1000, 3) == (True, 1000, 3)
+        assert await store.add_chat_usage("bob", day, 0, 1, 1000, 3) == (False, 1000, 3)
+        assert await store.add_chat_usage("bob", day, 0, 0, 0, 0) == (True, 1000, 3)  # a read
+        # Another user, or the next day, starts at zero; 0 means no limit.
+        assert await store.add_chat_usage("carol", day, 900, 3, 1000, 3) == (True, 900, 3)
+        assert await store.add_chat_usage("bob", "2030-05-02", 10**9, 99, 0, 0) == (
+            True,
+            10**9,
+            99,
+        )
+        # Many at once: never more than the limit is counted.
+        results = await asyncio.gather(
+            *(store.add_chat_usage("dave", day, 100, 1, 1000, 0) for _ in range(25))
+        )
+        assert sum(ok for ok, _, _ in results) == 10
+        assert await store.add_chat_usage("dave", day, 0, 0, 0, 0) == (True, 1000, 10)
+        await store.close()
+
+    run(main())
+
+
+def test_usage_totals_sum_the_stored_turns(tmp_path):
+    async def main() -> None:
+        store = await _store(tmp_path)
+        await store.create_session(SessionRecord("b1", "a", started_at="t", owner_id="bob"))
+        await store.create_session(SessionRecord("b2", "a", started_at="t", owner_id="bob"))
+        await store.create_session(SessionRecord("c1", "a", started_at="t", owner_id="carol"))
+        turns = [
+            ("b1", "t1", "complete", 10, 5, 0.01, "2030-01-01T00:00:00.000Z"),
+            ("b1", "t2", "stopped", 20, 2, 0.02, "2030-02-01T00:00:00.000Z"),
+            ("b2", "t3", "complete", 7, 3, None, "2030-02-02T00:00:00.000Z"),  # no price
+            ("b2", "t4", "error", 0, 0, None, "2030-02-03T00:00:00.000Z"),  # no answer
+            ("b2", "t5", "running", 0, 0, None, None),
+            ("c1", "t6", "complete", 100, 50, 1.0, "2030-02-01T00:00:00.000Z"),
+        ]
+        for sid, tid, status, tin, tout, cost, ended in turns:
+            store.save_turn(
+                sid,
+                tid,
+                status=status,
+                tokens_in=tin,
+                tokens_out=tout,
+                cost_usd=cost,
+                ended_at=ended,
+            )
+        await store.flush()
+        bob = await store.usage_totals("bob")
+        assert (bob.turns, bob.tokens_in, bob.tokens_out, bob.sessions) == (3, 37, 10, 2)
+        assert abs(bob.cost_usd - 0.03) < 1e-9 and bob.unpriced_turns == 1
+        assert bob.to_json()["costKnown"] is False and bob.to_json()["totalTokens"] == 47
+        recent = await store.usage_totals("bob", since="2030-01-15T00:00:00.000Z")
+        assert (recent.turns, recent.tokens_in, recent.sessions) == (2, 27, 2)
+        everyone = await store.usage_totals(None)
+        assert (everyone.turns, everyone.tokens_in, everyone.sessions) == (4, 137, 3)
+        nobody = await store.usage_totals("nobody")
+        assert (nobody.turns, nobody.cost_usd, nobody.to_json()["costKnown"]) == (0, 0.0, True)
+        await store.close()
+
+    run(main())
+
+
+def test_login_sessions_are_listed_without_the_expired_ones(tmp_path):
+    async def main() -> None:
+        store = await _store(tmp_path)
+        for uid in ("bob", "carol"):
+            await store.create_user(UserRecord(uid, uid, created_at="t"))
+        now = time.time()
+        await store.create_login("h_bob_1", "bob", now + 3600)
+        await store.create_login("h_carol", "carol", now + 3600)
+        await store.create_login("h_bob_old", "bob", now - 1)  # expired
+        await store.create_login("h_bob_2", "bob", now + 7200)
+        bob = await store.list_logins("bob")
+        assert [x.token_hash for x in bob] == ["h_bob_2", "h_bob_1"]  # newest first
+        assert all(x.user_id == "bob" and now - 60 < x.created_at <= time.time() for x in bob)
+        assert {x.token_hash for x in await store.list_logins()} == {
+            "h_bob_1",
+            "h_bob_2",
+            "h_carol",
+        }
+        await store.set_password("bob", "new-hash")  # ends bob's logins
+        assert await store.list_logins("bob") == []
+        await store.close()
+
+    run(main())
+
+
+def test_one_session_file_is_read_with_its_data(tmp_path):
+    async def main() -> None:
+        store = await _store(tmp_path)
+        await store.create_session(SessionRecord("s1", "a", started_at="t"))
+        png = FileRecord("file_1", "dot.png", "image/png", 4, b"\x89PNG")
+        message = MessageRecord("m1", "user", "look", "t", files=[png])
+        await store.add_message("s1", message)
+        found = await store.get_session_file("s1", "file_1")
+        assert found is not None and (found.filename, found.data) == ("dot.png", b"\x89PNG")
+        assert await store.get_session_file("other", "file_1") is None
+        assert await store.get_session_file("s1", "nope") is None
+        await store.close()
+
+    run(main())
