@@ -223,8 +223,14 @@ def test_sessions_list(api, world):
     for row in rows:
         shaped(row, SESSION_ROW)
     ids = [r["id"] for r in rows]
-    # Newest activity first (see the README: CortexPrism orders by started_at).
-    assert ids.index(world["tools"]) < ids.index(world["failed"]) < ids.index(world["plain"])
+    # Newest started_at first, as CortexPrism lists them; sort=activity: newest turn first.
+    assert ids.index(world["failed"]) < ids.index(world["plain"]) < ids.index(world["tools"])
+    by_activity = [r["id"] for r in api.get("/api/sessions?limit=20&sort=activity").json()]
+    assert (
+        by_activity.index(world["tools"])
+        < by_activity.index(world["failed"])
+        < by_activity.index(world["plain"])
+    )
     assert int(resp.headers["X-Total-Count"]) >= len(rows)
     plain = rows[ids.index(world["plain"])]
     assert plain["name"] == "Plain talk" and plain["turn_count"] == 1

@@ -134,3 +134,31 @@ def test_coalesce_merges_neighbouring_deltas_only():
 
     parts = [TextDelta("a"), TextDelta("b"), ReasoningDelta("r"), TextDelta("c"), Usage(1, 2)]
     assert coalesce(parts) == [TextDelta("ab"), ReasoningDelta("r"), TextDelta("c"), Usage(1, 2)]
+
+
+@pytest.mark.parametrize(
+    ("kind", "model"),
+    [
+        ("openai", "gpt-4o-mini"),
+        ("openai", "gpt-4o"),
+        ("anthropic", "claude-sonnet-4-5"),  # tiered: above 200k input tokens
+        ("anthropic", "claude-3-5-haiku-latest"),
+    ],
+)
+def test_price_is_what_genai_prices_computes(kind, model):
+    """prismd sums flat per-million prices itself (genai-prices' general path costs ~0.2 ms a
+    turn); the result must be exactly genai-prices' own, tiered models included."""
+    from datetime import UTC, datetime
+
+    from genai_prices import Usage as PriceUsage
+
+    info = pricing.lookup(kind, None, model)
+    assert info is not None
+    for tokens_in, tokens_out in [(0, 0), (1, 1), (100, 20), (123_456, 7_890), (250_000, 1_000)]:
+        cost, source = pricing.price(kind, None, model, tokens_in, tokens_out)
+        usage = PriceUsage(input_tokens=tokens_in, output_tokens=tokens_out)
+        expected = info.model.calc_price(
+            usage, info.provider, genai_request_timestamp=datetime.now(tz=UTC)
+        ).total_price
+        assert cost == pytest.approx(float(expected), rel=1e-12, abs=1e-15)
+        assert source is not None and source["model"] == info.model.id
