@@ -360,7 +360,8 @@ def test_attached_file_reaches_the_model(
     }"""
     )
     expect(page.locator("#attachments .file-chip")).to_have_count(2)
-    send(page, "read both")
+    send(page, "read both")  # sent once both uploads are done
+    expect(page.locator("#messages-inner .msg.user")).to_have_count(2)
     wait_done(page)
     texts = user_texts(fake_openai)
     assert any("PASTE-42" in t for t in texts) and any("DROP-9" in t for t in texts)
