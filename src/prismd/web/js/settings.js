@@ -8,7 +8,7 @@ import { $, $$, h, toast, formatBytes, formatCost, formatCount, dateTime, relTim
 import { copyText } from "./markdown.js";
 
 const TABS = ["account", "usage", "admin"];
-const page = { tab: "account", usageUser: "", users: [] };
+const page = { tab: "account", usageUser: "", seq: 0 };
 let deps = null;
 
 // user(): the caller ({id, name, admin}) or null; authRequired(): whether users exist;
@@ -49,8 +49,14 @@ export function openSettings(tab = page.tab, push = true) {
   }
   const body = $("#settings-body");
   body.replaceChildren(h("div", { class: "loading", text: "Loading…" }));
+  // Built apart, shown only if no other tab was opened meanwhile.
+  const seq = ++page.seq;
+  const built = h("div");
   const render = { account: renderAccount, usage: renderUsage, admin: renderAdmin }[tab];
-  render(body).catch((err) => {
+  render(built).then(() => {
+    if (seq === page.seq) body.replaceChildren(...built.childNodes);
+  }, (err) => {
+    if (seq !== page.seq) return;
     if (err.status === 401) return deps.signedOut();
     body.replaceChildren(h("p", { class: "form-error", text: `Could not load this page: ${err.message}` }));
   });

@@ -9,6 +9,7 @@ import { onSpeech, speechState, stopSpeech } from "./speech.js";
 const MIME = ["audio/webm;codecs=opus", "audio/webm", "audio/ogg;codecs=opus"];
 const RATE = 16000;
 const FRAME_SAMPLES = 800; // 50 ms
+const PREROLL = 40; // frames kept until the server has the stream (2 s)
 
 function toBase64(buffer) {
   const bytes = new Uint8Array(buffer);
@@ -159,6 +160,8 @@ class HandsFree {
     this.node = null;
     this.state = "off";
     this.framesSent = 0;
+    this.capture = {}; // the microphone track's settings (echoCancellation…)
+    this.preroll = []; // frames captured before the server acknowledged the stream
   }
 
   // The server's stream follows the socket and the session: sent again on every new socket
@@ -182,6 +185,8 @@ class HandsFree {
       this.stream = await navigator.mediaDevices.getUserMedia({
         audio: { echoCancellation: true, noiseSuppression: true, autoGainControl: true, channelCount: 1 },
       });
+      const [track] = this.stream.getAudioTracks();
+      this.capture = track && track.getSettings ? track.getSettings() : {};
       try {
         this.context = new AudioContext({ sampleRate: RATE }); // the browser resamples
       } catch {
@@ -221,6 +226,7 @@ class HandsFree {
   teardown() {
     this.active = false;
     this.started = false;
+    this.preroll = [];
     if (this.node) this.node.port.onmessage = null;
     this.node = null;
     if (this.stream) for (const track of this.stream.getTracks()) track.stop();
@@ -233,7 +239,19 @@ class HandsFree {
   onPcm({ pcm, level }) {
     if (!this.active) return;
     $("#hands-free-level").value = Math.min(100, Math.round(level * 400));
-    if (this.started && deps.conn.sendBinary(pcm)) this.framesSent += 1;
+    if (!this.started) {
+      // Until the server has the stream, the first words wait here (up to PREROLL frames).
+      this.preroll.push(pcm);
+      if (this.preroll.length > PREROLL) this.preroll.shift();
+      return;
+    }
+    if (deps.conn.sendBinary(pcm)) this.framesSent += 1;
+  }
+
+  flushPreroll() {
+    const frames = this.preroll;
+    this.preroll = [];
+    for (const pcm of frames) if (deps.conn.sendBinary(pcm)) this.framesSent += 1;
   }
 
   // A new socket: its server side has no stream yet.
@@ -253,7 +271,10 @@ class HandsFree {
   // Frames for hands-free; true when consumed.
   onFrame(frame) {
     if (frame.type === EVENT.VOICE_STREAM) {
-      if (frame.action === "started") this.started = this.active;
+      if (frame.action === "started") {
+        this.started = this.active;
+        if (this.started) this.flushPreroll();
+      }
       this.render();
       return true;
     }
@@ -300,5 +321,11 @@ export function handsFreeActive() {
 }
 
 export function voiceDebug() {
-  return { state: handsFree.state, framesSent: handsFree.framesSent, started: handsFree.started, ...speechState() };
+  return {
+    state: handsFree.state,
+    framesSent: handsFree.framesSent,
+    started: handsFree.started,
+    echoCancellation: handsFree.capture.echoCancellation,
+    ...speechState(),
+  };
 }
