@@ -7,7 +7,12 @@ from __future__ import annotations
 import asyncio
 import time
 from pathlib import Path
+from types import SimpleNamespace
 
+from prismd.auth import Principal
+from prismd.config import UploadsSettings
+from prismd.protocol import ErrorCode, ProtocolError
+from prismd.server.uploads import DailyBudget, utc_day
 from prismd.store.base import FileRecord, MessageRecord, SessionRecord, UploadRecord, UserRecord
 from prismd.store.sqlite import SqliteStore
 
@@ -39,7 +44,7 @@ def test_upload_links_quota_figures_and_session_deletion(tmp_path):
         assert await store.upload_usage("bob") == (30, 2)
         assert await store.upload_usage("carol") == (5, 1)
         assert await store.upload_usage("nobody") == (0, 0)
-        await store.link_uploads("s1", ["u_shared", "u_only1", "u_only1"])  # twice: harmless
+        store.link_uploads("s1", ["u_shared", "u_only1", "u_only1"])  # twice: harmless
         await store.link_uploads("s2", ["u_shared"])
         # s1 goes: its own upload with it, the one s2 sent too stays.
         await store.delete_session("s1")
@@ -85,28 +90,52 @@ def test_prune_removes_only_old_uploads_no_session_refers_to(tmp_path):
     run(main())
 
 
-def test_daily_chat_budget_is_atomic_and_per_user(tmp_path):
+def test_daily_chat_totals_per_user_and_day(tmp_path):
     async def main() -> None:
         store = await _store(tmp_path)
-        day = "2030-05-01"
-        assert await store.add_chat_usage("bob", day, 600, 1, 1000, 3) == (True, 600, 1)
-        assert await store.add_chat_usage("bob", day, 500, 0, 1000, 3) == (False, 600, 1)
-        assert await store.add_chat_usage("bob", day, 400, 2, 1000, 3) == (True, 1000, 3)
-        assert await store.add_chat_usage("bob", day, 0, 1, 1000, 3) == (False, 1000, 3)
-        assert await store.add_chat_usage("bob", day, 0, 0, 0, 0) == (True, 1000, 3)  # a read
-        # Another user, or the next day, starts at zero; 0 means no limit.
-        assert await store.add_chat_usage("carol", day, 900, 3, 1000, 3) == (True, 900, 3)
-        assert await store.add_chat_usage("bob", "2030-05-02", 10**9, 99, 0, 0) == (
-            True,
-            10**9,
-            99,
-        )
-        # Many at once: never more than the limit is counted.
-        results = await asyncio.gather(
-            *(store.add_chat_usage("dave", day, 100, 1, 1000, 0) for _ in range(25))
-        )
-        assert sum(ok for ok, _, _ in results) == 10
-        assert await store.add_chat_usage("dave", day, 0, 0, 0, 0) == (True, 1000, 10)
+        assert await store.chat_usage("bob", "2030-05-01") == (0, 0)
+        store.add_chat_usage("bob", "2030-05-01", 600, 1)
+        await store.add_chat_usage("bob", "2030-05-01", 400, 2)
+        await store.add_chat_usage("carol", "2030-05-01", 7, 0)
+        assert await store.chat_usage("bob", "2030-05-01") == (1000, 3)
+        assert await store.chat_usage("carol", "2030-05-01") == (7, 0)
+        # A new day starts at zero (and the old ones of that user may go).
+        await store.add_chat_usage("bob", "2030-05-02", 5, 1)
+        assert await store.chat_usage("bob", "2030-05-02") == (5, 1)
+        assert await store.chat_usage("bob", "2030-05-01") == (0, 0)
+        assert await store.chat_usage("carol", "2030-05-01") == (7, 0)
+        await store.close()
+
+    run(main())
+
+
+def test_the_daily_budget_never_counts_past_its_limit(tmp_path):
+    """Chats of one user checked at once: exactly as many pass as fit, counted while their
+    writes are still queued; another user's budget is their own."""
+
+    async def main() -> None:
+        store = await _store(tmp_path)
+        limits = UploadsSettings(chat_bytes_per_day=1000, chat_files_per_day=0)
+        core = SimpleNamespace(settings=SimpleNamespace(uploads=limits), store=store)
+        budget = DailyBudget()
+        bob, carol = (Principal(u, u, False, "token") for u in ("bob", "carol"))
+
+        async def charge(user: Principal) -> bool:
+            try:
+                await budget.charge(core, user, 100, 1)  # type: ignore[arg-type]
+            except ProtocolError as exc:
+                assert exc.code == ErrorCode.RATE_LIMITED and "1000 bytes" in exc.message
+                return False
+            return True
+
+        results = await asyncio.gather(*(charge(bob) for _ in range(25)))
+        assert sum(results) == 10
+        assert await charge(carol)
+        await store.flush()
+        day = utc_day()
+        assert await store.chat_usage("bob", day) == (1000, 10)
+        assert await budget.used(store, "bob", day) == (1000, 10)  # nothing counted twice
+        assert not await charge(bob)
         await store.close()
 
     run(main())

@@ -71,10 +71,11 @@ def upload_ids(msg: Chat) -> list[str]:
     return [f.fileId for f in msg.files if f.fileId is not None]
 
 
-async def link_uploads(core: Prismd, session_id: str, ids: Sequence[str]) -> None:
-    """The session now refers to these uploads: they live as long as it does."""
+def link_uploads(core: Prismd, session_id: str, ids: Sequence[str]) -> None:
+    """The session now refers to these uploads: they live as long as it does. Queued after
+    the session's creation; the chat does not wait for it (a failed write is logged)."""
     if ids:
-        await core.store.link_uploads(session_id, list(ids))
+        core.store.link_uploads(session_id, list(ids))
 
 
 # ---------------------------------------------------------------- bounds
@@ -116,37 +117,85 @@ def utc_day(now: datetime | None = None) -> str:
     return (now or datetime.now(UTC)).date().isoformat()
 
 
+class DailyBudget:
+    """Each user's chat bytes and files of the day (`chat_bytes_per_day`,
+    `chat_files_per_day`), checked before a chat runs. The totals are the store's (read on a
+    reader, never behind the stream's writes) plus what this process counted and has not yet
+    written; the count itself is a queued write the chat does not wait for. One check at a
+    time per user, so chats sent at once cannot all pass a budget that only one fits."""
+
+    def __init__(self) -> None:
+        self._pending: dict[tuple[str, str], list[int]] = {}
+        self._locks: weakref.WeakValueDictionary[str, asyncio.Lock] = weakref.WeakValueDictionary()
+
+    async def used(self, store: Store, user_id: str, day: str) -> tuple[int, int]:
+        size, files = await store.chat_usage(user_id, day)
+        pending = self._pending.get((user_id, day), (0, 0))
+        return size + pending[0], files + pending[1]
+
+    async def charge(self, core: Prismd, user: Principal, size: int, files: int) -> None:
+        """Count a chat of `size` bytes and `files` files; raises ProtocolError
+        `rate_limited`, naming the limit, when it does not fit (nothing is counted then)."""
+        limits = core.settings.uploads
+        max_bytes, max_files = limits.chat_bytes_per_day, limits.chat_files_per_day
+        if not max_bytes and not max_files:
+            return
+        day = utc_day()
+        key = (user.id, day)
+        lock = self._locks.get(user.id)
+        if lock is None:
+            lock = self._locks[user.id] = asyncio.Lock()
+        async with lock:
+            used, count = await self.used(core.store, user.id, day)
+            if max_files and count + files > max_files:
+                what = f"{count} files sent today, the limit is {max_files} files"
+            elif max_bytes and used + size > max_bytes:
+                what = (
+                    f"{_mib(used)} sent today and this message is {_mib(size)}, the limit is "
+                    f"{max_bytes} bytes"
+                )
+            else:
+                what = ""
+            if what:
+                raise ProtocolError(
+                    ErrorCode.RATE_LIMITED,
+                    f"Daily limit reached: {what} per user per day (the count starts again at "
+                    "00:00 UTC)",
+                )
+            pending = self._pending.setdefault(key, [0, 0])
+            pending[0] += size
+            pending[1] += files
+        write = core.store.add_chat_usage(user.id, day, size, files)
+        write.add_done_callback(lambda _: self._written(key, size, files))
+
+    def _written(self, key: tuple[str, str], size: int, files: int) -> None:
+        # Durable (or failed: then it is not counted twice either way, only lost).
+        pending = self._pending.get(key)
+        if pending is None:
+            return
+        pending[0] -= size
+        pending[1] -= files
+        if pending[0] <= 0 and pending[1] <= 0:
+            del self._pending[key]
+
+
 async def charge_chat(
     core: Prismd, user: Principal, message: str, files: Sequence[FileRecord]
 ) -> None:
-    """Count a valid chat against the user's daily budget (`chat_bytes_per_day`,
-    `chat_files_per_day`); raises ProtocolError `rate_limited` naming the limit when it does
-    not fit (nothing is counted then)."""
-    limits = core.settings.uploads
-    if not limits.chat_bytes_per_day and not limits.chat_files_per_day:
-        return
+    """Count a valid chat (its text and files) against the user's daily budget."""
     size = len(message.encode("utf-8", "replace")) + sum(f.size for f in files)
-    ok, used, count = await core.store.add_chat_usage(
-        user.id,
-        utc_day(),
-        size,
-        len(files),
-        limits.chat_bytes_per_day,
-        limits.chat_files_per_day,
-    )
-    if ok:
-        return
-    if limits.chat_files_per_day and count + len(files) > limits.chat_files_per_day:
-        what = f"{count} files sent today, the limit is {limits.chat_files_per_day} files"
-    else:
-        what = (
-            f"{_mib(used)} sent today and this message is {_mib(size)}, the limit is "
-            f"{limits.chat_bytes_per_day} bytes"
-        )
-    raise ProtocolError(
-        ErrorCode.RATE_LIMITED,
-        f"Daily limit reached: {what} per user per day (the count starts again at 00:00 UTC)",
-    )
+    await budget_of(core).charge(core, user, size, len(files))
+
+
+_budgets: weakref.WeakKeyDictionary[Prismd, DailyBudget] = weakref.WeakKeyDictionary()
+
+
+def budget_of(core: Prismd) -> DailyBudget:
+    """The server's daily budget (one per server: kept beside it, not in it)."""
+    budget = _budgets.get(core)
+    if budget is None:
+        budget = _budgets[core] = DailyBudget()
+    return budget
 
 
 def prune_cutoff(max_age_days: float, now: datetime | None = None) -> str:

@@ -467,7 +467,7 @@ class Connection:
         plan = core.runner.plan(msg, agent, user)
         await charge_chat(core, user, plan.text, plan.files)
         live = await sessions.for_chat(user, msg.sessionId, self.live, agent.id)
-        await link_uploads(core, live.id, sent)  # kept while the session exists
+        link_uploads(core, live.id, sent)  # kept while the session exists
         self._bind(live, announce=live is not self.live)
         done_turn = sessions.turn_for(live, msg.clientMessageId)
         if done_turn is not None:

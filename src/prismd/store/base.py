@@ -355,9 +355,10 @@ class Store(abc.ABC):
         """Remove an upload (its row, its links and its file)."""
 
     @abc.abstractmethod
-    async def link_uploads(self, session_id: str, upload_ids: list[str]) -> None:
+    def link_uploads(self, session_id: str, upload_ids: list[str]) -> Written:
         """The session refers to these uploads (sent in one of its chats): they are kept as
-        long as it exists. Linking twice is harmless."""
+        long as it exists. Queued like the session's other writes (after its creation);
+        linking twice is harmless."""
 
     @abc.abstractmethod
     async def delete_session_uploads(self, session_id: str) -> int:
@@ -371,14 +372,13 @@ class Store(abc.ABC):
         that no session refers to; how many."""
 
     @abc.abstractmethod
-    async def add_chat_usage(
-        self, user_id: str, day: str, size: int, files: int, max_bytes: int, max_files: int
-    ) -> tuple[bool, int, int]:
-        """Count a chat's `size` bytes and `files` files against the user's budget of `day`
-        (YYYY-MM-DD), atomically: only if the day's totals stay within `max_bytes` and
-        `max_files` (0: no limit). Returns (counted, bytes, files): the day's totals after it,
-        or as they were when it was refused. `size=files=0` reads them. Older days of the
-        user may be forgotten."""
+    async def chat_usage(self, user_id: str, day: str) -> tuple[int, int]:
+        """(bytes, files) the user's chats sent on `day` (YYYY-MM-DD, UTC), as durable."""
+
+    @abc.abstractmethod
+    def add_chat_usage(self, user_id: str, day: str, size: int, files: int) -> Written:
+        """Add to the user's totals of `day` (queued like the other writes; the limits are
+        checked by the caller, server/uploads.py). Older days of the user may be forgotten."""
 
     @abc.abstractmethod
     async def usage_totals(self, owner_id: str | None, since: str | None = None) -> UsageTotals:

@@ -820,9 +820,9 @@ class SqliteStore(Store):
     async def delete_upload(self, upload_id: str) -> bool:
         return await self._remove_uploads("id=?", (upload_id,)) > 0
 
-    async def link_uploads(self, session_id: str, upload_ids: list[str]) -> None:
+    def link_uploads(self, session_id: str, upload_ids: list[str]) -> Written:
         rows = [(u, session_id) for u in dict.fromkeys(upload_ids)]
-        await self._call(
+        return self._submit(
             lambda: self._w().executemany(
                 "INSERT OR IGNORE INTO upload_refs (upload_id, session_id) VALUES (?,?)", rows
             )
@@ -856,30 +856,27 @@ class SqliteStore(Store):
             (created_before,),
         )
 
-    async def add_chat_usage(
-        self, user_id: str, day: str, size: int, files: int, max_bytes: int, max_files: int
-    ) -> tuple[bool, int, int]:
-        def op() -> tuple[bool, int, int]:
-            db = self._w()
+    async def chat_usage(self, user_id: str, day: str) -> tuple[int, int]:
+        def op(db: sqlite3.Connection) -> tuple[int, int]:
             row = db.execute(
                 "SELECT bytes, files FROM chat_usage WHERE user_id=? AND day=?", (user_id, day)
             ).fetchone()
-            used, count = row if row else (0, 0)
-            if not size and not files:
-                return True, used, count
-            if (max_bytes and used + size > max_bytes) or (max_files and count + files > max_files):
-                return False, used, count
-            if row is None:
-                db.execute("DELETE FROM chat_usage WHERE user_id=? AND day<?", (user_id, day))
+            return (int(row[0]), int(row[1])) if row else (0, 0)
+
+        return await self._read(op)
+
+    def add_chat_usage(self, user_id: str, day: str, size: int, files: int) -> Written:
+        def op() -> None:
+            db = self._w()
+            db.execute("DELETE FROM chat_usage WHERE user_id=? AND day<?", (user_id, day))
             db.execute(
                 "INSERT INTO chat_usage (user_id, day, bytes, files) VALUES (?,?,?,?) "
                 "ON CONFLICT(user_id, day) DO UPDATE SET bytes=bytes+excluded.bytes, "
                 "files=files+excluded.files",
                 (user_id, day, size, files),
             )
-            return True, used + size, count + files
 
-        return await self._call(op)
+        return self._submit(op)
 
     async def usage_totals(self, owner_id: str | None, since: str | None = None) -> UsageTotals:
         conds = ["t.status IN ('complete', 'stopped')"]

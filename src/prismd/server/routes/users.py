@@ -23,6 +23,7 @@ from ...auth import AccountError, Principal
 from ...auth.service import COOKIE_NAME, MAX_PASSWORD_CHARS
 from ...protocol import ErrorCode
 from ...store.base import LoginRecord, TokenRecord, UserRecord
+from ..uploads import budget_of, utc_day
 from .common import Admin, ApiError, Caller, Core, Ok, Open, api_router, doc
 
 router = api_router(tags=["users"])
@@ -435,8 +436,8 @@ async def usage(
     }
     if who is not None:
         size, files = await core.store.upload_usage(who)
-        day = now.date().isoformat()
-        _, day_bytes, day_files = await core.store.add_chat_usage(who, day, 0, 0, 0, 0)
+        day = utc_day(now)
+        day_bytes, day_files = await budget_of(core).used(core.store, who, day)
         body["uploads"] = {
             "bytes": size,
             "files": files,
