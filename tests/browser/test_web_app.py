@@ -465,8 +465,13 @@ def test_archive_restore_and_delete_from_the_archive(
         item.hover()
         item.locator(".s-arc").click()
         expect(item).to_have_count(0)
-    # The chat on screen was archived: a new chat takes its place.
+    # The chat on screen was archived: a new chat takes its place, and what is typed next
+    # goes there, not into the archived one.
     expect(page.locator("#empty-state")).to_be_visible()
+    send(page, "a fresh chat")
+    wait_done(page)
+    fresh = page.evaluate("window.prismd.sessionId")
+    assert fresh not in sids
     for sid in sids:
         assert httpx.get(f"{web_server.url}/api/sessions/{sid}").json()["status"] == "archived"
     page.locator("#show-archived").click()

@@ -157,8 +157,10 @@ async function onResumed(frame) {
 // Every frame from the socket but `connected`.
 export function onFrame(frame) {
   switch (frame.type) {
-    case EVENT.PONG:
     case EVENT.SESSION_ENDED:
+      if (leaving) leaving();
+      return;
+    case EVENT.PONG:
     case EVENT.AGENT_SELECTED:
     case EVENT.VOICE_STATE:
       return;
@@ -552,10 +554,32 @@ export function newChat(notify = true) {
   $("#input").focus();
 }
 
-// A session deleted or archived elsewhere in the app: if it is on screen, start afresh.
+// A session deleted elsewhere in the app: if it is on screen, start afresh (the server has
+// unbound this connection from it).
 export function forgetSession(id) {
   localStorage.removeItem(`prismd.context.${id}`);
   if (id === chat.sessionId) newChat(false);
+}
+
+let leaving = null;
+
+// Leaves the session on screen for a new chat, and resolves once the server has unbound this
+// connection from it (`new_session` → `session_ended`): a chat sent after that cannot land in
+// it. (Archiving the chat on screen waits for this, or its next message would reopen it.)
+export function leaveSession() {
+  const bound = !!chat.sessionId && deps.conn.open;
+  newChat(false);
+  if (!bound) return Promise.resolve();
+  return new Promise((resolve) => {
+    const timer = setTimeout(done, 5000);
+    function done() {
+      clearTimeout(timer);
+      if (leaving === done) leaving = null;
+      resolve();
+    }
+    leaving = done;
+    send({ type: CLIENT.NEW_SESSION });
+  });
 }
 
 export function markStarted() {

@@ -6,7 +6,10 @@
 import { api, maybe, ApiError } from "./api.js";
 import { $, toast, isPhone, closeDrawer } from "./dom.js";
 import { Connection } from "./connection.js";
-import { chat, initChat, onConnected, onFrame, openSession, newChat, forgetSession, sendChat, stop, markStarted, resolvedApproval, showEmpty } from "./chat.js";
+import {
+  chat, initChat, onConnected, onFrame, openSession, newChat, forgetSession, leaveSession, sendChat, stop, markStarted,
+  resolvedApproval, showEmpty,
+} from "./chat.js";
 import { initSessions, refreshSessions, markActive } from "./sessions.js";
 import { initComposer } from "./composer.js";
 import { initVoice, handsFree, handsFreeActive, voiceRunningChanged, voiceDebug } from "./voice.js";
@@ -189,6 +192,7 @@ function wire() {
     current: () => chat.sessionId,
     open: openSession,
     forget: forgetSession,
+    leave: leaveSession,
     signedOut,
   });
   initComposer({ send: sendChat });

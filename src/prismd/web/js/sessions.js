@@ -7,8 +7,8 @@ import { agentName } from "./agents.js";
 const list = { archived: false, searchTimer: null };
 let deps = null;
 
-// current() -> the session id on screen; open(id); forget(id): a chat that left the list
-// (deleted, archived) is no longer on screen; signedOut().
+// current() -> the session id on screen; open(id); forget(id): a deleted chat is no longer
+// on screen; leave() -> a promise: the chat on screen is left for a new one; signedOut().
 export function initSessions(options) {
   deps = options;
   $("#session-search").addEventListener("input", () => {
@@ -119,8 +119,8 @@ function sessionItem(s, currentId) {
   const { item, title } = itemShell(s, s.id === currentId, [ren, arc, deleteButton(s)]);
   ren.addEventListener("click", () => renameSession(s, title));
   arc.addEventListener("click", async () => {
+    if (s.id === deps.current()) await deps.leave(); // unbound first: it stays archived
     if (!(await act(`/api/sessions/${enc(s.id)}/archive`, "POST", "Could not archive"))) return;
-    deps.forget(s.id);
     toast("Chat archived: find it under Archived chats.");
     refreshSessions();
   });
