@@ -19,8 +19,11 @@ import pytest
 
 from prismd.testing.fake_models import Reply
 
-from .conftest import PrismdServer, of_type, openai_env
+from .conftest import PrismdServer, of_type, openai_env, uploaded_bytes
 from .test_auth import PASSWORDS, add_user
+
+# Run in both configurations: one process on SQLite, and PostgreSQL + Redis (conftest.py).
+BACKENDS = ("embedded", "scaled")
 
 FIXTURES = Path(__file__).parent / "fixtures"
 NUM = (int, float)
@@ -439,7 +442,7 @@ def test_upload_json_and_multipart(api, server):
         fields = {"ok": bool, "path": str, "filename": str, "mimeType": str, "id": str}
         shaped(body, fields)
         assert body["ok"] is True and body["filename"] == "n.txt"
-        assert (server.data_dir / body["path"]).read_bytes() == b"compat notes"
+        assert uploaded_bytes(server, body["path"]) == b"compat notes"
     with server.client() as c:  # prismd's `id`: the file is sent by reference
         frames = c.turn(message="read it", files=[{"fileId": body["id"]}])
     assert of_type(frames, "done")

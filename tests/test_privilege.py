@@ -90,6 +90,8 @@ def test_admins_and_granted_users_are_asked(users, fake_openai):
             c.send(type="chat", message="say hi")
             request = c.until("approval_request")[-1]
             assert request["request"]["tool"] == "shell"
+            # Derived from what the tool reaches: the host itself.
+            assert request["request"]["dataClassification"] == "restricted"
             assert "shell" in _tool_names(fake_openai.requests[-1])
             c.send(type="approval_response", requestId=request["requestId"], approved=False)
             frames = c.until("context_usage")
@@ -111,6 +113,10 @@ def test_tools_endpoint_says_who_may_use_what(users):
     assert "granted to carol" in carol["shell"]["why"]["assistant"]
     assert alice["shell"]["agents"]["assistant"] == "approve"
     assert bob["file_read"]["agents"]["assistant"] == "allow"
+    classes = {
+        name: bob[name]["dataClassification"] for name in ("shell", "file_read", "web_fetch")
+    }
+    assert classes == {"shell": "restricted", "file_read": "internal", "web_fetch": "public"}
     assert bob["code_exec"]["hostLevel"] is False
 
 

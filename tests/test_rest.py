@@ -6,6 +6,9 @@ import httpx
 
 from .conftest import stored_rows
 
+# Run in both configurations: one process on SQLite, and PostgreSQL + Redis (conftest.py).
+BACKENDS = ("embedded", "scaled")
+
 
 def _chat(server, message="hello", **extra):
     with server.client() as c:

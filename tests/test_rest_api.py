@@ -7,13 +7,17 @@ import re
 import threading
 import time
 import tomllib
+from concurrent.futures import ThreadPoolExecutor
 
 import httpx
 import pytest
 
 from prismd.testing.fake_models import Reply
 
-from .conftest import free_port, of_type, openai_env
+from .conftest import free_port, of_type, openai_env, uploaded_bytes
+
+# Run in both configurations: one process on SQLite, and PostgreSQL + Redis (conftest.py).
+BACKENDS = ("embedded", "scaled")
 
 
 def _http(server) -> httpx.Client:
@@ -264,14 +268,14 @@ def test_upload_checks(server):
             "id": meta["id"],
             "size": 5,
         }
-        assert (server.data_dir / meta["path"]).read_bytes() == b"hello"
+        assert uploaded_bytes(server, meta["path"]) == b"hello"
         assert h.post("/api/upload", data={"x": "1"}).status_code == 422
         # CortexPrism's clients send JSON with base64 data.
         sent = {"filename": "n.md", "mimeType": "text/markdown", "data": "IyBub3Rl"}
         as_json = h.post("/api/upload", json=sent)
         assert as_json.status_code == 201, as_json.text
         assert as_json.json()["filename"] == "n.md" and as_json.json()["size"] == 6
-        assert (server.data_dir / as_json.json()["path"]).read_bytes() == b"# note"
+        assert uploaded_bytes(server, as_json.json()["path"]) == b"# note"
         bad = h.post("/api/upload", json={**sent, "data": "not base64!"})
         assert bad.status_code == 422 and bad.json()["details"]["field"] == "data"
         missing = h.post("/api/upload", json={"mimeType": "text/plain", "data": ""})
@@ -388,6 +392,47 @@ def test_config_get_masks_secrets_and_patch_persists(make_server, fake_openai):
     with srv.client() as c:
         done = of_type(c.turn(message="which model"), "done")[0]
     assert done["resolvedModel"] == "gpt-x"
+
+
+def test_config_patches_are_written_one_at_a_time(make_server, fake_openai):
+    """Concurrent PATCHes (the file is written in a thread, off the event loop): every change
+    is in the file and in the running settings; a file that cannot be written is a coded
+    refusal, and nothing of that change is applied."""
+    srv = make_server({k: v for k, v in openai_env(fake_openai).items() if k != "PRISMD_MODEL"})
+    changes = {
+        "tools.max_rounds": 7,
+        "tools.approval_timeout_s": 33.5,
+        "tools.max_output_chars": 5000,
+        "tools.display_output_chars": 1234,
+        "providers.openai.model": "gpt-a",
+        "model": "gpt-b",
+    }
+    barrier = threading.Barrier(len(changes))
+
+    def patch(item: tuple[str, object]) -> httpx.Response:
+        with _http(srv) as h:
+            barrier.wait(10)
+            return h.patch("/api/config", json=dict([item]))
+
+    with ThreadPoolExecutor(len(changes)) as pool:
+        responses = list(pool.map(patch, changes.items()))
+    assert [r.status_code for r in responses] == [200] * len(changes), [r.text for r in responses]
+    written = tomllib.loads((srv.home / "config.toml").read_text())
+    with _http(srv) as h:
+        running = h.get("/api/config").json()["settings"]
+    for key, value in changes.items():
+        node_file, node_run = written, running
+        for part in key.split("."):
+            node_file, node_run = node_file[part], node_run[part]
+        assert node_file == node_run == value, key
+    (srv.home / "config.toml.tmp").mkdir()  # the write fails (even as root)
+    with _http(srv) as h:
+        refused = h.patch("/api/config", json={"tools.max_rounds": 2})
+        assert refused.status_code == 422 and refused.json()["code"] == "invalid_message"
+        assert refused.json()["details"]["field"] == "(file)"
+        assert "cannot write" in refused.json()["details"]["reason"]
+        assert h.get("/api/config").json()["settings"]["tools"]["max_rounds"] == 7
+    assert tomllib.loads((srv.home / "config.toml").read_text())["tools"]["max_rounds"] == 7
 
 
 def test_config_patch_applies_at_once(make_server, fake_openai):

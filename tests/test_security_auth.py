@@ -159,12 +159,11 @@ def test_a_password_changed_by_the_cli_closes_the_login_sockets(srv):
 
 
 def _notes(srv: PrismdServer, text: str) -> int:
-    path = srv.data_dir / "memory.db"
-    if not path.exists():
-        return 0
-    db = sqlite3.connect(path)
+    """Memory notes of this text in the server's store (its SQLite database)."""
+    db = sqlite3.connect(f"file:{srv.data_dir / 'prismd.db'}?mode=ro", uri=True)
     try:
-        return int(db.execute("SELECT COUNT(*) FROM notes WHERE text=?", (text,)).fetchone()[0])
+        count = db.execute("SELECT COUNT(*) FROM memory_notes WHERE text=?", (text,))
+        return int(count.fetchone()[0])
     finally:
         db.close()
 

@@ -6,14 +6,16 @@ import asyncio
 import http.server
 import json
 import os
+import re
 import shutil
 import socket
+import sqlite3
 import ssl
 import subprocess
 import sys
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -21,16 +23,20 @@ import psutil
 import pytest
 
 from prismd.config import ToolsSettings
+from prismd.store.base import Store, query_words
+from prismd.store.postgres import note_query
+from prismd.store.sqlite import SqliteStore, fts_query
 from prismd.tools.base import Tool, ToolContext, ToolError
 from prismd.tools.builtins import (
     builtin_tools,
     check_address,
     files,
     isolation,
-    memory,
     sandbox,
 )
 from prismd.tools.builtins.web_fetch import WebFetch
+
+from .test_store import HOSTILE_QUERIES, new_store  # noqa: F401 - a fixture: both stores
 
 TOOLS = {t.spec.name: t for t in builtin_tools()}
 
@@ -56,6 +62,12 @@ def ctx(tmp_path: Path) -> ToolContext:
         settings=ToolsSettings(),
         extra={},
     )
+
+
+def force_fallback(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Run the sandboxed tools as on a machine without bubblewrap."""
+    probed = {**sandbox.probe(), "bwrap": None, "bwrap_error": "not installed (test)"}
+    monkeypatch.setattr(sandbox, "_probed", probed)
 
 
 def run(name: str, ctx: ToolContext, **args: Any) -> str:
@@ -185,6 +197,46 @@ def test_paths_outside_are_refused(ctx: ToolContext, path: str) -> None:
     ]:
         assert "path escapes the workspace" in refused(name, ctx, **args), name
     assert not (ctx.workspace.parent / "x.txt").exists()
+
+
+def test_errors_name_no_server_path_or_user_id(tmp_path: Path) -> None:
+    """A tool error shows paths relative to the workspace: never the data directory, nor the
+    owner's user id that is part of a user's workspace path (issue 11, item 9)."""
+    data = tmp_path / "data"
+    ws = data / "workspaces" / "@users" / "user_7f3a9c" / "assistant"
+    ws.mkdir(parents=True)
+    (ws / "f.txt").write_text("x")
+    ctx = ToolContext(
+        "s1", "assistant", ws.resolve(), data, ToolsSettings(), owner_id="user_7f3a9c"
+    )
+    near_max = "d/" * 1999  # under the path limit alone, over PATH_MAX under the workspace
+    cases = [
+        ("file_read", {"path": "a" * 5000}),
+        ("file_write", {"path": "a" * 5000, "content": "x"}),
+        ("file_edit", {"path": "a" * 5000, "old_string": "a", "new_string": "b"}),
+        ("file_list", {"path": "a" * 5000}),
+        ("file_search", {"pattern": "x", "path": "a" * 5000}),
+        ("file_read", {"path": "b" * 300}),
+        ("file_write", {"path": "dir/" + "b" * 300, "content": "x"}),
+        ("file_search", {"pattern": "x", "path": "b" * 300 + "/*.py"}),
+        ("file_read", {"path": near_max + "x"}),
+        ("file_write", {"path": near_max + "x", "content": "x"}),
+        ("file_list", {"path": near_max}),
+        ("file_write", {"path": "f.txt/inside", "content": "x"}),
+        ("file_read", {"path": "missing/x"}),
+        ("file_list", {"path": "f.txt"}),
+        ("file_edit", {"path": "f.txt", "old_string": "nope", "new_string": "b"}),
+        ("file_search", {"pattern": "(", "path": "."}),
+    ]
+    for name, args in cases:
+        with pytest.raises(ToolError) as info:  # a ToolError, never a raw OSError
+            asyncio.run(TOOLS[name].run(args, ctx))
+        msg = str(info.value)
+        assert "user_7f3a9c" not in msg and str(tmp_path) not in msg, (name, msg)
+        assert "/tmp/" not in msg and "workspaces" not in msg, (name, msg)
+        assert len(msg) < 600, (name, len(msg))  # the model's own long path is cut
+    msg = refused("file_read", ctx, path="a" * 5000)
+    assert msg == "path is too long: 5000 bytes (the limit is 4000)"
 
 
 def test_inner_dotdot_is_fine(ctx: ToolContext) -> None:
@@ -434,14 +486,25 @@ def test_code_exec_environment_and_directory(
         "'files': os.listdir('.')}))\n"
         "open('out.txt', 'w').write('x')\n"
     )
-    out = run("code_exec", ctx, code=code)
-    assert "should-not-leak" not in out
-    data = json.loads(out.splitlines()[-1])
-    assert set(data["env"]) <= {"PATH", "HOME", "LANG", "TERM", "TMPDIR", "LC_CTYPE"}
-    assert data["files"] == ["main.py"]
-    assert data["env"]["HOME"] == data["cwd"]
-    assert not os.path.exists(data["cwd"])  # deleted afterwards
-    assert not Path(data["cwd"]).is_relative_to(ctx.workspace)
+    allowed = {"PATH", "HOME", "LANG", "TERM", "TMPDIR", "LC_CTYPE", "WORKSPACE", "PWD"}
+    for mechanism in ("bubblewrap", "fallback"):
+        if mechanism == "fallback":
+            force_fallback(monkeypatch)
+            # Without bubblewrap, the marker of the server's leftovers is seen too.
+            allowed.add(sandbox.MARKER_ENV)
+        out = run("code_exec", ctx, code=code)
+        assert "should-not-leak" not in out
+        data = json.loads(out.splitlines()[-1])
+        assert set(data["env"]) <= allowed, mechanism
+        assert data["files"] == ["main.py"]  # out.txt of the run before is gone
+        assert data["env"]["HOME"] == data["cwd"] == data["env"]["TMPDIR"]
+        assert not Path(data["cwd"]).is_relative_to(ctx.workspace)
+        if mechanism == "fallback":
+            assert not os.path.exists(data["cwd"])  # the host directory is deleted afterwards
+        else:
+            assert data["cwd"] == "/tmp"  # the sandbox's own tmpfs, gone with it
+            assert data["env"]["WORKSPACE"] == "/workspace"
+    assert not (ctx.workspace / "out.txt").exists()
 
 
 def test_code_exec_time_limit(ctx: ToolContext) -> None:
@@ -543,9 +606,9 @@ def test_code_exec_has_no_network(ctx: ToolContext, tcp_server: int) -> None:
 def test_code_exec_each_mechanism_alone(
     ctx: ToolContext, tcp_server: int, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """The network namespace alone cuts the network; Landlock alone denies TCP; with neither,
-    the output says the network is not cut."""
-    real = sandbox.probe()
+    """Without bubblewrap (the fallback): the network namespace alone cuts the network;
+    Landlock alone denies TCP; with neither, the output says the network is not cut."""
+    real = {**sandbox.probe(), "bwrap": None, "bwrap_error": "not installed (test)"}
     code = CONNECT.format(port=tcp_server)
     if real["netns_flags"]:
         monkeypatch.setattr(sandbox, "_probed", {**real, "landlock": False})
@@ -572,7 +635,12 @@ def test_code_exec_network_when_configured(ctx: ToolContext, tcp_server: int) ->
     assert "CONNECTED b'hi'" in out
 
 
-def test_code_exec_landlock_confines_files(ctx: ToolContext, tmp_path: Path) -> None:
+def test_code_exec_landlock_confines_files(
+    ctx: ToolContext, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The fallback without bubblewrap: Landlock confines reads and writes (the bubblewrap
+    sandbox's mount namespace is tested by tests/test_sandbox.py)."""
+    force_fallback(monkeypatch)
     if not isolation()["landlock"]:
         pytest.skip("no Landlock on this machine")
     (ctx.workspace / "data.csv").write_text("a,b\n1,2\n")
@@ -889,64 +957,137 @@ def test_web_fetch_size_and_time_limits(ctx: ToolContext, http_server: int) -> N
 # --- memory -----------------------------------------------------------------------------------
 
 
-def test_memory_note_and_search(ctx: ToolContext) -> None:
-    out = run("memory_note", ctx, text="The user's favourite tea is genmaicha.", tags=["prefs"])
-    assert out == "saved note #1"
-    run("memory_note", ctx, text="Project deadline is March 3rd.")
-    run("memory_note", ctx, text="The user dislikes coffee; prefers tea.")
+def with_store(make: Callable[[], Store], test: Any) -> None:
+    """Run `test(call)` with the memory tools on a store (both stores: tests/test_store.py's
+    new_store), in one event loop; `call(name, ctx, **args)` runs a tool."""
 
-    out = run("memory_search", ctx, query="what tea does the user like?")
-    lines = out.splitlines()
-    assert len(lines) == 2 and all("tea" in line for line in lines)
-    assert lines[0].startswith("#") and " UTC" in lines[0]
-    assert "[prefs]" in out
-    assert run("memory_search", ctx, query="deadline", limit=1).startswith("#2 (")
-    assert run("memory_search", ctx, query="prefs").startswith("#1 (")
-    assert run("memory_search", ctx, query="zebra") == "no matching notes"
-    # No words: the most recent notes.
-    assert run("memory_search", ctx, query="", limit=2).splitlines()[0].startswith("#3 (")
+    async def call(name: str, context: ToolContext, **args: Any) -> str:
+        context.store = store
+        return await TOOLS[name].run(args, context)
 
-    other = ToolContext("s2", "agent-b", ctx.workspace, ctx.data_dir, ctx.settings)
-    assert run("memory_search", other, query="tea") == "no matching notes"
-    assert run("memory_search", other, query="") == "no matching notes"
-    run("memory_note", other, text="agent b knows about tea too")
-    assert run("memory_search", other, query="tea").count("\n") == 0
-    assert (ctx.data_dir / "memory.db").exists()
-    # Users share agents, not what an agent remembers for one of them.
-    for user in ("user_a", "user_b"):
-        mine = ToolContext(ctx.session_id, ctx.agent_id, ctx.workspace, ctx.data_dir, ctx.settings)
-        mine.owner_id = user
-        assert run("memory_search", mine, query="tea") == "no matching notes"
-        assert run("memory_search", mine, query="") == "no matching notes"
-        run("memory_note", mine, text=f"{user} likes tea")
-        assert run("memory_search", mine, query="tea").count("\n") == 0
-        assert user in run("memory_search", mine, query="tea")
+    async def main() -> None:
+        await store.open()
+        try:
+            await test(call)
+        finally:
+            await store.close()
+
+    store = make()
+    asyncio.run(main())
 
 
-@pytest.mark.parametrize(
-    "query",
-    [
-        '"',
-        "*",
-        "NEAR(",
-        "-",
-        "tea -coffee",
-        'tea" OR "x',
-        "AND OR NOT",
-        "col:tea",
-        "^tea",
-        "(",
-        "'",
-    ],
-)
-def test_memory_search_survives_fts_syntax(ctx: ToolContext, query: str) -> None:
-    run("memory_note", ctx, text="Remember the tea ceremony.")
-    run("memory_search", ctx, query=query)  # no error
+def test_memory_note_and_search(new_store, ctx: ToolContext) -> None:  # noqa: F811
+    async def test(call: Any) -> None:
+        out = await call(
+            "memory_note", ctx, text="The user's favourite tea is genmaicha.", tags=["prefs"]
+        )
+        assert re.fullmatch(r"saved note #\d+", out)
+        first = int(out.removeprefix("saved note #"))
+        await call("memory_note", ctx, text="  Project deadline is March 3rd.\n")
+        await call("memory_note", ctx, text="The user dislikes coffee; prefers tea.")
+
+        out = await call("memory_search", ctx, query="what tea does the user like?")
+        lines = out.splitlines()
+        assert len(lines) == 2 and all("tea" in line for line in lines)
+        assert re.match(r"#\d+ \(\d{4}-\d\d-\d\d \d\d:\d\d:\d\d UTC\)", lines[0])
+        assert f"#{first} (" in out and "[prefs]: The user's favourite tea is genmaicha." in out
+        deadline = await call("memory_search", ctx, query="deadline", limit=1)
+        assert deadline.startswith(f"#{first + 1} (") and deadline.endswith(
+            "UTC): Project deadline is March 3rd."
+        )
+        assert (await call("memory_search", ctx, query="prefs")).startswith(f"#{first} (")
+        assert await call("memory_search", ctx, query="zebra") == "no matching notes"
+        # No words: the most recent notes.
+        recent = await call("memory_search", ctx, query="", limit=2)
+        assert recent.splitlines()[0].startswith(f"#{first + 2} (") and recent.count("\n") == 1
+
+        other = ToolContext("s2", "agent-b", ctx.workspace, ctx.data_dir, ctx.settings)
+        assert await call("memory_search", other, query="tea") == "no matching notes"
+        assert await call("memory_search", other, query="") == "no matching notes"
+        await call("memory_note", other, text="agent b knows about tea too")
+        assert (await call("memory_search", other, query="tea")).count("\n") == 0
+        assert not (ctx.data_dir / "memory.db").exists()  # the notes are in the store
+        # Users share agents, not what an agent remembers for one of them.
+        for user in ("user_a", "user_b"):
+            mine = ToolContext(
+                ctx.session_id, ctx.agent_id, ctx.workspace, ctx.data_dir, ctx.settings
+            )
+            mine.owner_id = user
+            assert await call("memory_search", mine, query="tea") == "no matching notes"
+            assert await call("memory_search", mine, query="") == "no matching notes"
+            await call("memory_note", mine, text=f"{user} likes tea")
+            assert (await call("memory_search", mine, query="tea")).count("\n") == 0
+            assert user in await call("memory_search", mine, query="tea")
+
+        # Tags are cleaned (no commas, one space, 64 characters); text a store cannot hold (a
+        # NUL, a lone surrogate from escaped JSON) is replaced, not refused.
+        await call(
+            "memory_note", ctx, text="odd\x00text\ud800here", tags=[" a,b  c ", "x" * 99, " "]
+        )
+        out = await call("memory_search", ctx, query="odd")
+        assert out.endswith(f"[a b c, {'x' * 64}]: odd\ufffdtext\ufffdhere")
+        for bad in ({"text": " "}, {"text": "x" * 8001}, {"text": "t", "tags": "a"}):
+            with pytest.raises(ToolError):
+                await call("memory_note", ctx, **bad)
+        for bad_limit in (0, -1, True, "3"):
+            with pytest.raises(ToolError):
+                await call("memory_search", ctx, query="tea", limit=bad_limit)
+        assert (await call("memory_search", ctx, query="", limit=999)).count("\n") == 3
+
+    with_store(new_store, test)
 
 
-def test_memory_fts_query() -> None:
-    assert memory.fts_query('tea "NEAR(x* -y') == '"tea" OR "NEAR" OR "x" OR "y"'
-    assert memory.fts_query('*-()"') == ""
+def test_memory_search_survives_search_syntax(new_store, ctx: ToolContext) -> None:  # noqa: F811
+    """Every hostile query of tests/test_store.py through the tool: an answer, never an error."""
+
+    async def test(call: Any) -> None:
+        await call("memory_note", ctx, text="Remember the tea ceremony.")
+        for query in HOSTILE_QUERIES:
+            out = await call("memory_search", ctx, query=query)
+            assert out == "no matching notes" or "tea ceremony" in out, query[:60]
+
+    with_store(new_store, test)
+
+
+def test_memory_says_when_its_database_is_unavailable(ctx: ToolContext) -> None:
+    """Another process holds SQLite's write lock past the busy timeout: saving a note is
+    refused with a message for the model (no path, no database error), searching goes on,
+    and saving works again once the lock is gone."""
+
+    async def main() -> None:
+        store = SqliteStore(ctx.data_dir)
+        await store.open()
+        ctx.store = store
+        other = sqlite3.connect(ctx.data_dir / "prismd.db", isolation_level=None)
+        other.execute("BEGIN EXCLUSIVE")
+        try:
+            with pytest.raises(ToolError) as info:
+                await TOOLS["memory_note"].run({"text": "kept later"}, ctx)
+            assert str(info.value) == "the memory database is unavailable; try again later"
+            assert await TOOLS["memory_search"].run({"query": "kept"}, ctx) == "no matching notes"
+        finally:
+            other.execute("ROLLBACK")
+            other.close()
+        assert (await TOOLS["memory_note"].run({"text": "kept later"}, ctx)).startswith("saved")
+        assert "kept later" in await TOOLS["memory_search"].run({"query": "kept"}, ctx)
+        await store.close()
+
+    asyncio.run(main())
+
+
+def test_memory_without_a_store_says_so(ctx: ToolContext) -> None:
+    assert "not available" in refused("memory_note", ctx, text="x")
+    assert "not available" in refused("memory_search", ctx, query="x")
+
+
+def test_memory_queries_are_words_each_quoted() -> None:
+    assert fts_query('tea "NEAR(x* -y') == '"tea" OR "NEAR" OR "x" OR "y"'
+    assert fts_query('*-()"') == ""
+    assert fts_query("tea tea TEA") == '"tea" OR "TEA"'
+    words = query_words("tea 'NEAR(x* -y foo_bar Café | !z:*")
+    assert note_query(words) == "'tea' | 'near' | 'x' | 'y' | ('foo' <-> 'bar') | 'cafe' | 'z'"
+    assert note_query(["_"]) == ""
+    assert len(query_words(" ".join(f"w{i}" for i in range(99)))) == 32
 
 
 # --- current_time -----------------------------------------------------------------------------

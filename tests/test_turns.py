@@ -10,6 +10,9 @@ from prismd.testing.fake_models import Reply
 
 from .conftest import of_type, openai_env, text_of
 
+# Run in both configurations: one process on SQLite, and PostgreSQL + Redis (conftest.py).
+BACKENDS = ("embedded", "scaled")
+
 SLOW = Reply(text=[f"w{i} " for i in range(40)], delay_s=0.05)
 
 
@@ -230,7 +233,12 @@ def test_kill_mid_stream_keeps_the_partial_answer(make_server, fake_openai):
         srv.kill()
     sid = frames[0]["sessionId"]
     srv.start()
-    msgs = srv.get(f"/api/sessions/{sid}/messages").json()
+    # One process: repaired at start. Several (scaled): once the dead process's lease on the
+    # session has run out, by whichever process notices first.
+    deadline = time.monotonic() + 30
+    while (msgs := srv.get(f"/api/sessions/{sid}/messages").json())[-1]["status"] == "streaming":
+        assert time.monotonic() < deadline, msgs[-1]
+        time.sleep(0.2)
     assert msgs[-1]["role"] == "assistant" and msgs[-1]["status"] == "interrupted"
     assert msgs[-1]["content"].startswith(text_of(frames))
     session = srv.get(f"/api/sessions/{sid}").json()

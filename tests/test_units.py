@@ -162,3 +162,25 @@ def test_price_is_what_genai_prices_computes(kind, model):
         ).total_price
         assert cost == pytest.approx(float(expected), rel=1e-12, abs=1e-15)
         assert source is not None and source["model"] == info.model.id
+
+
+def test_every_failure_is_a_prismd_error_with_its_code():
+    """One exception root; each failure carries the code a client is told (PROTOCOL.md B4)."""
+    from prismd.auth.limits import RateLimited
+    from prismd.protocol import PrismdError
+    from prismd.providers.base import ProviderError
+    from prismd.store.base import StoreUnavailable
+    from prismd.tools.base import ToolError
+    from prismd.voice.errors import SttUnavailable
+
+    cases = [
+        (ProtocolError(ErrorCode.TURN_IN_PROGRESS, "busy"), "turn_in_progress"),
+        (ProviderError("down"), "provider_error"),
+        (ProviderError("slow", ErrorCode.PROVIDER_TIMEOUT), "provider_timeout"),
+        (ToolError("no"), "tool_error"),
+        (StoreUnavailable("db down"), "store_unavailable"),
+        (RateLimited(3), "rate_limited"),
+        (SttUnavailable("no model"), "stt_unavailable"),
+    ]
+    for exc, code in cases:
+        assert isinstance(exc, PrismdError) and exc.code == code and exc.message

@@ -13,6 +13,9 @@ from prismd.testing.fake_models import Reply
 
 from .conftest import of_type, text_of
 
+# Run in both configurations: one process on SQLite, and PostgreSQL + Redis (conftest.py).
+BACKENDS = ("embedded", "scaled")
+
 
 def test_connected_carries_protocol_server_and_connection_id(server):
     with server.client() as c:

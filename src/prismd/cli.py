@@ -27,6 +27,18 @@ def _settings(args: argparse.Namespace) -> Settings:
 # ---------------------------------------------------------------- serve
 
 
+# uvicorn logs two INFO lines for every WebSocket (accepted, open) and one when it closes: a
+# thousand clients connecting at once write thousands of lines. Kept at debug level.
+_PER_CONNECTION = ('"WebSocket ', "connection open", "connection closed")
+
+
+def _per_connection_lines_at_debug(record: logging.LogRecord) -> bool:
+    if record.levelno == logging.INFO and isinstance(record.msg, str):
+        if record.msg.startswith(_PER_CONNECTION) or '"WebSocket ' in record.msg:
+            return logging.getLogger().isEnabledFor(logging.DEBUG)
+    return True
+
+
 def _client_errors_are_not_server_errors(record: logging.LogRecord) -> bool:
     """uvicorn logs a client's invalid UTF-8 frame as an exception with a traceback; it is
     the client's fault (the connection is closed with 1007), so log one line at INFO."""
@@ -49,11 +61,21 @@ def _raise_open_files_limit() -> None:
         pass
 
 
-def _user_count(data_dir: Path) -> int:
-    """Users in the core database, read without starting the store (0 if there is none)."""
+def _user_count(settings: Settings) -> int:
+    """Users in the store, read without starting the server (0 if there is none)."""
+    if settings.store.url:
+        from .store.base import StoreUnavailable
+
+        async def count(store: Any) -> int:
+            return int(await store.count_users())
+
+        try:
+            return int(asyncio.run(_with_store(settings, count)))
+        except StoreUnavailable:
+            return 0  # refused below; serving would fail on the store anyway
     import sqlite3
 
-    path = data_dir / "prismd.db"
+    path = settings.data_dir / "prismd.db"
     if not path.exists():
         return 0
     conn = sqlite3.connect(f"file:{path}?mode=ro", uri=True)
@@ -65,6 +87,23 @@ def _user_count(data_dir: Path) -> int:
         conn.close()
 
 
+def _store_refusal(settings: Settings) -> str | None:
+    """A PostgreSQL store that cannot be reached (or migrated) stops the start with one clear
+    line, not a traceback from the server's start-up."""
+    if not settings.store.url:
+        return None
+    from .store.base import StoreUnavailable
+
+    async def probe(store: Any) -> None:
+        return None
+
+    try:
+        asyncio.run(_with_store(settings, probe))
+    except StoreUnavailable as exc:
+        return f"cannot use the store ({exc}); check store.url (PRISMD_DATABASE_URL)"
+    return None
+
+
 def _exposure_refusal(settings: Settings, insecure: bool) -> str | None:
     """Why the server must not start: reachable from other machines with nothing to log in."""
     from .auth.middleware import is_loopback
@@ -72,7 +111,7 @@ def _exposure_refusal(settings: Settings, insecure: bool) -> str | None:
     host = settings.server.host
     if insecure or is_loopback(host) or settings.auth.token:
         return None
-    if _user_count(settings.data_dir) > 0:
+    if _user_count(settings) > 0:
         return None
     return (
         f"refusing to listen on {host} with no password: anyone who can reach it could use "
@@ -91,6 +130,7 @@ def configure_logging(settings: Settings) -> None:
     for noisy in ("httpx", "httpx2"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
     logging.getLogger("uvicorn.error").addFilter(_client_errors_are_not_server_errors)
+    logging.getLogger("uvicorn.error").addFilter(_per_connection_lines_at_debug)
     # No configured secret (MCP tokens, API keys) nor a recognisable one reaches the log.
     from .auth.redact import RedactingFilter, configured_secrets
 
@@ -103,7 +143,7 @@ def configure_logging(settings: Settings) -> None:
 def _workers_refusal(settings: Settings, workers: int) -> str | None:
     if workers <= 1:
         return None
-    if not settings.bus.url or not getattr(getattr(settings, "store", None), "url", None):
+    if not settings.bus.url or not settings.store.url:
         return (
             f"--workers {workers} runs several processes, which share sessions through "
             "PostgreSQL and Redis: set PRISMD_DATABASE_URL (or [store] url) and "
@@ -119,7 +159,11 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
     settings = _settings(args)
     workers = args.workers or 1
-    refusal = _exposure_refusal(settings, args.insecure) or _workers_refusal(settings, workers)
+    refusal = (
+        _workers_refusal(settings, workers)
+        or _store_refusal(settings)
+        or _exposure_refusal(settings, args.insecure)
+    )
     if refusal:
         print(f"prismd: {refusal}", file=sys.stderr)
         return 2
@@ -284,9 +328,9 @@ def cmd_chat(args: argparse.Namespace) -> int:
 
 
 async def _with_store(settings: Settings, fn: Any) -> Any:
-    from .store.sqlite import SqliteStore
+    from .store import make_store
 
-    store = SqliteStore(settings.data_dir)
+    store = make_store(settings)
     await store.open()
     try:
         return await fn(store)
@@ -389,6 +433,47 @@ def cmd_uploads(args: argparse.Namespace) -> int:
         return 0
 
     return int(asyncio.run(_with_store(settings, run)))
+
+
+# ---------------------------------------------------------------- db (PostgreSQL)
+
+
+def cmd_db(args: argparse.Namespace) -> int:
+    from .store.base import StoreUnavailable
+    from .store.postgres import describe_url, migrate
+    from .store.sqlite_import import KINDS, ImportSourceError, import_sqlite
+
+    settings = _settings(args)
+    url = settings.store.url
+    if not url:
+        print(
+            "prismd: no PostgreSQL database is configured: set PRISMD_DATABASE_URL or "
+            '[store] url = "postgresql://user:password@host/db" in config.toml',
+            file=sys.stderr,
+        )
+        return 2
+    timeout_s = settings.store.timeout_s
+    try:
+        if args.action == "migrate":
+            version = asyncio.run(migrate(url, timeout_s))
+            print(f"{describe_url(url)}: schema version {version}")
+            return 0
+        source = Path(args.from_sqlite).expanduser()
+        counts = asyncio.run(import_sqlite(source, url, timeout_s))
+    except StoreUnavailable as exc:
+        print(f"prismd: {exc}", file=sys.stderr)
+        return 1
+    except ImportSourceError as exc:
+        print(f"prismd: {exc}", file=sys.stderr)
+        return 1
+    width = max(len(kind) for kind in KINDS)
+    for kind in KINDS:
+        print(f"{kind:<{width}}  {counts[kind]:>8}")
+    if not any(counts.values()):
+        print(f"nothing moved: everything in {source} is in {describe_url(url)} already")
+    else:
+        print(f"moved {sum(counts.values())} rows from {source} to {describe_url(url)}")
+    return 0
 
 
 # ---------------------------------------------------------------- users, passwords, tokens
@@ -642,6 +727,28 @@ def build_parser() -> argparse.ArgumentParser:
     se.add_argument("id")
     se.add_argument("--out", help="the file to write (default: ./<id>.db)")
     sessions.set_defaults(func=cmd_sessions)
+
+    db = sub.add_parser(
+        "db",
+        help="PostgreSQL: apply schema migrations, import an embedded install",
+        description="The PostgreSQL database of [store] url (PRISMD_DATABASE_URL).",
+    )
+    dsub = db.add_subparsers(dest="action", required=True, metavar="ACTION")
+    dsub.add_parser(
+        "migrate", help="apply the missing schema migrations and print the schema version"
+    )
+    di = dsub.add_parser(
+        "import",
+        help="move an embedded (SQLite) install into PostgreSQL; running it again moves "
+        "nothing twice",
+    )
+    di.add_argument(
+        "--from-sqlite",
+        required=True,
+        metavar="DATA_DIR",
+        help="the embedded install's data directory (stop its server first)",
+    )
+    db.set_defaults(func=cmd_db)
 
     agents = sub.add_parser("agents", help="list agents", description="Configured agents.")
     asub = agents.add_subparsers(dest="action", required=True, metavar="ACTION")

@@ -12,7 +12,7 @@ import tomllib
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 ProviderKind = Literal["openai", "anthropic", "ollama"]
 PROVIDER_KINDS: tuple[str, ...] = ("openai", "anthropic", "ollama")
@@ -80,11 +80,33 @@ class ServerSettings(_Section):
     # Concurrent WebSocket connections per client address (0 = unlimited). Loopback clients
     # are exempt unless `limit_loopback` (a local user already has the machine).
     max_connections_per_client: Annotated[int, Field(ge=0)] = 64
+    # On shutdown (SIGTERM), wait this long for running turns to finish before they are cut
+    # off (kept as far as they streamed, marked interrupted). Default: 30 s when several
+    # processes share the sessions (a rolling restart loses no answer: the clients reconnect
+    # to another process and resume), 0 for one process.
+    drain_s: Annotated[float, Field(ge=0)] | None = None
     limit_loopback: bool = False
     # Reverse proxies (addresses or networks, e.g. "127.0.0.1", "10.0.0.0/8") whose
     # X-Forwarded-For / X-Forwarded-Proto are believed. None by default: the client address
     # (login limits, connection limits) is the socket's peer and the scheme is the socket's.
     trusted_proxies: list[IpNetwork] = Field(default_factory=list)
+
+
+class StoreSettings(_Section):
+    # PostgreSQL for everything durable ("postgresql://user:pass@host:5432/db"), shared by
+    # every prismd process and machine; unset: the embedded SQLite database in data_dir.
+    url: str | None = None
+    # Connections for reads, per process (the writer has one of its own).
+    pool_size: Annotated[int, Field(ge=1, le=100)] = 10
+    # A statement, or a connection attempt, that takes longer fails with store_unavailable.
+    timeout_s: Annotated[float, Field(gt=0)] = 5.0
+
+    @field_validator("url")
+    @classmethod
+    def _postgres_url(cls, url: str | None) -> str | None:
+        if url and not url.startswith(("postgresql://", "postgres://")):
+            raise ValueError("must be a postgresql://user:password@host:port/database URL")
+        return url or None
 
 
 class ProviderSettings(_Section):
@@ -111,6 +133,11 @@ class ShellSettings(_Section):
     max_output_bytes: Annotated[int, Field(ge=1024)] = 256 * 1024
     memory_mb: Annotated[int, Field(ge=64)] = 2048
     max_processes: Annotated[int, Field(ge=8)] = 256
+    # Who runs in the sandbox (tools/builtins/sandbox.py): "untrusted" callers only (non-admin
+    # users of a server with users; trusted callers get the host shell in the workspace), or
+    # "always". In the sandbox the network is cut unless `network`.
+    sandbox: Literal["untrusted", "always"] = "untrusted"
+    network: bool = False
 
 
 class CodeExecSettings(_Section):
@@ -118,8 +145,8 @@ class CodeExecSettings(_Section):
     cpu_s: Annotated[int, Field(ge=1)] = 30
     memory_mb: Annotated[int, Field(ge=64)] = 512
     max_output_bytes: Annotated[int, Field(ge=1024)] = 256 * 1024
-    # Cut the process off the network where the machine allows it (an unshared network
-    # namespace); see the README for what isolation is in force.
+    # Let the process reach the network (it is cut by default: an empty network namespace);
+    # see the README for what isolation is in force.
     network: bool = False
 
 
@@ -148,6 +175,9 @@ class McpServerSettings(_Section):
     # only admins get them, unless this is true (the server is safe to share: it keeps each
     # user apart itself) or a grant names them (tools.grants, an agent's `grant`).
     allow_users: bool = False
+    # What its tools' data is, for approval requests' `dataClassification` (None: "restricted"
+    # for a server only admins may use, else "internal").
+    data_classification: Literal["public", "internal", "confidential", "restricted"] | None = None
 
 
 class ToolsSettings(_Section):
@@ -311,6 +341,7 @@ class Settings(_Section):
     voice: VoiceSettings = Field(default_factory=VoiceSettings)
     auth: AuthSettings = Field(default_factory=AuthSettings)
     uploads: UploadsSettings = Field(default_factory=UploadsSettings)
+    store: StoreSettings = Field(default_factory=StoreSettings)
     bus: BusSettings = Field(default_factory=BusSettings)
 
     @property
@@ -336,6 +367,7 @@ ENV_OVERRIDES: dict[str, tuple[str, ...]] = {
     "PRISMD_MODEL": ("model",),
     "PRISMD_DEFAULT_AGENT": ("default_agent",),
     "PRISMD_TOKEN": ("auth", "token"),
+    "PRISMD_DATABASE_URL": ("store", "url"),
     "PRISMD_REDIS_URL": ("bus", "url"),
     # The SDKs' own variables, so that detection and the SDK agree.
     "OPENAI_BASE_URL": ("providers", "openai", "base_url"),

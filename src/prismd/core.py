@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING
 from .agent.agents import AgentDirectory
 from .agent.runner import TurnRunner
 from .auth import Auth
+from .auth.limits import RedisLimits
 from .config import ConfigError, Settings
 from .providers.registry import ProviderRegistry
 from .server.metrics import Metrics
@@ -23,8 +24,8 @@ from .sessions.bus import EventBus, LocalBus
 from .sessions.coordination import LocalCoordination
 from .sessions.redis_bus import RedisBus  # imports redis only when one is built
 from .sessions.service import SessionService
+from .store import make_store
 from .store.base import LOCAL_USER_ID, Store
-from .store.sqlite import SqliteStore
 from .tools.builtins import builtin_tools
 from .tools.registry import ToolRegistry
 
@@ -41,7 +42,7 @@ class Prismd:
         self.settings = settings
         # This process among several (logs, leases, the bus's origin).
         self.origin = f"{socket.gethostname()}:{os.getpid()}:{secrets.token_hex(3)}"
-        self.store: Store = SqliteStore(settings.data_dir)
+        self.store: Store = make_store(settings)
         self.bus, coordination = self._coordination(settings)
         self.sessions = SessionService(
             self.store,
@@ -60,7 +61,6 @@ class Prismd:
         self.voice = VoiceEngines(settings.voice)
         self.runner.reply_speaker = self.voice.reply_speaker
         self.connections: set[object] = set()
-        self.connections_by_client: dict[str, int] = {}
         self.auth = Auth(settings, self.store)
         self.metrics = Metrics(self.connections)
         self.sessions.observers.append(
@@ -86,6 +86,13 @@ class Prismd:
         await self.store.open()
         if isinstance(self.bus, RedisBus):
             await self.bus.start()
+            # Failed logins and connections per address count across the processes.
+            auth = self.settings.auth
+            limits = RedisLimits(
+                self.bus.redis, self.origin, auth.login_attempts_per_minute, auth.login_delay_max_s
+            )
+            limits.start()
+            self.auth.limits = limits
         await self.sessions.start()
         await self.store.sync_agents(self.agents.rows())
         self.agents.load(await self.store.list_custom_agents(), LOCAL_USER_ID)
@@ -93,9 +100,11 @@ class Prismd:
             # The MCP SDK costs ~25 MB of memory: loaded only when servers are configured.
             from .tools.mcp import McpManager
 
-            self.mcp = McpManager(self.settings.mcp_servers)
+            # Its tools come and go at run time (tools/mcp.py): the registry follows.
+            self.mcp = McpManager(
+                self.settings.mcp_servers, lambda tools: self.tools.set_group("mcp", tools)
+            )
             await self.mcp.start()
-            self.tools.add(self.mcp.tools())
         warm = asyncio.create_task(asyncio.to_thread(self.providers.warm_up))
         self._background.add(warm)
         warm.add_done_callback(self._background.discard)
@@ -107,11 +116,21 @@ class Prismd:
     async def stop(self) -> None:
         await self.auth.aclose()
         turns = [t.task for t in self.sessions.running_turns() if t.task is not None]
+        drain = self.settings.server.drain_s
+        if drain is None:  # several processes: their clients reconnect elsewhere and resume
+            drain = 30.0 if self.sessions.coordination.distributed else 0.0
+        if turns and drain > 0:
+            # A rolling restart: the turns running here finish (their events still reach the
+            # session's connections on the other processes) before the process exits.
+            log.info("waiting up to %g s for %d running turn(s) to finish", drain, len(turns))
+            done, _ = await asyncio.wait(turns, timeout=drain)
+            log.info("%d of %d turn(s) finished", len(done), len(turns))
         for task in turns:
             task.cancel()
         if turns:
             await asyncio.gather(*turns, return_exceptions=True)
         await self.sessions.shutdown()
+        await self.auth.limits.close()
         if isinstance(self.bus, RedisBus):
             await self.bus.close()
         await self.providers.aclose()

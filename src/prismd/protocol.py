@@ -44,13 +44,26 @@ class ErrorCode(StrEnum):
     INTERNAL = "internal"
 
 
-class ProtocolError(Exception):
+class PrismdError(Exception):
+    """The root of prismd's failures (as HTTPX's exceptions): each subclass says what failed
+    and carries the error code a client is told (PROTOCOL.md B4). Subclasses: ProtocolError
+    (a refused request), providers' ProviderError, tools' ToolError, the store's
+    StoreUnavailable, voice's VoiceError, auth's RateLimited."""
+
+    code: ErrorCode = ErrorCode.INTERNAL
+
+    def __init__(self, message: str, code: ErrorCode | None = None) -> None:
+        super().__init__(message)
+        self.message = message
+        if code is not None:
+            self.code = code
+
+
+class ProtocolError(PrismdError):
     """A request the server refuses; becomes an `error` frame with a code (no seq)."""
 
     def __init__(self, code: ErrorCode, message: str, details: dict[str, Any] | None = None):
-        super().__init__(message)
-        self.code = code
-        self.message = message
+        super().__init__(message, code)
         self.details = details
 
 

@@ -37,6 +37,7 @@ from ..sessions.ids import new_id, now_iso
 from ..sessions.service import LiveSession, SessionService, Turn
 from ..store.base import FileRecord, MessageRecord
 from ..tools.base import ToolContext, ToolError
+from ..tools.builtins._paths import redact
 from ..tools.registry import Caller, ToolRegistry, ToolView
 from .context import BuiltContext, build_context, estimate_tokens
 from .files import decode_files, extract
@@ -204,7 +205,6 @@ class _Execution:
 
     async def _run(self) -> None:
         plan, turn, live = self.plan, self.turn, self.live
-        await extract(plan.files)
         meta = {"clientMessageId": plan.chat.clientMessageId} if plan.chat.clientMessageId else {}
         meta.update(plan.meta or {})
         user = MessageRecord(
@@ -216,10 +216,9 @@ class _Execution:
             meta=meta,
             files=plan.files,
         )
-        self.sessions.add_message(live, user)
-        live.history.append(user)
-
-        work = asyncio.create_task(self._rounds())
+        # The turn's work, which `stop` cancels: reading the files (a PDF is parsed in a
+        # sandboxed child), then the rounds.
+        work = asyncio.create_task(self._work(user))
         turn.consumer = work
         if turn.stop_requested:  # `stop` arrived before the model was called
             work.cancel()
@@ -248,6 +247,14 @@ class _Execution:
             if turn.stop_requested:
                 stop_reason = "stopped"
         self._finish(stop_reason)
+
+    async def _work(self, user: MessageRecord) -> str:
+        try:
+            await extract(self.plan.files)
+        finally:  # stored even when stopped while its files were read
+            self.sessions.add_message(self.live, user)
+            self.live.history.append(user)
+        return await self._rounds()
 
     async def _rounds(self) -> str:
         max_rounds = self.runner.settings.tools.max_rounds
@@ -443,6 +450,7 @@ class _Execution:
                     settings=settings,
                     owner_id=self.live.record.owner_id,
                     trusted=self.plan.caller.admin,
+                    store=self.sessions.store,
                 )
                 output = await tool.run(args, ctx)
         except ToolError as exc:
@@ -453,7 +461,10 @@ class _Execution:
             raise
         except Exception as exc:  # noqa: BLE001 - a failing tool is reported, not fatal
             log.exception("tool %s failed", name)
-            status, output = "error", f"The tool failed: {type(exc).__name__}: {exc}"
+            # The model sees what went wrong, never the server's paths.
+            failed = f"The tool failed: {type(exc).__name__}: {exc}"
+            data_dir = self.runner.settings.data_dir
+            status, output = "error", redact(failed, data_dir / "workspaces", data_dir)
         self._record_result(call, name, status, output, started)
 
     def _record_result(
@@ -503,7 +514,7 @@ class _Execution:
                     "requestReason": f"The agent wants to run the tool {call.name}.",
                     "sessionId": self.live.id,
                     "agentId": self.plan.agent.id,
-                    "dataClassification": "internal",
+                    "dataClassification": self.view.tools[call.name].spec.data_classification,
                 },
             }
         )

@@ -16,6 +16,7 @@ token and no cookie is not a browser acting for a visitor: it is not checked.
 
 from __future__ import annotations
 
+import functools
 import ipaddress
 import json
 from typing import TYPE_CHECKING, Any
@@ -45,6 +46,7 @@ def _headers(scope: Scope) -> dict[str, str]:
     return {k.decode("latin-1"): v.decode("latin-1") for k, v in scope.get("headers", [])}
 
 
+@functools.lru_cache(maxsize=1024)  # asked on every request, for few distinct names
 def is_loopback(host: str) -> bool:
     """A loopback address or name: 127.0.0.0/8, ::1, localhost (and *.localhost, RFC 6761)."""
     host = host.strip("[]").lower()

@@ -9,21 +9,19 @@ WebSockets are checked again when the credentials change (auth/live.py).
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import functools
 import hashlib
 import hmac
-import math
 import re
 import secrets
 import time
-from collections import deque
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING
 
 from ..config import Settings
 from ..store.base import LOCAL_USER_ID, Store, TokenRecord, UserRecord
+from .limits import LocalLimits
 
 if TYPE_CHECKING:
     from argon2 import PasswordHasher
@@ -136,85 +134,14 @@ def check_password(password: str) -> str:
     return password
 
 
-class RateLimited(Exception):
-    def __init__(self, retry_after: int) -> None:
-        super().__init__(f"Too many failed logins: try again in {retry_after} s")
-        self.retry_after = retry_after
-
-
-class _FailureLimiter:
-    """Failed attempts per client address within a sliding minute."""
-
-    def __init__(self, limit: int) -> None:
-        self.limit = limit
-        self._failures: dict[str, deque[float]] = {}
-
-    def retry_after(self, key: str, now: float) -> int:
-        window = self._failures.get(key)
-        if window is None:
-            return 0
-        while window and window[0] <= now - WINDOW_S:
-            window.popleft()
-        if not window:
-            del self._failures[key]
-            return 0
-        if len(window) < self.limit:
-            return 0
-        return max(1, int(window[0] + WINDOW_S - now + 0.999))
-
-    def fail(self, key: str, now: float) -> None:
-        self._failures.setdefault(key, deque()).append(now)
-        if len(self._failures) > 100_000:  # bounded memory under a spray of names/addresses
-            self._failures.pop(next(iter(self._failures)))
-
-    def forgive(self, key: str, at: float) -> None:
-        """Take back an attempt counted in advance (it succeeded)."""
-        window = self._failures.get(key)
-        if window is not None:
-            with contextlib.suppress(ValueError):
-                window.remove(at)
-
-
-class _NameDelay:
-    """Failed attempts per username: after `free` failures in a row, the next attempt for the
-    name must wait 1 s after the last failure, 2 s after the next one, doubling up to `cap`.
-    An attacker gets one guess per `cap` seconds at most; the name's owner waits at most
-    `cap`, and is never locked out for longer (the old rule refused them for a minute)."""
-
-    def __init__(self, free: int, cap: float) -> None:
-        self.free = free
-        self.cap = cap
-        self._failures: dict[str, tuple[int, float]] = {}  # name -> (count, last failure)
-
-    def retry_after(self, name: str, now: float) -> float:
-        state = self._failures.get(name)
-        if state is None:
-            return 0.0
-        count, last = state
-        if now - last > NAME_FORGET_S:
-            del self._failures[name]
-            return 0.0
-        if count < self.free:
-            return 0.0
-        return max(0.0, last + min(self.cap, 2.0 ** (count - self.free)) - now)
-
-    def fail(self, name: str, now: float) -> None:
-        count = self._failures.pop(name, (0, now))[0]
-        self._failures[name] = (count + 1, now)  # re-inserted: the dict stays oldest-first
-        if len(self._failures) > 100_000:  # bounded memory under a spray of names
-            self._failures.pop(next(iter(self._failures)))
-
-    def succeed(self, name: str) -> None:
-        self._failures.pop(name, None)
-
-
 class Auth:
     def __init__(self, settings: Settings, store: Store) -> None:
         self.settings = settings
         self.store = store
         self._users_seen: tuple[float, bool] = (0.0, False)
-        self._limiter = _FailureLimiter(settings.auth.login_attempts_per_minute)
-        self._names = _NameDelay(
+        # Failed logins (and connections per address) counted here, or across processes
+        # (core.py puts RedisLimits here when several processes share a Redis).
+        self.limits: LocalLimits = LocalLimits(
             settings.auth.login_attempts_per_minute, settings.auth.login_delay_max_s
         )
         self._verifying = asyncio.Semaphore(2)
@@ -272,23 +199,17 @@ class Auth:
     async def login(self, username: str, password: str, client: str) -> tuple[Principal, str]:
         """Check a password; returns the principal and a new login-session token. Raises
         RateLimited, or PermissionError for wrong credentials."""
-        now = time.monotonic()
         name = username.lower()
-        wait = max(self._limiter.retry_after(client, now), self._names.retry_after(name, now))
-        if wait:
-            raise RateLimited(max(1, math.ceil(wait)))
         # Counted before the check, not after it: attempts sent all at once would otherwise
         # all pass the limit while the first ones are still being verified.
-        self._limiter.fail(client, now)
-        self._names.fail(name, now)
+        counted = await self.limits.login_attempt(client, name)
         user = await self.store.get_user_by_name(username)
         stored = user.password_hash if user is not None else ""
         async with self._verifying:  # each check takes 64 MiB: a few at a time
             ok = await asyncio.to_thread(verify_password, stored, password)
         if user is None or not ok:
             raise PermissionError("Wrong username or password")
-        self._limiter.forgive(client, now)
-        self._names.succeed(name)
+        await self.limits.login_succeeded(client, name, counted)
         return await self.start_login(user)
 
     async def start_login(self, user: UserRecord) -> tuple[Principal, str]:

@@ -7,7 +7,7 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
-from ..protocol import ErrorCode, clean_text
+from ..protocol import ErrorCode, PrismdError, clean_text
 
 
 @dataclass(slots=True)
@@ -113,7 +113,7 @@ def coalesce(parts: list[StreamPart]) -> list[StreamPart]:
     return out
 
 
-class ProviderError(Exception):
+class ProviderError(PrismdError):
     """A model call failed; `code` is provider_error or provider_timeout.
 
     `retryable`: the response had started and then broke (reset, truncated, stalled). The SDKs
@@ -127,9 +127,7 @@ class ProviderError(Exception):
         code: ErrorCode = ErrorCode.PROVIDER_ERROR,
         retryable: bool = False,
     ):
-        super().__init__(message)
-        self.code = code
-        self.message = message
+        super().__init__(message, code)
         self.retryable = retryable
 
 

@@ -22,6 +22,7 @@ from .base import (
     StreamPart,
     TextDelta,
     ToolCall,
+    ToolDef,
     Usage,
     coalesce,
 )
@@ -40,6 +41,7 @@ class OpenAICompatProvider(Provider):
     ) -> None:
         self._settings = settings
         self._api_key = api_key
+        self._tools_cache: tuple[list[ToolDef], list[dict[str, Any]]] | None = None
         self.kind = kind
         self.default_model = default_model
         self.base_url = base_url
@@ -56,6 +58,26 @@ class OpenAICompatProvider(Provider):
             connect_timeout_s=settings.connect_timeout_s,
             max_retries=settings.max_retries,
         )
+
+    def _tool_defs(self, tools: list[ToolDef]) -> list[dict[str, Any]]:
+        """The tools in the API's shape; built once per list (a turn's tool view hands the
+        same list to every request)."""
+        cached = self._tools_cache
+        if cached is not None and cached[0] is tools:
+            return cached[1]
+        defs = [
+            {
+                "type": "function",
+                "function": {
+                    "name": t.name,
+                    "description": t.description,
+                    "parameters": t.parameters,
+                },
+            }
+            for t in tools
+        ]
+        self._tools_cache = (tools, defs)
+        return defs
 
     @staticmethod
     def _message(m: ChatMessage) -> dict[str, Any]:
@@ -97,17 +119,7 @@ class OpenAICompatProvider(Provider):
         if request.reasoning_effort:
             kwargs["reasoning_effort"] = request.reasoning_effort
         if request.tools:
-            kwargs["tools"] = [
-                {
-                    "type": "function",
-                    "function": {
-                        "name": t.name,
-                        "description": t.description,
-                        "parameters": t.parameters,
-                    },
-                }
-                for t in request.tools
-            ]
+            kwargs["tools"] = self._tool_defs(request.tools)
         calls: dict[int, list[str]] = {}  # index -> [id, name, arguments so far]
         try:
             # The stream closes the HTTP response when the consuming task is cancelled: a

@@ -3,14 +3,17 @@
 Secrets are masked. The keys that can change at run time are a short list (RUNTIME_KEYS); a
 change is validated against the whole configuration, applied to the running server, and
 written to `$PRISMD_HOME/config.toml` so that it survives a restart (the file is rewritten
-from its parsed content: comments in it are not kept).
+from its parsed content: comments in it are not kept). The file is read and written in a
+thread, off the event loop, one change at a time.
 """
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import tomllib
+import weakref
 from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -105,8 +108,22 @@ def _get(tree: dict[str, Any], dotted: str) -> Any:
     return tree
 
 
-def apply(core: Prismd, changes: dict[str, Any]) -> dict[str, Any]:
-    """Validate, apply to the running server, write the file. Raises ConfigChangeError."""
+# One change at a time per server: each validates against the settings the one before left,
+# and the file is read, changed and replaced whole.
+_locks: weakref.WeakKeyDictionary[Prismd, asyncio.Lock] = weakref.WeakKeyDictionary()
+
+
+async def apply(core: Prismd, changes: dict[str, Any]) -> dict[str, Any]:
+    """Validate, write the file (in a thread), apply to the running server. Raises
+    ConfigChangeError; nothing is applied when the file cannot be written."""
+    lock = _locks.get(core)
+    if lock is None:
+        lock = _locks[core] = asyncio.Lock()
+    async with lock:
+        return await _apply(core, changes)
+
+
+async def _apply(core: Prismd, changes: dict[str, Any]) -> dict[str, Any]:
     flat = flatten(changes)
     if not flat:
         raise ConfigChangeError("(body)", "no keys given")
@@ -125,7 +142,7 @@ def apply(core: Prismd, changes: dict[str, Any]) -> dict[str, Any]:
         raise ConfigChangeError(key, err["msg"]) from None
     if new.default_agent != settings.default_agent and core.agents.find(new.default_agent) is None:
         raise ConfigChangeError("default_agent", f"no agent with id {new.default_agent!r}")
-    _write(settings.home.expanduser() / "config.toml", flat)
+    await asyncio.to_thread(_write, settings.home.expanduser() / "config.toml", flat)
     for key in flat:
         parts = key.split(".")
         if parts[0] == "providers":
@@ -160,10 +177,13 @@ def _write(path: Path, flat: dict[str, Any]) -> None:
         tomllib.loads(text)
     except tomllib.TOMLDecodeError as exc:  # pragma: no cover - a bug in dumps_toml
         raise ConfigError(f"internal error writing {path}: {exc}") from None
-    path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(".toml.tmp")
-    tmp.write_text(text, encoding="utf-8")
-    os.replace(tmp, path)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp.write_text(text, encoding="utf-8")
+        os.replace(tmp, path)
+    except OSError as exc:
+        raise ConfigChangeError("(file)", f"cannot write {path}: {exc}") from None
 
 
 def _scalar(value: Any) -> str:

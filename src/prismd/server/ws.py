@@ -29,6 +29,7 @@ from ..protocol import (
     ErrorCode,
     NewSession,
     Ping,
+    PrismdError,
     ProtocolError,
     Resume,
     SelectAgent,
@@ -249,25 +250,14 @@ class Connection:
 
     # ------------------------------------------------------------ incoming
 
-    def _admit(self) -> bool:
-        """Count this connection against its client address; False if over the limit."""
+    async def _admit(self) -> bool:
+        """Count this connection against its client address (across processes when several
+        share a Redis: auth/limits.py); False if over the limit."""
         server = self.core.settings.server
-        counts = self.core.connections_by_client
         limit = server.max_connections_per_client
         loopback = self.client_host in ("127.0.0.1", "::1", "localhost", "testclient")
-        if limit and (server.limit_loopback or not loopback):
-            if counts.get(self.client_host, 0) >= limit:
-                return False
-        counts[self.client_host] = counts.get(self.client_host, 0) + 1
-        return True
-
-    def _release(self) -> None:
-        counts = self.core.connections_by_client
-        left = counts.get(self.client_host, 1) - 1
-        if left > 0:
-            counts[self.client_host] = left
-        else:
-            counts.pop(self.client_host, None)
+        applies = limit and (server.limit_loopback or not loopback)
+        return await self.core.auth.limits.connect(self.client_host, limit if applies else 0)
 
     def _allow_frame(self) -> bool:
         now = time.monotonic()
@@ -280,7 +270,7 @@ class Connection:
 
     async def run(self) -> None:
         await self.ws.accept()
-        if not self._admit():
+        if not await self._admit():
             limit = self.core.settings.server.max_connections_per_client
             await self.ws.send_text(
                 dumps(
@@ -352,7 +342,7 @@ class Connection:
             self.core.auth.sockets.detach(self)
             await self.voice.close()
             self.core.connections.discard(self)
-            self._release()
+            await self.core.auth.limits.disconnect(self.client_host)
             if self._watchdog is not None:
                 self._watchdog.cancel()
             self._unbind()
@@ -379,8 +369,8 @@ class Connection:
     async def _handle_binary(self, data: bytes) -> None:
         try:
             await self.voice.binary(data)
-        except ProtocolError as exc:
-            self._error(exc.code, exc.message, details=exc.details)
+        except PrismdError as exc:
+            self._error(exc.code, exc.message, details=getattr(exc, "details", None))
         except Exception:  # noqa: BLE001 - bad audio must never end the connection
             log.exception("connection %s: voice frame failed", self.id)
             self._error(ErrorCode.INTERNAL, "Internal server error")
@@ -392,8 +382,8 @@ class Connection:
             msg = parse_client_message(text)
             handler = self._handlers[type(msg)]
             await handler(self, msg)
-        except ProtocolError as exc:
-            self._error(exc.code, exc.message, details=exc.details)
+        except PrismdError as exc:  # a refusal, or a failure with its code (the store down…)
+            self._error(exc.code, exc.message, details=getattr(exc, "details", None))
         except Exception:  # noqa: BLE001 - one bad frame must never end the connection
             log.exception("connection %s: handler failed", self.id)
             self._error(ErrorCode.INTERNAL, "Internal server error")

@@ -111,6 +111,8 @@ class DistributedCoordination(LocalCoordination):
 
     async def claim(self, live: LiveSession) -> None:
         try:
+            # The lease lives on the session's row: a new session's row must be written first.
+            await self.service.durable(live)
             taken = await self.store.acquire_lease(live.id, self.origin, LEASE_S)
         except Exception as exc:  # noqa: BLE001 - the store is down: a coded refusal
             raise _unavailable(exc) from None

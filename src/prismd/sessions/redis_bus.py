@@ -57,11 +57,15 @@ class RedisBus(LocalBus):
         self._filling: dict[str, list[tuple[int, str]]] = {}  # frames held during a gap fill
         self._outbox: deque[tuple[str, bytes]] = deque()
         self._wake = asyncio.Event()
+        self._publishing = False  # a batch is being sent
+        self._flushed = asyncio.Event()  # nothing queued nor being sent
         self._tasks: list[asyncio.Task[None]] = []
         self.connected = asyncio.Event()
         # Handlers of other channels this process listens to (the coordinator's commands).
         self.handlers: dict[str, Callable[[bytes], None]] = {}
         self.published = 0  # PUBLISH commands sent (reported by the bench)
+        # Called when another process detached a session (deleted it): (session id, reason).
+        self.on_detached: Callable[[str, str], None] | None = None
 
     async def start(self) -> None:
         await self.redis.ping()  # fail at start-up, with a clear error, if Redis is not there
@@ -71,6 +75,12 @@ class RedisBus(LocalBus):
         ]
 
     async def close(self) -> None:
+        # What is queued is published first (a turn's last events), for a bounded time.
+        if self._outbox or self._publishing:
+            self._flushed.clear()
+            self._wake.set()
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._flushed.wait(), 3)
         for task in self._tasks:
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
@@ -182,7 +192,10 @@ class RedisBus(LocalBus):
         attempt = 0
         while True:
             if not unsent:
+                self._publishing = False
+                self._flushed.set()
                 await self._wake.wait()
+            self._publishing = True
             self._wake.clear()
             while outbox or unsent:
                 batch = [(channel, payload) for (channel, _), payload in unsent.items()]
@@ -264,6 +277,8 @@ class RedisBus(LocalBus):
             self._delivered.pop(session_id, None)
             super().detach_all(session_id, frame)
             self._unlisten(channel)
+            if self.on_detached is not None:  # the sessions service forgets it here too
+                self.on_detached(session_id, frame)
         elif seq == 0:
             super().publish(session_id, 0, frame)
         else:

@@ -135,6 +135,8 @@ class SessionService:
         self._settling: dict[str, Written] = {}
         # Called with every published event (metrics); must not raise or block.
         self.observers: list[Callable[[LiveSession, dict[str, Any]], None]] = []
+        if hasattr(bus, "on_detached"):  # another process deleted a session
+            bus.on_detached = self._deleted_elsewhere
 
     # ------------------------------------------------------------ loading
 
@@ -170,16 +172,24 @@ class SessionService:
         finally:
             del self._loading[session_id]
 
-    async def _load(self, session_id: str) -> LiveSession | None:
+    async def _settled_read(self, session_id: str) -> None:
+        """Before reading a session that is not live from the store: wait for the last write
+        it had when it was dropped from memory (reads see only what is durable)."""
         settling = self._settling.get(session_id)
         if settling is not None:
             with contextlib.suppress(Exception):
                 await asyncio.shield(settling)
+
+    async def _load(self, session_id: str) -> LiveSession | None:
+        await self._settled_read(session_id)
         record = await self.store.get_session(session_id)
         if record is None:
             return None
         log_state = await self.store.open_log(session_id)
-        if log_state.running_turns or log_state.streaming:
+        if (log_state.running_turns or log_state.streaming) and not self.coordination.distributed:
+            # One process: a turn still `running` was cut off (start repaired those already;
+            # this is a second line). With several, another process may be running it: the
+            # reaper ends it if that process died (sessions/coordination.py).
             await repair(self.store, session_id, log_state)
         history = await self.store.load_messages(session_id, with_file_data=True)
         return LiveSession(
@@ -199,6 +209,13 @@ class SessionService:
         return len(crashed)
 
     async def shutdown(self) -> None:
+        """At exit: what was written is delivered (the last events of a turn that finished
+        while the process drained reach the session's connections on other processes)."""
+        writes = [live.last_write for live in self._live.values() if live.last_write is not None]
+        writes += self._settling.values()  # sessions dropped from memory, writes pending
+        if writes:
+            await asyncio.wait([asyncio.shield(w) for w in writes], timeout=5)
+        await asyncio.sleep(0)  # the deliveries scheduled by those writes
         await self.coordination.close()
 
     async def take_over(self, session_id: str) -> None:
@@ -218,7 +235,7 @@ class SessionService:
     async def reload(self, live: LiveSession) -> None:
         """Read a session's state afresh from the store (another process may have run turns
         in it since it was loaded here)."""
-        await self._durable(live)
+        await self.durable(live)
         state = await self.store.open_log(live.id)
         record = await self.store.get_session(live.id)
         if record is not None:
@@ -242,6 +259,18 @@ class SessionService:
         self._track(live, self.store.create_session(record))
         self._live[record.id] = live
         return live
+
+    async def _created_here(self, live: LiveSession) -> LiveSession:
+        """Another process may have created a session of the same (client-chosen) id at the
+        same time: the stored row decides whose it is."""
+        await self.durable(live)
+        stored = await self.store.get_session(live.id)
+        if stored is None or stored.owner_id == live.record.owner_id:
+            return live
+        if self._live.get(live.id) is live:
+            del self._live[live.id]
+        again = await self.get(live.id)
+        return again if again is not None else live
 
     def maybe_evict(self, live: LiveSession) -> None:
         if live.turn is None and self.bus.subscribers(live.id) == 0:
@@ -279,8 +308,14 @@ class SessionService:
         else:
             found = await self.get(sid)
             # `get` awaited: a racing caller may have created it meanwhile. From here on
-            # there is no await, so the check and the creation are atomic.
-            live = found or self._live.get(sid) or self.create(agent_id, sid, caller.id)
+            # there is no await, so the check and the creation are atomic (in this process).
+            existing = found or self._live.get(sid)
+            if existing is None:
+                live = self.create(agent_id, sid, caller.id)
+                if self.coordination.distributed:
+                    live = await self._created_here(live)
+            else:
+                live = existing
             if not caller.owns(live.record.owner_id):
                 self.maybe_evict(live)
                 raise ProtocolError(ErrorCode.SESSION_NOT_FOUND, f'Session "{sid}" not found')
@@ -315,6 +350,8 @@ class SessionService:
         does not exist or is another user's."""
         check_session_id(session_id)
         live = self._live.get(session_id)
+        if live is None:
+            await self._settled_read(session_id)
         record = live.record if live is not None else await self.store.get_session(session_id)
         if record is None or not caller.owns(record.owner_id):
             return None
@@ -341,6 +378,7 @@ class SessionService:
                 "firstSeq": live.first_seq,
                 "turnRunning": live.turn is not None,
             }
+        await self._settled_read(record.id)
         state = await self.store.open_log(record.id)
         return {"lastSeq": state.last_seq, "firstSeq": state.first_seq, "turnRunning": False}
 
@@ -360,7 +398,7 @@ class SessionService:
             self.activate(live)
         else:
             self.close(live, status)
-        await self._durable(live)
+        await self.durable(live)
 
     async def rename(self, live: LiveSession, name: str) -> None:
         live.record.name = name.strip()
@@ -376,9 +414,12 @@ class SessionService:
         closed_at = live.record.closed_at = now_iso()
         self._track(live, self.store.update_session(live.id, status=status, closed_at=closed_at))
 
-    async def _durable(self, live: LiveSession) -> None:
+    async def durable(self, live: LiveSession) -> None:
+        """Wait until every write of the session so far is durable."""
         if live.last_write is not None:
-            await live.last_write
+            # Shielded: a waiter that is cancelled must not cancel the write (the service
+            # would take a cancelled write for a failed one).
+            await asyncio.shield(live.last_write)
 
     async def delete(self, session_id: str) -> bool:
         live = self._live.pop(session_id, None)
@@ -389,12 +430,20 @@ class SessionService:
                 with contextlib.suppress(BaseException):
                     await live.turn.task
             with contextlib.suppress(Exception):
-                await self._durable(live)
+                await self.durable(live)
         # Ids can be chosen by clients, so one may be reused by a new session (another user's,
         # even): nothing of the deleted one may reach it, neither its bound connections nor
         # its frames still waiting for the store.
         self.bus.detach_all(session_id)
         return await self.store.delete_session(session_id)
+
+    def _deleted_elsewhere(self, session_id: str, reason: str) -> None:
+        """Another process deleted the session: drop it here too, and end a turn of it."""
+        live = self._live.pop(session_id, None)
+        if live is not None:
+            live.gone = True
+            if live.turn is not None and live.turn.task is not None:
+                live.turn.task.cancel()
 
     def _check_idle(self, live: LiveSession) -> None:
         if live.turn is not None:
@@ -448,7 +497,9 @@ class SessionService:
         """The stored messages (the live history if loaded: it is what the model sees)."""
         live = self._live.get(session_id)
         if live is not None:
-            await self._durable(live)
+            await self.durable(live)
+        else:
+            await self._settled_read(session_id)
         return await self.store.load_messages(session_id)
 
     # ------------------------------------------------------------ turns

@@ -1,4 +1,5 @@
-"""The store interface: everything durable. SQLite implements it (store/sqlite.py).
+"""The store interface: everything durable. SQLite implements it (store/sqlite.py), and so does
+PostgreSQL (store/postgres.py) for several processes and machines.
 
 Writes that sit on the streaming path (`append_events`, `add_message`, `update_message`, …) are
 queued in order and applied off the event loop; each returns a `Written` awaitable that
@@ -8,17 +9,53 @@ failed). The sessions service delivers an event to clients only after its append
 
 Reads run apart from the writes (they never wait behind a batch of stream events) and see
 what is durable. Nothing above this interface knows about files, threads or SQL.
+
+When the database cannot be reached or cannot write (its server is down, the disk is full),
+writes fail and reads raise `StoreUnavailable` within seconds (never a hang); a caller answers
+`store_unavailable`. The store recovers by itself once the cause is gone.
 """
 
 from __future__ import annotations
 
 import abc
 import asyncio
+import json
+import re
+import time
 from dataclasses import dataclass, field
+from datetime import UTC, datetime
 from typing import Any
+
+from ..protocol import ErrorCode, PrismdError
 
 # The owner of everything created while no user exists (the open loopback mode).
 LOCAL_USER_ID = "local"
+
+
+class StoreUnavailable(PrismdError):
+    """The database cannot be reached or cannot write; the message says which and why (never
+    with credentials). Callers answer `store_unavailable`."""
+
+    code = ErrorCode.STORE_UNAVAILABLE
+
+
+class TouchLimiter:
+    """Whether a record's "last used" time is worth writing now: at most once per `every_s`
+    for one id (a token's last use used to be written on every request)."""
+
+    def __init__(self, every_s: float = 60.0, remember: int = 10_000) -> None:
+        self.every_s = every_s
+        self.remember = remember
+        self._touched: dict[str, float] = {}
+
+    def due(self, key: str) -> bool:
+        now = time.monotonic()
+        if now - self._touched.get(key, -self.every_s) < self.every_s:
+            return False
+        if len(self._touched) >= self.remember:
+            self._touched.clear()
+        self._touched[key] = now
+        return True
 
 
 @dataclass(slots=True)
@@ -205,6 +242,53 @@ class SessionLog:
     streaming: list[StreamingMessage] = field(default_factory=list)
 
 
+@dataclass(slots=True)
+class SessionActivity:
+    """What a session holds, counted by the store (`Store.session_activity`)."""
+
+    messages: int = 0  # messages held
+    assistant: int = 0  # assistant messages: one per model call
+    tool: int = 0  # tool results
+    errors: int = 0  # assistant messages with status `error`
+    # Over the `done` events still in the event log with `rounds` > 0 (pruned ones are gone):
+    rounds: int = 0  # their model calls (`rounds`)
+    llm_ms: float = 0.0  # their model time (`latency.llmMs`)
+
+
+@dataclass(slots=True)
+class NoteRecord:
+    """An agent's memory note (`Store.add_note`, `Store.search_notes`)."""
+
+    id: int
+    scope: str  # whose note: one agent of one user (ToolContext.memory_scope)
+    created_at: str  # UTC, to the second: "2026-01-02T03:04:05Z"
+    text: str
+    tags: list[str] = field(default_factory=list)
+
+
+# A notes search looks for at most this many distinct words of its query.
+MAX_QUERY_TERMS = 32
+_WORD = re.compile(r"\w+")
+
+
+def query_words(query: str) -> list[str]:
+    """The words a notes search looks for: the runs of word characters of `query`, each once,
+    at most MAX_QUERY_TERMS. Nothing else of the query is kept, so no user text is ever read
+    as search syntax (quotes, operators, prefixes, columns)."""
+    words: list[str] = []
+    for word in _WORD.findall(query):
+        if word not in words:
+            words.append(word)
+            if len(words) >= MAX_QUERY_TERMS:
+                break
+    return words
+
+
+def note_time() -> str:
+    """A new note's `created_at`."""
+    return datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
 # An event as logged: (seq, turn id, the frame's JSON text).
 EventRow = tuple[int, str | None, str]
 
@@ -228,8 +312,9 @@ class Store(abc.ABC):
     # sessions (core database)
     @abc.abstractmethod
     def create_session(self, record: SessionRecord) -> Written:
-        """Queued like the other writes: creating a session database costs a disk sync, and a
-        new session's first turn must not wait for it."""
+        """Queued like the other writes (a new session's first turn does not wait for it).
+        A session of that id that exists already is left as it is (client-chosen ids: two
+        processes may create the same one at once; the sessions service reads back which)."""
 
     @abc.abstractmethod
     async def get_session(self, session_id: str) -> SessionRecord | None: ...
@@ -394,6 +479,22 @@ class Store(abc.ABC):
     async def get_session_file(self, session_id: str, file_id: str) -> FileRecord | None:
         """One file of a session's messages, with its data."""
 
+    # agents' memory notes (the memory_note and memory_search tools)
+    @abc.abstractmethod
+    async def add_note(self, scope: str, text: str, tags: list[str]) -> int:
+        """Keep a note for `scope` (one agent of one user: ToolContext.memory_scope); returns
+        its id once it is durable. Its text and its tags (without commas) are searched."""
+
+    @abc.abstractmethod
+    async def search_notes(self, scope: str, query: str, limit: int) -> list[NoteRecord]:
+        """At most `limit` of `scope`'s notes (never another scope's) holding any of the
+        query's words (`query_words`), the best matches first, the newest first among equals.
+        Each word matches as the phrase of the tokens it holds ("foo_bar": "foo" then "bar");
+        tokens are runs of letters and digits, compared without case and without the
+        diacritics of Latin letters (SQLite FTS5's unicode61 tokenizer, which PostgresStore
+        reproduces). A query with no words gives the newest notes. Ranking: bm25 (SQLite),
+        ts_rank (PostgreSQL)."""
+
     # one session's database
     @abc.abstractmethod
     async def open_log(self, session_id: str) -> SessionLog: ...
@@ -439,6 +540,27 @@ class Store(abc.ABC):
     async def export_session(self, session_id: str, path: str) -> bool:
         """Write one session as a standalone SQLite database in PROTOCOL.md A4's per-session
         layout (`session_messages`, `session_events`, `turns`, `session_files`)."""
+
+    async def session_activity(self, session_id: str) -> SessionActivity:
+        """Counts over one session's durable messages and logged `done` events (see
+        SessionActivity's fields), for `GET /api/sessions/{id}/stats` and `/enriched`. A store
+        should aggregate them in the database (SqliteStore does); this default loads the
+        messages and the log. A session with nothing counts zeros."""
+        messages = await self.load_messages(session_id)
+        activity = SessionActivity(
+            len(messages),
+            sum(m.role == "assistant" for m in messages),
+            sum(m.role == "tool" for m in messages),
+            sum(m.role == "assistant" and m.status == "error" for m in messages),
+        )
+        for _, frame in await self.read_events(session_id, 0):
+            if '"type":"done"' not in frame:
+                continue
+            done = json.loads(frame)
+            if done.get("type") == "done" and done.get("rounds"):
+                activity.rounds += done["rounds"]
+                activity.llm_ms += (done.get("latency") or {}).get("llmMs") or 0
+        return activity
 
     @abc.abstractmethod
     def save_turn(self, session_id: str, turn_id: str, **fields: Any) -> Written: ...

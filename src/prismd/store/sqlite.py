@@ -26,7 +26,7 @@ import queue
 import sqlite3
 import threading
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, TypeVar
@@ -38,15 +38,21 @@ from .base import (
     FileRecord,
     LoginRecord,
     MessageRecord,
+    NoteRecord,
+    SessionActivity,
     SessionLog,
     SessionRecord,
     Store,
+    StoreUnavailable,
     StreamingMessage,
     TokenRecord,
+    TouchLimiter,
     UploadRecord,
     UsageTotals,
     UserRecord,
     Written,
+    note_time,
+    query_words,
 )
 
 log = logging.getLogger("prismd.store")
@@ -185,6 +191,30 @@ CREATE TABLE IF NOT EXISTS turns (
 CREATE INDEX IF NOT EXISTS turns_session ON turns(session_id, client_message_id);
 CREATE INDEX IF NOT EXISTS turns_running ON turns(status) WHERE status = 'running';
 """
+# The agents' memory notes (until this layout, `memory.db`: see `_import_memory`). Text and
+# tags are indexed with FTS5 (an external-content table kept by triggers); searches rank with
+# bm25.
+NOTES_SCHEMA = """
+CREATE TABLE IF NOT EXISTS memory_notes (
+  id INTEGER PRIMARY KEY,
+  scope TEXT NOT NULL,
+  created_at TEXT NOT NULL,
+  text TEXT NOT NULL,
+  tags TEXT NOT NULL DEFAULT ''
+);
+CREATE INDEX IF NOT EXISTS memory_notes_scope ON memory_notes(scope, id);
+CREATE VIRTUAL TABLE IF NOT EXISTS memory_notes_fts USING fts5(
+  text, tags, content='memory_notes', content_rowid='id',
+  tokenize='unicode61 remove_diacritics 2'
+);
+CREATE TRIGGER IF NOT EXISTS memory_notes_ai AFTER INSERT ON memory_notes BEGIN
+  INSERT INTO memory_notes_fts(rowid, text, tags) VALUES (new.id, new.text, new.tags);
+END;
+CREATE TRIGGER IF NOT EXISTS memory_notes_ad AFTER DELETE ON memory_notes BEGIN
+  INSERT INTO memory_notes_fts(memory_notes_fts, rowid, text, tags)
+  VALUES ('delete', old.id, old.text, old.tags);
+END;
+"""
 # Columns added after the first release: (table, column, definition).
 CORE_MIGRATIONS = (
     ("sessions", "owner_id", f"TEXT NOT NULL DEFAULT '{LOCAL_USER_ID}'"),
@@ -276,6 +306,8 @@ _UNREFERENCED = (
     "WHERE r.upload_id = uploads.id)"
 )
 MAX_BATCH = 4096
+# A write's outcome: (its future, its value, its error).
+_Result = tuple[asyncio.Future[Any], Any, BaseException | None]
 READERS = 2
 # A token's last use is written at most this often (every request used to write it).
 TOKEN_TOUCH_S = 60.0
@@ -304,7 +336,7 @@ class SqliteStore(Store):
         self._readers: ThreadPoolExecutor | None = None
         self._local = threading.local()
         self._reader_conns: list[sqlite3.Connection] = []
-        self._token_touched: dict[str, float] = {}
+        self._token_touched = TouchLimiter(TOKEN_TOUCH_S)
 
     # ------------------------------------------------------------ machinery
 
@@ -330,8 +362,10 @@ class SqliteStore(Store):
             db.commit()
             db.executescript(AGENTS_PER_USER.format(owner=owner))
         db.execute("CREATE INDEX IF NOT EXISTS sessions_owner ON sessions(owner_id)")
+        db.executescript(NOTES_SCHEMA)
         db.commit()
         self._import_legacy()
+        self._import_memory()
         (self.data_dir / "session-template.db").unlink(missing_ok=True)
 
     async def close(self) -> None:
@@ -356,43 +390,62 @@ class SqliteStore(Store):
                     batch.append(self._queue.get_nowait())
                 except queue.Empty:
                     break
-            results: list[tuple[asyncio.Future[Any], Any, BaseException | None]] = []
-            stop = False
-            for item in batch:
-                if item is _STOP:
-                    stop = True
-                    continue
-                fn, fut = item
-                try:
-                    value = fn()
-                    if isinstance(value, sqlite3.Cursor):
-                        # A cursor must never reach the event loop's thread: finalised there
-                        # while this thread uses the connection, it breaks both (SQLITE_MISUSE).
-                        value.close()
-                        value = None
-                except Exception as exc:  # noqa: BLE001 - reported to the caller and logged
-                    log.exception("store write failed")
-                    results.append((fut, None, exc))
-                else:
-                    results.append((fut, value, None))
-            if self._db is not None and self._db.in_transaction:
-                try:
-                    self._db.commit()
-                except sqlite3.Error as exc:
-                    log.exception("store commit failed")
-                    # Nothing of this batch is durable: every write of it failed.
-                    results = [(f, None, exc) for f, _, _ in results]
-                    try:
-                        self._db.rollback()
-                    except sqlite3.Error:
-                        pass
+            results = self._apply([item for item in batch if item is not _STOP])
             if results and self._loop is not None:
                 self._loop.call_soon_threadsafe(_resolve_all, results)
-            if stop:
+            if _STOP in batch:
                 if self._db is not None:
                     self._db.close()
                     self._db = None
                 return
+
+    def _apply(self, writes: list[tuple[Callable[[], Any], Written]]) -> list[_Result]:
+        """Run a batch's writes in one transaction and commit it. A write that fails fails
+        alone, and nothing of it is kept: the batch is rolled back and its writes run again
+        one by one, each committed on its own. If the database cannot be used (locked, disk
+        full) or the commit fails, every write of the batch fails."""
+        results: list[_Result] = []
+        for fn, fut in writes:
+            try:
+                value = _run_write(fn)
+            except Exception as exc:  # noqa: BLE001 - reported to the callers and logged
+                self._rollback()
+                failed = _unavailable(exc)
+                if isinstance(failed, StoreUnavailable):  # the others would fail the same way
+                    log.error("store write failed: %s", failed)
+                    return [(f, None, failed) for _, f in writes]
+                log.warning("a store write failed (%s); running the batch's writes one by one", exc)
+                return [self._alone(fn, fut) for fn, fut in writes]
+            results.append((fut, value, None))
+        return self._commit(results)
+
+    def _alone(self, fn: Callable[[], Any], fut: Written) -> _Result:
+        try:
+            value = _run_write(fn)
+        except Exception as exc:  # noqa: BLE001 - reported to the caller and logged
+            log.exception("store write failed")
+            self._rollback()
+            return (fut, None, _unavailable(exc))
+        return self._commit([(fut, value, None)])[0]
+
+    def _commit(self, results: list[_Result]) -> list[_Result]:
+        if self._db is not None and self._db.in_transaction:
+            try:
+                self._db.commit()
+            except sqlite3.Error as exc:
+                log.exception("store commit failed")
+                # Nothing of this batch is durable: every write of it failed.
+                failed = _unavailable(exc)
+                self._rollback()
+                return [(f, None, failed) for f, _, _ in results]
+        return results
+
+    def _rollback(self) -> None:
+        if self._db is not None and self._db.in_transaction:
+            try:
+                self._db.rollback()
+            except sqlite3.Error:
+                log.exception("store rollback failed")
 
     def _submit(self, fn: Callable[[], Any]) -> Written:
         """Queue a write; the future resolves once it is committed."""
@@ -409,7 +462,10 @@ class SqliteStore(Store):
     async def _read(self, fn: Callable[[sqlite3.Connection], T]) -> T:
         assert self._readers is not None, "store is not open"
         loop = asyncio.get_running_loop()
-        return await loop.run_in_executor(self._readers, self._on_reader, fn)
+        try:
+            return await loop.run_in_executor(self._readers, self._on_reader, fn)
+        except sqlite3.Error as exc:
+            raise _unavailable(exc) from exc
 
     def _on_reader(self, fn: Callable[[sqlite3.Connection], T]) -> T:
         conn = getattr(self._local, "conn", None)
@@ -435,7 +491,9 @@ class SqliteStore(Store):
         row = _session_row(record)
         return self._submit(
             lambda: self._w().execute(
-                f"INSERT INTO sessions ({_SESSION_COLUMNS}) VALUES ({_SESSION_MARKS})", row
+                f"INSERT INTO sessions ({_SESSION_COLUMNS}) VALUES ({_SESSION_MARKS}) "
+                "ON CONFLICT(id) DO NOTHING",
+                row,
             )
         )
 
@@ -706,11 +764,7 @@ class SqliteStore(Store):
             return None
         token_id, user = found
         # Recording the last use is not worth a write per request.
-        touched = time.monotonic()
-        if touched - self._token_touched.get(token_id, -TOKEN_TOUCH_S) >= TOKEN_TOUCH_S:
-            self._token_touched[token_id] = touched
-            if len(self._token_touched) > 10_000:
-                self._token_touched.clear()
+        if self._token_touched.due(token_id):
             self._submit(
                 lambda: self._w().execute(
                     "UPDATE api_tokens SET last_used_at=? WHERE id=?", (now, token_id)
@@ -931,6 +985,42 @@ class SqliteStore(Store):
 
         return await self._read(op)
 
+    # ------------------------------------------------------------ memory notes
+
+    async def add_note(self, scope: str, text: str, tags: list[str]) -> int:
+        row = (scope, note_time(), text, ", ".join(tags))
+        return await self._call(
+            lambda: int(
+                self._w()
+                .execute(
+                    "INSERT INTO memory_notes (scope, created_at, text, tags) VALUES (?,?,?,?)",
+                    row,
+                )
+                .lastrowid
+                or 0
+            )
+        )
+
+    async def search_notes(self, scope: str, query: str, limit: int) -> list[NoteRecord]:
+        match = fts_query(query)
+
+        def op(db: sqlite3.Connection) -> list[tuple[Any, ...]]:
+            if not match:  # no words: the newest notes
+                return db.execute(
+                    "SELECT id, created_at, text, tags FROM memory_notes WHERE scope=? "
+                    "ORDER BY id DESC LIMIT ?",
+                    (scope, limit),
+                ).fetchall()
+            return db.execute(
+                "SELECT n.id, n.created_at, n.text, n.tags FROM memory_notes_fts "
+                "JOIN memory_notes AS n ON n.id = memory_notes_fts.rowid "
+                "WHERE memory_notes_fts MATCH ? AND n.scope=? "
+                "ORDER BY bm25(memory_notes_fts), n.id DESC LIMIT ?",
+                (match, scope, limit),
+            ).fetchall()
+
+        return [_note(scope, row) for row in await self._read(op)]
+
     # ------------------------------------------------------------ one session's log
 
     async def open_log(self, session_id: str) -> SessionLog:
@@ -1085,6 +1175,28 @@ class SqliteStore(Store):
 
         return await self._read(op)
 
+    async def session_activity(self, session_id: str) -> SessionActivity:
+        def op(db: sqlite3.Connection) -> SessionActivity:
+            messages, assistant, tool, errors = db.execute(
+                "SELECT COUNT(*), TOTAL(role='assistant'), TOTAL(role='tool'), "
+                "TOTAL(role='assistant' AND status='error') "
+                "FROM session_messages WHERE session_id=?",
+                (session_id,),
+            ).fetchone()
+            # The LIKE skips the parse of every other event (chunks are most of the log).
+            rounds, llm_ms = db.execute(
+                "SELECT TOTAL(json_extract(frame, '$.rounds')), "
+                "TOTAL(json_extract(frame, '$.latency.llmMs')) FROM session_events "
+                "WHERE session_id=? AND frame LIKE ? "
+                "AND json_extract(frame, '$.type')='done' AND json_extract(frame, '$.rounds')>0",
+                (session_id, '%"type":"done"%'),
+            ).fetchone()
+            return SessionActivity(
+                messages, int(assistant), int(tool), int(errors), int(rounds), llm_ms
+            )
+
+        return await self._read(op)
+
     def save_turn(self, session_id: str, turn_id: str, **fields: Any) -> Written:
         _check_fields(fields, _TURN_FIELDS)
         cols = ", ".join(["id", "session_id", *fields])
@@ -1110,28 +1222,13 @@ class SqliteStore(Store):
         def op(db: sqlite3.Connection) -> bool:
             if db.execute("SELECT 1 FROM sessions WHERE id=?", (session_id,)).fetchone() is None:
                 return False
-            tmp = f"{path}.tmp"
-            for suffix in ("", "-wal", "-shm"):
-                Path(f"{tmp}{suffix}").unlink(missing_ok=True)
-            out = sqlite3.connect(tmp)
-            try:
-                out.executescript(LEGACY_SESSION_SCHEMA)
-                for table, columns, order in (
-                    ("session_messages", _MESSAGE_COLUMNS, "rowid"),
-                    ("session_files", _FILE_COLUMNS, "rowid"),
-                    ("session_events", "seq, turn_id, frame", "seq"),
-                    ("turns", _TURN_COLUMNS, "rowid"),
-                ):
-                    rows = db.execute(
-                        f"SELECT {columns} FROM {table} WHERE session_id=? ORDER BY {order}",
-                        (session_id,),
-                    )
-                    marks = ",".join("?" * len(columns.split(",")))
-                    out.executemany(f"INSERT INTO {table} ({columns}) VALUES ({marks})", rows)
-                out.commit()
-            finally:
-                out.close()
-            os.replace(tmp, path)
+            write_session_file(
+                path,
+                lambda table, columns, order: db.execute(
+                    f"SELECT {columns} FROM {table} WHERE session_id=? ORDER BY {order}",
+                    (session_id,),
+                ),
+            )
             return True
 
         return await self._read(op)
@@ -1198,6 +1295,72 @@ class SqliteStore(Store):
                 if src.exists():
                     src.replace(done / src.name)
 
+    def _import_memory(self) -> None:
+        """Move the notes of `memory.db` (where they were kept before this database held
+        them) into this database, in one transaction, idempotently (see NOTE_IS_HERE); the
+        file is then renamed `memory.db.imported` (`.imported.2`, … if taken), never deleted."""
+        path = self.data_dir / "memory.db"
+        if not path.is_file():
+            return
+        db = self._w()
+        try:
+            db.execute("ATTACH DATABASE ? AS legacy", (str(path),))
+        except sqlite3.Error:
+            log.exception("could not open %s to import its memory notes; it is left in place", path)
+            return
+        try:
+            if db.execute(
+                "SELECT 1 FROM legacy.sqlite_master WHERE type='table' AND name='notes'"
+            ).fetchall():
+                moved = sum(db.execute(sql).rowcount for sql in _MEMORY_DB_IMPORT)
+                log.info("imported %d memory notes from %s", moved, path)
+            db.commit()
+        except sqlite3.Error:
+            db.rollback()
+            log.exception("could not import the memory notes of %s; it is left in place", path)
+            return
+        finally:
+            db.execute("DETACH DATABASE legacy")
+        done = path.with_name(f"{path.name}.imported")
+        n = 1
+        while done.exists():  # an earlier import's file (another machine's) is kept too
+            n += 1
+            done = path.with_name(f"{path.name}.imported.{n}")
+        for suffix in ("", "-wal", "-shm"):
+            src = Path(f"{path}{suffix}")
+            if src.exists():
+                src.replace(f"{done}{suffix}")
+
+
+# A session's tables in a standalone export: (table, columns, the order of its rows here).
+EXPORT_TABLES = (
+    ("session_messages", _MESSAGE_COLUMNS, "rowid"),
+    ("session_files", _FILE_COLUMNS, "rowid"),
+    ("session_events", "seq, turn_id, frame", "seq"),
+    ("turns", _TURN_COLUMNS, "rowid"),
+)
+
+
+def write_session_file(path: str, rows: Callable[[str, str, str], Iterable[Sequence[Any]]]) -> None:
+    """Write one session as a standalone SQLite database in the per-session layout
+    (LEGACY_SESSION_SCHEMA), under a temporary name renamed into place. `rows(table, columns,
+    order)` gives each table of EXPORT_TABLES's rows, in that order."""
+    tmp = f"{path}.tmp"
+    for suffix in ("", "-wal", "-shm"):
+        Path(f"{tmp}{suffix}").unlink(missing_ok=True)
+    out = sqlite3.connect(tmp)
+    try:
+        out.executescript(LEGACY_SESSION_SCHEMA)
+        for table, columns, order in EXPORT_TABLES:
+            marks = ",".join("?" * len(columns.split(",")))
+            out.executemany(
+                f"INSERT INTO {table} ({columns}) VALUES ({marks})", rows(table, columns, order)
+            )
+        out.commit()
+    finally:
+        out.close()
+    os.replace(tmp, path)
+
 
 def _messages(db: sqlite3.Connection, session_id: str, with_data: bool) -> list[MessageRecord]:
     rows = db.execute(
@@ -1260,13 +1423,79 @@ def _user_record(row: tuple[Any, ...]) -> UserRecord:
     )
 
 
+def fts_query(query: str) -> str:
+    """An FTS5 query matching any of the words of `query` (`query_words`), each quoted (a
+    phrase of the tokens it holds, never syntax); "" when it has none."""
+    return " OR ".join('"' + word.replace('"', '""') + '"' for word in query_words(query))
+
+
+# Importing notes kept elsewhere (rows `o` of id, scope, created_at, text, tags) into
+# memory_notes, idempotently: a note that is here already (NOTE_IS_HERE: same scope, time, text
+# and tags) is skipped; the others keep their id when it is free (NOTE_ID_IS_FREE), else get a
+# new one (the notes of several installs are numbered alike). Each statement sees the table as
+# it was before it. (store/sqlite_import.py does the same into PostgreSQL.)
+NOTE_IS_HERE = (
+    "EXISTS (SELECT 1 FROM memory_notes m WHERE m.scope = o.scope "
+    "AND m.created_at = o.created_at AND m.text = o.text AND m.tags = o.tags)"
+)
+NOTE_ID_IS_FREE = "NOT EXISTS (SELECT 1 FROM memory_notes m WHERE m.id = o.id)"
+_MEMORY_DB_NOTES = "(SELECT id, agent_id AS scope, created_at, text, tags FROM legacy.notes) o"
+_MEMORY_DB_IMPORT = (
+    "INSERT INTO memory_notes (id, scope, created_at, text, tags) "
+    f"SELECT id, scope, created_at, text, tags FROM {_MEMORY_DB_NOTES} "
+    f"WHERE NOT {NOTE_IS_HERE} AND {NOTE_ID_IS_FREE} ORDER BY id",
+    "INSERT INTO memory_notes (scope, created_at, text, tags) "
+    f"SELECT scope, created_at, text, tags FROM {_MEMORY_DB_NOTES} "
+    f"WHERE NOT {NOTE_IS_HERE} ORDER BY id",
+)
+
+
+def _note(scope: str, row: Sequence[Any]) -> NoteRecord:
+    """A note from (id, created_at, text, tags) as stored (tags joined with ", ")."""
+    note_id, created_at, text, tags = row
+    return NoteRecord(int(note_id), scope, created_at, text, tags.split(", ") if tags else [])
+
+
 def _check_fields(fields: dict[str, Any], allowed: set[str]) -> None:
     unknown = set(fields) - allowed
     if unknown:
         raise ValueError(f"unknown columns: {sorted(unknown)}")
 
 
-def _resolve_all(results: Iterable[tuple[asyncio.Future[Any], Any, BaseException | None]]) -> None:
+# SQLite's primary result codes that mean the database cannot be used now (not a bad write).
+_UNAVAILABLE_CODES = {
+    sqlite3.SQLITE_BUSY,
+    sqlite3.SQLITE_LOCKED,
+    sqlite3.SQLITE_NOMEM,
+    sqlite3.SQLITE_READONLY,
+    sqlite3.SQLITE_IOERR,
+    sqlite3.SQLITE_FULL,
+    sqlite3.SQLITE_CANTOPEN,
+}
+
+
+def _unavailable(exc: BaseException) -> BaseException:
+    """`StoreUnavailable` for a database that cannot be used (disk full, I/O error, locked),
+    with the SQLite error as its cause; any other error as it is."""
+    code = getattr(exc, "sqlite_errorcode", None)
+    if code is None or code & 0xFF not in _UNAVAILABLE_CODES:
+        return exc
+    failed = StoreUnavailable(f"the SQLite database cannot be used: {exc}")
+    failed.__cause__ = exc
+    return failed
+
+
+def _run_write(fn: Callable[[], Any]) -> Any:
+    value = fn()
+    if isinstance(value, sqlite3.Cursor):
+        # A cursor must never reach the event loop's thread: finalised there while the writer
+        # thread uses the connection, it breaks both (SQLITE_MISUSE).
+        value.close()
+        value = None
+    return value
+
+
+def _resolve_all(results: Iterable[_Result]) -> None:
     for fut, value, exc in results:
         if fut.done():  # cancelled by an awaiting caller
             continue

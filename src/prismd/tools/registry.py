@@ -1,15 +1,19 @@
 """All tools of the server, and the per-turn view of one agent's allowed tools for one caller.
 
-The registry is built once (built-ins plus what the MCP servers offer); a turn never mutates it.
+The registry holds the built-in tools and groups of tools that change at run time (what the MCP
+servers offer: `set_group`). Each change bumps `version` and drops the cached views, so the next
+turn sees the tools as they are now; a view already handed to a turn is a snapshot that keeps
+working (a tool that has gone since answers its own clear ToolError when called).
 An agent's policy decides which tools it sees and which need the user's approval; the caller's
-privilege decides whether host-level tools are among them. Approval protects a user from the
-model; it never widens what a user may do: a tool the caller may not use is not in the view,
-so no approval can run it.
+privilege decides whether host-level tools are among them, for tools that appear later as for
+the others. Approval protects a user from the model; it never widens what a user may do: a
+tool the caller may not use is not in the view, so no approval can run it.
 """
 
 from __future__ import annotations
 
 import json
+import logging
 import re
 from collections.abc import Iterable
 from dataclasses import dataclass
@@ -21,6 +25,8 @@ from typing import Any, Protocol
 from ..config import AgentSettings, Settings
 from ..providers.base import ToolDef
 from .base import Tool, ToolError
+
+log = logging.getLogger(__name__)
 
 
 class Caller(Protocol):
@@ -72,6 +78,7 @@ class ToolView:
 
     agent: AgentSettings
     tools: dict[str, Tool]
+    version: int = 0  # the registry's version it was made from
     _defs: list[ToolDef] | None = None
 
     def definitions(self) -> list[ToolDef]:
@@ -118,6 +125,9 @@ class ToolView:
 class ToolRegistry:
     def __init__(self, settings: Settings, tools: Iterable[Tool]) -> None:
         self.settings = settings
+        self.version = 0  # bumped by every change of the tools
+        self._fixed: dict[str, Tool] = {}  # built-ins
+        self._groups: dict[str, list[Tool]] = {}  # replaced at run time (MCP)
         self._tools: dict[str, Tool] = {}
         # (the agent object, caller class) -> view; see `view`. Keyed by the object: agent ids
         # are per user, so two users' agents may share one.
@@ -126,7 +136,32 @@ class ToolRegistry:
 
     def add(self, tools: Iterable[Tool]) -> None:
         for tool in tools:
-            self._tools[tool.spec.name] = tool
+            self._fixed[tool.spec.name] = tool
+        self._changed()
+
+    def set_group(self, group: str, tools: Iterable[Tool]) -> bool:
+        """Replace the tools of `group` (e.g. "mcp": what the MCP servers offer now); False
+        when they are the same objects as before. A name already taken (a built-in, an earlier
+        group) keeps its tool."""
+        new = list(tools)
+        old = self._groups.get(group, [])
+        if len(new) == len(old) and all(a is b for a, b in zip(new, old, strict=True)):
+            return False
+        self._groups[group] = new
+        self._changed()
+        return True
+
+    def _changed(self) -> None:
+        merged = dict(self._fixed)
+        for group, tools in self._groups.items():
+            for tool in tools:
+                name = tool.spec.name
+                if name in merged:
+                    log.warning("tool %r of %s ignored: the name is taken", name, group)
+                    continue
+                merged[name] = tool
+        self._tools = merged
+        self.version += 1
         self._views.clear()
 
     def all(self) -> list[Tool]:
@@ -155,9 +190,9 @@ class ToolRegistry:
         return Access(True, why, needs_approval(agent, tool))
 
     def view(self, agent: AgentSettings, caller: Caller) -> ToolView:
-        """The tools `caller` may use with `agent`. Cached per agent and per class of caller
-        (admins, users without grants, each user with grants): the registry only changes at
-        startup (MCP) and agents rarely."""
+        """The tools `caller` may use with `agent`, as they are now. Cached per agent and per
+        class of caller (admins, users without grants, each user with grants) until the tools
+        change (`version`); agents change rarely."""
         grants = self.settings.tools.grants
         if caller.admin:
             kind = "admin"
@@ -171,7 +206,7 @@ class ToolRegistry:
                 for name, tool in self._tools.items()
                 if self.access(agent, caller, name).allowed
             }
-            view = self._views[key] = ToolView(agent, allowed)
+            view = self._views[key] = ToolView(agent, allowed, self.version)
         return view
 
     def workspace(self, agent_id: str, session_id: str, owner_id: str = "local") -> Path:
@@ -187,5 +222,5 @@ class ToolRegistry:
         return root.resolve()
 
     async def aclose(self) -> None:
-        for tool in self._tools.values():
+        for tool in self._fixed.values():
             await tool.aclose()

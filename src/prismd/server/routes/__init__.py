@@ -20,12 +20,12 @@ def install(app: FastAPI) -> None:
     from fastapi.exceptions import RequestValidationError
     from starlette.exceptions import HTTPException
 
-    from ...protocol import ProtocolError
+    from ...protocol import PrismdError
     from . import agents, auth, common, config, meta, providers, sessions, tools, uploads, users
 
     for module in (meta, auth, sessions, agents, tools, config, providers, uploads, users):
         app.include_router(module.router)
     app.add_exception_handler(common.ApiError, common.api_error)
-    app.add_exception_handler(ProtocolError, common.protocol_error)
+    app.add_exception_handler(PrismdError, common.protocol_error)
     app.add_exception_handler(RequestValidationError, common.validation_error)
     app.add_exception_handler(HTTPException, common.http_error)

@@ -13,7 +13,8 @@ from fastapi.responses import JSONResponse
 from pydantic import BaseModel, Field
 
 from ...auth import Principal, token_hash
-from ...auth.service import COOKIE_NAME, RateLimited
+from ...auth.limits import RateLimited
+from ...auth.service import COOKIE_NAME
 from ...protocol import ErrorCode
 from .common import ApiError, Caller, Core, Open, api_router, doc
 from .rows import user_json

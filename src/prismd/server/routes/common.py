@@ -19,7 +19,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from ...auth import Principal
 from ...core import Prismd
-from ...protocol import ErrorCode, ProtocolError
+from ...protocol import ErrorCode, PrismdError
 
 # PROTOCOL.md D: what an unknown route under /api answers.
 NOT_FOUND = "not_found"
@@ -98,13 +98,20 @@ _PROTOCOL_STATUS = {
     ErrorCode.RATE_LIMITED: 429,
     ErrorCode.PROVIDER_ERROR: 502,
     ErrorCode.PROVIDER_TIMEOUT: 504,
+    ErrorCode.STORE_UNAVAILABLE: 503,
+    ErrorCode.BUS_UNAVAILABLE: 503,
+    ErrorCode.STT_UNAVAILABLE: 503,
+    ErrorCode.TTS_UNAVAILABLE: 503,
+    ErrorCode.TRANSCRIPTION_FAILED: 422,
 }
 
 
 async def protocol_error(request: Request, exc: Exception) -> JSONResponse:
-    assert isinstance(exc, ProtocolError)
+    """Any of prismd's failures (protocol.PrismdError: a refused request, the store down…)
+    in the API's error shape, with the HTTP status that fits its code."""
+    assert isinstance(exc, PrismdError)
     status = _PROTOCOL_STATUS.get(exc.code, 500 if exc.code == ErrorCode.INTERNAL else 400)
-    return error_response(status, exc.code, exc.message, exc.details)
+    return error_response(status, exc.code, exc.message, getattr(exc, "details", None))
 
 
 _HTTP_CODES = {

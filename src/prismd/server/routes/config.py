@@ -135,7 +135,7 @@ async def patch_config(
     core: Core, admin: Admin, body: Annotated[dict[str, Any], Body()]
 ) -> dict[str, Any]:
     try:
-        config_api.apply(core, body)
+        await config_api.apply(core, body)
     except config_api.ConfigChangeError as exc:
         raise ApiError(
             422,

@@ -3,6 +3,7 @@ behind, answered as an empty CortexPrism would answer them (PROTOCOL.md D)."""
 
 from __future__ import annotations
 
+import os
 from datetime import UTC, datetime
 from typing import Any
 
@@ -64,6 +65,9 @@ async def health(request: Request, core: Core) -> dict[str, Any]:
         "connections": len(core.connections),
         "liveSessions": core.sessions.live_count(),
         "runningTurns": len(core.sessions.running_turns()),
+        # Which process answered (several serve one port with --workers, or a load balancer).
+        "process": core.origin,
+        "pid": os.getpid(),
     }
 
 

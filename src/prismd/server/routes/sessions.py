@@ -9,7 +9,8 @@ progress…) comes out through the ProtocolError handler of common.py.
 
 from __future__ import annotations
 
-import json
+import asyncio
+import contextlib
 from collections.abc import AsyncIterator, Callable
 from typing import Annotated, Any, Literal
 
@@ -178,28 +179,27 @@ def _fresh(core: Core, record: SessionRecord) -> SessionRecord:
 
 async def _activity(core: Core, record: SessionRecord) -> tuple[dict[str, Any], int]:
     """CortexPrism's figures of a session, and how many messages it holds. Tokens and cost as
-    spent (the session's totals), calls and errors from the messages it holds, and the mean
-    model-call time from the `done` events still in its log."""
-    messages = await core.sessions.messages(record.id)
-    llm_ms = rounds = 0.0
-    for _, frame in await core.store.read_events(record.id, 0):
-        if '"type":"done"' not in frame:
-            continue
-        done = json.loads(frame)
-        if done.get("type") == "done" and done.get("rounds"):
-            llm_ms += (done.get("latency") or {}).get("llmMs") or 0
-            rounds += done["rounds"]
+    spent (the session's totals), calls and errors counted by the store over the messages it
+    holds, and the mean model-call time over the `done` events still in its log; nothing is
+    loaded (Store.session_activity)."""
+    live = core.sessions.live(record.id)
+    if live is not None and live.last_write is not None:
+        # Count what the live session wrote (reads see what is durable); shielded: a request
+        # that goes away must not cancel the session's write.
+        with contextlib.suppress(Exception):
+            await asyncio.shield(live.last_write)
+    counts = await core.store.session_activity(record.id)
     stats = {
         "tokens_in": record.tokens_in,
         "tokens_out": record.tokens_out,
         "total_tokens": record.tokens_in + record.tokens_out,
         "cost_usd": record.cost_usd or 0.0,
-        "llm_calls": sum(m.role == "assistant" for m in messages),
-        "tool_calls": sum(m.role == "tool" for m in messages),
-        "errors": sum(m.role == "assistant" and m.status == "error" for m in messages),
-        "avg_duration_ms": round(llm_ms / rounds) if rounds else 0,
+        "llm_calls": counts.assistant,
+        "tool_calls": counts.tool,
+        "errors": counts.errors,
+        "avg_duration_ms": round(counts.llm_ms / counts.rounds) if counts.rounds else 0,
     }
-    return stats, len(messages)
+    return stats, counts.messages
 
 
 # ---------------------------------------------------------------- listings

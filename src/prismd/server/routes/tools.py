@@ -1,9 +1,13 @@
-"""`/api/tools`: the tools agents can call, their schemas and each agent's policy."""
+"""`/api/tools`: the tools agents can call, their schemas and each agent's policy, and the MCP
+servers' state.
+
+The tools are those of now: MCP servers' tools come and go at run time (tools/mcp.py), and the
+registry follows them (tools/registry.py)."""
 
 from __future__ import annotations
 
 import asyncio
-from typing import Any
+from typing import Any, Literal
 
 from pydantic import Field
 
@@ -13,9 +17,27 @@ from .rows import tool_params
 router = api_router(tags=["tools"])
 
 
+class McpServerOut(Open):
+    """One configured MCP server (errors masked: auth/redact.py)."""
+
+    name: str
+    transport: Literal["stdio", "http"]
+    state: Literal["starting", "ready", "restarting", "failed", "disabled", "stopped"] = Field(
+        description="restarting: waiting for the next attempt (nextAttemptAt); failed: not "
+        "retried (a configuration error, a missing command or directory, no permission)"
+    )
+    connected: bool
+    tools: int = Field(description="Tools it offers now (0 unless ready)")
+    error: str | None = Field(description="The last error, kept once it is ready again")
+    errorAt: str | None
+    nextAttemptAt: str | None = Field(description="While restarting: when it is started again")
+    failures: int = Field(description="Failed starts (or early deaths) in a row")
+    protocol: str | None = Field(description="The MCP version it speaks (while ready)")
+
+
 class ToolsOut(Open):
     tools: list[dict[str, Any]]
-    mcpServers: list[dict[str, Any]]
+    mcpServers: list[McpServerOut]
     sandbox: dict[str, Any]
 
 
@@ -41,7 +63,8 @@ class RegistryItem(Open):
 
 @router.get(
     "/tools",
-    summary="Every tool, with its schema and, for the caller, each agent's policy and why",
+    summary="Every tool, with its schema and, for the caller, each agent's policy and why; the "
+    "MCP servers' state",
     responses=doc(ToolsOut),
 )
 async def list_tools(core: Core, caller: Caller) -> dict[str, Any]:
@@ -63,7 +86,7 @@ async def list_tools(core: Core, caller: Caller) -> dict[str, Any]:
     from ...tools.builtins.sandbox import isolation
 
     # The first call probes the machine in a child process: keep it off the event loop.
-    sandbox = await asyncio.to_thread(isolation)
+    sandbox = await asyncio.to_thread(isolation, core.settings.tools)
     servers = core.mcp.status() if core.mcp is not None else []
     return {"tools": tools, "mcpServers": servers, "sandbox": sandbox}
 
