@@ -1,30 +1,60 @@
 """The store's methods for uploads' lifecycle, daily chat budgets, usage totals, login sessions
-and session files (issue 15), on a real SQLite file, in-process. A PostgreSQL store has to
-answer these tests the same way."""
+and session files (issue 15), in-process, each test against both implementations (SQLite, and
+PostgreSQL on a throwaway cluster, as tests/test_store.py)."""
 
 from __future__ import annotations
 
 import asyncio
 import time
+from collections.abc import Callable
 from pathlib import Path
 from types import SimpleNamespace
+
+import pytest
 
 from prismd.auth import Principal
 from prismd.config import UploadsSettings
 from prismd.protocol import ErrorCode, ProtocolError
 from prismd.server.uploads import DailyBudget, utc_day
-from prismd.store.base import FileRecord, MessageRecord, SessionRecord, UploadRecord, UserRecord
+from prismd.store.base import (
+    FileRecord,
+    MessageRecord,
+    SessionRecord,
+    Store,
+    UploadRecord,
+    UserRecord,
+)
+from prismd.store.postgres import PostgresStore
 from prismd.store.sqlite import SqliteStore
+
+from .services import reset_pg_database
 
 
 def run(coro):
     return asyncio.run(coro)
 
 
-async def _store(path: Path) -> SqliteStore:
-    store = SqliteStore(path)
+@pytest.fixture(params=["sqlite", "postgres"])
+def new_store(request: pytest.FixtureRequest, tmp_path: Path) -> Callable[[], Store]:
+    """Builds an unopened store on an empty database (open it inside the test's loop)."""
+    if request.param == "sqlite":
+        return lambda: SqliteStore(tmp_path / "data")
+    url = request.getfixturevalue("pg_module_url")
+    reset_pg_database(request.getfixturevalue("postgres"), url)
+    return lambda: PostgresStore(url)
+
+
+async def _open(new_store: Callable[[], Store]) -> Store:
+    store = new_store()
     await store.open()
     return store
+
+
+def _upload_file(store: Store, user: str, upload_id: str) -> Path | None:
+    """Where SQLite keeps an upload's bytes (PostgreSQL keeps them in the row)."""
+    if isinstance(store, SqliteStore):
+        return store.data_dir / "uploads" / user / upload_id
+    return None
 
 
 def _upload(upload_id: str, user: str, size: int, created: str) -> UploadRecord:
@@ -33,9 +63,9 @@ def _upload(upload_id: str, user: str, size: int, created: str) -> UploadRecord:
     )
 
 
-def test_upload_links_quota_figures_and_session_deletion(tmp_path):
+def test_upload_links_quota_figures_and_session_deletion(new_store):
     async def main() -> None:
-        store = await _store(tmp_path)
+        store = await _open(new_store)
         for sid in ("s1", "s2"):
             await store.create_session(SessionRecord(sid, "a", started_at="t", owner_id="bob"))
         await store.save_upload(_upload("u_shared", "bob", 10, "2030-01-01T00:00:00.000Z"))
@@ -50,7 +80,8 @@ def test_upload_links_quota_figures_and_session_deletion(tmp_path):
         await store.delete_session("s1")
         assert await store.delete_session_uploads("s1") == 1
         assert await store.get_upload("u_only1") is None
-        assert not (tmp_path / "uploads" / "bob" / "u_only1").exists()
+        gone = _upload_file(store, "bob", "u_only1")
+        assert gone is None or not gone.exists()
         assert (await store.get_upload("u_shared")).data == b"x" * 10
         assert await store.upload_usage("bob") == (10, 1)
         await store.delete_session("s2")
@@ -59,15 +90,16 @@ def test_upload_links_quota_figures_and_session_deletion(tmp_path):
         assert await store.delete_session_uploads("s2") == 0  # nothing left to do
         assert await store.delete_upload("u_carol") is True
         assert await store.delete_upload("u_carol") is False
-        assert not (tmp_path / "uploads" / "carol" / "u_carol").exists()
+        gone = _upload_file(store, "carol", "u_carol")
+        assert gone is None or not gone.exists()
         await store.close()
 
     run(main())
 
 
-def test_prune_removes_only_old_uploads_no_session_refers_to(tmp_path):
+def test_prune_removes_only_old_uploads_no_session_refers_to(new_store):
     async def main() -> None:
-        store = await _store(tmp_path)
+        store = await _open(new_store)
         await store.create_session(SessionRecord("s1", "a", started_at="t", owner_id="bob"))
         await store.create_session(SessionRecord("gone", "a", started_at="t", owner_id="bob"))
         old, new = "2020-01-01T00:00:00.000Z", "2030-01-01T00:00:00.000Z"
@@ -90,9 +122,9 @@ def test_prune_removes_only_old_uploads_no_session_refers_to(tmp_path):
     run(main())
 
 
-def test_daily_chat_totals_per_user_and_day(tmp_path):
+def test_daily_chat_totals_per_user_and_day(new_store):
     async def main() -> None:
-        store = await _store(tmp_path)
+        store = await _open(new_store)
         assert await store.chat_usage("bob", "2030-05-01") == (0, 0)
         store.add_chat_usage("bob", "2030-05-01", 600, 1)
         await store.add_chat_usage("bob", "2030-05-01", 400, 2)
@@ -109,12 +141,12 @@ def test_daily_chat_totals_per_user_and_day(tmp_path):
     run(main())
 
 
-def test_the_daily_budget_never_counts_past_its_limit(tmp_path):
+def test_the_daily_budget_never_counts_past_its_limit(new_store):
     """Chats of one user checked at once: exactly as many pass as fit, counted while their
     writes are still queued; another user's budget is their own."""
 
     async def main() -> None:
-        store = await _store(tmp_path)
+        store = await _open(new_store)
         limits = UploadsSettings(chat_bytes_per_day=1000, chat_files_per_day=0)
         core = SimpleNamespace(settings=SimpleNamespace(uploads=limits), store=store)
         budget = DailyBudget()
@@ -141,9 +173,9 @@ def test_the_daily_budget_never_counts_past_its_limit(tmp_path):
     run(main())
 
 
-def test_usage_totals_sum_the_stored_turns(tmp_path):
+def test_usage_totals_sum_the_stored_turns(new_store):
     async def main() -> None:
-        store = await _store(tmp_path)
+        store = await _open(new_store)
         await store.create_session(SessionRecord("b1", "a", started_at="t", owner_id="bob"))
         await store.create_session(SessionRecord("b2", "a", started_at="t", owner_id="bob"))
         await store.create_session(SessionRecord("c1", "a", started_at="t", owner_id="carol"))
@@ -181,9 +213,9 @@ def test_usage_totals_sum_the_stored_turns(tmp_path):
     run(main())
 
 
-def test_login_sessions_are_listed_without_the_expired_ones(tmp_path):
+def test_login_sessions_are_listed_without_the_expired_ones(new_store):
     async def main() -> None:
-        store = await _store(tmp_path)
+        store = await _open(new_store)
         for uid in ("bob", "carol"):
             await store.create_user(UserRecord(uid, uid, created_at="t"))
         now = time.time()
@@ -206,9 +238,9 @@ def test_login_sessions_are_listed_without_the_expired_ones(tmp_path):
     run(main())
 
 
-def test_one_session_file_is_read_with_its_data(tmp_path):
+def test_one_session_file_is_read_with_its_data(new_store):
     async def main() -> None:
-        store = await _store(tmp_path)
+        store = await _open(new_store)
         await store.create_session(SessionRecord("s1", "a", started_at="t"))
         png = FileRecord("file_1", "dot.png", "image/png", 4, b"\x89PNG")
         message = MessageRecord("m1", "user", "look", "t", files=[png])
