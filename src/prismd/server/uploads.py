@@ -129,8 +129,10 @@ class DailyBudget:
         self._locks: weakref.WeakValueDictionary[str, asyncio.Lock] = weakref.WeakValueDictionary()
 
     async def used(self, store: Store, user_id: str, day: str) -> tuple[int, int]:
+        # What is pending is taken before the read: a count that becomes durable meanwhile is
+        # then counted once or twice (refusing early at worst), never missed.
+        pending = tuple(self._pending.get((user_id, day), (0, 0)))
         size, files = await store.chat_usage(user_id, day)
-        pending = self._pending.get((user_id, day), (0, 0))
         return size + pending[0], files + pending[1]
 
     async def charge(self, core: Prismd, user: Principal, size: int, files: int) -> None:
