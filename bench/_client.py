@@ -489,6 +489,7 @@ class TurnResult:
     chunks: int = 0  # chunk frames (prismd) or content deltas (direct)
     pieces: int = 0  # pieces whose lag was measured (stamped answers; lags: the Schedule's)
     latency: dict[str, Any] | None = None  # prismd's own `done.latency`
+    stop_reason: str | None = None  # prismd's `done.stopReason` (end, stopped, interrupted...)
 
 
 USAGE_WAIT_S = 1.0  # after `done`, how long chat_turn waits for `context_usage`
@@ -524,6 +525,7 @@ async def chat_turn(
         elif typ == "done":
             res.t_done = t
             res.latency = d.get("latency")
+            res.stop_reason = d.get("stopReason")
             if not wait_usage:
                 _finish(fut)
             else:  # context_usage follows at once; a server that stopped sending it is not hung

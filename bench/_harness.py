@@ -9,6 +9,11 @@
   client's or prismd's interpreter) and waits for its ``ready`` line; :func:`start_prismd`
   runs ``prismd serve`` with a fresh temporary ``PRISMD_HOME`` on a free 127.0.0.1 port and
   polls ``/api/health`` until it answers.
+- :func:`start_scale_out` runs a throwaway PostgreSQL and Redis (``prismd.testing``) and
+  ``prismd serve --workers N`` on them; :class:`Procs` watches processes the bench did not
+  start itself (the workers, PostgreSQL's postmaster and backends, redis-server);
+  :class:`Ops` counts what the deployment asks of Redis (``INFO commandstats``) and of
+  PostgreSQL (``pg_stat_statements``, ``pg_stat_database``, transaction ids).
 - Measuring: CPU seconds per process over a phase (:class:`Cpu`), RSS sampled in a thread
   (:class:`RssSampler`), RSS settling, the machine and the source measured, a quiet-machine
   wait, a py-spy recorder (:class:`Profiler`), percentiles.
@@ -158,6 +163,7 @@ class Child:
             cwd=str(ROOT),
         )
         self.ps = psutil.Process(self.proc.pid)
+        self.workers: list[int] = []  # prismd: the pids that answer (--workers N: its workers)
 
     @property
     def pid(self) -> int:
@@ -173,18 +179,7 @@ class Child:
             return ""
 
     def cpu_s(self) -> float:
-        """CPU seconds of the whole process (every thread, also those that ended), exact: the
-        kernel's CPU-time clock of another process (clockid = ~pid << 3 | CPUCLOCK_SCHED, see
-        clock_getcpuclockid(3)); /proc's clock-tick count (10 ms steps) where that fails."""
-        try:
-            return time.clock_gettime_ns(((~self.proc.pid) << 3) | 2) / 1e9
-        except (OSError, AttributeError, OverflowError):
-            pass
-        try:
-            t = self.ps.cpu_times()
-            return t.user + t.system
-        except psutil.Error:
-            return float("nan")
+        return process_cpu_s(self.ps)
 
     def rss(self) -> int | None:
         try:
@@ -198,7 +193,19 @@ class Child:
         except psutil.Error:
             return None
 
+    def threads(self) -> int | None:
+        try:
+            return self.ps.num_threads()
+        except psutil.Error:
+            return None
+
     def stop(self, timeout: float = 8.0) -> None:
+        """SIGTERM, then SIGKILL; then the same for any of its own children still running
+        (`prismd serve --workers N`'s workers, should the supervisor die before them)."""
+        try:
+            kids = self.ps.children(recursive=True) if self.alive() else []
+        except psutil.Error:
+            kids = []
         if self.alive():
             self.proc.send_signal(signal.SIGTERM)
             try:
@@ -206,10 +213,125 @@ class Child:
             except subprocess.TimeoutExpired:
                 self.proc.kill()
                 self.proc.wait(5)
+        stop_pids(kids)
         self._log.close()
 
 
-CHILDREN: list[Child] = []
+def process_cpu_s(ps: psutil.Process, gone: float = float("nan")) -> float:
+    """CPU seconds of a whole process (every thread, also those that ended), exact: the
+    kernel's CPU-time clock of another process (clockid = ~pid << 3 | CPUCLOCK_SCHED, see
+    clock_getcpuclockid(3)); /proc's clock-tick count (10 ms steps) where that fails; `gone`
+    for a process that has ended."""
+    try:
+        return time.clock_gettime_ns(((~ps.pid) << 3) | 2) / 1e9
+    except (OSError, AttributeError, OverflowError):
+        pass
+    try:
+        t = ps.cpu_times()
+        return t.user + t.system
+    except psutil.Error:
+        return gone
+
+
+def stop_pids(procs: list[psutil.Process], wait_s: float = 5.0) -> None:
+    """SIGTERM the processes of this list that still run (psutil checks that a pid is still
+    the same process), then SIGKILL those left after wait_s."""
+    alive = []
+    for ps in procs:
+        try:
+            if ps.is_running():
+                ps.terminate()
+                alive.append(ps)
+        except psutil.Error:
+            pass
+    _, left = psutil.wait_procs(alive, timeout=wait_s)
+    for ps in left:
+        try:
+            ps.kill()
+        except psutil.Error:
+            pass
+    psutil.wait_procs(left, timeout=wait_s)
+
+
+class Procs:
+    """Processes the bench did not start itself, by pid (a prismd worker, PostgreSQL,
+    redis-server); summed. With tree=True, each one's descendants too, also those that ended:
+    the CPU time of a child the kernel has reaped is added to its parent's (children_user,
+    children_system), so summing every live process's own time and its reaped children's
+    counts each process of the tree once (PostgreSQL's backends come and go)."""
+
+    def __init__(self, name: str, pids: list[int], tree: bool = False) -> None:
+        self.name, self.tree = name, tree
+        self.roots = [psutil.Process(pid) for pid in pids]
+
+    @property
+    def pids(self) -> list[int]:
+        return [ps.pid for ps in self.roots]
+
+    def members(self) -> list[psutil.Process]:
+        out = []
+        for ps in self.roots:
+            out.append(ps)
+            if self.tree:
+                try:
+                    out += ps.children(recursive=True)
+                except psutil.Error:
+                    pass
+        return out
+
+    def cpu_s(self) -> float:
+        total = 0.0
+        for ps in self.members():
+            total += process_cpu_s(ps, gone=0.0)  # ended since members(): in its parent's now
+            if self.tree:
+                try:
+                    t = ps.cpu_times()
+                    total += t.children_user + t.children_system
+                except psutil.Error:
+                    pass
+        return total
+
+    def _sum(self, what: Callable[[psutil.Process], int]) -> int | None:
+        total, seen = 0, False
+        for ps in self.members():
+            try:
+                total += what(ps)
+                seen = True
+            except psutil.Error:
+                pass
+        return total if seen else None
+
+    def rss(self) -> int | None:
+        return self._sum(lambda ps: ps.memory_info().rss)
+
+    def fds(self) -> int | None:
+        return self._sum(lambda ps: ps.num_fds())
+
+    def threads(self) -> int | None:
+        return self._sum(lambda ps: ps.num_threads())
+
+    def alive(self) -> bool:
+        return all(ps.is_running() for ps in self.roots)
+
+
+class Service:
+    """A throwaway PostgreSQL or Redis of prismd.testing, kept in CHILDREN so that it is
+    stopped (and its directory removed) with the rest, on exit, error or signal."""
+
+    def __init__(self, name: str, server: Any, log: Path) -> None:
+        self.name, self.server, self.log_path = name, server, log
+
+    def output(self) -> str:
+        try:
+            return self.log_path.read_text(errors="replace")
+        except OSError:
+            return ""
+
+    def stop(self) -> None:
+        self.server.close()
+
+
+CHILDREN: list[Child | Service] = []
 
 
 def stop_children() -> None:
@@ -278,9 +400,17 @@ def check_fake(child: Child, url: str) -> None:
 STREAM_AGENT = "streamer"
 
 
-def start_prismd(tmp: Path, fake_a: str, fake_b: str) -> tuple[Child, int, Path]:
+def start_prismd(
+    tmp: Path,
+    fake_a: str,
+    fake_b: str,
+    *,
+    workers: int = 1,
+    extra_env: dict[str, str] | None = None,
+) -> tuple[Child, int, Path]:
     """prismd on a free port with a fresh home: the default provider (openai) at fake_a, the
-    agent `streamer` (provider `ollama`) at fake_b. Waits until /api/health answers."""
+    agent `streamer` (provider `ollama`) at fake_b. Waits until /api/health answers (from each
+    worker, with `--workers N`)."""
     import tempfile
 
     home = Path(tempfile.mkdtemp(prefix="prismd-home-", dir=tmp))
@@ -301,18 +431,18 @@ def start_prismd(tmp: Path, fake_a: str, fake_b: str) -> tuple[Child, int, Path]
         PRISMD_MODEL=MODEL,
         PYTHONUNBUFFERED="1",
     )
+    env.update(extra_env or {})
     last = ""
     for attempt in range(3):  # a free port can be taken between probe and bind
         port = free_port()
-        child = Child(
-            "prismd",
-            [str(PRISMD), "serve", "--host", HOST, "--port", str(port)],
-            env,
-            tmp / f"prismd-{attempt}.log",
-            preexec=_server_preexec,
-        )
+        argv = [str(PRISMD), "serve", "--host", HOST, "--port", str(port)]
+        if workers > 1:
+            argv += ["--workers", str(workers)]
+        child = Child("prismd", argv, env, tmp / f"prismd-{attempt}.log", preexec=_server_preexec)
         CHILDREN.append(child)
-        if wait_health(child, port, 40.0):
+        pids = wait_health(child, port, 40.0 + 20.0 * (workers - 1), workers)
+        if pids is not None:
+            child.workers = pids
             return child, port, home
         last = child.output()[-2000:]
         child.stop()
@@ -320,17 +450,25 @@ def start_prismd(tmp: Path, fake_a: str, fake_b: str) -> tuple[Child, int, Path]
     raise RuntimeError(f"prismd did not start:\n{last}")
 
 
-def wait_health(child: Child, port: int, wait_s: float) -> bool:
-    """Poll /api/health until it answers 200 (bounded; False if the child died)."""
+def wait_health(child: Child, port: int, wait_s: float, workers: int = 1) -> list[int] | None:
+    """Poll /api/health until it answers 200 (with several workers: until each worker has
+    answered, told apart by the `pid` it reports; a new connection per request lands on any of
+    them). Returns the pids that answered; None if the time ran out or the child died."""
     deadline = time.monotonic() + wait_s
+    pids: set[int] = set()
     while time.monotonic() < deadline and child.alive():
         try:
-            if httpx.get(f"http://{HOST}:{port}/api/health", timeout=1.0).status_code == 200:
-                return True
-        except httpx.HTTPError:
+            r = httpx.get(f"http://{HOST}:{port}/api/health", timeout=1.0)
+            if r.status_code == 200:
+                pids.add(int(r.json().get("pid") or child.pid))
+                if len(pids) >= workers:
+                    return sorted(pids)
+                time.sleep(0.02)
+                continue
+        except (httpx.HTTPError, ValueError):
             pass
         time.sleep(0.1)
-    return False
+    return None
 
 
 async def health(port: int) -> dict[str, Any]:
@@ -339,22 +477,259 @@ async def health(port: int) -> dict[str, Any]:
         return r.json()
 
 
-async def wait_idle(port: int, wait_s: float = 30.0) -> dict[str, Any]:
-    """Wait until the server reports no running turns (bounded)."""
+async def healths(port: int, pids: list[int], wait_s: float = 10.0) -> dict[int, dict[str, Any]]:
+    """/api/health of each of these worker pids (a new connection per request lands on any
+    worker: asked until each has answered; bounded, those that did not are left out)."""
+    out: dict[int, dict[str, Any]] = {}
+    deadline = time.monotonic() + wait_s
+    while len(out) < len(pids) and time.monotonic() < deadline:
+        try:
+            h = await health(port)
+            if h.get("pid") in pids:
+                out[h["pid"]] = h
+            await asyncio.sleep(0.02)
+        except (httpx.HTTPError, ValueError):
+            await asyncio.sleep(0.1)
+    return out
+
+
+async def wait_idle(
+    port: int, wait_s: float = 30.0, pids: list[int] | None = None
+) -> dict[str, Any]:
+    """Wait until the server reports no running turns (bounded). With `pids` (the workers of
+    `--workers N`), until each of them has reported none since the wait began."""
     deadline = time.monotonic() + wait_s
     h: dict[str, Any] = {}
+    idle: set[int] = set()
     while time.monotonic() < deadline:
         try:
             h = await health(port)
             if not h.get("runningTurns"):
-                return h
+                if not pids:
+                    return h
+                idle.add(h.get("pid", 0))
+                if idle >= set(pids):
+                    return h
+                await asyncio.sleep(0.02)  # another connection: maybe the other worker
+                continue
         except (httpx.HTTPError, ValueError):
             pass
         await asyncio.sleep(0.2)
     return h
 
 
-async def settle_rss(child: Child, limit_s: float = 15.0, still_s: float = 1.5) -> int | None:
+# ------------------------------------------------------------------------------- scale-out
+
+
+class ScaleOut:
+    """`prismd serve --workers N` on a throwaway PostgreSQL and Redis (issue 10), all on
+    127.0.0.1: the processes, the database prismd uses and what counts its operations."""
+
+    def __init__(
+        self, server: Child, port: int, home: Path, pg: Any, redis: Any, database_url: str
+    ) -> None:
+        self.server, self.port, self.home = server, port, home
+        self.pg, self.redis, self.database_url = pg, redis, database_url
+        self.statements = False  # pg_stat_statements preloaded
+        self.workers = server.workers
+
+
+def start_scale_out(tmp: Path, fake_a: str, fake_b: str, workers: int = 2) -> ScaleOut:
+    """A fresh PostgreSQL cluster (pg_stat_statements preloaded when it is installed) and a
+    fresh Redis (prismd.testing), then prismd with --workers N on them, like start_prismd.
+    Each is in CHILDREN before it starts, so it is stopped whatever happens next; redis-server
+    (which has no parent-death signal) also gets a :func:`guard`."""
+    from prismd.testing.postgres_server import PostgresServer
+    from prismd.testing.redis_server import RedisServer
+
+    pg = PostgresServer()
+    CHILDREN.append(Service("postgres", pg, pg.log))
+    pg.start()
+    statements = (pg.bin_dir.parent / "lib" / "pg_stat_statements.so").exists()
+    if statements:  # needs a restart: a preload library is loaded by the postmaster
+        pg.psql("ALTER SYSTEM SET shared_preload_libraries = 'pg_stat_statements'")
+        pg.restart()
+    database_url = pg.create_database()
+    redis = RedisServer()
+    CHILDREN.append(Service("redis", redis, redis.dir / "redis.log"))
+    redis.start()
+    CHILDREN.append(guard("redis-guard", redis.proc.pid, tmp))
+    env = {"PRISMD_DATABASE_URL": database_url, "PRISMD_REDIS_URL": redis.url}
+    server, port, home = start_prismd(tmp, fake_a, fake_b, workers=workers, extra_env=env)
+    out = ScaleOut(server, port, home, pg, redis, database_url)
+    out.statements = statements
+    return out
+
+
+_GUARD = """
+import os, sys, time
+import psutil
+bench, target = int(sys.argv[1]), psutil.Process(int(sys.argv[2]))
+while os.getppid() == bench:
+    time.sleep(0.5)
+try:
+    target.terminate()
+    target.wait(5)
+except psutil.TimeoutExpired:
+    target.kill()
+except psutil.Error:
+    pass
+"""
+
+
+def guard(name: str, pid: int, tmp: Path) -> Child:
+    """A watchdog for a process started without a parent-death signal (redis-server, by
+    prismd.testing.redis_server): it stops that pid when the bench dies, even by SIGKILL. It
+    has no death signal itself (it must outlive the bench) and a session of its own; stopping
+    it does nothing else."""
+    argv = [sys.executable, "-c", _GUARD, str(os.getpid()), str(pid)]
+    return Child(name, argv, dict(os.environ), tmp / f"{name}.log", preexec=os.setsid)
+
+
+class Ops:
+    """What the deployment asks of Redis and PostgreSQL, counted by the servers themselves.
+
+    Redis: ``INFO commandstats`` (calls and microseconds per command; the bench's own INFO
+    left out) and ``INFO stats`` (bytes in and out). PostgreSQL, prismd's database only:
+    ``pg_stat_statements`` (statements executed, rows, execution time, per kind: SELECT,
+    INSERT, BEGIN, COMMIT...), counted the moment a statement ends; the transaction ids
+    handed out (``pg_current_snapshot()``'s xmax: one per transaction that wrote, cluster
+    wide, and only prismd writes); and ``pg_stat_database`` (xact_commit, tup_*), which a
+    backend publishes at most once a second and, once it is idle, only 10 s later
+    (PostgreSQL >= 15): a window read from it must end :data:`PG_FLUSH_S` after its last
+    statement. The bench's own queries run in another database (`postgres`)."""
+
+    PG_FLUSH_S = 10.5
+
+    def __init__(self, redis_url: str, admin_url: str, database_url: str) -> None:
+        self.redis_url, self.admin_url = redis_url, admin_url
+        self.dbname = database_url.rsplit("/", 1)[1]
+        self.has_statements = False
+        self.pg: Any = None
+        self.redis: Any = None
+
+    async def open(self, statements: bool) -> None:
+        import asyncpg
+        import redis.asyncio as aioredis
+
+        self.pg = await asyncpg.connect(self.admin_url, timeout=10)
+        self.dbid = await self.pg.fetchval(
+            "SELECT oid FROM pg_database WHERE datname = $1", self.dbname
+        )
+        if statements:
+            await self.pg.execute("CREATE EXTENSION IF NOT EXISTS pg_stat_statements")
+            self.has_statements = True
+        self.redis = aioredis.Redis.from_url(self.redis_url, socket_timeout=10)
+        self.versions = {
+            "postgres": await self.pg.fetchval("SHOW server_version"),
+            "redis": (await self.redis.info("server")).get("redis_version"),
+        }
+
+    async def close(self) -> None:
+        if self.pg is not None:
+            await self.pg.close(timeout=5)
+        if self.redis is not None:
+            await self.redis.aclose()
+
+    async def counters(self) -> dict[str, Any]:
+        """The counters that are exact at once: Redis, pg_stat_statements, transaction ids."""
+        async with asyncio.timeout(20):
+            cmd = await self.redis.info("commandstats")
+            st = await self.redis.info("stats")
+            pg: dict[str, Any] = {
+                "xids": await self.pg.fetchval(
+                    "SELECT pg_snapshot_xmax(pg_current_snapshot())::text::bigint"
+                )
+            }
+            if self.has_statements:
+                rows = await self.pg.fetch(
+                    "SELECT lower(substring(ltrim(query, E' \t\r\n(') from '^[A-Za-z]+'))"
+                    " AS kind, sum(calls)::bigint AS calls, sum(rows)::bigint AS rows,"
+                    " sum(total_exec_time)::float8 AS ms"
+                    " FROM pg_stat_statements WHERE dbid = $1 GROUP BY 1",
+                    self.dbid,
+                )
+                pg["calls"] = {r["kind"] or "other": r["calls"] for r in rows}
+                pg["rows"] = {r["kind"] or "other": r["rows"] for r in rows}
+                pg["exec_ms"] = {r["kind"] or "other": round(r["ms"], 3) for r in rows}
+        calls = {k.removeprefix("cmdstat_"): v["calls"] for k, v in cmd.items()}
+        usec = {k.removeprefix("cmdstat_"): v["usec"] for k, v in cmd.items()}
+        calls.pop("info", None)
+        usec.pop("info", None)
+        return {
+            "redis": {
+                "calls": calls,
+                "usec": usec,
+                "net_in_bytes": st.get("total_net_input_bytes", 0),
+                "net_out_bytes": st.get("total_net_output_bytes", 0),
+            },
+            "pg": pg,
+        }
+
+    async def statements(self) -> dict[str, dict[str, Any]]:
+        """Per statement of prismd's database (pg_stat_statements' normalised text): calls and
+        rows; empty without pg_stat_statements."""
+        if not self.has_statements:
+            return {}
+        async with asyncio.timeout(20):
+            rows = await self.pg.fetch(
+                "SELECT queryid::text AS id, query, calls, rows FROM pg_stat_statements"
+                " WHERE dbid = $1",
+                self.dbid,
+            )
+        return {
+            r["id"]: {"query": " ".join(r["query"].split()), "calls": r["calls"], "rows": r["rows"]}
+            for r in rows
+        }
+
+    async def database(self) -> dict[str, Any]:
+        """pg_stat_database's row of prismd's database (see the class: it lags)."""
+        async with asyncio.timeout(20):
+            row = await self.pg.fetchrow(
+                "SELECT xact_commit, xact_rollback, tup_returned, tup_fetched, tup_inserted,"
+                " tup_updated, tup_deleted, blks_hit, blks_read"
+                " FROM pg_stat_database WHERE datid = $1",
+                self.dbid,
+            )
+        return {k: int(v) for k, v in dict(row).items()}
+
+
+def delta(after: Any, before: Any) -> Any:
+    """after - before, number by number, through nested dicts (missing: 0)."""
+    if isinstance(after, dict):
+        before = before if isinstance(before, dict) else {}
+        return {k: delta(v, before.get(k)) for k, v in after.items()}
+    if isinstance(after, (int, float)) and not isinstance(after, bool):
+        d = after - (before or 0)
+        return round(d, 3) if isinstance(d, float) else d
+    return after
+
+
+def ops_sum(a: Any, b: Any) -> Any:
+    """a + b, number by number, through nested dicts (None: nothing yet)."""
+    if a is None:
+        return b
+    if isinstance(b, dict):
+        a = a if isinstance(a, dict) else {}
+        return {k: ops_sum(a.get(k), b.get(k)) for k in {**a, **b}}
+    if isinstance(b, (int, float)) and not isinstance(b, bool):
+        total = (a or 0) + b
+        return round(total, 3) if isinstance(total, float) else total
+    return a if b is None else b
+
+
+def ops_scale(a: Any, factor: float) -> Any:
+    """a * factor, number by number, through nested dicts."""
+    if isinstance(a, dict):
+        return {k: ops_scale(v, factor) for k, v in a.items()}
+    if isinstance(a, (int, float)) and not isinstance(a, bool):
+        return a * factor
+    return a
+
+
+async def settle_rss(
+    child: Child | Procs, limit_s: float = 15.0, still_s: float = 1.5
+) -> int | None:
     """Wait until the child's RSS holds still (within 256 KiB) for still_s (at most limit_s):
     prismd may still import model SDKs in a background thread after it answers."""
     last, since, deadline = child.rss() or 0, perf(), perf() + limit_s
@@ -370,11 +745,11 @@ async def settle_rss(child: Child, limit_s: float = 15.0, still_s: float = 1.5) 
 
 
 class RssSampler:
-    """Samples a child's RSS in a thread (independent of the client's busy event loop) every
-    `interval` s, its open fds every 40th time; keeps the peak per label (None: not
-    recording)."""
+    """Samples a child's RSS (a :class:`Child` or :class:`Procs`: their sum) in a thread
+    (independent of the client's busy event loop) every `interval` s, its open fds every 40th
+    time; keeps the peak per label (None: not recording)."""
 
-    def __init__(self, child: Child, interval: float = 0.025) -> None:
+    def __init__(self, child: Child | Procs, interval: float = 0.025) -> None:
         self.child, self.interval = child, interval
         self.label: str | None = None
         self.peaks: dict[str, int] = {}
@@ -387,18 +762,16 @@ class RssSampler:
         return self
 
     def _run(self) -> None:
-        ps = self.child.ps
         k = 0
         while not self._stop.wait(self.interval):
             label = self.label
             if label is None:
                 continue
             k += 1
-            try:
-                r = ps.memory_info().rss  # /proc/PID/statm: cheap
-                if k % 40 == 1:  # listing thousands of fds is not: about once a second
-                    self.fds_peak = max(self.fds_peak, ps.num_fds())
-            except psutil.Error:
+            r = self.child.rss()  # /proc/PID/statm: cheap
+            if k % 40 == 1:  # listing thousands of fds is not: about once a second
+                self.fds_peak = max(self.fds_peak, self.child.fds() or 0)
+            if r is None:
                 continue
             if r > self.peaks.get(label, 0):
                 self.peaks[label] = r
@@ -410,14 +783,19 @@ class RssSampler:
 
 class Cpu:
     """CPU seconds used over one phase by each child and by this process (`client`), and by
-    everything else on the machine (`other`: other people's processes skew the figures)."""
+    everything else on the machine (`other`: other people's processes skew the figures).
+    `detail`: parts of those processes measured on their own as well (each worker of a
+    `--workers N` prismd), not counted twice in `other`."""
 
-    def __init__(self, procs: dict[str, Child]) -> None:
+    def __init__(
+        self, procs: dict[str, Child | Procs], detail: dict[str, Procs] | None = None
+    ) -> None:
         self.procs = procs
+        self.detail = detail or {}
         self.t0 = self._now()
 
     def _now(self) -> dict[str, float]:
-        d = {name: c.cpu_s() for name, c in self.procs.items()}
+        d = {name: c.cpu_s() for name, c in (self.procs | self.detail).items()}
         d["client"] = time.process_time()
         t = psutil.cpu_times()
         d["machine_busy"] = (

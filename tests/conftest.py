@@ -81,7 +81,9 @@ class PrismdServer:
             for k, v in os.environ.items()
             if not k.startswith(("OPENAI_", "ANTHROPIC_", "PRISMD_", "OLLAMA_"))
         }
-        env.update({"PRISMD_HOME": str(self.home), **self.env})
+        # No offline default model unless a test asks for it (PRISMD_LOCAL_ENABLED=true): a
+        # server with no provider would otherwise start a llama.cpp runtime it never uses.
+        env.update({"PRISMD_HOME": str(self.home), "PRISMD_LOCAL_ENABLED": "false", **self.env})
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "prismd", "serve", "--port", str(self.port)],
             env=env,

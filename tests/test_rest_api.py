@@ -450,7 +450,8 @@ def test_providers_and_models(server, fake_openai):
         body = h.get("/api/providers").json()
         assert body["default"] == "openai"
         kinds = {p["kind"]: p for p in body["providers"]}
-        assert set(kinds) == {"openai", "anthropic", "ollama"}
+        assert set(kinds) == {"openai", "anthropic", "ollama", "local"}
+        assert kinds["local"]["configured"] is False  # the fixtures turn the offline default off
         assert kinds["openai"]["configured"] is True
         assert kinds["openai"]["baseUrl"] == fake_openai.url
         assert kinds["openai"]["model"] == "gpt-4o-mini"

@@ -12,10 +12,19 @@ import tomllib
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    ConfigDict,
+    Field,
+    SerializerFunctionWrapHandler,
+    ValidationError,
+    field_serializer,
+    field_validator,
+)
 
-ProviderKind = Literal["openai", "anthropic", "ollama"]
-PROVIDER_KINDS: tuple[str, ...] = ("openai", "anthropic", "ollama")
+ProviderKind = Literal["openai", "anthropic", "ollama", "local"]
+PROVIDER_KINDS: tuple[str, ...] = ("openai", "anthropic", "ollama", "local")
 
 DEFAULT_SYSTEM_PROMPT = (
     "You are a helpful assistant running inside prismd, a self-hosted AI server. "
@@ -121,11 +130,33 @@ class ProviderSettings(_Section):
     context_window: Annotated[int, Field(gt=0)] | None = None
     vision: bool = True
     # How tools reach the model: the API's native tool calling, or the text protocol
-    # (<tool_call>{"tool": …, "args": …}</tool_call>) for models without it.
-    tool_calling: Literal["native", "text"] = "native"
+    # (<tool_call>{"tool": …, "args": …}</tool_call>) for models without it. "auto": native,
+    # except for a local model whose chat template declares no tool support.
+    tool_calling: Literal["auto", "native", "text"] = "auto"
     # Models of this provider that need the text protocol (fnmatch patterns).
     text_tool_models: list[str] = Field(default_factory=list)
-    max_output_tokens: Annotated[int, Field(gt=0)] = 4096
+    # The longest answer asked of the model; default 4096 (1024 for a `local` model).
+    max_output_tokens: Annotated[int, Field(gt=0)] | None = None
+    # The `local` provider only (GGUF models run by prismd's own llama.cpp runtime):
+    # false: never start a local runtime (no offline default model either).
+    enabled: bool = True
+    # More GGUF models by name: {qwen = "/path/qwen.gguf"}; `model` may name one of them.
+    models: dict[str, str] = Field(default_factory=dict)
+    # Threads of llama.cpp; 0: half the CPUs (at least one), which leaves room for prismd: on a
+    # busy machine llama.cpp's spinning threads slow down many times over (docs/benchmarks.md).
+    threads: Annotated[int, Field(ge=0)] = 0
+    # Streams generated at once (continuous batching); they share `context_window` tokens.
+    parallel: Annotated[int, Field(ge=1, le=64)] = 4
+    repeat_penalty: Annotated[float, Field(ge=0)] = 1.1
+    seed: Annotated[int, Field(ge=0)] | None = None
+    # How long a chat waits for the model to load before `provider_timeout`.
+    load_timeout_s: Annotated[float, Field(gt=0)] = 300.0
+
+
+# Keys of ProviderSettings that only the `local` provider reads.
+LOCAL_ONLY_KEYS = frozenset(
+    {"enabled", "models", "threads", "parallel", "repeat_penalty", "seed", "load_timeout_s"}
+)
 
 
 class ShellSettings(_Section):
@@ -348,6 +379,30 @@ class Settings(_Section):
     def data_dir(self) -> Path:
         return (self.server.data_dir or self.home / "data").expanduser()
 
+    @field_validator("providers")
+    @classmethod
+    def _local_keys_only_for_local(
+        cls, providers: dict[str, ProviderSettings]
+    ) -> dict[str, ProviderSettings]:
+        for kind, section in providers.items():
+            misplaced = (
+                sorted(LOCAL_ONLY_KEYS & section.model_fields_set) if kind != "local" else []
+            )
+            if misplaced:
+                raise ValueError(f"{kind}.{misplaced[0]} is a setting of [providers.local] only")
+        return providers
+
+    @field_serializer("providers", mode="wrap")
+    def _dump_local_keys_only_for_local(
+        self, providers: dict[str, ProviderSettings], handler: SerializerFunctionWrapHandler
+    ) -> dict[str, Any]:
+        dumped: dict[str, Any] = handler(providers)
+        for kind, section in dumped.items():
+            if kind != "local" and isinstance(section, dict):
+                for key in LOCAL_ONLY_KEYS:
+                    section.pop(key, None)
+        return dumped
+
     def provider_settings(self, kind: str) -> ProviderSettings:
         return self.providers.get(kind, ProviderSettings())  # type: ignore[call-overload]
 
@@ -375,6 +430,8 @@ ENV_OVERRIDES: dict[str, tuple[str, ...]] = {
     "ANTHROPIC_BASE_URL": ("providers", "anthropic", "base_url"),
     "ANTHROPIC_API_KEY": ("providers", "anthropic", "api_key"),
     "OLLAMA_BASE_URL": ("providers", "ollama", "base_url"),
+    # "false": no local runtime, hence no offline default model.
+    "PRISMD_LOCAL_ENABLED": ("providers", "local", "enabled"),
 }
 
 

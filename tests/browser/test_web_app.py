@@ -591,11 +591,25 @@ def test_retry_and_edit_last_message(
 
 
 def test_setup_screen_without_a_provider(page: Page, bare_server: PrismdServer) -> None:
+    # bare_server: no key, no Ollama, and the offline default model turned off.
     page.goto(bare_server.url + "/")
     expect(page.locator("#setup-view")).to_be_visible()
     expect(page.locator("#setup-view")).to_contain_text("OPENAI_API_KEY")
+    expect(page.locator("#setup-view")).to_contain_text("PRISMD_PROVIDER=local")
     page.locator("#setup-skip").click()
     expect(page.locator("#chat-view")).to_be_visible()
+
+
+def test_the_offline_demo_model_says_what_it_is(page: Page, make_server) -> None:  # noqa: ANN001
+    """No key, no Ollama: the chat opens on the bundled tiny model, which the page names as
+    a demo, with how to connect a real model."""
+    srv = make_server({"PRISMD_LOCAL_ENABLED": "true", "OLLAMA_BASE_URL": "http://127.0.0.1:9"})
+    page.goto(srv.url + "/")
+    expect(page.locator("#chat-view")).to_be_visible()
+    note = page.locator("#model-note")
+    expect(note).to_be_visible()
+    expect(note).to_contain_text("tiny offline demo model")
+    expect(note).to_contain_text("OPENAI_API_KEY")
 
 
 def _add_user(srv: PrismdServer, name: str, password: str) -> subprocess.CompletedProcess[str]:

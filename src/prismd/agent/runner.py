@@ -154,7 +154,9 @@ class TurnRunner:
 
     def text_protocol(self, provider: Provider, model: str) -> bool:
         ps = self.settings.provider_settings(provider.kind)
-        return ps.tool_calling == "text" or any(fnmatchcase(model, p) for p in ps.text_tool_models)
+        if ps.tool_calling == "text" or provider.text_tools(model):
+            return True
+        return any(fnmatchcase(model, p) for p in ps.text_tool_models)
 
 
 class _Execution:

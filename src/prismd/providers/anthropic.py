@@ -49,7 +49,7 @@ class AnthropicProvider(Provider):
         self.default_model = default_model
         self.base_url = base_url
         self.vision = settings.vision
-        self.max_output_tokens = settings.max_output_tokens
+        self.max_output_tokens = settings.max_output_tokens or Provider.max_output_tokens
         self._label = "the Anthropic API" + (f" at {base_url}" if base_url else "")
         self._http = StreamClient(
             base_url or ANTHROPIC_BASE_URL,

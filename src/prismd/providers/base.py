@@ -96,7 +96,14 @@ class Usage:
     reasoning_tokens: int = 0
 
 
-StreamPart = TextDelta | ReasoningDelta | Usage | ToolCall | ThinkingBlock
+@dataclass(slots=True)
+class Finish:
+    """Why the model ended its answer, as the API said it ("stop", "length", "tool_calls"…)."""
+
+    reason: str
+
+
+StreamPart = TextDelta | ReasoningDelta | Usage | ToolCall | ThinkingBlock | Finish
 
 
 def coalesce(parts: list[StreamPart]) -> list[StreamPart]:
@@ -147,6 +154,14 @@ class Provider(abc.ABC):
     async def list_models(self) -> list[str]:
         """The ids of the models the endpoint offers (through the official SDK)."""
         raise ProviderError(f"Provider {self.kind!r} cannot list models")
+
+    def text_tools(self, model: str) -> bool:
+        """True when this model needs the text tool protocol whatever the settings say (a
+        local model whose chat template has no tools)."""
+        return False
+
+    def warm_up(self) -> None:  # noqa: B027 - optional hook
+        """Prepare the default model in the background (called once, at startup)."""
 
     async def aclose(self) -> None:  # noqa: B027 - optional hook
         pass

@@ -15,6 +15,7 @@ from ._errors import translate
 from ._http import StreamClient, ended_early
 from .base import (
     ChatMessage,
+    Finish,
     ModelRequest,
     Provider,
     ProviderError,
@@ -38,7 +39,13 @@ class OpenAICompatProvider(Provider):
         default_model: str,
         base_url: str | None,
         api_key: str | None,
+        label: str | None = None,
+        extra_body: dict[str, Any] | None = None,
+        max_tokens_field: str | None = None,
     ) -> None:
+        """`extra_body`: fields added to every request (a server's own sampling options);
+        `max_tokens_field`: the field that carries the request's `max_output_tokens` (not sent
+        when None: OpenAI's reasoning models refuse `max_tokens`)."""
         self._settings = settings
         self._api_key = api_key
         self._tools_cache: tuple[list[ToolDef], list[dict[str, Any]]] | None = None
@@ -46,8 +53,12 @@ class OpenAICompatProvider(Provider):
         self.default_model = default_model
         self.base_url = base_url
         self.vision = settings.vision
-        self.max_output_tokens = settings.max_output_tokens
-        self._label = f"the {kind} model endpoint" + (f" at {base_url}" if base_url else "")
+        self.max_output_tokens = settings.max_output_tokens or Provider.max_output_tokens
+        self._label = label or f"the {kind} model endpoint" + (
+            f" at {base_url}" if base_url else ""
+        )
+        self._extra_body = extra_body or {}
+        self._max_tokens_field = max_tokens_field
         # Local servers (Ollama, llama.cpp…) take no key.
         headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
         self._http = StreamClient(
@@ -113,7 +124,10 @@ class OpenAICompatProvider(Provider):
             "messages": messages,
             "stream": True,
             "stream_options": {"include_usage": True},
+            **self._extra_body,
         }
+        if self._max_tokens_field:
+            kwargs[self._max_tokens_field] = request.max_output_tokens
         if request.temperature is not None:
             kwargs["temperature"] = request.temperature
         if request.reasoning_effort:
@@ -172,6 +186,9 @@ class OpenAICompatProvider(Provider):
                 slot[0] = tc.get("id") or slot[0]
                 slot[1] += fn.get("name") or ""
                 slot[2] += fn.get("arguments") or ""
+            reason = choices[0].get("finish_reason")
+            if reason:
+                parts.append(Finish(reason))
         return parts
 
     async def list_models(self) -> list[str]:

@@ -28,11 +28,12 @@ class ModelInfo:
 def lookup(kind: str, base_url: str | None, model: str) -> ModelInfo | None:
     """Find the price entry for `model` as served by this provider, or None.
 
-    Local models (Ollama) have no price. A custom base URL is matched by genai-prices' URL
-    patterns (DeepSeek, Groq, OpenRouter…); an unrecognised URL falls back to the model name,
-    because OpenAI-compatible proxies mostly relay the named model.
+    Local models (Ollama, prismd's own `local` runtime) have no price. A custom base URL is
+    matched by genai-prices' URL patterns (DeepSeek, Groq, OpenRouter…); an unrecognised URL
+    falls back to the model name, because OpenAI-compatible proxies mostly relay the named
+    model.
     """
-    if kind == "ollama" or not model:
+    if kind in ("ollama", "local") or not model:
         return None
     snapshot = get_snapshot()
     attempts: list[tuple[str | None, str | None]] = []

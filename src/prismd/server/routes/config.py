@@ -82,7 +82,7 @@ async def config_body(core: Prismd) -> dict[str, Any]:
                 "baseUrl": (masked.get(kind) or {}).get("base_url"),
                 "apiKey": mask_key(ps.api_key),
                 "contextWindow": ps.context_window,
-                "maxTokens": ps.max_output_tokens,
+                "maxTokens": core.providers.max_output_tokens(kind),
             }
     voice = settings.voice
     stt_model = voice.stt.openai_model if voice.stt.engine == "openai" else voice.stt.model

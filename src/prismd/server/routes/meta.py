@@ -62,6 +62,8 @@ async def health(request: Request, core: Core) -> dict[str, Any]:
         "version": __version__,
         "provider": core.providers.default_kind,
         "providerConfigured": core.providers.default_kind is not None,
+        # The offline demo model says so here: {displayName, note, demo, runtime…}.
+        "model": core.providers.describe(),
         "connections": len(core.connections),
         "liveSessions": core.sessions.live_count(),
         "runningTurns": len(core.sessions.running_turns()),
@@ -73,7 +75,7 @@ async def health(request: Request, core: Core) -> dict[str, Any]:
 
 async def status_body(core: Prismd) -> dict[str, Any]:
     kind = core.providers.default_kind
-    return {
+    body: dict[str, Any] = {
         "provider": kind,
         "model": await provider_model(core, kind) if kind else None,
         # CortexPrism's validator, executor and scheduler processes: prismd has none.
@@ -82,6 +84,11 @@ async def status_body(core: Prismd) -> dict[str, Any]:
         "providerConfigured": kind is not None,
         "version": __version__,
     }
+    if kind is not None:
+        # prismd's: how to show the model (the offline demo model says what it is).
+        shown = core.providers.describe()
+        body.update(displayName=shown["displayName"], note=shown["note"], demo=shown["demo"])
+    return body
 
 
 @router.get(

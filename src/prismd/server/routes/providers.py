@@ -26,6 +26,11 @@ class ProviderOut(BaseModel):
     configured: bool
     model: str | None
     baseUrl: str | None
+    # When configured: how to show the model; `note` is a line to show beside it (the offline
+    # demo model says what it is and how to connect a real one).
+    displayName: str | None = None
+    note: str | None = None
+    demo: bool = False
 
 
 class ProviderList(BaseModel):
@@ -62,10 +67,16 @@ async def provider_info(core: Prismd, kind: str) -> dict[str, Any]:
     configured = kind == core.providers.default_kind or bool(ps.api_key or ps.base_url)
     if kind == "anthropic":
         configured = bool(ps.api_key)
+    if kind == "local":
+        configured = kind == core.providers.default_kind or bool(ps.model or ps.models)
     model = ps.model
     if configured and not model:
         model = await provider_model(core, kind)
-    return {"kind": kind, "configured": configured, "model": model, "baseUrl": ps.base_url}
+    info = {"kind": kind, "configured": configured, "model": model, "baseUrl": ps.base_url}
+    if configured:
+        shown = core.providers.describe(kind, model)
+        info.update(displayName=shown["displayName"], note=shown["note"], demo=shown["demo"])
+    return info
 
 
 @router.get(

@@ -68,10 +68,14 @@ export async function loadModels() {
   const providers = await maybe("/api/providers", null).catch(() => null);
   if (!providers || !providers.default) return;
   const current = (providers.providers || []).find((p) => p.kind === providers.default);
+  // The offline demo model says what it is, and how to connect a real one.
+  $("#model-note").textContent = (current && current.note) || "";
+  $("#model-note").hidden = !(current && current.note);
   const models = await maybe(`/api/providers/${enc(providers.default)}/models`, []).catch(() => []);
   const ids = new Set(models.map((m) => m.id));
   if (current && current.model) ids.delete(current.model);
-  const options = [h("option", { value: "", text: current && current.model ? current.model : "Default model" })];
+  const label = current && (current.displayName || current.model);
+  const options = [h("option", { value: "", text: label || "Default model" })];
   for (const id of [...ids].sort()) options.push(h("option", { value: id, text: id }));
   picker.replaceChildren(...options);
   picker.value = ids.has(picks.model) ? picks.model : "";
