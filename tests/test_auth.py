@@ -642,6 +642,13 @@ def test_sweep_every_route_without_and_with_another_users_credentials(users_serv
         messages = bob.get(f"/api/sessions/{sid}/messages").json()
         upload = bob.post("/api/upload", files={"file": ("v.txt", b"victim file", "text/plain")})
         bob.post("/api/agents", json={"id": "victim-agent", "name": "Victim"})
+        bob_id = bob.get("/api/auth/me").json()["user"]["id"]
+        token_id = bob.get("/api/account/tokens").json()[0]["id"]
+    bob_login = httpx.Client(base_url=srv.url, timeout=10)
+    logged = bob_login.post(
+        "/api/auth/login", json={"username": "bob", "password": PASSWORDS["bob"]}
+    )
+    login_id = logged.json()["sessionId"]
     ids = {
         "session_id": sid,
         "message_id": messages[0]["id"],
@@ -649,8 +656,20 @@ def test_sweep_every_route_without_and_with_another_users_credentials(users_serv
         "upload_id": upload.json()["id"],
         "file_id": upload.json()["id"],
         "kind": "openai",
+        "user_id": bob_id,
+        "token_id": token_id,
+        "login_id": login_id,
     }
-    secrets = [sid, messages[0]["id"], "victim-agent", upload.json()["id"], "sweep victim text"]
+    secrets = [
+        sid,
+        messages[0]["id"],
+        "victim-agent",
+        upload.json()["id"],
+        "sweep victim text",
+        bob_id,
+        token_id,
+        login_id,
+    ]
     schema = srv.get("/openapi.json").json()
     open_paths = {
         "/api/auth/login",
@@ -688,5 +707,11 @@ def test_sweep_every_route_without_and_with_another_users_credentials(users_serv
         assert [m["id"] for m in after] == [m["id"] for m in messages]
         assert bob.get(f"/api/sessions/{sid}").json()["name"] == ""
         assert bob.get("/api/agents/victim-agent").status_code == 200
+        assert bob.get(f"/api/uploads/{upload.json()['id']}").content == b"victim file"
+    # Bob's login session, token and password were left alone (his token just worked).
+    assert bob_login.get("/api/auth/me").json()["user"]["name"] == "bob"
+    bob_login.close()
+    with login(srv.url, "bob"):
+        pass
     with login(srv.url, "alice") as admin:  # PATCH /api/config was refused to carol
         assert admin.get("/api/config").json()["defaultAgent"] == "assistant"

@@ -370,6 +370,7 @@ def cmd_sessions(args: argparse.Namespace) -> int:
             return 1
         if args.action == "delete":
             await store.delete_session(args.id)
+            await store.delete_session_uploads(args.id)  # as DELETE /api/sessions/ID does
             print(f"deleted {args.id}")
             return 0
         if args.action == "export":
@@ -409,6 +410,29 @@ def cmd_agents(args: argparse.Namespace) -> int:
         model = f"{a.provider or 'default'}/{a.model or 'default'}"
         print(f"{mark} {a.id:<16} {a.name:<20} {model:<32} {a.description}")
     return 0
+
+
+def cmd_uploads(args: argparse.Namespace) -> int:
+    """`prismd uploads prune`: what the server's janitor does every `prune_interval_s`."""
+    from .server.uploads import prune_uploads
+
+    settings = _settings(args)
+    days = args.older_than_days
+    if days is None:
+        days = settings.uploads.max_age_days
+        if not days:
+            print("uploads.max_age_days is 0: unused uploads are kept (give --older-than-days)")
+            return 0
+    if days < 0:
+        print("error: --older-than-days must be 0 or more", file=sys.stderr)
+        return 2
+
+    async def run(store: Any) -> int:
+        removed = await prune_uploads(store, days)
+        print(f"removed {removed} upload(s) older than {days:g} days that no session refers to")
+        return 0
+
+    return int(asyncio.run(_with_store(settings, run)))
 
 
 # ---------------------------------------------------------------- db (PostgreSQL)
@@ -457,6 +481,8 @@ def cmd_db(args: argparse.Namespace) -> int:
 
 def _read_password(args: argparse.Namespace, name: str) -> str:
     """From stdin (--password-stdin: the first line), else asked twice without echo."""
+    from .auth.service import AccountError, check_password
+
     if getattr(args, "password_stdin", False):
         password = sys.stdin.readline().rstrip("\r\n")
     else:
@@ -465,9 +491,10 @@ def _read_password(args: argparse.Namespace, name: str) -> str:
         password = getpass.getpass(f"Password for {name}: ")
         if getpass.getpass("Again: ") != password:
             raise _CliError("the two passwords differ")
-    if len(password) < 8:
-        raise _CliError("the password must have at least 8 characters")
-    return password
+    try:
+        return check_password(password)
+    except AccountError as exc:
+        raise _CliError(str(exc)) from None
 
 
 class _CliError(Exception):
@@ -475,37 +502,44 @@ class _CliError(Exception):
 
 
 def _auth_command(fn: Any) -> Any:
+    """Run `fn(args, auth)` with the credentials service on the core database (the same
+    checks as the admin page's; the server need not run, and a running one sees the change)."""
+
     def run(args: argparse.Namespace) -> int:
+        from .auth import AccountError, Auth
+
         settings = _settings(args)
+
+        async def with_auth(store: Any) -> int:
+            auth = Auth(settings, store)
+            try:
+                return int(await fn(args, auth))
+            finally:
+                await auth.aclose()
+
         try:
-            return int(asyncio.run(_with_store(settings, lambda store: fn(args, store))))
-        except _CliError as exc:
+            return int(asyncio.run(_with_store(settings, with_auth)))
+        except (_CliError, AccountError) as exc:
             print(f"prismd: {exc}", file=sys.stderr)
             return 1
 
     return run
 
 
-async def _set_user_password(store: Any, name: str, password: str, admin: bool) -> str:
+async def _set_user_password(auth: Any, name: str, password: str, admin: bool) -> str:
     """Create the user, or change the password of an existing one. Returns what was done."""
-    from .auth import hash_password
-    from .sessions.ids import new_id, now_iso
-    from .store.base import UserRecord
-
-    hashed = await asyncio.to_thread(hash_password, password)
-    user = await store.get_user_by_name(name)
+    user = await auth.store.get_user_by_name(name)
     if user is None:
-        first = await store.count_users() == 0
-        user = UserRecord(new_id("user"), name, admin or first, hashed, now_iso())
-        await store.create_user(user)
+        user = await auth.add_user(name, password, admin)
         return f"added user {name}" + (" (admin)" if user.admin else "")
-    await store.set_password(user.id, hashed)
+    await auth.set_password(user.id, password)
     return f"changed the password of {name} (their login sessions are ended)"
 
 
-async def _users(args: argparse.Namespace, store: Any) -> int:
-    import re
+async def _users(args: argparse.Namespace, auth: Any) -> int:
+    from .auth.service import check_username
 
+    store = auth.store
     if args.action == "list":
         users = await store.list_users()
         if args.json:
@@ -516,37 +550,32 @@ async def _users(args: argparse.Namespace, store: Any) -> int:
         if not users:
             print("(no users: the server is open on loopback)", file=sys.stderr)
         return 0
-    name = args.name
-    if not re.fullmatch(r"[A-Za-z0-9_.@-]{1,64}", name):
-        raise _CliError("a user name has 1 to 64 letters, digits or _ . @ -")
+    name = check_username(args.name)
     user = await store.get_user_by_name(name)
     if args.action == "add":
         if user is not None:
             raise _CliError(f"user {name} exists already (change the password: users passwd)")
-        print(await _set_user_password(store, name, _read_password(args, name), args.admin))
+        print(await _set_user_password(auth, name, _read_password(args, name), args.admin))
         return 0
     if user is None:
         raise _CliError(f"no user {name}")
     if args.action == "remove":
-        await store.delete_user(user.id)
+        await auth.remove_user(user.id)
         print(f"removed user {name} (their sessions are kept)")
         return 0
-    print(await _set_user_password(store, name, _read_password(args, name), False))
+    print(await _set_user_password(auth, name, _read_password(args, name), False))
     return 0
 
 
-async def _passwd(args: argparse.Namespace, store: Any) -> int:
-    admins = [u for u in await store.list_users() if u.admin]
+async def _passwd(args: argparse.Namespace, auth: Any) -> int:
+    admins = [u for u in await auth.store.list_users() if u.admin]
     name = admins[0].name if admins else "admin"
-    print(await _set_user_password(store, name, _read_password(args, name), True))
+    print(await _set_user_password(auth, name, _read_password(args, name), True))
     return 0
 
 
-async def _tokens(args: argparse.Namespace, store: Any) -> int:
-    from .auth import new_token, token_hash
-    from .sessions.ids import new_id, now_iso
-    from .store.base import TokenRecord
-
+async def _tokens(args: argparse.Namespace, auth: Any) -> int:
+    store = auth.store
     users = {u.id: u for u in await store.list_users()}
     if args.action == "create":
         if args.user:
@@ -559,9 +588,7 @@ async def _tokens(args: argparse.Namespace, store: Any) -> int:
                 raise _CliError(
                     "no user yet: add one first (prismd users add NAME), or give --user"
                 )
-        token = new_token()
-        record = TokenRecord(new_id("tok"), user.id, args.name or "", token_hash(token), now_iso())
-        await store.create_token(record)
+        record, token = await auth.create_token(user.id, args.name or "")
         print(token)
         print(
             f"token {record.id} for {user.name}: shown once, keep it "
@@ -578,7 +605,7 @@ async def _tokens(args: argparse.Namespace, store: Any) -> int:
         if not tokens:
             print("(no tokens)", file=sys.stderr)
         return 0
-    if not await store.revoke_token(args.id):
+    if not await auth.revoke_token(args.id):
         raise _CliError(f"no token {args.id}")
     print(f"revoked {args.id}")
     return 0
@@ -728,6 +755,21 @@ def build_parser() -> argparse.ArgumentParser:
     al = asub.add_parser("list", help="list agents (* marks the default)")
     al.add_argument("--json", action="store_true", help="as GET /api/agents answers them")
     agents.set_defaults(func=cmd_agents)
+    uploads = sub.add_parser(
+        "uploads",
+        help="prune uploads no session refers to",
+        description="Uploads (POST /api/upload) that no session refers to are removed once "
+        "older than uploads.max_age_days; the server does this every prune_interval_s.",
+    )
+    uploads.add_argument("--data-dir", help="data directory (default from the config)")
+    upsub = uploads.add_subparsers(dest="action", required=True, metavar="ACTION")
+    prune = upsub.add_parser("prune", help="remove the unused uploads that are old enough")
+    prune.add_argument(
+        "--older-than-days",
+        type=float,
+        help="the age (default: uploads.max_age_days from the config)",
+    )
+    uploads.set_defaults(func=cmd_uploads)
     _add_auth_commands(sub)
     return parser
 

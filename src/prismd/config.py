@@ -335,6 +335,23 @@ class VoiceSettings(_Section):
     tts: TtsSettings = Field(default_factory=TtsSettings)
 
 
+class UploadsSettings(_Section):
+    """What one user may store and send, so that no user can fill the disk (0: no limit).
+
+    Uploads (`POST /api/upload`) count against a quota of bytes and files per user; those no
+    session refers to are removed after `max_age_days` (by the server every
+    `prune_interval_s`, or `prismd uploads prune`); a deleted session's uploads go with it.
+    Chat messages (text and files, inline or uploaded) count against a daily budget per user
+    (UTC days)."""
+
+    max_bytes_per_user: Annotated[int, Field(ge=0)] = 1024 * 1024 * 1024
+    max_files_per_user: Annotated[int, Field(ge=0)] = 1000
+    max_age_days: Annotated[float, Field(ge=0)] = 7.0
+    prune_interval_s: Annotated[float, Field(gt=0)] = 3600.0
+    chat_bytes_per_day: Annotated[int, Field(ge=0)] = 512 * 1024 * 1024
+    chat_files_per_day: Annotated[int, Field(ge=0)] = 1000
+
+
 class BusSettings(_Section):
     # Redis (redis://[:password@]host:6379/0): the live event bus and coordination between
     # several prismd processes (`prismd serve --workers N`, several machines). Needs the
@@ -354,6 +371,7 @@ class Settings(_Section):
     mcp_servers: list[McpServerSettings] = Field(default_factory=list)
     voice: VoiceSettings = Field(default_factory=VoiceSettings)
     auth: AuthSettings = Field(default_factory=AuthSettings)
+    uploads: UploadsSettings = Field(default_factory=UploadsSettings)
     store: StoreSettings = Field(default_factory=StoreSettings)
     bus: BusSettings = Field(default_factory=BusSettings)
 

@@ -319,6 +319,33 @@ def check_session_id(session_id: str) -> str:
 
 # ---------------------------------------------------------------- server -> client
 
+# Every `type` a server frame may have (PROTOCOL.md A2 and B). The web app's
+# /static/js/protocol.js is generated from these, the client types and ErrorCode
+# (server/web.py), so the app never spells a name by hand.
+EVENT_TYPES: tuple[str, ...] = (
+    "connected",
+    "pong",
+    "session",
+    "session_ended",
+    "agent_selected",
+    "start",
+    "chunk",
+    "reasoning",
+    "tool_start",
+    "tool_end",
+    "approval_request",
+    "approval_resolved",
+    "stopped",
+    "transcribed",
+    "audio",
+    "speech_error",
+    "done",
+    "context_usage",
+    "error",
+    "voice_state",
+    "voice_stream",
+)
+
 
 def error_frame(code: ErrorCode | str, message: str, **extra: Any) -> dict[str, Any]:
     frame: dict[str, Any] = {"type": "error", "error": message, "code": str(code)}

@@ -12,6 +12,7 @@ import asyncio
 import functools
 import hashlib
 import hmac
+import re
 import secrets
 import time
 from dataclasses import dataclass
@@ -19,7 +20,7 @@ from datetime import UTC, datetime
 from typing import TYPE_CHECKING
 
 from ..config import Settings
-from ..store.base import LOCAL_USER_ID, Store, UserRecord
+from ..store.base import LOCAL_USER_ID, Store, TokenRecord, UserRecord
 from .limits import LocalLimits
 
 if TYPE_CHECKING:
@@ -100,6 +101,39 @@ def now_iso() -> str:
     return datetime.now(UTC).isoformat(timespec="seconds").replace("+00:00", "Z")
 
 
+USERNAME_RE = re.compile(r"[A-Za-z0-9_.@-]{1,64}")
+MIN_PASSWORD_CHARS = 8
+MAX_PASSWORD_CHARS = 4096
+
+
+class AccountError(ValueError):
+    """A change to users or credentials that is refused; the message says why, `field` which
+    input was wrong, `conflict` whether it clashes with what exists (a name taken)."""
+
+    def __init__(self, message: str, field: str = "", conflict: bool = False) -> None:
+        super().__init__(message)
+        self.field = field
+        self.conflict = conflict
+
+
+def check_username(name: str) -> str:
+    if not USERNAME_RE.fullmatch(name):
+        raise AccountError("a user name has 1 to 64 letters, digits or _ . @ -", "name")
+    return name
+
+
+def check_password(password: str) -> str:
+    if len(password) < MIN_PASSWORD_CHARS:
+        raise AccountError(
+            f"the password must have at least {MIN_PASSWORD_CHARS} characters", "password"
+        )
+    if len(password) > MAX_PASSWORD_CHARS:
+        raise AccountError(
+            f"the password must have at most {MAX_PASSWORD_CHARS} characters", "password"
+        )
+    return password
+
+
 class Auth:
     def __init__(self, settings: Settings, store: Store) -> None:
         self.settings = settings
@@ -176,10 +210,91 @@ class Auth:
         if user is None or not ok:
             raise PermissionError("Wrong username or password")
         await self.limits.login_succeeded(client, name, counted)
+        return await self.start_login(user)
+
+    async def start_login(self, user: UserRecord) -> tuple[Principal, str]:
+        """A new login session for `user` (whose password was checked): the principal and the
+        cookie's token."""
         token = new_token("sess")
         key = token_hash(token)
         await self.store.create_login(key, user.id, time.time() + self.ttl_s)
         return _principal(user, "cookie", key), token
+
+    # ------------------------------------------------------------ users and credentials
+    #
+    # What the admin page, a user's account page and `prismd users|tokens|passwd` change. Each
+    # change is written to the store, then the open sockets are checked again at once
+    # (auth/live.py): a removed user, an ended login or a revoked token loses its sockets
+    # now, not at the next poll.
+
+    async def _hash(self, password: str) -> str:
+        async with self._verifying:  # each hash takes 64 MiB: a few at a time
+            return await asyncio.to_thread(hash_password, check_password(password))
+
+    async def add_user(self, name: str, password: str, admin: bool = False) -> UserRecord:
+        """Raises AccountError for a bad name or password, or a name taken. The first user is
+        an admin (and ends the open mode: its sockets are closed)."""
+        from ..sessions.ids import new_id
+
+        check_username(name)
+        taken = AccountError(f"user {name} exists already", "name", conflict=True)
+        if await self.store.get_user_by_name(name) is not None:
+            raise taken
+        hashed = await self._hash(password)
+        if await self.store.get_user_by_name(name) is not None:  # added while hashing
+            raise taken
+        first = await self.store.count_users() == 0
+        user = UserRecord(new_id("user"), name, admin or first, hashed, now_iso())
+        await self.store.create_user(user)
+        await self.sockets.recheck()
+        return user
+
+    async def remove_user(self, user_id: str) -> bool:
+        """Ends the user's logins and tokens (their sockets close, their turns stop); their
+        sessions are kept."""
+        removed = await self.store.delete_user(user_id)
+        if removed:
+            await self.sockets.recheck()
+        return removed
+
+    async def set_password(self, user_id: str, password: str) -> None:
+        """Ends the user's login sessions (and their sockets); tokens stay valid."""
+        hashed = await self._hash(password)
+        await self.store.set_password(user_id, hashed)
+        await self.sockets.recheck()
+
+    async def change_password(self, user_id: str, current: str, new: str) -> None:
+        """`set_password` after checking `current`; PermissionError if it is wrong."""
+        user = await self.store.get_user(user_id)
+        if user is None:
+            raise AccountError("no such user", "user")
+        check_password(new)
+        async with self._verifying:
+            ok = await asyncio.to_thread(verify_password, user.password_hash, current)
+        if not ok:
+            raise PermissionError("The current password is wrong")
+        await self.set_password(user_id, new)
+
+    async def create_token(self, user_id: str, name: str = "") -> tuple[TokenRecord, str]:
+        """A new API token for the user: its record and the token itself (shown once)."""
+        from ..sessions.ids import new_id
+
+        token = new_token()
+        record = TokenRecord(new_id("tok"), user_id, name, token_hash(token), now_iso())
+        await self.store.create_token(record)
+        return record, token
+
+    async def revoke_token(self, token_id: str) -> bool:
+        """The token stops working, and so do the sockets opened with it."""
+        revoked = await self.store.revoke_token(token_id)
+        if revoked:
+            await self.sockets.recheck()
+        return revoked
+
+    async def end_login(self, key: str, reason: str = "This login session was ended") -> None:
+        """End the login session whose cookie hashes to `key`, and at once its sockets."""
+        await self.store.delete_login(key)
+        self.sockets.revoke(lambda p: p.via == "cookie" and p.key == key, reason)
 
     async def default_agent(self, user_id: str) -> str | None:
         if user_id not in self._default_agents:
@@ -192,11 +307,7 @@ class Auth:
 
     async def logout(self, cookie: str) -> None:
         """Ends the login session, and at once the sockets opened with it."""
-        key = token_hash(cookie)
-        await self.store.delete_login(key)
-        self.sockets.revoke(
-            lambda p: p.via == "cookie" and p.key == key, "You logged out: this login ended"
-        )
+        await self.end_login(token_hash(cookie), "You logged out: this login ended")
 
     async def aclose(self) -> None:
         await self.sockets.aclose()

@@ -23,11 +23,19 @@ def create_app(settings: Settings, probe_ollama: bool = True) -> FastAPI:
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        import asyncio
+
+        from .uploads import prune_periodically
+
         await core.start()
         log.info("prismd %s serving data from %s", __version__, settings.data_dir)
+        janitor = asyncio.create_task(prune_periodically(core), name="prismd-uploads-janitor")
         try:
             yield
         finally:
+            janitor.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await janitor
             await core.stop()
 
     app = FastAPI(

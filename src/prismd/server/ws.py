@@ -44,7 +44,7 @@ from ..protocol import (
 from ..sessions.coordination import TurnAlreadyRan
 from ..sessions.ids import new_id
 from ..sessions.service import LiveSession
-from .uploads import resolve_uploads
+from .uploads import charge_chat, link_uploads, resolve_uploads, upload_ids
 
 log = logging.getLogger("prismd.ws")
 STUCK_S = 5.0  # a client whose writes made no progress this long, with a full queue, is dropped
@@ -449,12 +449,15 @@ class Connection:
             if agent_id is not None and core.agents.find(agent_id, user.id, user.admin) is None:
                 agent_id = None  # the chosen agent was deleted since
         agent = core.agents.get(agent_id, namespace, user.admin)
-        if any(f.fileId for f in msg.files):
+        sent = upload_ids(msg)
+        if sent:
             msg = await resolve_uploads(core, user, msg)
-        # Everything that can refuse the chat (files, limits, provider) is checked before a
-        # session is created or anything is stored.
+        # Everything that can refuse the chat (files, limits, provider, the user's daily
+        # budget) is checked before a session is created or anything is stored.
         plan = core.runner.plan(msg, agent, user)
+        await charge_chat(core, user, plan.text, plan.files)
         live = await sessions.for_chat(user, msg.sessionId, self.live, agent.id)
+        link_uploads(core, live.id, sent)  # kept while the session exists
         self._bind(live, announce=live is not self.live)
         done_turn = sessions.turn_for(live, msg.clientMessageId)
         if done_turn is not None:

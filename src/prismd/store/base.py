@@ -136,6 +136,40 @@ class UploadRecord:
 
 
 @dataclass(slots=True)
+class LoginRecord:
+    """A login session as the admin page shows it; its secret is never stored (only a hash)."""
+
+    token_hash: str
+    user_id: str
+    created_at: float | None  # epoch seconds (None: made before prismd recorded it)
+    expires_at: float  # epoch seconds
+
+
+@dataclass(slots=True)
+class UsageTotals:
+    """Sums over stored turns (those that ended with an answer: `complete` or `stopped`)."""
+
+    turns: int = 0
+    tokens_in: int = 0
+    tokens_out: int = 0
+    cost_usd: float = 0.0
+    unpriced_turns: int = 0  # turns whose model has no known price (cost_usd left out)
+    sessions: int = 0  # sessions those turns belong to
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "turns": self.turns,
+            "tokensIn": self.tokens_in,
+            "tokensOut": self.tokens_out,
+            "totalTokens": self.tokens_in + self.tokens_out,
+            "costUsd": self.cost_usd,
+            "costKnown": self.unpriced_turns == 0,
+            "unpricedTurns": self.unpriced_turns,
+            "sessions": self.sessions,
+        }
+
+
+@dataclass(slots=True)
 class FileRecord:
     id: str
     filename: str
@@ -391,6 +425,59 @@ class Store(abc.ABC):
     @abc.abstractmethod
     async def get_upload(self, upload_id: str) -> UploadRecord | None:
         """With its data."""
+
+    # Uploads' lifecycle, daily chat budgets, usage, login sessions (issue 15). A session
+    # refers to the uploads sent in its chats (`link_uploads`); an upload no session refers to
+    # is removed once old (`prune_uploads`), and a deleted session's uploads go with it
+    # (`delete_session_uploads`).
+
+    @abc.abstractmethod
+    async def upload_usage(self, user_id: str) -> tuple[int, int]:
+        """(bytes, files) of the user's uploads."""
+
+    @abc.abstractmethod
+    async def delete_upload(self, upload_id: str) -> bool:
+        """Remove an upload (its row, its links and its file)."""
+
+    @abc.abstractmethod
+    def link_uploads(self, session_id: str, upload_ids: list[str]) -> Written:
+        """The session refers to these uploads (sent in one of its chats): they are kept as
+        long as it exists. Queued like the session's other writes (after its creation);
+        linking twice is harmless."""
+
+    @abc.abstractmethod
+    async def delete_session_uploads(self, session_id: str) -> int:
+        """Forget the session's links, and remove the uploads it referred to that no other
+        session refers to (rows and files). Returns how many uploads were removed. Called
+        when a session is deleted."""
+
+    @abc.abstractmethod
+    async def prune_uploads(self, created_before: str) -> int:
+        """Remove the uploads created before `created_before` (ISO 8601 UTC, as `created_at`)
+        that no session refers to; how many."""
+
+    @abc.abstractmethod
+    async def chat_usage(self, user_id: str, day: str) -> tuple[int, int]:
+        """(bytes, files) the user's chats sent on `day` (YYYY-MM-DD, UTC), as durable."""
+
+    @abc.abstractmethod
+    def add_chat_usage(self, user_id: str, day: str, size: int, files: int) -> Written:
+        """Add to the user's totals of `day` (queued like the other writes; the limits are
+        checked by the caller, server/uploads.py). Older days of the user may be forgotten."""
+
+    @abc.abstractmethod
+    async def usage_totals(self, owner_id: str | None, since: str | None = None) -> UsageTotals:
+        """Totals of the turns (ended with an answer) of the owner's sessions (everyone's
+        when None), ended at or after `since` (ISO 8601) if given: one SQL aggregate, no
+        message is read."""
+
+    @abc.abstractmethod
+    async def list_logins(self, user_id: str | None = None) -> list[LoginRecord]:
+        """Unexpired login sessions (of one user if given), newest first."""
+
+    @abc.abstractmethod
+    async def get_session_file(self, session_id: str, file_id: str) -> FileRecord | None:
+        """One file of a session's messages, with its data."""
 
     # agents' memory notes (the memory_note and memory_search tools)
     @abc.abstractmethod

@@ -47,6 +47,7 @@ from .base import (
     LOCAL_USER_ID,
     EventRow,
     FileRecord,
+    LoginRecord,
     MessageRecord,
     NoteRecord,
     SessionActivity,
@@ -58,6 +59,7 @@ from .base import (
     TokenRecord,
     TouchLimiter,
     UploadRecord,
+    UsageTotals,
     UserRecord,
     Written,
     note_time,
@@ -69,6 +71,7 @@ from .sqlite import (
     _SESSION_FIELDS,
     _SESSION_FIELDS_ORDER,
     _TURN_FIELDS,
+    _UNREFERENCED,
     EXPORT_TABLES,
     MAX_BATCH,
     TOKEN_TOUCH_S,
@@ -249,6 +252,27 @@ CREATE TABLE memory_notes (
 );
 CREATE INDEX memory_notes_scope ON memory_notes (scope, id);
 CREATE INDEX memory_notes_search ON memory_notes USING GIN (search);
+""",
+    ),
+    (
+        5,
+        "uploads' lifecycle, daily chat totals, login times",
+        """
+CREATE INDEX uploads_user ON uploads (user_id);
+CREATE TABLE upload_refs (
+  upload_id TEXT NOT NULL,
+  session_id TEXT NOT NULL,
+  PRIMARY KEY (upload_id, session_id)
+);
+CREATE INDEX upload_refs_session ON upload_refs (session_id);
+CREATE TABLE chat_usage (
+  user_id TEXT NOT NULL,
+  day TEXT NOT NULL,
+  bytes BIGINT NOT NULL DEFAULT 0,
+  files BIGINT NOT NULL DEFAULT 0,
+  PRIMARY KEY (user_id, day)
+);
+ALTER TABLE login_sessions ADD COLUMN created_at DOUBLE PRECISION;
 """,
     ),
 )
@@ -900,10 +924,12 @@ class PostgresStore(Store):
         async def op(c: Conn) -> None:
             await c.execute("DELETE FROM login_sessions WHERE expires_at<$1", time.time())
             await c.execute(
-                "INSERT INTO login_sessions (token_hash, user_id, expires_at) VALUES ($1,$2,$3)",
+                "INSERT INTO login_sessions (token_hash, user_id, expires_at, created_at) "
+                "VALUES ($1,$2,$3,$4)",
                 token_hash,
                 user_id,
                 expires_at,
+                time.time(),
             )
 
         await self._call(op)
@@ -1036,6 +1062,138 @@ class PostgresStore(Store):
             )
         )
         return UploadRecord(**dict(row)) if row else None
+
+    # ------------------------------------------------------------ uploads' lifecycle, usage
+
+    async def upload_usage(self, user_id: str) -> tuple[int, int]:
+        row = await self._pooled(
+            lambda c: c.fetchrow(
+                "SELECT COALESCE(SUM(size), 0) AS size, COUNT(*) AS files FROM uploads "
+                "WHERE user_id=$1",
+                user_id,
+            )
+        )
+        return int(row["size"]), int(row["files"])
+
+    async def _remove_uploads(self, where: str, *args: Any) -> int:
+        """Delete the uploads matching `where` (their bytes are in the row) and their links."""
+
+        async def op(c: Conn) -> int:
+            ids = [
+                r["id"]
+                for r in await c.fetch(f"DELETE FROM uploads WHERE {where} RETURNING id", *args)
+            ]
+            if ids:
+                await c.execute("DELETE FROM upload_refs WHERE upload_id = ANY($1::text[])", ids)
+            return len(ids)
+
+        return int(await self._call(op))
+
+    async def delete_upload(self, upload_id: str) -> bool:
+        return await self._remove_uploads("id=$1", upload_id) > 0
+
+    def link_uploads(self, session_id: str, upload_ids: list[str]) -> Written:
+        rows = [(u, session_id) for u in dict.fromkeys(upload_ids)]
+        return self._submit(
+            lambda c: c.executemany(
+                "INSERT INTO upload_refs (upload_id, session_id) VALUES ($1,$2) "
+                "ON CONFLICT DO NOTHING",
+                rows,
+            )
+        )
+
+    async def delete_session_uploads(self, session_id: str) -> int:
+        async def forget(c: Conn) -> list[str]:
+            rows = await c.fetch(
+                "DELETE FROM upload_refs WHERE session_id=$1 RETURNING upload_id", session_id
+            )
+            return [r["upload_id"] for r in rows]
+
+        ids = await self._call(forget)
+        if not ids:
+            return 0
+        return await self._remove_uploads(f"id = ANY($1::text[]) AND {_UNREFERENCED}", ids)
+
+    async def prune_uploads(self, created_before: str) -> int:
+        return await self._remove_uploads(f"created_at < $1 AND {_UNREFERENCED}", created_before)
+
+    async def chat_usage(self, user_id: str, day: str) -> tuple[int, int]:
+        row = await self._pooled(
+            lambda c: c.fetchrow(
+                "SELECT bytes, files FROM chat_usage WHERE user_id=$1 AND day=$2", user_id, day
+            )
+        )
+        return (int(row["bytes"]), int(row["files"])) if row else (0, 0)
+
+    def add_chat_usage(self, user_id: str, day: str, size: int, files: int) -> Written:
+        async def op(c: Conn) -> None:
+            await c.execute("DELETE FROM chat_usage WHERE user_id=$1 AND day<$2", user_id, day)
+            await c.execute(
+                "INSERT INTO chat_usage (user_id, day, bytes, files) VALUES ($1,$2,$3,$4) "
+                "ON CONFLICT (user_id, day) DO UPDATE SET bytes=chat_usage.bytes+excluded.bytes, "
+                "files=chat_usage.files+excluded.files",
+                user_id,
+                day,
+                size,
+                files,
+            )
+
+        return self._submit(op)
+
+    async def usage_totals(self, owner_id: str | None, since: str | None = None) -> UsageTotals:
+        conds = ["t.status IN ('complete', 'stopped')"]
+        args: list[Any] = []
+        if owner_id is not None:
+            args.append(owner_id)
+            conds.append(f"s.owner_id=${len(args)}")
+        if since is not None:
+            args.append(since)
+            conds.append(f"t.ended_at>=${len(args)}")
+        row = await self._pooled(
+            lambda c: c.fetchrow(
+                "SELECT COUNT(*) AS turns, COALESCE(SUM(t.tokens_in), 0) AS tin, "
+                "COALESCE(SUM(t.tokens_out), 0) AS tout, COALESCE(SUM(t.cost_usd), 0) AS cost, "
+                "COUNT(*) FILTER (WHERE t.cost_usd IS NULL) AS unpriced, "
+                "COUNT(DISTINCT t.session_id) AS sessions "
+                "FROM turns t JOIN sessions s ON s.id = t.session_id "
+                f"WHERE {' AND '.join(conds)}",
+                *args,
+            )
+        )
+        return UsageTotals(
+            int(row["turns"]),
+            int(row["tin"]),
+            int(row["tout"]),
+            float(row["cost"]),
+            int(row["unpriced"]),
+            int(row["sessions"]),
+        )
+
+    async def list_logins(self, user_id: str | None = None) -> list[LoginRecord]:
+        args: list[Any] = [time.time()]
+        where = "expires_at>=$1"
+        if user_id is not None:
+            args.append(user_id)
+            where += " AND user_id=$2"
+        rows = await self._pooled(
+            lambda c: c.fetch(
+                "SELECT token_hash, user_id, created_at, expires_at FROM login_sessions "
+                f"WHERE {where} ORDER BY COALESCE(created_at, 0) DESC, expires_at DESC",
+                *args,
+            )
+        )
+        return [LoginRecord(**dict(r)) for r in rows]
+
+    async def get_session_file(self, session_id: str, file_id: str) -> FileRecord | None:
+        row = await self._pooled(
+            lambda c: c.fetchrow(
+                "SELECT id, filename, mime_type, size, data, text FROM session_files "
+                "WHERE session_id=$1 AND id=$2",
+                session_id,
+                file_id,
+            )
+        )
+        return FileRecord(**dict(row)) if row else None
 
     # ------------------------------------------------------------ memory notes
 

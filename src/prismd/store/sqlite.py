@@ -36,6 +36,7 @@ from .base import (
     LOCAL_USER_ID,
     EventRow,
     FileRecord,
+    LoginRecord,
     MessageRecord,
     NoteRecord,
     SessionActivity,
@@ -47,6 +48,7 @@ from .base import (
     TokenRecord,
     TouchLimiter,
     UploadRecord,
+    UsageTotals,
     UserRecord,
     Written,
     note_time,
@@ -124,6 +126,20 @@ CREATE TABLE IF NOT EXISTS uploads (
   size INTEGER NOT NULL,
   created_at TEXT NOT NULL
 );
+CREATE INDEX IF NOT EXISTS uploads_user ON uploads(user_id);
+CREATE TABLE IF NOT EXISTS upload_refs (
+  upload_id TEXT NOT NULL,
+  session_id TEXT NOT NULL,
+  PRIMARY KEY (upload_id, session_id)
+) WITHOUT ROWID;
+CREATE INDEX IF NOT EXISTS upload_refs_session ON upload_refs(session_id);
+CREATE TABLE IF NOT EXISTS chat_usage (
+  user_id TEXT NOT NULL,
+  day TEXT NOT NULL,
+  bytes INTEGER NOT NULL DEFAULT 0,
+  files INTEGER NOT NULL DEFAULT 0,
+  PRIMARY KEY (user_id, day)
+) WITHOUT ROWID;
 CREATE TABLE IF NOT EXISTS session_messages (
   id TEXT PRIMARY KEY,
   session_id TEXT NOT NULL,
@@ -200,7 +216,10 @@ CREATE TRIGGER IF NOT EXISTS memory_notes_ad AFTER DELETE ON memory_notes BEGIN
 END;
 """
 # Columns added after the first release: (table, column, definition).
-CORE_MIGRATIONS = (("sessions", "owner_id", f"TEXT NOT NULL DEFAULT '{LOCAL_USER_ID}'"),)
+CORE_MIGRATIONS = (
+    ("sessions", "owner_id", f"TEXT NOT NULL DEFAULT '{LOCAL_USER_ID}'"),
+    ("login_sessions", "created_at", "REAL"),
+)
 # Agent ids became per user: a database whose agents table is keyed by id alone is rebuilt
 # with the key (owner_id, id) (config agents have owner '').
 _AGENT_COLUMNS = (
@@ -280,6 +299,12 @@ _TURN_FIELDS = {
     "cost_usd",
     "start_seq",
 }
+# An upload no existing session refers to (a link whose session is gone does not count: a
+# session deleted by a process that did not clean its links frees its uploads all the same).
+_UNREFERENCED = (
+    "NOT EXISTS (SELECT 1 FROM upload_refs r JOIN sessions s ON s.id = r.session_id "
+    "WHERE r.upload_id = uploads.id)"
+)
 MAX_BATCH = 4096
 # A write's outcome: (its future, its value, its error).
 _Result = tuple[asyncio.Future[Any], Any, BaseException | None]
@@ -669,8 +694,9 @@ class SqliteStore(Store):
             db = self._w()
             db.execute("DELETE FROM login_sessions WHERE expires_at<?", (time.time(),))
             db.execute(
-                "INSERT INTO login_sessions (token_hash, user_id, expires_at) VALUES (?,?,?)",
-                (token_hash, user_id, expires_at),
+                "INSERT INTO login_sessions (token_hash, user_id, expires_at, created_at) "
+                "VALUES (?,?,?,?)",
+                (token_hash, user_id, expires_at, time.time()),
             )
 
         await self._call(op)
@@ -811,6 +837,151 @@ class SqliteStore(Store):
             except (OSError, ValueError):
                 return None
             return upload
+
+        return await self._read(op)
+
+    async def upload_usage(self, user_id: str) -> tuple[int, int]:
+        def op(db: sqlite3.Connection) -> tuple[int, int]:
+            size, count = db.execute(
+                "SELECT COALESCE(SUM(size), 0), COUNT(*) FROM uploads WHERE user_id=?", (user_id,)
+            ).fetchone()
+            return int(size), int(count)
+
+        return await self._read(op)
+
+    async def _remove_uploads(self, where: str, args: tuple[Any, ...]) -> int:
+        """Delete the upload rows matching `where` (and their links) in the writer, then their
+        files: a row is gone before its file, so nothing reads a half-removed upload."""
+
+        def op() -> list[tuple[str, str]]:
+            db = self._w()
+            rows = db.execute(f"SELECT id, user_id FROM uploads WHERE {where}", args).fetchall()
+            db.executemany("DELETE FROM upload_refs WHERE upload_id=?", [(r[0],) for r in rows])
+            db.executemany("DELETE FROM uploads WHERE id=?", [(r[0],) for r in rows])
+            return rows
+
+        rows = await self._call(op)
+        paths = []
+        for upload_id, user_id in rows:
+            try:
+                paths.append(self._upload_path(user_id, upload_id))
+            except ValueError:
+                continue
+        if paths:
+            await asyncio.to_thread(_unlink_all, paths)
+        return len(rows)
+
+    async def delete_upload(self, upload_id: str) -> bool:
+        return await self._remove_uploads("id=?", (upload_id,)) > 0
+
+    def link_uploads(self, session_id: str, upload_ids: list[str]) -> Written:
+        rows = [(u, session_id) for u in dict.fromkeys(upload_ids)]
+        return self._submit(
+            lambda: self._w().executemany(
+                "INSERT OR IGNORE INTO upload_refs (upload_id, session_id) VALUES (?,?)", rows
+            )
+        )
+
+    async def delete_session_uploads(self, session_id: str) -> int:
+        # The session's own links go first: what is then unreferenced among its uploads goes.
+        ids = await self._call(
+            lambda: [
+                r[0]
+                for r in self._w()
+                .execute(
+                    "DELETE FROM upload_refs WHERE session_id=? RETURNING upload_id", (session_id,)
+                )
+                .fetchall()
+            ]
+        )
+        removed = 0
+        for chunk in range(0, len(ids), 500):
+            part = ids[chunk : chunk + 500]
+            marks = ",".join("?" * len(part))
+            removed += await self._remove_uploads(
+                f"id IN ({marks}) AND {_UNREFERENCED}",
+                tuple(part),
+            )
+        return removed
+
+    async def prune_uploads(self, created_before: str) -> int:
+        return await self._remove_uploads(
+            f"created_at < ? AND {_UNREFERENCED}",
+            (created_before,),
+        )
+
+    async def chat_usage(self, user_id: str, day: str) -> tuple[int, int]:
+        def op(db: sqlite3.Connection) -> tuple[int, int]:
+            row = db.execute(
+                "SELECT bytes, files FROM chat_usage WHERE user_id=? AND day=?", (user_id, day)
+            ).fetchone()
+            return (int(row[0]), int(row[1])) if row else (0, 0)
+
+        return await self._read(op)
+
+    def add_chat_usage(self, user_id: str, day: str, size: int, files: int) -> Written:
+        def op() -> None:
+            db = self._w()
+            db.execute("DELETE FROM chat_usage WHERE user_id=? AND day<?", (user_id, day))
+            db.execute(
+                "INSERT INTO chat_usage (user_id, day, bytes, files) VALUES (?,?,?,?) "
+                "ON CONFLICT(user_id, day) DO UPDATE SET bytes=bytes+excluded.bytes, "
+                "files=files+excluded.files",
+                (user_id, day, size, files),
+            )
+
+        return self._submit(op)
+
+    async def usage_totals(self, owner_id: str | None, since: str | None = None) -> UsageTotals:
+        conds = ["t.status IN ('complete', 'stopped')"]
+        args: list[Any] = []
+        if owner_id is not None:
+            conds.append("s.owner_id=?")
+            args.append(owner_id)
+        if since is not None:
+            conds.append("t.ended_at>=?")
+            args.append(since)
+
+        def op(db: sqlite3.Connection) -> UsageTotals:
+            row = db.execute(
+                "SELECT COUNT(*), COALESCE(SUM(t.tokens_in), 0), COALESCE(SUM(t.tokens_out), 0), "
+                "COALESCE(SUM(t.cost_usd), 0), COALESCE(SUM(t.cost_usd IS NULL), 0), "
+                "COUNT(DISTINCT t.session_id) "
+                "FROM turns t JOIN sessions s ON s.id = t.session_id "
+                f"WHERE {' AND '.join(conds)}",
+                args,
+            ).fetchone()
+            return UsageTotals(
+                int(row[0]), int(row[1]), int(row[2]), float(row[3]), int(row[4]), int(row[5])
+            )
+
+        return await self._read(op)
+
+    async def list_logins(self, user_id: str | None = None) -> list[LoginRecord]:
+        where = "expires_at>=?"
+        args: list[Any] = [time.time()]
+        if user_id is not None:
+            where += " AND user_id=?"
+            args.append(user_id)
+
+        def op(db: sqlite3.Connection) -> list[LoginRecord]:
+            rows = db.execute(
+                "SELECT token_hash, user_id, created_at, expires_at FROM login_sessions "
+                f"WHERE {where} ORDER BY COALESCE(created_at, 0) DESC, expires_at DESC",
+                args,
+            ).fetchall()
+            return [LoginRecord(*r) for r in rows]
+
+        return await self._read(op)
+
+    async def get_session_file(self, session_id: str, file_id: str) -> FileRecord | None:
+        def op(db: sqlite3.Connection) -> FileRecord | None:
+            row = db.execute(
+                "SELECT id, filename, mime_type, size, data, text FROM session_files "
+                "WHERE session_id=? AND id=?",
+                (session_id, file_id),
+            ).fetchone()
+            return FileRecord(*row) if row else None
 
         return await self._read(op)
 
@@ -1231,6 +1402,11 @@ def _write_atomically(path: Path, data: bytes) -> None:
         f.flush()
         os.fsync(f.fileno())
     tmp.replace(path)
+
+
+def _unlink_all(paths: list[Path]) -> None:
+    for path in paths:
+        path.unlink(missing_ok=True)
 
 
 def _session_row(r: SessionRecord) -> tuple[Any, ...]:

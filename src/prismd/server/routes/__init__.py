@@ -21,9 +21,9 @@ def install(app: FastAPI) -> None:
     from starlette.exceptions import HTTPException
 
     from ...protocol import PrismdError
-    from . import agents, auth, common, config, meta, providers, sessions, tools, uploads
+    from . import agents, auth, common, config, meta, providers, sessions, tools, uploads, users
 
-    for module in (meta, auth, sessions, agents, tools, config, providers, uploads):
+    for module in (meta, auth, sessions, agents, tools, config, providers, uploads, users):
         app.include_router(module.router)
     app.add_exception_handler(common.ApiError, common.api_error)
     app.add_exception_handler(PrismdError, common.protocol_error)

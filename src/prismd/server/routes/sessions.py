@@ -20,6 +20,7 @@ from pydantic import BaseModel, Field
 from ...protocol import ErrorCode
 from ...sessions.service import LiveSession
 from ...store.base import SessionRecord
+from ..uploads import file_response
 from .common import ApiError, Caller, Core, Ok, Open, api_router, doc, invalid
 from .rows import message_row, session_row
 
@@ -422,7 +423,22 @@ async def rename_session(core: Core, live: LoadedSession, body: RenameIn) -> dic
 async def delete_session(core: Core, session: OwnSession) -> dict[str, Any]:
     if not await core.sessions.delete(session.id):
         raise _not_found()
+    # Its uploads go with it, unless another session sent them too (server/uploads.py).
+    await core.store.delete_session_uploads(session.id)
     return {"ok": True}
+
+
+@router.get(
+    "/sessions/{session_id}/files/{file_id}",
+    summary="A file of the session's messages (images inline, anything else as an attachment)",
+    response_class=Response,
+    responses={200: {"content": {"application/octet-stream": {}}}, **doc(None, 400, 404)},
+)
+async def session_file(core: Core, session: OwnSession, file_id: str) -> Response:
+    found = await core.store.get_session_file(session.id, file_id)
+    if found is None:
+        raise ApiError(404, ErrorCode.INVALID_MESSAGE, "File not found")
+    return file_response(found.data, found.mime_type, found.filename)
 
 
 @router.post(

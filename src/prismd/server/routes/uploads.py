@@ -1,8 +1,10 @@
-"""`POST /api/upload`: a file to attach to a later chat as `{"fileId": id}`.
+"""`POST /api/upload`: a file to attach to a later chat as `{"fileId": id}`; `GET` and
+`DELETE /api/uploads/{id}`: one's own upload, to show or to remove.
 
 Sent as multipart (field `file`) or, as CortexPrism's clients send it, as JSON
 `{filename, mimeType, data}` with base64 data. Either way it goes through the same checks and
-name/type clean-up as a file sent inline in a chat, and belongs to the caller.
+name/type clean-up as a file sent inline in a chat, belongs to the caller, and counts against
+their upload quota (server/uploads.py).
 """
 
 from __future__ import annotations
@@ -11,7 +13,7 @@ import base64
 import binascii
 from typing import Any
 
-from fastapi import Request
+from fastapi import Request, Response
 from pydantic import BaseModel, Field, ValidationError
 
 from ...agent.files import decode_files
@@ -20,7 +22,8 @@ from ...protocol import ErrorCode, FileIn, ProtocolError
 from ...sessions.ids import new_id, now_iso
 from ...store.base import UploadRecord
 from ..limits import ENVELOPE_BYTES
-from .common import ApiError, Caller, Core, Open, api_router, doc, invalid
+from ..uploads import check_quota, file_response
+from .common import ApiError, Caller, Core, Ok, Open, api_router, doc, invalid
 
 router = api_router(tags=["uploads"])
 
@@ -87,6 +90,8 @@ async def _read(request: Request, limit: int) -> tuple[str, str, bytes]:
     "/upload",
     status_code=201,
     summary="Upload a file (multipart `file`, or JSON with base64 `data`)",
+    description="413 `payload_too_large` beyond `server.max_file_bytes`, or when it would "
+    "pass the caller's quota (`uploads.max_bytes_per_user`, `uploads.max_files_per_user`).",
     openapi_extra={"requestBody": _BODY},
     responses=doc(UploadOut, 413, 422, status=201),
 )
@@ -114,7 +119,8 @@ async def upload(request: Request, core: Core, caller: Caller) -> dict[str, Any]
     item = UploadRecord(
         new_id("upl"), caller.id, record.filename, record.mime_type, record.size, now_iso(), data
     )
-    await core.store.save_upload(item)
+    async with check_quota(core, caller.id, item.size):
+        await core.store.save_upload(item)
     return {
         "ok": True,
         "path": f"uploads/{caller.id}/{item.id}",
@@ -123,3 +129,32 @@ async def upload(request: Request, core: Core, caller: Caller) -> dict[str, Any]
         "id": item.id,
         "size": item.size,
     }
+
+
+async def _own_upload(core: Core, caller: Caller, upload_id: str) -> UploadRecord:
+    upload = await core.store.get_upload(upload_id)
+    if upload is None or not caller.owns(upload.user_id):  # another's is answered as missing
+        raise ApiError(404, ErrorCode.INVALID_MESSAGE, "Upload not found")
+    return upload
+
+
+@router.get(
+    "/uploads/{upload_id}",
+    summary="One of your uploads: the file itself (images inline, anything else as an attachment)",
+    response_class=Response,
+    responses={200: {"content": {"application/octet-stream": {}}}, **doc(None, 404)},
+)
+async def get_upload(core: Core, caller: Caller, upload_id: str) -> Response:
+    upload = await _own_upload(core, caller, upload_id)
+    return file_response(upload.data, upload.mime_type, upload.filename)
+
+
+@router.delete(
+    "/uploads/{upload_id}",
+    summary="Remove one of your uploads (chats that sent it keep their copy)",
+    responses=doc(Ok, 404),
+)
+async def delete_upload(core: Core, caller: Caller, upload_id: str) -> dict[str, Any]:
+    upload = await _own_upload(core, caller, upload_id)
+    await core.store.delete_upload(upload.id)
+    return {"ok": True}
