@@ -7,12 +7,21 @@ ConfigError whose message names the key and the problem; the CLI prints it witho
 from __future__ import annotations
 
 import ipaddress
+import math
 import os
 import tomllib
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    ConfigDict,
+    Field,
+    PrivateAttr,
+    ValidationError,
+    field_validator,
+)
 
 ProviderKind = Literal["openai", "anthropic", "ollama"]
 PROVIDER_KINDS: tuple[str, ...] = ("openai", "anthropic", "ollama")
@@ -322,6 +331,12 @@ class Settings(_Section):
     auth: AuthSettings = Field(default_factory=AuthSettings)
     store: StoreSettings = Field(default_factory=StoreSettings)
     bus: BusSettings = Field(default_factory=BusSettings)
+    # Tests only: PRISMD_TEST_CLOCK_OFFSET_S (see TEST_CLOCK_ENV), never the file or REST.
+    _test_clock_offset_s: float = PrivateAttr(default=0.0)
+
+    @property
+    def test_clock_offset_s(self) -> float:
+        return self._test_clock_offset_s
 
     @property
     def data_dir(self) -> Path:
@@ -355,6 +370,12 @@ ENV_OVERRIDES: dict[str, tuple[str, ...]] = {
     "ANTHROPIC_API_KEY": ("providers", "anthropic", "api_key"),
     "OLLAMA_BASE_URL": ("providers", "ollama", "base_url"),
 }
+
+# Tests only: the login-session clock (auth/service.py) runs this many seconds ahead, so that a
+# test sees a login expire without waiting out its TTL (tests/test_auth.py). Ahead only: it can
+# end logins sooner, never keep one longer. Read from the environment alone (not a key of the
+# file, not shown or changed by /api/config), and the server logs a warning when it is set.
+TEST_CLOCK_ENV = "PRISMD_TEST_CLOCK_OFFSET_S"
 
 
 def home_dir(env: dict[str, str] | None = None) -> Path:
@@ -424,4 +445,16 @@ def load_settings(
             f"Invalid configuration ({path}): default_agent: no agent with id "
             f"{settings.default_agent!r}"
         )
+    offset = env.get(TEST_CLOCK_ENV)
+    if offset:
+        try:
+            seconds = float(offset)
+        except ValueError:
+            seconds = math.nan
+        if not (math.isfinite(seconds) and seconds >= 0):
+            raise ConfigError(
+                f"Invalid configuration ({TEST_CLOCK_ENV}): seconds >= 0 (the clock may only run "
+                f"ahead), not {offset!r}"
+            )
+        settings._test_clock_offset_s = seconds
     return settings
