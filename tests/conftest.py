@@ -176,6 +176,13 @@ class Client:
             return True
         return False
 
+    def nothing_pending(self) -> bool:
+        """No frame waits for this client: the answer to a ping sent now is the next frame (a
+        connection's frames arrive in order, so one queued before the pong comes first). A
+        barrier, not a wait: use it once whatever could send a stray frame is over."""
+        self.send(type="ping")
+        return self.recv() == {"type": "pong"}
+
     def close(self) -> None:
         self._cm.__exit__(None, None, None)
 

@@ -1,6 +1,6 @@
 """A small MCP server for the MCP client tests, written with the official SDK (mcp 2.x).
 
-python tests/mcp_fixture_server.py stdio [--legacy] [--hold-file F] [--slow-listen S]
+python tests/mcp_fixture_server.py stdio [--legacy] [--hold-file F] [--listen-gate F]
 python tests/mcp_fixture_server.py http --port P     # streamable HTTP on 127.0.0.1:P/mcp
 
 `grow` adds a tool and `shrink` removes one, each announcing `notifications/tools/list_changed`
@@ -8,9 +8,9 @@ python tests/mcp_fixture_server.py http --port P     # streamable HTTP on 127.0.
 `--legacy` serves only the protocol before 2026-07-28 (the `initialize` handshake, which most
 servers speak): the client's `server/discover` probe is refused and it falls back.
 `--hold-file F`: while F exists, the server exits at start with an error (a server that cannot
-be restarted until the test says so). `--slow-listen S`: a `subscriptions/listen` request is
-acknowledged S seconds late (changes meanwhile reach no stream: a client must list again once
-its stream is open).
+be restarted until the test says so). `--listen-gate F`: a `subscriptions/listen` request is
+acknowledged only once F exists (changes meanwhile reach no stream: a client must list again
+once its stream is open). `slow` says on stderr when it starts and when it is cancelled.
 """
 
 from __future__ import annotations
@@ -58,6 +58,7 @@ def fail(message: str) -> str:
 @server.tool()
 async def slow(seconds: float) -> str:
     """Sleep for the given number of seconds, then answer."""
+    print("slow: started", file=sys.stderr, flush=True)
     try:
         await asyncio.sleep(seconds)
     except asyncio.CancelledError:
@@ -118,13 +119,16 @@ async def _run_legacy_stdio() -> None:
             await write_stream.aclose()
 
 
-def _slow_listen(seconds: float) -> None:
+def _gate_listen(gate: Path) -> None:
     low = server._lowlevel_server
     entry = low.get_request_handler("subscriptions/listen")
     assert entry is not None
 
     async def handler(ctx: Any, params: Any) -> Any:
-        await asyncio.sleep(seconds)
+        for _ in range(3000):  # at most a minute: a test that never opens it has failed
+            if await anyio.Path(gate).exists():
+                break
+            await asyncio.sleep(0.02)
         return await entry.handler(ctx, params)
 
     low.add_request_handler("subscriptions/listen", entry.params_type, handler)
@@ -136,7 +140,7 @@ def main() -> None:
     stdio = sub.add_parser("stdio")
     stdio.add_argument("--legacy", action="store_true")
     stdio.add_argument("--hold-file")
-    stdio.add_argument("--slow-listen", type=float)
+    stdio.add_argument("--listen-gate")
     http = sub.add_parser("http")
     http.add_argument("--port", type=int, required=True)
     opts = parser.parse_args()
@@ -144,8 +148,8 @@ def main() -> None:
         if opts.hold_file and Path(opts.hold_file).exists():
             print(f"held: {opts.hold_file} exists", file=sys.stderr, flush=True)
             sys.exit(3)
-        if opts.slow_listen:
-            _slow_listen(opts.slow_listen)
+        if opts.listen_gate:
+            _gate_listen(Path(opts.listen_gate))
         if opts.legacy:
             anyio.run(_run_legacy_stdio)
         else:

@@ -9,6 +9,7 @@ import contextlib
 import json
 import os
 import re
+import sqlite3
 import subprocess
 import sys
 import time
@@ -20,6 +21,9 @@ import httpx
 import pytest
 from websockets.exceptions import InvalidStatus
 from websockets.sync.client import connect
+
+from prismd.auth.service import token_hash
+from prismd.config import ConfigError, load_settings
 
 from .conftest import ROOT, Client, PrismdServer, free_port, openai_env
 
@@ -397,17 +401,50 @@ def test_terminal_chat_with_a_token(users_server):
 
 
 def test_login_sessions_survive_a_restart_and_expire(make_server, fake_openai):
-    ttl_s = 0.004 * 3600  # 14.4 s
-    srv = make_server(openai_env(fake_openai), "[auth]\nsession_ttl_hours = 0.004\n", start=False)
+    """A login outlives a restart and ends with its TTL: the later servers judge logins by a
+    clock that runs ahead (PRISMD_TEST_CLOCK_OFFSET_S), so the test waits out no TTL."""
+    ttl_s = 3600
+    srv = make_server(openai_env(fake_openai), "[auth]\nsession_ttl_hours = 1\n", start=False)
     add_user(srv.home, "alice")
     srv.start()
+
+    def stored_logins() -> list[str]:
+        db = sqlite3.connect(f"file:{srv.data_dir / 'prismd.db'}?mode=ro", uri=True)
+        try:
+            return [row[0] for row in db.execute("SELECT token_hash FROM login_sessions")]
+        finally:
+            db.close()
+
     with login(srv.url, "alice") as c:
-        logged_in = time.monotonic()
+        key = token_hash(c.cookies["prismd_session"])
+        assert stored_logins() == [key]
+        # Restarted half-way through the login's life: it still works.
+        srv.env["PRISMD_TEST_CLOCK_OFFSET_S"] = str(ttl_s / 2)
         srv.restart()
         assert c.get("/api/auth/me").json()["user"]["name"] == "alice"
-        assert time.monotonic() - logged_in < ttl_s - 1
-        time.sleep(max(0.0, logged_in + ttl_s + 0.5 - time.monotonic()))
+        # Restarted past its end: refused, and deleted.
+        srv.env["PRISMD_TEST_CLOCK_OFFSET_S"] = str(ttl_s + 1)
+        srv.restart()
+        assert "judged 3601 s ahead" in srv.log.read_text()  # the server says so
         assert c.get("/api/auth/me").status_code == 401
+        deadline = time.monotonic() + 10
+        while key in stored_logins():
+            assert time.monotonic() < deadline, "the expired login was not deleted"
+            time.sleep(0.05)
+    # A login made by the clock that runs ahead is judged by it too: it works.
+    with login(srv.url, "alice") as c:
+        assert c.get("/api/auth/me").json()["user"]["name"] == "alice"
+
+
+def test_the_test_clock_only_runs_ahead(tmp_path):
+    for bad in ("-1", "nan", "inf", "soon"):
+        env = {"PRISMD_HOME": str(tmp_path), "PRISMD_TEST_CLOCK_OFFSET_S": bad}
+        with pytest.raises(ConfigError, match="PRISMD_TEST_CLOCK_OFFSET_S"):
+            load_settings(env=env)
+    env = {"PRISMD_HOME": str(tmp_path)}
+    assert load_settings(env=env).test_clock_offset_s == 0
+    env["PRISMD_TEST_CLOCK_OFFSET_S"] = "90.5"
+    assert load_settings(env=env).test_clock_offset_s == 90.5
 
 
 def test_failed_logins_are_rate_limited(make_server, fake_openai):
@@ -535,7 +572,7 @@ def test_sessions_belong_to_their_user(users_server):
         carol_ws.send(type="chat", sessionId=sid, message="let me in")
         err = carol_ws.recv()
         assert err["type"] == "error" and err["code"] == "session_not_found"
-        assert carol_ws.no_frame()
+        assert carol_ws.nothing_pending()
     with bearer(srv.url, bob_t) as bob_http:
         body = bob_http.get(f"/api/sessions/{sid}/messages").json()
         assert [m["content"] for m in body][0] == "bob's secret"
@@ -579,7 +616,7 @@ def test_a_deleted_sessions_id_reused_by_another_user_reaches_only_them(users_se
             frames = carol.turn(message="carol's secret", sessionId=sid)
             assert frames[-1]["type"] == "context_usage"
             assert frames[0]["sessionId"] == sid
-        assert bob.no_frame(0.5), "bob's socket received carol's session"
+        assert bob.nothing_pending(), "bob's socket received carol's session"
         # Bob's voice_state no longer reaches anyone: he is bound to nothing.
         bob.send(type="voice_state", speaking=True)
         assert bob.recv()["code"] == "session_not_found"

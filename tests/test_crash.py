@@ -102,14 +102,16 @@ def test_kill_at_random_points_then_restart(make_server, fake_openai, seed):
 
 def _kill_during_turn(srv, fake, rng, sid: str) -> tuple[list[dict], str]:
     """Start a turn in `sid`, kill -9 the server at a random point of it; return the frames
-    the client saw and the point."""
+    the client saw and the point. The random waits pick a point in a phase that does not end
+    by itself before the kill (the model sends nothing, the tool runs 30 s): they decide where
+    it is killed, never whether the phase is still on."""
     point = rng.choice(["before_first_chunk", "mid_stream", "mid_stream", "during_tool"])
     if point == "during_tool":
-        call = {"id": "t1", "name": "shell", "arguments": '{"command": "sleep 5"}'}
+        call = {"id": "t1", "name": "shell", "arguments": '{"command": "sleep 30"}'}
         fake.script(Reply(tool_calls=[call]), match="crash me")
     else:
-        first_delay = 2.0 if point == "before_first_chunk" else 0.0
-        fake.script(Reply(text=PIECES, delay_s=0.01, first_delay_s=first_delay), match="crash me")
+        silent = 0 if point == "before_first_chunk" else None  # no piece until it is killed
+        fake.script(Reply(text=PIECES, delay_s=0.01, stall_after=silent), match="crash me")
     with srv.client() as c:
         c.send(type="chat", message="crash me", clientMessageId="crash-1", sessionId=sid)
         frames = c.until("start")

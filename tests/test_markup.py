@@ -567,12 +567,13 @@ def test_large_tool_call_body_streams_in_linear_time() -> None:
     )
     src += "</tool_call>\nDone. " + "prose " * 20000
     f = MarkupFilter(TOOLS)
-    start = time.perf_counter()
+    # CPU time of this process, not the wall clock: other processes' load does not count.
+    start = time.process_time()
     text = "".join(f.feed(src[i : i + 3]).text for i in range(0, len(src), 3)) + f.finish().text
-    elapsed = time.perf_counter() - start
+    cpu_s = time.process_time() - start
     assert text == "Writing.\n\nDone. " + "prose " * 20000
     assert f.calls[0].args["content"] == content
-    assert elapsed < 5.0
+    assert cpu_s < 5.0  # about 0.1 s of CPU here: rescanning what it holds would be far more
 
 
 def test_malformed_errors_are_clear() -> None:

@@ -263,6 +263,7 @@ def test_event_loop_keeps_streaming_while_another_session_transcribes(voice_serv
     long_speech = espeak_wav(" ".join(SENTENCES[:4]))
     fake_openai.script(Reply(text=[f"t{i} " for i in range(60)], delay_s=0.02), match="stream")
     gaps: list[float] = []
+    streaming = threading.Event()
 
     def stream() -> None:
         with voice_server.client() as s:
@@ -272,6 +273,7 @@ def test_event_loop_keeps_streaming_while_another_session_transcribes(voice_serv
                 f = s.recv(timeout=30)
                 now = time.monotonic()
                 if f["type"] == "chunk":
+                    streaming.set()
                     if last is not None:
                         gaps.append(now - last)
                     last = now
@@ -281,7 +283,7 @@ def test_event_loop_keeps_streaming_while_another_session_transcribes(voice_serv
     with voice_server.client() as c:
         t = threading.Thread(target=stream)
         t.start()
-        time.sleep(0.2)
+        assert streaming.wait(30), "the other session did not start streaming"
         for _ in range(3):
             c.send(type="audio_chunk", data=base64.b64encode(long_speech).decode())
             c.send(type="audio_end")

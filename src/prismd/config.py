@@ -7,6 +7,7 @@ ConfigError whose message names the key and the problem; the CLI prints it witho
 from __future__ import annotations
 
 import ipaddress
+import math
 import os
 import tomllib
 from pathlib import Path
@@ -17,6 +18,7 @@ from pydantic import (
     BaseModel,
     ConfigDict,
     Field,
+    PrivateAttr,
     SerializerFunctionWrapHandler,
     ValidationError,
     field_serializer,
@@ -374,6 +376,12 @@ class Settings(_Section):
     uploads: UploadsSettings = Field(default_factory=UploadsSettings)
     store: StoreSettings = Field(default_factory=StoreSettings)
     bus: BusSettings = Field(default_factory=BusSettings)
+    # Tests only: PRISMD_TEST_CLOCK_OFFSET_S (see TEST_CLOCK_ENV), never the file or REST.
+    _test_clock_offset_s: float = PrivateAttr(default=0.0)
+
+    @property
+    def test_clock_offset_s(self) -> float:
+        return self._test_clock_offset_s
 
     @property
     def data_dir(self) -> Path:
@@ -433,6 +441,12 @@ ENV_OVERRIDES: dict[str, tuple[str, ...]] = {
     # "false": no local runtime, hence no offline default model.
     "PRISMD_LOCAL_ENABLED": ("providers", "local", "enabled"),
 }
+
+# Tests only: the login-session clock (auth/service.py) runs this many seconds ahead, so that a
+# test sees a login expire without waiting out its TTL (tests/test_auth.py). Ahead only: it can
+# end logins sooner, never keep one longer. Read from the environment alone (not a key of the
+# file, not shown or changed by /api/config), and the server logs a warning when it is set.
+TEST_CLOCK_ENV = "PRISMD_TEST_CLOCK_OFFSET_S"
 
 
 def home_dir(env: dict[str, str] | None = None) -> Path:
@@ -502,4 +516,16 @@ def load_settings(
             f"Invalid configuration ({path}): default_agent: no agent with id "
             f"{settings.default_agent!r}"
         )
+    offset = env.get(TEST_CLOCK_ENV)
+    if offset:
+        try:
+            seconds = float(offset)
+        except ValueError:
+            seconds = math.nan
+        if not (math.isfinite(seconds) and seconds >= 0):
+            raise ConfigError(
+                f"Invalid configuration ({TEST_CLOCK_ENV}): seconds >= 0 (the clock may only run "
+                f"ahead), not {offset!r}"
+            )
+        settings._test_clock_offset_s = seconds
     return settings

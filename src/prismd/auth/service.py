@@ -12,6 +12,7 @@ import asyncio
 import functools
 import hashlib
 import hmac
+import logging
 import re
 import secrets
 import time
@@ -19,12 +20,14 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING
 
-from ..config import Settings
+from ..config import TEST_CLOCK_ENV, Settings
 from ..store.base import LOCAL_USER_ID, Store, TokenRecord, UserRecord
 from .limits import LocalLimits
 
 if TYPE_CHECKING:
     from argon2 import PasswordHasher
+
+log = logging.getLogger(__name__)
 
 COOKIE_NAME = "prismd_session"
 
@@ -150,6 +153,19 @@ class Auth:
         from .live import LiveSockets
 
         self.sockets = LiveSockets(self)
+        # Login sessions are judged by this clock: the wall clock, or (tests only) ahead of it.
+        self._clock_offset_s = settings.test_clock_offset_s
+        if self._clock_offset_s:
+            log.warning(
+                "%s is set: login sessions are judged %g s ahead of the wall clock (a test "
+                "setting: logins end sooner)",
+                TEST_CLOCK_ENV,
+                self._clock_offset_s,
+            )
+
+    def _now(self) -> float:
+        """The time login sessions are created and checked at (seconds since the epoch)."""
+        return time.time() + self._clock_offset_s
 
     @property
     def ttl_s(self) -> float:
@@ -192,7 +208,7 @@ class Auth:
             user = await self.store.token_user(key, now_iso())
             return _principal(user, "token", key) if user is not None else None
         if via == "cookie":
-            user = await self.store.login_user(key, time.time())
+            user = await self.store.login_user(key, self._now())
             return _principal(user, "cookie", key) if user is not None else None
         return None
 
@@ -217,7 +233,7 @@ class Auth:
         cookie's token."""
         token = new_token("sess")
         key = token_hash(token)
-        await self.store.create_login(key, user.id, time.time() + self.ttl_s)
+        await self.store.create_login(key, user.id, self._now() + self.ttl_s)
         return _principal(user, "cookie", key), token
 
     # ------------------------------------------------------------ users and credentials
