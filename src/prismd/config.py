@@ -26,6 +26,10 @@ from pydantic import (
 )
 
 ProviderKind = Literal["openai", "anthropic", "ollama", "local"]
+# "provider:model" (the model may hold colons: "ollama:llama3:8b") or "provider" alone.
+ModelSpec = Annotated[
+    str, Field(pattern=r"^(openai|anthropic|ollama|local)(:.{1,200})?$", max_length=220)
+]
 PROVIDER_KINDS: tuple[str, ...] = ("openai", "anthropic", "ollama", "local")
 
 DEFAULT_SYSTEM_PROMPT = (
@@ -247,6 +251,10 @@ class AgentSettings(_Section):
     # Host-level tools this agent may use for every user, admin or not (config file only:
     # agents created over the API cannot carry grants).
     grant: ToolPatterns = Field(default_factory=list)
+    # Models to fall back to, in order, when this agent's fails before its first token (after
+    # its retries) or is not configured: "provider:model" or "provider" (its default model).
+    # None: the server's `fallback` list.
+    fallback: list[ModelSpec] | None = None
 
 
 BUILTIN_AGENT = AgentSettings(
@@ -361,6 +369,19 @@ class BusSettings(_Section):
     url: str | None = None
 
 
+class RoutingSettings(_Section):
+    """`modelMode: "auto"`: prismd picks the model of each turn. A turn goes to `large` when
+    its message (with its files' text) is longer than `large_above_tokens` (estimated), when it
+    carries attachments (`large_for_attachments`), or when its agent has tools
+    (`large_for_tools`); else to `small`. Unset (either model): auto means the agent's model."""
+
+    small: ModelSpec | None = None
+    large: ModelSpec | None = None
+    large_above_tokens: Annotated[int, Field(ge=0)] = 2000
+    large_for_attachments: bool = True
+    large_for_tools: bool = False
+
+
 class Settings(_Section):
     home: Path = Path("~/.prismd")
     provider: ProviderKind | None = None
@@ -376,6 +397,9 @@ class Settings(_Section):
     uploads: UploadsSettings = Field(default_factory=UploadsSettings)
     store: StoreSettings = Field(default_factory=StoreSettings)
     bus: BusSettings = Field(default_factory=BusSettings)
+    # Models every agent falls back to (see AgentSettings.fallback).
+    fallback: list[ModelSpec] = Field(default_factory=list)
+    routing: RoutingSettings = Field(default_factory=RoutingSettings)
     # Tests only: PRISMD_TEST_CLOCK_OFFSET_S (see TEST_CLOCK_ENV), never the file or REST.
     _test_clock_offset_s: float = PrivateAttr(default=0.0)
 

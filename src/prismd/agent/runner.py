@@ -14,7 +14,7 @@ import json
 import logging
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from fnmatch import fnmatchcase
 from typing import Any, Protocol
 
@@ -92,6 +92,10 @@ class TurnPlan:
     chat: Chat
     # Events published before `start` with the turn's id (a voice turn's `transcribed`).
     preface: list[dict[str, Any]] | None = None
+    # Models still to try, in order, if this one fails before its first token ("kind:model").
+    fallbacks: list[str] = field(default_factory=list)
+    fallback_reason: str | None = None  # why the turn is not on its first choice (done)
+    choice: str | None = None  # modelMode "auto": which rule chose the model (done)
     meta: dict[str, Any] | None = None  # stored on the user message (e.g. {"input": "voice"})
 
 
@@ -139,8 +143,44 @@ class TurnRunner:
             raise ProtocolError(ErrorCode.EMPTY_MESSAGE, "Empty message")
         limits = self.settings.server
         files = decode_files(chat.files, limits.max_files, limits.max_file_bytes)
-        provider, model = self.providers.resolve(agent, chat.model)
-        return TurnPlan(agent, caller, provider, model, chat.message, files, chat)
+        fallbacks = list(agent.fallback if agent.fallback is not None else self.settings.fallback)
+        choice, spec = self._route(chat, agent, files)
+        reason = None
+        while True:
+            try:
+                if spec is not None:
+                    provider, model = self.providers.resolve_spec(spec)
+                else:
+                    provider, model = self.providers.resolve(agent, chat.model)
+                break
+            except ProtocolError as exc:
+                # Not configured: the next fallback, if there is one.
+                if exc.code != ErrorCode.PROVIDER_UNCONFIGURED or not fallbacks:
+                    raise
+                reason = f"{spec or agent.provider or 'the default provider'}: {exc.message}"
+                spec = fallbacks.pop(0)
+        plan = TurnPlan(agent, caller, provider, model, chat.message, files, chat)
+        plan.fallbacks, plan.fallback_reason, plan.choice = fallbacks, reason, choice
+        return plan
+
+    def _route(
+        self, chat: Chat, agent: AgentSettings, files: list[FileRecord]
+    ) -> tuple[str | None, str | None]:
+        """modelMode "auto": (the rule that chose, "provider:model"); (None, None) otherwise
+        (a chat's own `model` always wins)."""
+        if chat.modelMode != "auto" or chat.model:
+            return None, None
+        routing = self.settings.routing
+        if not routing.small or not routing.large:
+            return "auto: no routing configured, the agent's model", None
+        size = estimate_tokens(chat.message) + sum(f.size // 4 for f in files)
+        if size > routing.large_above_tokens:
+            return f"auto: large, the message is about {size} tokens", routing.large
+        if files and routing.large_for_attachments:
+            return "auto: large, the message has attachments", routing.large
+        if routing.large_for_tools and agent.tools:
+            return "auto: large, the agent uses tools", routing.large
+        return f"auto: small, the message is about {size} tokens", routing.small
 
     async def start(self, live: LiveSession, plan: TurnPlan) -> Turn:
         """Take the session's turn lock (see SessionService.begin_turn) and launch the turn."""
@@ -180,6 +220,7 @@ class _Execution:
         self.corrections: list[ChatMessage] = []  # re-prompts for unparseable calls
         self.malformed: list[MalformedCall] = []
         self.speech: ReplySpeaker | None = None
+        self.produced = False  # the last model call produced something before it failed
         speak = plan.chat.speak or runner.settings.voice.auto_speak
         if speak and runner.reply_speaker is not None:
             self.speech = runner.reply_speaker(
@@ -288,14 +329,67 @@ class _Execution:
 
     # ------------------------------------------------------------ one model call
 
+    def _fall_back(self, exc: ProviderError) -> bool:
+        """Move the turn to its next configured fallback model after `exc` (a call that failed
+        before it produced anything, after its retries). False when none is left."""
+        plan = self.plan
+        failed = f"{plan.provider.kind}:{plan.model}"
+        while plan.fallbacks:
+            spec = plan.fallbacks.pop(0)
+            try:
+                provider, model = self.runner.providers.resolve_spec(spec)
+            except ProtocolError as unconfigured:
+                log.info("turn %s: fallback %s skipped (%s)", self.turn.id, spec, unconfigured)
+                continue
+            plan.fallback_reason = f"{failed}: {exc.message}"
+            plan.provider, plan.model = provider, model
+            log.warning("turn %s: %s; falling back to %s", self.turn.id, plan.fallback_reason, spec)
+            self.text_tools = bool(self.view.tools) and self.runner.text_protocol(provider, model)
+            self.window = self.runner.providers.context_window(provider, model)
+            return True
+        return False
+
     async def _round(self) -> list[PendingCall]:
-        plan, live = self.plan, self.live
+        live = self.live
+        self.answer = MessageRecord(
+            id=new_id("msg"),
+            role="assistant",
+            content="",
+            created_at=now_iso(),
+            turn_id=self.turn.id,
+            status="streaming",
+            # After a crash its text is rebuilt from the chunks logged after this seq.
+            meta={"startSeq": self.sessions.seal(live)},
+        )
+        self.sessions.add_message(live, self.answer)
+        self.pieces = []
+        while True:
+            request, ctx = self._request()
+            try:
+                markup, native = await self._call_model(request, ctx)
+                break
+            except ProviderError as exc:
+                # Nothing of this call reached the user: the same round on the next model.
+                if self.produced or not self._fall_back(exc):
+                    raise
+        calls = [self._native_call(c) for c in native]
+        for parsed in markup.calls:
+            arguments = json.dumps(parsed.args, ensure_ascii=False)
+            calls.append(PendingCall(new_id("call"), parsed.name, arguments, parsed.args))
+        self.malformed = markup.malformed
+        for bad in markup.malformed:
+            calls.append(PendingCall(new_id("call"), "", bad.raw, error=bad.error))
+        return calls
+
+    def _request(self) -> tuple[ModelRequest, BuiltContext]:
+        """The model call of a round, for the turn's current model."""
+        plan = self.plan
         provider, agent = plan.provider, plan.agent
         system = agent.system_prompt
         if self.text_tools:
             system += TEXT_PROTOCOL_PROMPT.format(tools=self.view.describe_for_prompt())
         ctx = build_context(
-            live.history,
+            self.live.history,
             system,
             self.window,
             provider.max_output_tokens,
@@ -313,27 +407,7 @@ class _Execution:
             max_output_tokens=provider.max_output_tokens,
             tools=tools,
         )
-        self.answer = MessageRecord(
-            id=new_id("msg"),
-            role="assistant",
-            content="",
-            created_at=now_iso(),
-            turn_id=self.turn.id,
-            status="streaming",
-            # After a crash its text is rebuilt from the chunks logged after this seq.
-            meta={"startSeq": self.sessions.seal(live)},
-        )
-        self.sessions.add_message(live, self.answer)
-        self.pieces = []
-        markup, native = await self._call_model(request, ctx)
-        calls = [self._native_call(c) for c in native]
-        for parsed in markup.calls:
-            arguments = json.dumps(parsed.args, ensure_ascii=False)
-            calls.append(PendingCall(new_id("call"), parsed.name, arguments, parsed.args))
-        self.malformed = markup.malformed
-        for bad in markup.malformed:
-            calls.append(PendingCall(new_id("call"), "", bad.raw, error=bad.error))
-        return calls
+        return request, ctx
 
     async def _call_model(
         self, request: ModelRequest, ctx: BuiltContext
@@ -350,7 +424,7 @@ class _Execution:
             reasoning_before = len(self.reasoning)
             self.thinking = []
             started = saved_at = time.monotonic()
-            retrying = False
+            uncounted = False
             try:
                 async for part in provider.stream(request):
                     kind = type(part)
@@ -378,14 +452,17 @@ class _Execution:
                 return markup, native
             except ProviderError as exc:
                 produced = self.pieces or native or len(self.reasoning) > reasoning_before
+                self.produced = bool(produced)
+                # A call that produced nothing is not counted (nor estimated): it is retried,
+                # or the turn falls back to another model or ends in an error.
+                uncounted = not produced
                 if not (exc.retryable and not produced and attempt < retries):
                     raise
-                retrying = True
                 attempt += 1
                 log.info("turn %s: retrying the model call (%s)", self.turn.id, exc.message)
             finally:
                 self.totals.llm_s += time.monotonic() - started
-                if not retrying:
+                if not uncounted:
                     self._count(usage, ctx)
             await asyncio.sleep(min(0.5 * 2 ** (attempt - 1), 4.0))
 
@@ -629,8 +706,9 @@ class _Execution:
                 "requestedModelMode": chat.modelMode or "manual",
                 "resolvedProvider": provider.kind,
                 "resolvedModel": model,
-                "autoFallback": False,
-                "autoFallbackReason": None,
+                "autoFallback": plan.fallback_reason is not None,
+                "autoFallbackReason": plan.fallback_reason,
+                **({"modelChoice": plan.choice} if plan.choice else {}),
                 "stopReason": stop_reason,
                 "costSource": cost_source,
                 "usageEstimated": t.estimated,

@@ -178,6 +178,13 @@ class ProviderRegistry:
         provider = self.get(kind)
         return provider, model or agent.model or provider.default_model
 
+    def resolve_spec(self, spec: str) -> tuple[Provider, str]:
+        """A provider and model named "provider:model" or "provider" (its default model);
+        raises provider_unconfigured as `get` does."""
+        kind, _, model = spec.partition(":")
+        provider = self.get(kind)
+        return provider, model or provider.default_model
+
     def describe(self, kind: str | None = None, model: str | None = None) -> dict[str, Any]:
         """How to show a provider's model (the default one's by default) to the user:
         `provider`, `model`, `displayName`, `note` (a line to show beside it: the offline demo
