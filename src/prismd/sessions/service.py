@@ -602,6 +602,12 @@ class SessionService:
     def abandon(self, live: LiveSession) -> None:
         """This process lost the session's lease mid-turn (cut off from the store for longer
         than the lease): it must write and deliver nothing more of it."""
+        self._forget(live)
+        self.bus.detach_all(live.id, "store_failed", everywhere=False)
+
+    def _forget(self, live: LiveSession) -> None:
+        """Write and deliver nothing more of this copy of the session, end its turn, and load
+        it again from the store the next time it is used."""
         live.gone = True
         live.pending.clear()
         live.open_chunk = None
@@ -609,7 +615,6 @@ class SessionService:
             del self._live[live.id]
         if live.turn is not None and live.turn.task is not None:
             live.turn.task.cancel()
-        self.bus.detach_all(live.id, "store_failed", everywhere=False)
 
     def answer_approval(self, live: LiveSession, request_id: str, approved: bool) -> bool:
         turn = live.turn
@@ -721,13 +726,7 @@ class SessionService:
         show events a crash takes back). The turn ends, its clients are told, and the session
         is reloaded from what is durable the next time it is used."""
         log.error("session %s: an event could not be logged; ending its turn", live.id)
-        live.gone = True
-        live.pending.clear()
-        live.open_chunk = None
-        if self._live.get(live.id) is live:
-            del self._live[live.id]
-        if live.turn is not None and live.turn.task is not None:
-            live.turn.task.cancel()
+        self._forget(live)
         frame = error_frame(
             ErrorCode.STORE_UNAVAILABLE,
             "The session could not be saved (the store failed); the turn was ended. "

@@ -16,7 +16,16 @@ from ...auth import Principal, token_hash
 from ...auth.limits import RateLimited
 from ...auth.service import COOKIE_NAME
 from ...protocol import ErrorCode
-from .common import ApiError, Caller, Core, Open, api_router, doc
+from .common import (
+    ApiError,
+    Caller,
+    Core,
+    Open,
+    api_router,
+    cookie_options,
+    doc,
+    set_login_cookie,
+)
 from .rows import user_json
 
 router = api_router(tags=["auth"])
@@ -129,15 +138,7 @@ async def login(request: Request, core: Core, body: LoginIn) -> JSONResponse:
     response = JSONResponse(
         {"success": True, "sessionId": token_hash(token)[:32], "user": user_json(user)}
     )
-    response.set_cookie(
-        COOKIE_NAME,
-        token,
-        max_age=int(core.auth.ttl_s),
-        path="/",
-        httponly=True,
-        samesite="strict",
-        secure=request.url.scheme == "https",
-    )
+    set_login_cookie(response, request, core, token)
     return response
 
 
@@ -151,13 +152,7 @@ async def logout(request: Request, core: Core) -> JSONResponse:
     if cookie:
         await core.auth.logout(cookie)
     response = JSONResponse({"success": True})
-    response.delete_cookie(
-        COOKIE_NAME,
-        path="/",
-        httponly=True,
-        samesite="strict",
-        secure=request.url.scheme == "https",
-    )
+    response.delete_cookie(COOKIE_NAME, **cookie_options(request))
     return response
 
 

@@ -18,6 +18,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from ...auth import Principal
+from ...auth.service import COOKIE_NAME
 from ...core import Prismd
 from ...protocol import ErrorCode, PrismdError
 
@@ -202,3 +203,18 @@ def api_router(*, tags: list[str]) -> APIRouter:
         tags=list(tags),
         responses={401: {"model": ErrorBody}, 422: {"model": ErrorBody}},
     )
+
+
+def cookie_options(request: Request) -> dict[str, Any]:
+    """How the login cookie is set and cleared: for the whole site, never to scripts or other
+    sites, and only over HTTPS when the page came over HTTPS."""
+    return {
+        "path": "/",
+        "httponly": True,
+        "samesite": "strict",
+        "secure": request.url.scheme == "https",
+    }
+
+
+def set_login_cookie(response: JSONResponse, request: Request, core: Prismd, token: str) -> None:
+    response.set_cookie(COOKIE_NAME, token, max_age=int(core.auth.ttl_s), **cookie_options(request))

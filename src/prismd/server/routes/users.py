@@ -20,11 +20,11 @@ from fastapi.responses import JSONResponse
 from pydantic import BaseModel, Field
 
 from ...auth import AccountError, Principal
-from ...auth.service import COOKIE_NAME, MAX_PASSWORD_CHARS
+from ...auth.service import MAX_PASSWORD_CHARS
 from ...protocol import ErrorCode
 from ...store.base import LoginRecord, TokenRecord, UserRecord
 from ..uploads import budget_of, utc_day
-from .common import Admin, ApiError, Caller, Core, Ok, Open, api_router, doc
+from .common import Admin, ApiError, Caller, Core, Ok, Open, api_router, doc, set_login_cookie
 
 router = api_router(tags=["users"])
 
@@ -332,15 +332,7 @@ async def change_password(
     response = JSONResponse({"ok": True})
     if caller.via == "cookie":
         _, cookie = await core.auth.start_login(user)
-        response.set_cookie(
-            COOKIE_NAME,
-            cookie,
-            max_age=int(core.auth.ttl_s),
-            path="/",
-            httponly=True,
-            samesite="strict",
-            secure=request.url.scheme == "https",
-        )
+        set_login_cookie(response, request, core, cookie)
     return response
 
 
