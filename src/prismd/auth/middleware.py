@@ -22,14 +22,13 @@ import json
 from typing import TYPE_CHECKING, Any
 from urllib.parse import parse_qs, urlsplit
 
-from starlette._utils import get_route_path
 from starlette.requests import cookie_parser
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from .service import COOKIE_NAME, LOCAL_PRINCIPAL, Principal
 
 if TYPE_CHECKING:
-    from ..server.app import Prismd
+    from ..core import Prismd
 
 # Reachable without credentials: they say no more than whether a login is needed (health then
 # answers only {"status": "ok"}); logout only ends the login session its cookie names.
@@ -81,20 +80,32 @@ def _origin_allowed(origin: str, host: str, allowed: list[str]) -> bool:
     return norm(parts.netloc, default_port) == norm(host.lower(), default_port)
 
 
+def route_path(scope: Scope) -> str:
+    """The path routing sees: without the configured root path, so that "/p/api/…" served under
+    root path "/p" is checked like "/api/…" (Starlette's router strips it the same way)."""
+    path: str = scope["path"]
+    root = scope.get("root_path", "")
+    if not root or not path.startswith(root):
+        return path
+    rest = path[len(root) :]
+    return rest if rest == "" or rest.startswith("/") else path
+
+
 class AuthMiddleware:
-    def __init__(self, app: ASGIApp) -> None:
+    """`core`: the server's services (core.py), passed in when the app is built."""
+
+    def __init__(self, app: ASGIApp, core: Prismd) -> None:
         self.app = app
+        self.core = core
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] not in ("http", "websocket"):
             await self.app(scope, receive, send)
             return
-        core: Prismd = scope["app"].state.prismd
+        core = self.core
         auth = core.auth
         state = scope.setdefault("state", {})
-        # The path routing sees (without a configured root path), so that "/p/api/…" served
-        # under root path "/p" is checked like "/api/…".
-        path = get_route_path(scope)
+        path = route_path(scope)
         headers = _headers(scope)
         allowed = core.settings.auth.allowed_origins
         if not await auth.required():

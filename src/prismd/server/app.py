@@ -49,7 +49,7 @@ def create_app(settings: Settings, probe_ollama: bool = True) -> FastAPI:
         redoc_url=None,
     )
     app.state.prismd = core
-    app.add_middleware(AuthMiddleware)
+    app.add_middleware(AuthMiddleware, core=core)
     from .limits import BodyLimitMiddleware
     from .routes.uploads import max_body_bytes
 
