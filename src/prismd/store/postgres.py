@@ -65,20 +65,19 @@ from .base import (
     note_time,
     query_words,
 )
-from .sqlite import (
+from .common import (
     _MESSAGE_COLUMNS,
     _MESSAGE_FIELDS,
     _SESSION_FIELDS,
     _SESSION_FIELDS_ORDER,
     _TURN_FIELDS,
     _UNREFERENCED,
-    EXPORT_TABLES,
     MAX_BATCH,
     TOKEN_TOUCH_S,
     _check_fields,
     _note,
-    write_session_file,
 )
+from .session_file import EXPORT_TABLES, write_session_file
 
 log = logging.getLogger("prismd.store")
 T = TypeVar("T")
