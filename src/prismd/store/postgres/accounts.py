@@ -10,11 +10,10 @@ import time
 from typing import Any
 
 from ..base import LoginRecord, TokenRecord, UserRecord
+from ..common import _USER_COLUMNS, _USER_FIELDS
 from .connection import Conn
 from .core import Op, PostgresCore, _count
 
-_USER_FIELDS = ("id", "name", "admin", "password_hash", "created_at")
-_USER_COLUMNS = ", ".join(_USER_FIELDS)
 _JOINED_USER_COLUMNS = ", ".join(f"u.{c}" for c in _USER_FIELDS)  # u: users, joined
 
 

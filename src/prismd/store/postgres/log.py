@@ -20,7 +20,7 @@ from ..base import (
     StreamingMessage,
     Written,
 )
-from ..common import _MESSAGE_COLUMNS, _MESSAGE_FIELDS, _TURN_FIELDS, _check_fields
+from ..common import _MESSAGE_COLUMNS, _MESSAGE_FIELDS, _TURN_FIELDS, _check_fields, _message_rows
 from ..session_file import EXPORT_TABLES, write_session_file
 from .connection import Conn
 from .core import PostgresCore
@@ -121,24 +121,7 @@ class PostgresLog(PostgresCore):
         return await self._snapshot(op)
 
     def add_message(self, session_id: str, message: MessageRecord) -> Written:
-        row = (
-            message.id,
-            session_id,
-            message.role,
-            message.content,
-            message.tool_calls,
-            message.tool_result,
-            message.token_count,
-            message.created_at,
-            message.turn_id,
-            message.status,
-            message.reasoning,
-            json.dumps(message.meta),
-        )
-        files = [
-            (f.id, session_id, message.id, f.filename, f.mime_type, f.size, f.data, f.text)
-            for f in message.files
-        ]
+        row, files = _message_rows(session_id, message)
 
         async def op(c: Conn) -> None:
             await c.execute(

@@ -8,14 +8,14 @@ from __future__ import annotations
 from typing import Any
 
 from ..base import SessionRecord, UsageTotals, Written
-from ..common import _SESSION_COLUMNS, _SESSION_FIELDS, _SESSION_FIELDS_ORDER, _check_fields
+from ..common import _SESSION_COLUMNS, _SESSION_FIELDS, _check_fields, _name_pattern, _session_row
 from .connection import Conn
 from .core import PostgresCore, _count
 
 
 class PostgresSessions(PostgresCore):
     def create_session(self, record: SessionRecord) -> Written:
-        row = tuple(getattr(record, name) for name in _SESSION_FIELDS_ORDER)
+        row = _session_row(record)
         marks = ",".join(f"${i}" for i in range(1, len(row) + 1))
         sql = (
             f"INSERT INTO sessions ({_SESSION_COLUMNS}) VALUES ({marks}) "
@@ -52,8 +52,7 @@ class PostgresSessions(PostgresCore):
         if owner_id is not None:
             conds.append(f"owner_id={arg(owner_id)}")
         if query:
-            escaped = query.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_")
-            conds.append(f"name ILIKE {arg(f'%{escaped}%')} ESCAPE '\\'")
+            conds.append(f"name ILIKE {arg(_name_pattern(query))} ESCAPE '\\'")
         if statuses is not None:
             conds.append(f"status = ANY({arg(list(statuses))}::text[])")
         where = f"WHERE {' AND '.join(conds)}" if conds else ""

@@ -12,7 +12,7 @@ from __future__ import annotations
 from typing import Any
 
 from ..base import UploadRecord, Written
-from ..common import _UNREFERENCED
+from ..common import _UNREFERENCED, _upload_row
 from .connection import Conn
 from .core import PostgresCore
 
@@ -26,12 +26,7 @@ class PostgresUploads(PostgresCore):
             lambda c: c.execute(
                 "INSERT INTO uploads (id, user_id, filename, mime_type, size, created_at, data) "
                 "VALUES ($1,$2,$3,$4,$5,$6,$7)",
-                upload.id,
-                upload.user_id,
-                upload.filename,
-                upload.mime_type,
-                upload.size,
-                upload.created_at,
+                *_upload_row(upload),
                 upload.data,
             )
         )

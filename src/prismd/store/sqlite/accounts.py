@@ -10,12 +10,11 @@ import time
 from typing import Any
 
 from ..base import LoginRecord, TokenRecord, UserRecord
+from ..common import _USER_COLUMNS
 from .core import SqliteCore
 
 
 class SqliteAccounts(SqliteCore):
-    _USER_COLUMNS = "id, name, admin, password_hash, created_at"
-
     async def data_version(self) -> int:
         """SQLite's `PRAGMA data_version` on the writer's connection: it changes only when
         another connection (another process: the CLI) commits, never for this store's writes
@@ -36,7 +35,7 @@ class SqliteAccounts(SqliteCore):
         )
 
     def _user_where(self, db: sqlite3.Connection, where: str, *args: Any) -> UserRecord | None:
-        row = db.execute(f"SELECT {self._USER_COLUMNS} FROM users WHERE {where}", args).fetchone()
+        row = db.execute(f"SELECT {_USER_COLUMNS} FROM users WHERE {where}", args).fetchone()
         return _user_record(row) if row else None
 
     async def get_user(self, user_id: str) -> UserRecord | None:
@@ -47,7 +46,7 @@ class SqliteAccounts(SqliteCore):
 
     async def list_users(self) -> list[UserRecord]:
         def op(db: sqlite3.Connection) -> list[UserRecord]:
-            rows = db.execute(f"SELECT {self._USER_COLUMNS} FROM users ORDER BY created_at, rowid")
+            rows = db.execute(f"SELECT {_USER_COLUMNS} FROM users ORDER BY created_at, rowid")
             return [_user_record(r) for r in rows.fetchall()]
 
         return await self._read(op)

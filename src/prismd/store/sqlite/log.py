@@ -18,7 +18,7 @@ from ..base import (
     StreamingMessage,
     Written,
 )
-from ..common import _MESSAGE_COLUMNS, _MESSAGE_FIELDS, _TURN_FIELDS, _check_fields
+from ..common import _MESSAGE_COLUMNS, _MESSAGE_FIELDS, _TURN_FIELDS, _check_fields, _message_rows
 from ..session_file import write_session_file
 from .core import SqliteCore
 
@@ -67,24 +67,7 @@ class SqliteLog(SqliteCore):
         return await self._read(lambda db: _messages(db, session_id, with_file_data))
 
     def add_message(self, session_id: str, message: MessageRecord) -> Written:
-        row = (
-            message.id,
-            session_id,
-            message.role,
-            message.content,
-            message.tool_calls,
-            message.tool_result,
-            message.token_count,
-            message.created_at,
-            message.turn_id,
-            message.status,
-            message.reasoning,
-            json.dumps(message.meta),
-        )
-        files = [
-            (f.id, session_id, message.id, f.filename, f.mime_type, f.size, f.data, f.text)
-            for f in message.files
-        ]
+        row, files = _message_rows(session_id, message)
 
         def op() -> None:
             db = self._w()

@@ -14,6 +14,7 @@ from ..common import (
     _SESSION_FIELDS,
     _SESSION_FIELDS_ORDER,
     _check_fields,
+    _name_pattern,
     _session_row,
 )
 from .core import SqliteCore
@@ -61,9 +62,8 @@ class SqliteSessions(SqliteCore):
             conds.append("owner_id=?")
             args.append(owner_id)
         if query:
-            escaped = query.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_")
             conds.append("name LIKE ? ESCAPE '\\'")
-            args.append(f"%{escaped}%")
+            args.append(_name_pattern(query))
         if statuses is not None:
             conds.append(f"status IN ({','.join('?' * len(statuses))})")
             args.extend(statuses)

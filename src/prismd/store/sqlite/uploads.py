@@ -14,7 +14,7 @@ from typing import Any
 
 from ...protocol import SESSION_ID_RE
 from ..base import UploadRecord, Written
-from ..common import _UNREFERENCED
+from ..common import _UNREFERENCED, _upload_row
 from .core import SqliteCore
 
 
@@ -35,14 +35,7 @@ class SqliteUploads(SqliteCore):
             lambda: self._w().execute(
                 "INSERT INTO uploads (id, user_id, filename, mime_type, size, created_at) "
                 "VALUES (?,?,?,?,?,?)",
-                (
-                    upload.id,
-                    upload.user_id,
-                    upload.filename,
-                    upload.mime_type,
-                    upload.size,
-                    upload.created_at,
-                ),
+                _upload_row(upload),
             )
         )
 
