@@ -1,5 +1,5 @@
-"""The store interface: everything durable. SQLite implements it (store/sqlite.py), and so does
-PostgreSQL (store/postgres.py) for several processes and machines.
+"""The store interface: everything durable. SQLite implements it (store/sqlite/), and so does
+PostgreSQL (store/postgres/) for several processes and machines.
 
 Writes that sit on the streaming path (`append_events`, `add_message`, `update_message`, …) are
 queued in order and applied off the event loop; each returns a `Written` awaitable that
