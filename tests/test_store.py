@@ -26,8 +26,12 @@ from prismd.store.base import (
     Store,
     StoreUnavailable,
     TokenRecord,
+    ToolCallPart,
+    ToolResultPart,
     UploadRecord,
     UserRecord,
+    decode_tool_calls,
+    decode_tool_result,
     query_words,
 )
 from prismd.store.postgres import PostgresStore
@@ -253,6 +257,38 @@ def test_messages_files_turns_and_the_log(new_store):
         await store.close()
 
     run(main())
+
+
+def test_tool_calls_and_results_are_stored_as_parts(new_store):
+    """A message's tool calls and a tool message's result go in typed and come back typed (as
+    JSON text in the row, the form CortexPrism's REST shows); a damaged row reads as none."""
+    calls = [ToolCallPart("call_1", "shell", '{"command": "ls"}'), ToolCallPart("c2", "x", "{}")]
+
+    async def main() -> None:
+        store = new_store()
+        await store.open()
+        store.create_session(SessionRecord("s1", "a", started_at="t"))
+        store.add_message("s1", MessageRecord("m1", "assistant", "", "t1", "turn1", "streaming"))
+        store.add_message(
+            "s1",
+            MessageRecord(
+                "m2", "tool", "out", "t2", "turn1", tool_result=ToolResultPart("c2", "x", "error")
+            ),
+        )
+        await store.update_message("s1", "m1", status="complete", tool_calls=calls)
+        first, second = await store.load_messages("s1")
+        assert first.tool_calls == calls and first.tool_result is None
+        assert second.tool_calls == [] and second.tool_result == ToolResultPart("c2", "x", "error")
+        assert json.loads(first.to_json()["toolCalls"])[0] == {
+            "id": "call_1",
+            "name": "shell",
+            "arguments": '{"command": "ls"}',
+        }
+        await store.close()
+
+    run(main())
+    assert decode_tool_calls('{"not": "a list"}') == [] and decode_tool_calls("[1, 2]") == []
+    assert decode_tool_calls("{broken") == [] and decode_tool_result("[]") is None
 
 
 def test_users_logins_tokens_and_preferences(new_store):

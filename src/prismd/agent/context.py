@@ -36,25 +36,7 @@ class BuiltContext:
 
 
 def tool_calls_of(msg: MessageRecord) -> list[ToolCall]:
-    if not msg.tool_calls:
-        return []
-    try:
-        raw = json.loads(msg.tool_calls)
-    except ValueError:
-        return []
-    return [
-        ToolCall(str(c.get("id") or ""), str(c.get("name") or ""), str(c.get("arguments") or "{}"))
-        for c in raw
-        if isinstance(c, dict)
-    ]
-
-
-def tool_result_of(msg: MessageRecord) -> dict[str, str]:
-    try:
-        data = json.loads(msg.tool_result or "{}")
-    except ValueError:
-        data = {}
-    return data if isinstance(data, dict) else {}
+    return [ToolCall(c.id, c.name, c.arguments) for c in msg.tool_calls]
 
 
 def render_text_call(call: ToolCall) -> str:
@@ -135,14 +117,14 @@ def _convert(
             if text_tools:
                 pending.clear()
         else:  # tool result
-            result = tool_result_of(msg)
-            call_id = result.get("id") or ""
-            name = result.get("name") or pending.get(call_id, "tool")
+            result = msg.tool_result
+            call_id = result.id if result is not None else ""
+            name = (result.name if result is not None else "") or pending.get(call_id, "tool")
             if not text_tools and call_id not in pending:
                 continue  # its call was dropped or never stored: a stray result is invalid
             pending.pop(call_id, None)
             user_tokens += estimate_tokens(msg.content)
-            status = result.get("status") or "ok"
+            status = (result.status if result is not None else "") or "ok"
             out.append(_result_message(call_id, name, msg.content, status, text_tools))
     close_pending()
     return out, user_tokens, assistant_tokens

@@ -35,7 +35,7 @@ from ..providers.base import (
 from ..providers.registry import ProviderRegistry
 from ..sessions.ids import new_id, now_iso
 from ..sessions.service import LiveSession, SessionService, Turn
-from ..store.base import FileRecord, MessageRecord
+from ..store.base import FileRecord, MessageRecord, ToolCallPart, ToolResultPart
 from ..tools.base import ToolContext, ToolError
 from ..tools.builtins._paths import redact
 from ..tools.registry import Caller, ToolRegistry, ToolView
@@ -558,7 +558,7 @@ class _Execution:
             content=for_model,
             created_at=now_iso(),
             turn_id=self.turn.id,
-            tool_result=json.dumps({"id": call.id, "name": name, "status": status}),
+            tool_result=ToolResultPart(call.id, name, status),
         )
         self.sessions.add_message(self.live, message)
         self.live.history.append(message)
@@ -630,13 +630,9 @@ class _Execution:
             # Passed back with the tool results while thinking is on (providers/anthropic.py).
             answer.meta["thinking"] = [t.to_json() for t in self.thinking]
         if tool_calls:
-            answer.tool_calls = json.dumps(
-                [
-                    {"id": c.id, "name": c.name, "arguments": c.arguments}
-                    for c in tool_calls
-                    if not c.error
-                ]
-            )
+            answer.tool_calls = [
+                ToolCallPart(c.id, c.name, c.arguments) for c in tool_calls if not c.error
+            ]
         self.sessions.update_message(
             self.live,
             answer.id,

@@ -187,6 +187,67 @@ class FileRecord:
         }
 
 
+@dataclass(slots=True, frozen=True)
+class ToolCallPart:
+    """A tool call an assistant message made, as stored (and sent back to the model)."""
+
+    id: str
+    name: str
+    arguments: str  # JSON text, as the model wrote it
+
+
+@dataclass(slots=True, frozen=True)
+class ToolResultPart:
+    """What a `tool` message answers: the call's id, the tool, and how it went."""
+
+    id: str
+    name: str
+    status: str  # ok | error | denied
+
+
+def encode_tool_calls(calls: list[ToolCallPart]) -> str | None:
+    """The stored (and CortexPrism's REST) form: JSON text `[{id, name, arguments}]`, or null."""
+    if not calls:
+        return None
+    return json.dumps([{"id": c.id, "name": c.name, "arguments": c.arguments} for c in calls])
+
+
+def decode_tool_calls(text: str | None) -> list[ToolCallPart]:
+    """The parts of `encode_tool_calls`' text; what cannot be read (an older or damaged row) is
+    left out rather than failing the session's load."""
+    try:
+        raw = json.loads(text) if text else []
+    except ValueError:
+        return []
+    if not isinstance(raw, list):
+        return []
+    return [
+        ToolCallPart(
+            str(c.get("id") or ""), str(c.get("name") or ""), str(c.get("arguments") or "{}")
+        )
+        for c in raw
+        if isinstance(c, dict)
+    ]
+
+
+def encode_tool_result(result: ToolResultPart | None) -> str | None:
+    if result is None:
+        return None
+    return json.dumps({"id": result.id, "name": result.name, "status": result.status})
+
+
+def decode_tool_result(text: str | None) -> ToolResultPart | None:
+    try:
+        raw = json.loads(text) if text else None
+    except ValueError:
+        return None
+    if not isinstance(raw, dict):
+        return None
+    return ToolResultPart(
+        str(raw.get("id") or ""), str(raw.get("name") or ""), str(raw.get("status") or "")
+    )
+
+
 @dataclass(slots=True)
 class MessageRecord:
     id: str
@@ -196,8 +257,8 @@ class MessageRecord:
     turn_id: str | None = None
     status: str = "complete"  # streaming | complete | stopped | error | interrupted
     token_count: int = 0
-    tool_calls: str | None = None
-    tool_result: str | None = None
+    tool_calls: list[ToolCallPart] = field(default_factory=list)  # an assistant message's
+    tool_result: ToolResultPart | None = None  # a `tool` message's
     reasoning: str | None = None
     meta: dict[str, Any] = field(default_factory=dict)
     files: list[FileRecord] = field(default_factory=list)
@@ -211,8 +272,8 @@ class MessageRecord:
             "turnId": self.turn_id,
             "status": self.status,
             "tokenCount": self.token_count,
-            "toolCalls": self.tool_calls,
-            "toolResult": self.tool_result,
+            "toolCalls": encode_tool_calls(self.tool_calls),
+            "toolResult": encode_tool_result(self.tool_result),
             "reasoning": self.reasoning,
             "meta": self.meta,
             "files": [f.meta() for f in self.files],

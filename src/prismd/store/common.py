@@ -8,7 +8,17 @@ import json
 from collections.abc import Sequence
 from typing import Any
 
-from .base import MessageRecord, NoteRecord, SessionRecord, UploadRecord
+from .base import (
+    FileRecord,
+    MessageRecord,
+    NoteRecord,
+    SessionRecord,
+    UploadRecord,
+    decode_tool_calls,
+    decode_tool_result,
+    encode_tool_calls,
+    encode_tool_result,
+)
 
 # The columns of a session's tables that the per-session layout has too (store/session_file.py).
 _MESSAGE_COLUMNS = (
@@ -84,8 +94,8 @@ def _message_rows(
         session_id,
         message.role,
         message.content,
-        message.tool_calls,
-        message.tool_result,
+        encode_tool_calls(message.tool_calls),
+        encode_tool_result(message.tool_result),
         message.token_count,
         message.created_at,
         message.turn_id,
@@ -123,6 +133,35 @@ def _note(scope: str, row: Sequence[Any]) -> NoteRecord:
     """A note from (id, created_at, text, tags) as stored (tags joined with ", ")."""
     note_id, created_at, text, tags = row
     return NoteRecord(int(note_id), scope, created_at, text, tags.split(", ") if tags else [])
+
+
+def _message(row: Sequence[Any], files: list[FileRecord]) -> MessageRecord:
+    """A message from its row of `_MESSAGE_COLUMNS` (tool calls, result and meta decoded)."""
+    (mid, role, content, calls, result, tokens, created, turn_id, status, reasoning, meta) = row
+    return MessageRecord(
+        id=mid,
+        role=role,
+        content=content,
+        tool_calls=decode_tool_calls(calls),
+        tool_result=decode_tool_result(result),
+        token_count=tokens,
+        created_at=created,
+        turn_id=turn_id,
+        status=status,
+        reasoning=reasoning,
+        meta=json.loads(meta or "{}"),
+        files=files,
+    )
+
+
+def _message_update(fields: dict[str, Any]) -> dict[str, Any]:
+    """`update_message`'s fields as column values (meta and tool calls encoded)."""
+    _check_fields(fields, _MESSAGE_FIELDS)
+    if "meta" in fields:
+        fields["meta"] = json.dumps(fields["meta"])
+    if "tool_calls" in fields:
+        fields["tool_calls"] = encode_tool_calls(fields["tool_calls"])
+    return fields
 
 
 def _check_fields(fields: dict[str, Any], allowed: set[str]) -> None:

@@ -13,7 +13,13 @@ from typing import Any
 
 from ...auth import Principal
 from ...config import AgentSettings
-from ...store.base import FileRecord, MessageRecord, SessionRecord
+from ...store.base import (
+    FileRecord,
+    MessageRecord,
+    SessionRecord,
+    encode_tool_calls,
+    encode_tool_result,
+)
 
 
 def session_row(r: SessionRecord) -> dict[str, Any]:
@@ -50,11 +56,11 @@ def message_row(m: MessageRecord) -> dict[str, Any]:
         "id": m.id,
         "role": m.role,
         "content": m.content,
-        "tool_calls": m.tool_calls,
+        "tool_calls": encode_tool_calls(m.tool_calls),
         "token_count": m.token_count,
         "created_at": m.created_at,
         # prismd's
-        "tool_result": m.tool_result,
+        "tool_result": encode_tool_result(m.tool_result),
         "turn_id": m.turn_id,
         "status": m.status,
         "reasoning": m.reasoning,

@@ -20,7 +20,14 @@ from ..base import (
     StreamingMessage,
     Written,
 )
-from ..common import _MESSAGE_COLUMNS, _MESSAGE_FIELDS, _TURN_FIELDS, _check_fields, _message_rows
+from ..common import (
+    _MESSAGE_COLUMNS,
+    _TURN_FIELDS,
+    _check_fields,
+    _message,
+    _message_rows,
+    _message_update,
+)
 from ..session_file import EXPORT_TABLES, write_session_file
 from .connection import Conn
 from .core import PostgresCore
@@ -111,12 +118,7 @@ class PostgresLog(PostgresCore):
                         f["id"], f["filename"], f["mime_type"], f["size"], f["data"], f["text"]
                     )
                 )
-            messages = []
-            for r in rows:
-                fields = dict(r)
-                fields["meta"] = json.loads(fields["meta"] or "{}")
-                messages.append(MessageRecord(**fields, files=files.get(r["id"], [])))
-            return messages
+            return [_message(tuple(r), files.get(r["id"], [])) for r in rows]
 
         return await self._snapshot(op)
 
@@ -140,9 +142,7 @@ class PostgresLog(PostgresCore):
         return self._submit(op)
 
     def update_message(self, session_id: str, message_id: str, **fields: Any) -> Written:
-        _check_fields(fields, _MESSAGE_FIELDS)
-        if "meta" in fields:
-            fields["meta"] = json.dumps(fields["meta"])
+        fields = _message_update(fields)
         sets = ", ".join(f"{k}=${i}" for i, k in enumerate(fields, 3))
         values = list(fields.values())
         sql = f"UPDATE session_messages SET {sets} WHERE id=$1 AND session_id=$2"

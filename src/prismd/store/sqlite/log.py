@@ -18,7 +18,14 @@ from ..base import (
     StreamingMessage,
     Written,
 )
-from ..common import _MESSAGE_COLUMNS, _MESSAGE_FIELDS, _TURN_FIELDS, _check_fields, _message_rows
+from ..common import (
+    _MESSAGE_COLUMNS,
+    _TURN_FIELDS,
+    _check_fields,
+    _message,
+    _message_rows,
+    _message_update,
+)
 from ..session_file import write_session_file
 from .core import SqliteCore
 
@@ -87,9 +94,7 @@ class SqliteLog(SqliteCore):
         return self._submit(op)
 
     def update_message(self, session_id: str, message_id: str, **fields: Any) -> Written:
-        _check_fields(fields, _MESSAGE_FIELDS)
-        if "meta" in fields:
-            fields["meta"] = json.dumps(fields["meta"])
+        fields = _message_update(fields)
         sets = ", ".join(f"{k}=?" for k in fields)
         values = [*fields.values(), message_id, session_id]
         return self._submit(
@@ -242,20 +247,4 @@ def _messages(db: sqlite3.Connection, session_id: str, with_data: bool) -> list[
         (session_id,),
     ):
         files.setdefault(mid, []).append(FileRecord(fid, name, mime, size, data, text))
-    return [
-        MessageRecord(
-            id=r[0],
-            role=r[1],
-            content=r[2],
-            tool_calls=r[3],
-            tool_result=r[4],
-            token_count=r[5],
-            created_at=r[6],
-            turn_id=r[7],
-            status=r[8],
-            reasoning=r[9],
-            meta=json.loads(r[10] or "{}"),
-            files=files.get(r[0], []),
-        )
-        for r in rows
-    ]
+    return [_message(r, files.get(r[0], [])) for r in rows]
