@@ -138,7 +138,7 @@ def test_compressed_silence_over_the_limit_is_refused_while_decoding(monkeypatch
     engines = VoiceEngines(VoiceSettings(max_audio_seconds=30))
     try:
         with pytest.raises(TranscriptionFailed, match="the limit is 30 s") as err:
-            engines._transcribe(flac, None, None, None, None, False)
+            engines._decode(flac, None, None)
         assert err.value.code.value == "transcription_failed"
     finally:
         engines.close()
