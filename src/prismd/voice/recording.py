@@ -2,11 +2,12 @@
 
 The `audio_chunk`s of a recording come in while the user speaks (a browser's MediaRecorder
 sends one every 250 ms). Each pass decodes what has arrived (`decode.StreamDecoder`), feeds the
-new samples to an endpointer (`vad.Endpointer` with `VoiceEngines.segment_config`) and queues
+new samples to a `vad.Segmenter` (cut points as in `VoiceEngines.segment_config`) and queues
 the transcription of every segment a pause has closed, at once; a pause that may end the
 recording starts the open segment's transcription speculatively (dropped if the user speaks
 on). At `audio_end` only the rest is decoded and only the last segment (if it was not ready)
-is transcribed; the segments' transcripts are joined in order.
+is transcribed; the segments' transcripts are joined in order. Segments are contiguous: a
+recording without a pause long enough to cut it is transcribed exactly as a whole one.
 
 A recording that cannot be followed as it arrives (a container that cannot be read from its
 beginning alone, a remote engine, a `language` other than the one its segments were
@@ -34,7 +35,7 @@ if TYPE_CHECKING:
 
     from .engines import VoiceEngines
     from .scheduler import Ticket
-    from .vad import Endpointer
+    from .vad import Segmenter
 
 log = logging.getLogger("prismd.voice")
 POLL_SHARE = 32  # a container is re-read when 1/32 of its bytes are new (PCM: every chunk)
@@ -50,9 +51,11 @@ class Recording:
         settings = engines.settings
         self.decoder = StreamDecoder(fmt, sample_rate, settings.max_audio_seconds * RATE)
         self.language = settings.stt.language  # the language the segments are transcribed in
-        self.endpointer: Endpointer | None = None
+        self.segmenter: Segmenter | None = None
         self.parts: list[tuple[int, asyncio.Future[Transcript]]] = []  # (start, transcript)
-        self._speculative: asyncio.Future[Transcript] | None = None
+        # The transcription started at a pause (samples, job), and the last cut segment's.
+        self._speculative: tuple[np.ndarray, asyncio.Future[Transcript]] | None = None
+        self._last: tuple[np.ndarray, asyncio.Future[Transcript]] | None = None
         self.error: BaseException | None = None
         self.whole = not engines.incremental  # transcribed whole at audio_end
         self._polled = 0  # bytes that had arrived when the latest pass began
@@ -104,40 +107,49 @@ class Recording:
     def _advance(self, final: bool) -> list[tuple[str, Any]]:
         """One pass, in the stream thread: decode what is new, cut it into segments."""
         engines = self.engines
-        if self.endpointer is None:
-            from .vad import Endpointer
+        if self.segmenter is None:
+            from .vad import Segmenter
 
-            self.endpointer = Endpointer(engines._vad.get().stream(), engines.segment_config())
-        endpointer = self.endpointer
-        samples = self.decoder.decode(final)
-        events: list[tuple[str, Any]] = []
-        for kind, value in endpointer.feed(samples) if samples.size else []:
-            if kind == "utterance":
-                events.append(("segment", (endpointer.spans.pop(0)[0], pad(value))))
-            elif kind == "pause":
-                events.append((kind, pad(value)))
-            elif kind == "resume":
-                events.append((kind, value))
+            self.segmenter = Segmenter(engines._vad.get().stream(), engines.segment_config())
+        segmenter = self.segmenter
+        events = segmenter.feed(self.decoder.decode(final))
         if final:
             engines.check_length(self.decoder.samples)
-            rest = endpointer.flush()
-            if rest is not None:
-                events.append(("segment", (endpointer.spans.pop(0)[0], pad(rest))))
-            if endpointer.heard_ms < engines.settings.min_speech_ms:
+            events += segmenter.flush()
+            if segmenter.heard_ms < engines.settings.min_speech_ms:
                 raise no_speech()
         return events
 
     def _on(self, kind: str, value: Any) -> None:
         if kind == "pause":  # the recording may end here: transcribe what it has so far
             self._discard_speculative()
-            self._speculative = self._submit(value)
+            self._speculative = (value, self._submit(value))
         elif kind == "resume":  # it did not: that transcript is of half a segment
             self._discard_speculative()
         elif kind == "segment":
-            start, samples = value
-            # After a pause the segment only grew by silence: the speculative one is it.
-            future, self._speculative = self._speculative, None
-            self.parts.append((start, future or self._submit(samples)))
+            start, samples, cut = value
+            guess, self._speculative = self._speculative, None
+            # After a pause the segment only grew by silence: the guess is it, for a cut
+            # segment, and for the last one unless the guess has not started yet (then the
+            # last segment is transcribed to the end, as a whole recording would be).
+            if guess is not None and (cut or not self._withdraw(guess[1])):
+                future = guess[1]
+            else:
+                future = self._submit(pad(samples) if cut else samples)
+            self.parts.append((start, future))
+            self._last = (samples, future) if cut else None
+        elif kind == "tail" and self._last is not None:
+            # Only silence after the last cut: if that segment's transcription has not
+            # started, it is transcribed to the end of the recording instead.
+            samples, future = self._last
+            if self._withdraw(future):
+                import numpy as np
+
+                start = self.parts[-1][0]
+                self.parts[-1] = (start, self._submit(np.concatenate([samples, value[1]])))
+
+    def _withdraw(self, future: asyncio.Future[Transcript]) -> bool:
+        return self.engines.stt_pool.withdraw(future)
 
     def _submit(self, samples: np.ndarray) -> asyncio.Future[Transcript]:
         return self.engines.submit_segment(self.ticket, samples, self.language)
@@ -145,7 +157,7 @@ class Recording:
     def _discard_speculative(self) -> None:
         stale, self._speculative = self._speculative, None
         if stale is not None:
-            stale.cancel()
+            stale[1].cancel()
 
     def _drop_parts(self) -> None:
         self._discard_speculative()

@@ -80,6 +80,7 @@ class FairExecutor:
         self.name = name
         self._cond = threading.Condition()
         self._keys: dict[str, _Key] = {}
+        self._jobs: dict[asyncio.Future[Any], _Job] = {}  # the queued ones
         self._clock = 0.0  # virtual time: the start tag of the job last started
         self._seq = itertools.count()
         self._closed = False
@@ -97,18 +98,37 @@ class FairExecutor:
         with self._cond:
             if self._closed:
                 raise RuntimeError(f"the {self.name} executor is closed")
+            if self.running is None and not any(s.queue for s in self._keys.values()):
+                self._idle()
             state = self._keys.setdefault(key, _Key())
             start = max(self._clock, state.finish)
             state.finish = start + max(cost, 1e-3)
             state.cost += cost
             job = _Job(fn, args, future, loop, key, cost, start, next(self._seq))
             state.queue.append(job)
+            self._jobs[future] = job
             self._cond.notify()
         future.add_done_callback(lambda f: self._drop(job) if f.cancelled() else None)
         return future
 
+    def cancel(self, future: asyncio.Future[Any]) -> None:
+        """Cancel a job now: if it is queued, it leaves the queue (and its user's cost) at
+        once; if it runs, its result is dropped."""
+        job = self._jobs.get(future)
+        if job is not None:
+            self._drop(job)
+        future.cancel()
+
     async def run(self, key: str, fn: Callable[..., T], *args: Any, cost: float = 1.0) -> T:
         return await self.submit(key, fn, *args, cost=cost)
+
+    def withdraw(self, future: asyncio.Future[Any]) -> bool:
+        """Cancel a job that has not started; False (and nothing done) if it has."""
+        with self._cond:
+            if future not in self._jobs:
+                return False
+        self.cancel(future)
+        return True
 
     def queued_cost(self, key: str) -> float:
         """Cost queued or running for `key` (seconds of audio for transcriptions)."""
@@ -123,6 +143,7 @@ class FairExecutor:
     def _drop(self, job: _Job) -> None:
         """A queued job's future was cancelled: take it out of the queue now."""
         with self._cond:
+            self._jobs.pop(job.future, None)
             state = self._keys.get(job.key)
             if state is None or job not in state.queue:
                 return  # running or finished: its result is dropped
@@ -145,6 +166,12 @@ class FairExecutor:
         if not state.queue and state.cost <= 1e-9 and state.finish <= self._clock:
             del self._keys[key]
 
+    def _idle(self) -> None:
+        """Nothing queued or running: the past is forgotten (fair queueing starts afresh)."""
+        self._clock = max([self._clock, *(s.finish for s in self._keys.values())])
+        for key, state in list(self._keys.items()):
+            self._forget_idle(key, state)
+
     def _next(self) -> _Job | None:
         """The queued job with the lowest start tag (ties: the earliest submitted)."""
         best: _Job | None = None
@@ -160,15 +187,13 @@ class FairExecutor:
             with self._cond:
                 job = self._next()
                 while job is None and not self._closed:
-                    # Idle: the past is forgotten (start-time fair queueing restarts).
-                    self._clock = max([self._clock, *(s.finish for s in self._keys.values())])
-                    for key, state in list(self._keys.items()):
-                        self._forget_idle(key, state)
+                    self._idle()
                     self._cond.wait()
                     job = self._next()
                 if job is None:
                     return
                 self._keys[job.key].queue.popleft()
+                self._jobs.pop(job.future, None)
                 self._clock = max(self._clock, job.start)
                 self.running = job
             try:
@@ -203,6 +228,7 @@ class FairExecutor:
             jobs = [job for state in self._keys.values() for job in state.queue]
             for state in self._keys.values():
                 state.queue.clear()
+            self._jobs.clear()
             self._cond.notify_all()
         for job in jobs:
             try:
@@ -231,7 +257,7 @@ class Ticket:
         self.cancelled = False
         self.closed = False
         self.audio_bytes = 0  # recorded audio this request holds (see SpeechLimits.hold)
-        self._futures: set[asyncio.Future[Any]] = set()
+        self._futures: dict[asyncio.Future[Any], FairExecutor] = {}
 
     def submit(
         self, executor: FairExecutor, fn: Callable[..., T], *args: Any, cost: float = 1.0
@@ -239,12 +265,12 @@ class Ticket:
         if self.cancelled:
             raise Cancelled(f"The {self.what} was cancelled")
         future = executor.submit(self.key, fn, *args, cost=cost)
-        self._futures.add(future)
+        self._futures[future] = executor
         future.add_done_callback(self._forget)
         return future
 
     def _forget(self, future: asyncio.Future[Any]) -> None:
-        self._futures.discard(future)
+        self._futures.pop(future, None)
         if not future.cancelled():
             future.exception()  # an abandoned job's failure is not an unhandled error
 
@@ -258,8 +284,8 @@ class Ticket:
         if self.cancelled:
             return
         self.cancelled = True
-        for future in list(self._futures):
-            future.cancel()
+        for future, executor in list(self._futures.items()):
+            executor.cancel(future)
         self.close()
 
     def close(self) -> None:

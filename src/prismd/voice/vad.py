@@ -124,7 +124,8 @@ class Endpointer:
     speculatively), ("resume", None) if speech comes back after a pause, and
     ("utterance", samples) when `silence_ms` of silence ends it (or less once it is long: `splits`).
     `heard_ms` counts the speech heard so far; `spans` gets where each utterance returned lies
-    in the stream, (start, end) in samples, in order (for the caller to take)."""
+    in the stream, (start, end) in samples, in order (for the caller to take; speech kept with
+    `keep_short` is part of the next utterance, without the silence between)."""
 
     vad: VadStream
     config: EndpointConfig = field(default_factory=EndpointConfig)
@@ -236,5 +237,83 @@ class Endpointer:
                 return None
         elif speech_ms < self.config.min_speech_ms or not speech:
             return None
-        self.spans.append((self._start, self._start + WINDOW * len(speech)))
+        self.spans.append((self._start, self._pos))
         return np.concatenate(speech)
+
+
+class Segmenter:
+    """Cuts a stream into contiguous segments at its pauses, for transcription a segment at a
+    time (push-to-talk while it arrives, long uploads): every sample is in exactly one segment
+    (a cut falls inside a pause, after the silence that made it), so a stream without a cut is
+    one segment, the whole of it. An `Endpointer` (with `keep_short`) finds the cuts.
+
+    `feed` and `flush` return events: ("segment", (start, samples, cut)) in order (`cut`: it
+    ended at a pause, not at the end of the stream), ("pause", samples): the open segment so
+    far may be the last one (the speaker paused), ("resume", None): it was not; and from
+    `flush`, ("tail", (start, samples)): what followed the last cut held no speech (it
+    belongs to the last segment)."""
+
+    def __init__(self, vad: VadStream, config: EndpointConfig) -> None:
+        import numpy as np
+
+        self.endpointer = Endpointer(vad, config)
+        self._held: list[Any] = []  # samples since the last cut
+        self._start = 0  # where they begin in the stream
+        self._empty = np.zeros(0, dtype=np.float32)
+
+    @property
+    def heard_ms(self) -> int:
+        return self.endpointer.heard_ms
+
+    def feed(self, samples: np.ndarray) -> list[tuple[str, Any]]:
+        if samples.size:
+            self._held.append(samples)
+        endpointer = self.endpointer
+        found = endpointer.feed(samples) if samples.size else []
+        out: list[tuple[str, Any]] = []
+        pause = False
+        for kind, _ in found:
+            if kind == "utterance":
+                pause = False  # it ended in this very pass: no need to guess
+                end = endpointer.spans.pop(0)[1]
+                out.append(("segment", (self._start, self._take(end), True)))
+            elif kind == "pause":
+                pause = True
+            elif kind == "resume":
+                if pause:
+                    pause = False
+                else:
+                    out.append(("resume", None))
+        if pause:  # the utterance still open paused (since then: silence)
+            out.append(("pause", self._peek(endpointer._pos)))
+        return out
+
+    def flush(self) -> list[tuple[str, Any]]:
+        """The end of the stream: the rest is the last segment, if it holds speech."""
+        rest = self.endpointer.flush()
+        self.endpointer.spans.clear()
+        held = self._all()
+        self._held = []
+        if not held.size:
+            return []
+        if rest is None:
+            return [("tail", (self._start, held))]
+        return [("segment", (self._start, held, False))]
+
+    def _all(self) -> np.ndarray:
+        import numpy as np
+
+        if len(self._held) > 1:
+            self._held = [np.concatenate(self._held)]
+        return self._held[0] if self._held else self._empty
+
+    def _peek(self, end: int) -> np.ndarray:
+        return self._all()[: max(0, end - self._start)]
+
+    def _take(self, end: int) -> np.ndarray:
+        held = self._all()
+        cut = max(0, end - self._start)
+        segment, rest = held[:cut], held[cut:]
+        self._held = [rest] if rest.size else []
+        self._start += cut
+        return segment
