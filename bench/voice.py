@@ -1,23 +1,29 @@
-"""Voice latency benchmark: a 3 s spoken question, on this machine's CPU.
+"""Voice latency benchmark: a 3 s spoken question (and a 12 s request), on this machine's CPU.
 
 Starts a fake OpenAI-compatible model (zero delay) and its own prismd (fresh temporary
 PRISMD_HOME, `voice.preload = true`) on 127.0.0.1, and measures over /ws:
 
-- push-to-talk: the recording as WebM/Opus chunks (what a browser's MediaRecorder sends), then
-  `audio_end` → `transcribed`, → the first `audio` event (spoken reply), → `done`;
+- push-to-talk: the recording as WebM/Opus chunks sent at the pace a browser's MediaRecorder
+  sends them (`start(250)`: one chunk at the end of every 250 ms of speech), then `audio_end`
+  right after the last one; times from `audio_end` → `transcribed`, → the first `audio` event
+  (spoken reply), → `done`, and the transcript's word error rate;
 - hands-free: 16 kHz PCM16 frames sent in real time (20 ms each) with `voice_stream`; from the
   last frame holding speech → `transcribed` and → the first `audio`. This includes the silence
   the VAD waits for before it ends the utterance (`voice.silence_ms`, 500 ms by default).
 
-    .venv/bin/python bench/voice.py [--runs 10] [--wait-quiet S] [--out bench/voice_results.json]
+    .venv/bin/python bench/voice.py [--runs 10] [--wait-quiet S] [--config TOML]
+                                    [--out bench/voice_results.json]
 
-Needs espeak-ng (the question is spoken by it).
+`--config` adds lines to the server's config.toml (e.g. `incremental = false` under
+`[voice]` to transcribe recordings whole at `audio_end`). Needs espeak-ng (the speech is
+spoken by it).
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import platform
 import statistics
@@ -34,9 +40,15 @@ import numpy as np  # noqa: E402
 
 from prismd.testing.fake_models import FakeModelServer, Reply  # noqa: E402
 from tests.conftest import Client, PrismdServer, openai_env  # noqa: E402
-from tests.voice_fixtures import chunks, decode, encode, espeak_wav, pcm16  # noqa: E402
+from tests.voice_fixtures import chunks, decode, encode, espeak_wav, pcm16, wer  # noqa: E402
 
 QUESTION = "What is the capital of France, and what is it famous for?"
+LONG = (
+    "Please remind me to call my mother tomorrow at noon. How many kilometers is it from "
+    "Berlin to Munich? Turn off the lights in the kitchen and lock the front door. The weather "
+    "today is sunny with a light breeze."
+)
+SLICE_S = 0.25  # MediaRecorder.start(250)
 ANSWER = ["Paris is the capital ", "of France. ", "It is famous for the Eiffel Tower ", "and art."]
 perf = time.perf_counter
 
@@ -51,8 +63,14 @@ def summary(values: list[float]) -> dict[str, float]:
     }
 
 
-def push_to_talk(c: Client, webm: bytes) -> dict[str, float]:
-    for piece in chunks(webm, 6):
+def push_to_talk(c: Client, webm: bytes, seconds: float, text: str) -> dict[str, float]:
+    """One recording at a browser's pace; the times after `audio_end`, and the WER."""
+    pieces = chunks(webm, math.ceil(seconds / SLICE_S))
+    start = perf()
+    for i, piece in enumerate(pieces):
+        delay = start + (i + 1) * SLICE_S - perf()  # a slice is sent when it ends
+        if delay > 0:
+            time.sleep(delay)
         c.send(type="audio_chunk", data=piece, format="webm", session=True)
     c.send(type="audio_end", session=True, speak=True)
     t0 = perf()
@@ -64,6 +82,8 @@ def push_to_talk(c: Client, webm: bytes) -> dict[str, float]:
             raise RuntimeError(frame)
         if kind in ("transcribed", "audio", "done") and kind not in marks:
             marks[kind] = perf() - t0
+        if kind == "transcribed":
+            marks["wer"] = wer(text, frame["text"])
         if kind == "context_usage":
             return marks
 
@@ -115,25 +135,30 @@ def main() -> None:
     ap.add_argument(
         "--wait-quiet", type=float, default=0, help="first wait up to S s for load < 1.0"
     )
+    ap.add_argument("--config", default="", help="more lines for the [voice] section")
     args = ap.parse_args()
     waited = perf()
     while os.getloadavg()[0] >= 1.0 and perf() - waited < args.wait_quiet:
         time.sleep(5)
     load_before = os.getloadavg()[0]
 
-    wav = espeak_wav(QUESTION, rate=48_000, speed=175)
-    samples, rate = decode(wav)
-    seconds = len(samples) / rate
-    webm = encode(wav, "webm", "libopus")
-    pcm = pcm16(wav, 16_000)
+    recordings = {}
+    for name, text in (("question", QUESTION), ("long", LONG)):
+        wav = espeak_wav(text, rate=48_000, speed=175)
+        samples, rate = decode(wav)
+        recordings[name] = (text, encode(wav, "webm", "libopus"), len(samples) / rate)
+    seconds = recordings["question"][2]
+    pcm = pcm16(espeak_wav(QUESTION, rate=48_000, speed=175), 16_000)
     # Hands-free latency counts from the end of speech: drop espeak's trailing silence.
     voiced = np.flatnonzero(np.abs(np.frombuffer(pcm, dtype="<i2")) > 600)
     pcm = pcm[: 2 * (int(voiced[-1]) + 1)]
-    print(f"utterance: {seconds:.2f} s of espeak-ng speech ({len(webm)} bytes WebM/Opus)")
+    for name, (_, data, length) in recordings.items():
+        print(f"{name}: {length:.2f} s of espeak-ng speech ({len(data)} bytes WebM/Opus)")
 
     with FakeModelServer("openai") as fake, tempfile.TemporaryDirectory() as home:
         fake.script(Reply(text=ANSWER))
-        srv = PrismdServer(Path(home), openai_env(fake), "[voice]\npreload = true\n")
+        config = f"[voice]\npreload = true\n{args.config}\n"
+        srv = PrismdServer(Path(home), openai_env(fake), config)
         srv.start()
         try:
             started = perf()
@@ -143,12 +168,13 @@ def main() -> None:
                     break
                 time.sleep(0.1)
             print(f"engines loaded {perf() - started:.1f} s after the server answered")
-            ptt: list[dict[str, float]] = []
+            ptt: dict[str, list[dict[str, float]]] = {name: [] for name in recordings}
             with srv.client() as c:
                 for i in range(args.runs + 2):
-                    marks = push_to_talk(c, webm)
-                    if i >= 2:  # two warm-up runs
-                        ptt.append(marks)
+                    for name, (text, data, length) in recordings.items():
+                        marks = push_to_talk(c, data, length, text)
+                        if i >= 2:  # two warm-up runs
+                            ptt[name].append(marks)
             hf: list[dict[str, float]] = []
             with srv.client() as c:
                 c.send(type="voice_stream", action="start", format="pcm16", sampleRate=16_000)
@@ -162,15 +188,22 @@ def main() -> None:
 
     result: dict[str, Any] = {
         "machine": f"{platform.machine()}, {os.cpu_count()} cores",
+        "config": args.config,
         "loadBefore": round(load_before, 2),
         "loadAfter": round(os.getloadavg()[0], 2),
         "utteranceS": round(seconds, 2),
         "runs": args.runs,
-        "pushToTalk": {
-            "audioEndToTranscribedMs": summary([m["transcribed"] for m in ptt]),
-            "audioEndToFirstAudioMs": summary([m["audio"] for m in ptt]),
-            "audioEndToDoneMs": summary([m["done"] for m in ptt]),
-        },
+    }
+    for name, runs in ptt.items():
+        key = "pushToTalk" if name == "question" else f"pushToTalk{name.capitalize()}"
+        result[key] = {
+            "utteranceS": round(recordings[name][2], 2),
+            "audioEndToTranscribedMs": summary([m["transcribed"] for m in runs]),
+            "audioEndToFirstAudioMs": summary([m["audio"] for m in runs]),
+            "audioEndToDoneMs": summary([m["done"] for m in runs]),
+            "wordErrorRate": round(statistics.mean(m["wer"] for m in runs), 3),
+        }
+    result |= {
         "handsFree": {
             "endOfSpeechToTranscribedMs": summary([m["transcribed"] for m in hf]),
             "endOfSpeechToFirstAudioMs": summary([m["audio"] for m in hf]),
