@@ -12,11 +12,13 @@ PRISMD_HOME, `voice.preload = true`) on 127.0.0.1, and measures over /ws:
   the VAD waits for before it ends the utterance (`voice.silence_ms`, 500 ms by default).
 
     .venv/bin/python bench/voice.py [--runs 10] [--wait-quiet S] [--config TOML]
-                                    [--out bench/voice_results.json]
+                                    [--baseline SRC] [--out bench/voice_results.json]
 
-`--config` adds lines to the server's config.toml (e.g. `incremental = false` under
-`[voice]` to transcribe recordings whole at `audio_end`). Needs espeak-ng (the speech is
-spoken by it).
+`--config` adds lines to the server's `[voice]` section (e.g. `incremental = false` to
+transcribe recordings whole at `audio_end`). `--baseline SRC` also starts a prismd from another
+source tree (e.g. `git archive <commit> | tar -x -C /tmp/base`, then `/tmp/base/src`) and
+alternates the runs between the two, so that both see the same load on a shared machine.
+Needs espeak-ng (the speech is spoken by it).
 """
 
 from __future__ import annotations
@@ -136,6 +138,7 @@ def main() -> None:
         "--wait-quiet", type=float, default=0, help="first wait up to S s for load < 1.0"
     )
     ap.add_argument("--config", default="", help="more lines for the [voice] section")
+    ap.add_argument("--baseline", type=Path, help="also measure prismd from this source tree")
     args = ap.parse_args()
     waited = perf()
     while os.getloadavg()[0] >= 1.0 and perf() - waited < args.wait_quiet:
@@ -155,36 +158,51 @@ def main() -> None:
     for name, (_, data, length) in recordings.items():
         print(f"{name}: {length:.2f} s of espeak-ng speech ({len(data)} bytes WebM/Opus)")
 
+    servers = {"": ROOT / "src"}
+    if args.baseline is not None:
+        servers["baseline"] = args.baseline.resolve()
+    ptt: dict[str, dict[str, list[dict[str, float]]]] = {
+        label: {name: [] for name in recordings} for label in servers
+    }
+    hf: dict[str, list[dict[str, float]]] = {label: [] for label in servers}
     with FakeModelServer("openai") as fake, tempfile.TemporaryDirectory() as home:
         fake.script(Reply(text=ANSWER))
         config = f"[voice]\npreload = true\n{args.config}\n"
-        srv = PrismdServer(Path(home), openai_env(fake), config)
-        srv.start()
+        started: dict[str, PrismdServer] = {}
         try:
-            started = perf()
-            while perf() - started < 120:
-                st = srv.get("/api/voice/status").json()
-                if st["stt"]["loaded"] and st["tts"]["loaded"] and st["vad"]["loaded"]:
-                    break
-                time.sleep(0.1)
-            print(f"engines loaded {perf() - started:.1f} s after the server answered")
-            ptt: dict[str, list[dict[str, float]]] = {name: [] for name in recordings}
-            with srv.client() as c:
-                for i in range(args.runs + 2):
+            for label, src in servers.items():
+                (Path(home) / (label or "main")).mkdir()
+                env = {**openai_env(fake), "PYTHONPATH": str(src)}
+                srv = started[label] = PrismdServer(Path(home) / (label or "main"), env, config)
+                srv.start()
+                loading = perf()
+                while perf() - loading < 120:
+                    st = srv.get("/api/voice/status").json()
+                    if st["stt"]["loaded"] and st["tts"]["loaded"] and st["vad"]["loaded"]:
+                        break
+                    time.sleep(0.1)
+                print(f"{label or 'server'}: engines loaded in {perf() - loading:.1f} s")
+            clients = {label: srv.client() for label, srv in started.items()}
+            labels = list(started)
+            for i in range(args.runs + 2):
+                for label in labels[i % 2 :] + labels[: i % 2]:  # alternate which goes first
                     for name, (text, data, length) in recordings.items():
-                        marks = push_to_talk(c, data, length, text)
+                        marks = push_to_talk(clients[label], data, length, text)
                         if i >= 2:  # two warm-up runs
-                            ptt[name].append(marks)
-            hf: list[dict[str, float]] = []
-            with srv.client() as c:
+                            ptt[label][name].append(marks)
+            for c in clients.values():
                 c.send(type="voice_stream", action="start", format="pcm16", sampleRate=16_000)
                 c.until("voice_stream")
-                for i in range(max(3, args.runs // 2) + 1):
-                    marks = hands_free(c, pcm)
+            for i in range(max(3, args.runs // 2) + 1):
+                for label in labels:
+                    marks = hands_free(clients[label], pcm)
                     if i >= 1:
-                        hf.append(marks)
+                        hf[label].append(marks)
+            for c in clients.values():
+                c.close()
         finally:
-            srv.stop()
+            for srv in started.values():
+                srv.stop()
 
     result: dict[str, Any] = {
         "machine": f"{platform.machine()}, {os.cpu_count()} cores",
@@ -194,21 +212,23 @@ def main() -> None:
         "utteranceS": round(seconds, 2),
         "runs": args.runs,
     }
-    for name, runs in ptt.items():
-        key = "pushToTalk" if name == "question" else f"pushToTalk{name.capitalize()}"
-        result[key] = {
-            "utteranceS": round(recordings[name][2], 2),
-            "audioEndToTranscribedMs": summary([m["transcribed"] for m in runs]),
-            "audioEndToFirstAudioMs": summary([m["audio"] for m in runs]),
-            "audioEndToDoneMs": summary([m["done"] for m in runs]),
-            "wordErrorRate": round(statistics.mean(m["wer"] for m in runs), 3),
+    for label in servers:
+        into = result.setdefault(label, {}) if label else result
+        if label:
+            into["source"] = str(servers[label])
+        for name, runs in ptt[label].items():
+            key = "pushToTalk" if name == "question" else f"pushToTalk{name.capitalize()}"
+            into[key] = {
+                "utteranceS": round(recordings[name][2], 2),
+                "audioEndToTranscribedMs": summary([m["transcribed"] for m in runs]),
+                "audioEndToFirstAudioMs": summary([m["audio"] for m in runs]),
+                "audioEndToDoneMs": summary([m["done"] for m in runs]),
+                "wordErrorRate": round(statistics.mean(m["wer"] for m in runs), 3),
+            }
+        into["handsFree"] = {
+            "endOfSpeechToTranscribedMs": summary([m["transcribed"] for m in hf[label]]),
+            "endOfSpeechToFirstAudioMs": summary([m["audio"] for m in hf[label]]),
         }
-    result |= {
-        "handsFree": {
-            "endOfSpeechToTranscribedMs": summary([m["transcribed"] for m in hf]),
-            "endOfSpeechToFirstAudioMs": summary([m["audio"] for m in hf]),
-        },
-    }
     print(json.dumps(result, indent=2))
     args.out.write_text(json.dumps(result, indent=2) + "\n")
 

@@ -30,7 +30,7 @@ if TYPE_CHECKING:
     from .speaker import SpokenReply
     from .stt import SpeechToText
     from .tts import Speech, TextToSpeech
-    from .vad import EndpointConfig, SileroVad
+    from .vad import EndpointConfig, Segmenter, SileroVad
 
 log = logging.getLogger("prismd.voice")
 T = TypeVar("T")
@@ -257,9 +257,7 @@ class VoiceEngines:
             return [(0, samples)]
         import numpy as np
 
-        from .vad import Segmenter
-
-        segmenter = Segmenter(vad.stream(), self.segment_config())
+        segmenter = self.segmenter()
         found = segmenter.feed(samples) + segmenter.flush()
         if segmenter.heard_ms < settings.min_speech_ms:
             raise no_speech()
@@ -268,6 +266,13 @@ class VoiceEngines:
             start, part, _ = segments[-1]
             segments[-1] = (start, np.concatenate([part, found[-1][1][1]]), False)
         return [(start, pad(part) if cut else part) for start, part, cut in segments]
+
+    def segmenter(self) -> Segmenter:
+        """A fresh segmenter (see `segment_config`); loads the VAD: call it in a worker."""
+        from .vad import Segmenter
+
+        vad: SileroVad = self._vad.get()
+        return Segmenter(vad.stream(), self.segment_config())
 
     def segment_config(self) -> EndpointConfig:
         """Where push-to-talk recordings (and long uploads) are cut into segments: at a pause

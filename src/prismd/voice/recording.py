@@ -108,9 +108,7 @@ class Recording:
         """One pass, in the stream thread: decode what is new, cut it into segments."""
         engines = self.engines
         if self.segmenter is None:
-            from .vad import Segmenter
-
-            self.segmenter = Segmenter(engines._vad.get().stream(), engines.segment_config())
+            self.segmenter = engines.segmenter()
         segmenter = self.segmenter
         events = segmenter.feed(self.decoder.decode(final))
         if final:
