@@ -247,10 +247,11 @@ def test_recorded_audio_is_bounded_per_user_and_in_total(srv, question):
     bob, bob2, alice = connect(srv, "bob"), connect(srv, "bob"), connect(srv, "alice")
     try:
         hold(bob, 4)
+        wait_for(srv, lambda s: s["work"]["bufferedAudioBytes"] == 3_600_000)
         hold(bob2, 1)
         err = bob2.recv(timeout=30)
         assert err["code"] == "rate_limited" and "voice.max_user_audio_bytes" in err["error"]
-        wait_for(srv, lambda s: s["work"]["bufferedAudioBytes"] == 3_600_000)
+        assert status(srv)["work"]["bufferedAudioBytes"] == 3_600_000
         hold(alice, 2)
         wait_for(srv, lambda s: s["work"]["bufferedAudioBytes"] == 5_400_000)
         with connect(srv, "carol") as carol:

@@ -37,11 +37,16 @@ class ClientGone(Exception):
     """The HTTP client disconnected before the answer."""
 
 
+async def _disconnect(request: Request) -> None:
+    """Returns when the client disconnects (the body was read: nothing else comes)."""
+    while (await request.receive())["type"] != "http.disconnect":
+        pass
+
+
 async def _unless_gone(request: Request, ticket: Ticket, work: Awaitable[T]) -> T:
     """`work`, cancelled with its ticket's queued jobs if the client disconnects first."""
     task = asyncio.ensure_future(work)
-    # The body was read: the next message the server receives is the disconnect.
-    gone = asyncio.ensure_future(request.receive())
+    gone = asyncio.ensure_future(_disconnect(request))
     try:
         await asyncio.wait({task, gone}, return_when=asyncio.FIRST_COMPLETED)
         if not task.done():
