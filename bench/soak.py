@@ -1,7 +1,8 @@
 """Soak test for prismd: many connections chatting for minutes; lag, memory, fds over time.
 
 Starts a fake OpenAI-compatible model (200 pieces at 50 pieces/s by default: 4 s answers) and
-a prismd with a fresh temporary PRISMD_HOME (both through bench/load.py), opens N WebSocket
+a prismd with a fresh temporary PRISMD_HOME (both through bench/_harness.py, as load.py
+does), opens N WebSocket
 connections in batches, and then every connection loops until the time is up:
 
     chat (its own session; every 5th turn starts a new session) -> read until `done` and
@@ -17,7 +18,8 @@ Every turn is accounted for: completed (`done` within --hang-s), error (by code)
 finishes then counts as hung but `late` (its chunks are measured like any other), one that does
 not is `abandoned` and its connection replaced by a new one.
 
-Measured: chunk delivery lag (as in load.py: arrival - the turn's first chunk - k/rate) and
+Measured: delivery lag of every piece (as in load.py: its arrival - the time the fake model
+scheduled it, from the stamp the fake puts in front of each answer) and
 first-chunk time per 10-s window (p50/p99); every second the server's RSS, open fds, threads,
 CPU and `/api/health` (connections, liveSessions, runningTurns). After the warm-up (the first
 20% of the run) a least-squares line is fitted to RSS over time (slope in MB/min).
@@ -55,7 +57,9 @@ import httpx
 import psutil
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-import load  # noqa: E402 - bench/load.py: processes, the /ws client, lag measurement
+import _client as cl  # noqa: E402 - the /ws client and the lag measurement
+import _harness as hn  # noqa: E402 - processes, fd limits, CPU and RSS
+from _harness import HOST, PIECE  # noqa: E402
 
 try:
     import numpy as np
@@ -82,7 +86,6 @@ class Window:
     delay: array = field(default_factory=lambda: array("d"))  # (send->done) - totalMs, in s
     errors: Counter[str] = field(default_factory=Counter)  # by the time the turn ended
     lags: array = field(default_factory=lambda: array("d"))  # by chunk arrival
-    lags_send: array = field(default_factory=lambda: array("d"))
     first: array = field(default_factory=lambda: array("d"))  # first chunk - send, by arrival
 
 
@@ -121,15 +124,14 @@ class Stats:
     def hung(self) -> int:
         return self.late + self.abandoned
 
-    def record(self, r: load.TurnResult, hang_s: float) -> str:
+    def record(self, r: cl.TurnResult, sch: cl.Schedule, hang_s: float) -> str:
         """Account for one finished (or given up) turn; returns its outcome."""
         if r.t_first is not None:
             self.window(r.t_first).first.append(r.t_first - r.t_send)
-        for t, lag, lag_send in zip(r.chunk_at, r.lags, r.lags_send, strict=False):
-            w = self.window(t)
-            w.lags.append(lag)
-            w.lags_send.append(lag_send)
-        self.chunks += len(r.lags)
+        assert sch.at is not None
+        for t, lag in zip(sch.at, sch.lags, strict=False):
+            self.window(t).lags.append(lag)
+        self.chunks += len(sch.lags)
         if r.t_done is not None:
             took = r.t_done - r.t_send
             w = self.window(r.t_done)
@@ -172,13 +174,13 @@ def _np(a: array) -> Any:
 
 
 def pctl(a: array | list[float], p: float) -> float | None:
-    """Nearest-rank percentile, like load.pct, fast on large arrays."""
+    """Nearest-rank percentile, like _harness.pct, fast on large arrays."""
     if not len(a):
         return None
     if np is not None:
         x = np.frombuffer(a, dtype=np.float64) if isinstance(a, array) else np.asarray(a)
         return float(np.percentile(x, p, method="inverted_cdf"))
-    return load.pct(list(a), p)
+    return hn.pct(list(a), p)
 
 
 def fit_line(xs: list[float], ys: list[float]) -> tuple[float, float, float] | None:
@@ -213,7 +215,7 @@ class Sampler:
     """Every second: the server's RSS, fds, threads and CPU, the client's view (turns in
     flight) and the machine's load; a second task polls /api/health about once a second."""
 
-    def __init__(self, server: load.Child, port: int, stats: Stats, procs: dict[str, Any]):
+    def __init__(self, server: hn.Child, port: int, stats: Stats, procs: dict[str, Any]):
         self.server, self.port, self.stats, self.procs = server, port, stats, procs
         self.samples: list[dict[str, Any]] = []
         self.health: list[dict[str, Any]] = []
@@ -290,7 +292,7 @@ class Sampler:
 # ------------------------------------------------------------------------------- the client
 
 
-async def ping_probe(url: str, out: list[dict[str, Any]]) -> None:
+async def ping_probe(port: int, out: list[dict[str, Any]]) -> None:
     """One extra, otherwise idle connection: `ping` every second, time to `pong`. The pong is
     written straight to the connection, not through the session event log, so this is the
     server's read -> handle -> write path without the store."""
@@ -300,7 +302,7 @@ async def ping_probe(url: str, out: list[dict[str, Any]]) -> None:
             t = perf()
             try:
                 if ws is None:
-                    ws = await load.ws_open(url, 15.0)
+                    ws = await cl.ws_open(HOST, port, 15.0)
                 async with asyncio.timeout(30.0):
                     await ws.send(PING)
                     while '"pong"' not in await ws.recv():
@@ -309,20 +311,21 @@ async def ping_probe(url: str, out: list[dict[str, Any]]) -> None:
             except Exception:  # noqa: BLE001 - recorded as a failed ping; reconnect
                 out.append({"tp": t, "ms": None})
                 if ws is not None:
-                    ws.transport.abort()
+                    ws.abort()
                 ws = None
             await asyncio.sleep(max(0.0, 1.0 - (perf() - t)))
     finally:
         if ws is not None:
-            ws.transport.abort()
+            ws.abort()
 
 
 PING = json.dumps({"type": "ping"})
+CHAT_HI = json.dumps({"type": "chat", "message": "hi"})
 
 
 class Soak:
-    def __init__(self, args: argparse.Namespace, url: str, stats: Stats) -> None:
-        self.args, self.url, self.stats = args, url, stats
+    def __init__(self, args: argparse.Namespace, port: int, stats: Stats) -> None:
+        self.args, self.port, self.stats = args, port, stats
         self.t_end = 0.0
         self.drain_deadline = 0.0
         self.conns: set[Any] = set()
@@ -331,12 +334,12 @@ class Soak:
         st = self.stats
         self.conns.discard(old)
         try:
-            old.transport.abort()
+            old.abort()
         except Exception:  # noqa: BLE001
             pass
         while perf() < self.t_end:
             try:
-                ws = await load.ws_open(self.url, 15.0)
+                ws = await cl.ws_open(HOST, self.port, 15.0)
             except Exception:  # noqa: BLE001
                 st.reconnect_failed += 1
                 await asyncio.sleep(1.0)
@@ -356,7 +359,7 @@ class Soak:
         while perf() < self.t_end and (a.turns_per_connection == 0 or n < a.turns_per_connection):
             if n > 0 and (n + offset) % SESSION_EVERY == 0:
                 try:
-                    await load.new_session(ws, 15.0)
+                    await cl.new_session(ws, 15.0)
                     st.new_sessions += 1
                 except Exception:  # noqa: BLE001
                     st.new_session_failed += 1
@@ -373,10 +376,11 @@ class Soak:
             # hung if `done` came after --hang-s or not at all.
             bound = max(a.hang_s, min(a.hang_s + a.late_s, self.drain_deadline - perf()))
             try:
-                r = await load.chat_turn(ws, load.CHAT_HI, bound, lag_rate=a.rate)
+                sch = cl.Schedule(a.rate, len(PIECE), array("d"), array("d"))
+                r = await cl.chat_turn(ws, CHAT_HI, bound, schedule=sch)
             finally:
                 st.in_flight -= 1
-            st.record(r, a.hang_s)
+            st.record(r, sch, a.hang_s)
             if r.error and r.error not in _SERVER_CODES:
                 # A client-side failure (abandoned turn, closed socket, timeout after done):
                 # the connection may hold stray frames or be gone; start over on a new one.
@@ -417,16 +421,6 @@ _SERVER_CODES = {
 # ------------------------------------------------------------------------------- phases
 
 
-async def settle_rss(server: load.Child, limit_s: float = 15.0) -> None:
-    """Wait until the server's RSS holds still for 1.5 s (bounded), as load.py does."""
-    last, since, deadline = server.rss() or 0, perf(), perf() + limit_s
-    while perf() < deadline and perf() - since < 1.5:
-        await asyncio.sleep(0.25)
-        now = server.rss() or 0
-        if abs(now - last) > 256 * 1024:
-            last, since = now, perf()
-
-
 def point(sampler: Sampler, h: dict[str, Any] | None) -> dict[str, Any]:
     d = sampler.now()
     d.pop("in_flight", None)
@@ -440,12 +434,11 @@ def point(sampler: Sampler, h: dict[str, Any] | None) -> dict[str, Any]:
 async def run(args: argparse.Namespace, res: dict[str, Any], tmp: Path, stats: Stats) -> None:
     t_prog = perf()
     hard_end = t_prog + args.minutes * 60 + HEADROOM_S - 5  # the alarm fires 5 s later
-    fake_child, fake = load.start_fake(tmp, "fake", args.pieces, args.rate)
-    load.check_fake(fake_child, fake)
-    server, port, home = load.start_prismd(tmp, fake, fake)
+    fake_child, fake = hn.start_fake(tmp, "fake", args.pieces, args.rate, stamp=True)
+    hn.check_fake(fake_child, fake)
+    server, port, home = hn.start_prismd(tmp, fake, fake)
     res["fd_limit_server"] = list(server.ps.rlimit(psutil.RLIMIT_NOFILE))
     res["prismd_home"] = str(home)
-    url = f"ws://127.0.0.1:{port}/ws"
     procs = {"prismd": server, "fake": fake_child}
     sampler = Sampler(server, port, stats, procs)
     res["_sampler"] = sampler  # for a partial report on SIGALRM (removed before writing)
@@ -453,29 +446,29 @@ async def run(args: argparse.Namespace, res: dict[str, Any], tmp: Path, stats: S
 
     # Idle before the load: fresh (no turn yet), then after one warm-up turn (model client
     # built, SDK imported) once the RSS holds still.
-    await settle_rss(server)
+    await hn.settle_rss(server)
     idle: dict[str, Any] = {"fresh": point(sampler, await sampler.get_health())}
-    ws = await load.ws_open(url)
-    warm = await load.chat_turn(ws, load.CHAT_HI, 60.0, lag_rate=args.rate)
-    await load.close_many([ws])
+    ws = await cl.ws_open(HOST, port)
+    warm = await cl.chat_turn(ws, CHAT_HI, 60.0)
+    await ws.close()
     if warm.error or warm.t_done is None:
         raise RuntimeError(f"warm-up turn failed: {warm.error}")
-    await load.wait_idle(port, 10.0)
-    await settle_rss(server, 10.0)
+    await hn.wait_idle(port, 10.0)
+    await hn.settle_rss(server, 10.0)
     idle["after_warmup_turn"] = point(sampler, await sampler.get_health())
     res["idle_before"] = idle
 
     print(f"opening {args.connections} connections ...", file=sys.stderr, flush=True)
     t_open = perf()
-    conns, failed = await load.open_many(url, args.connections)
+    conns, failed = await cl.open_many(lambda: cl.ws_open(HOST, port), args.connections)
     res["connect"] = {
         "opened": len(conns),
         "failed": failed,
         "seconds": round(perf() - t_open, 2),
     }
-    soak = Soak(args, url, stats)
+    soak = Soak(args, port, stats)
     soak.conns = set(conns)
-    cpu = load.Cpu(procs)
+    cpu = hn.Cpu(procs)
     stats.t0 = perf()  # the load phase starts: windows and sample times count from here
     soak.t_end = stats.t0 + args.minutes * 60
     # Reserve time after the drain for the idle watch and the report.
@@ -493,7 +486,7 @@ async def run(args: argparse.Namespace, res: dict[str, Any], tmp: Path, stats: S
     ]
     progress = asyncio.ensure_future(report_progress(stats, soak.t_end))
     pings: list[dict[str, Any]] = []
-    prober = asyncio.ensure_future(ping_probe(url, pings))
+    prober = asyncio.ensure_future(ping_probe(port, pings))
     await asyncio.sleep(max(0.0, soak.t_end - perf()))
     t_load_end = perf()
     res["cpu_load_phase"] = cpu.done()
@@ -512,7 +505,7 @@ async def run(args: argparse.Namespace, res: dict[str, Any], tmp: Path, stats: S
     await asyncio.gather(prober, return_exceptions=True)
     t_drained = perf()
     worker_errors = [repr(w.exception()) for w in workers if not w.cancelled() and w.exception()]
-    await load.close_many(list(soak.conns))
+    await cl.close_many(list(soak.conns))
     t_closed = perf()
 
     # Back to idle: wait (bounded) until the health counters are 0 and the fds are back to
@@ -649,16 +642,14 @@ def summarize(
                 "chunks": len(w.lags),
                 "lag_ms_p50": ms(pctl(w.lags, 50)),
                 "lag_ms_p99": ms(pctl(w.lags, 99)),
-                "lag_send_ms_p99": ms(pctl(w.lags_send, 99)),
                 "first_ms_p50": ms(pctl(w.first, 50)),
                 "first_ms_p99": ms(pctl(w.first, 99)),
             }
         )
     out["windows"] = win
-    all_lags, all_send, all_first = array("d"), array("d"), array("d")
+    all_lags, all_first = array("d"), array("d")
     for w in st.windows.values():
         all_lags.extend(w.lags)
-        all_send.extend(w.lags_send)
         all_first.extend(w.first)
     warm_s = WARMUP_FRACTION * load_s
     steady = [x for x in win if x["t_start"] >= warm_s and x["t_start"] + WINDOW_S <= load_s]
@@ -676,14 +667,12 @@ def summarize(
         "ms_p50": ms(pctl(all_lags, 50)),
         "ms_p99": ms(pctl(all_lags, 99)),
         "ms_max": ms(max(all_lags)) if len(all_lags) else None,
-        "from_send_ms_p50": ms(pctl(all_send, 50)),
-        "from_send_ms_p99": ms(pctl(all_send, 99)),
         "first_chunk_ms_p50": ms(pctl(all_first, 50)),
         "first_chunk_ms_p99": ms(pctl(all_first, 99)),
         "worst_window": worst and {k: worst[k] for k in ("t_start", "lag_ms_p50", "lag_ms_p99")},
         "worst_window_after_warmup": worst_steady
         and {k: worst_steady[k] for k in ("t_start", "lag_ms_p50", "lag_ms_p99")},
-        "median_window_p99_after_warmup": load.med(
+        "median_window_p99_after_warmup": hn.med(
             [x["lag_ms_p99"] for x in steady if x["lag_ms_p99"] is not None]
         ),
     }
@@ -788,8 +777,8 @@ def plot(res: dict[str, Any], outdir: Path, prefix: str) -> list[str]:
         2, 1, figsize=(10, 7), sharex=True, gridspec_kw={"height_ratios": [3, 2]}
     )
     for key, label, style in (
-        ("lag_ms_p50", "chunk lag p50 (from the turn's first chunk)", "-"),
-        ("lag_ms_p99", "chunk lag p99", "-"),
+        ("lag_ms_p50", "piece lag p50 (arrival - the fake's schedule)", "-"),
+        ("lag_ms_p99", "piece lag p99", "-"),
         ("first_ms_p99", "first chunk after send, p99", ":"),
         ("beyond_ms_p50", "send->done beyond the server's own turn time, p50", "--"),
         ("ping_ms_max", "ping -> pong on an idle connection, max", "-."),
@@ -886,7 +875,7 @@ def plot(res: dict[str, Any], outdir: Path, prefix: str) -> list[str]:
 
 
 def fmt(v: Any) -> str:
-    return load.fmt(v)
+    return hn.fmt(v)
 
 
 def print_report(res: dict[str, Any]) -> None:
@@ -941,14 +930,13 @@ def print_report(res: dict[str, Any]) -> None:
     )
     lg = res.get("lag", {})
     p(
-        f"lag ms (from the turn's first chunk): p50 {fmt(lg.get('ms_p50'))}, p99 "
+        f"lag ms (arrival - the fake's schedule, every piece): p50 {fmt(lg.get('ms_p50'))}, p99 "
         f"{fmt(lg.get('ms_p99'))}, max {fmt(lg.get('ms_max'))}; worst window "
         f"{lg.get('worst_window')}; worst after warm-up {lg.get('worst_window_after_warmup')}"
     )
     p(
-        f"   from the send: p50 {fmt(lg.get('from_send_ms_p50'))}, p99 "
-        f"{fmt(lg.get('from_send_ms_p99'))}; first chunk p50 {fmt(lg.get('first_chunk_ms_p50'))}"
-        f", p99 {fmt(lg.get('first_chunk_ms_p99'))}"
+        f"   first chunk after the send: p50 {fmt(lg.get('first_chunk_ms_p50'))}, "
+        f"p99 {fmt(lg.get('first_chunk_ms_p99'))}"
     )
     pg = res.get("ping")
     if pg:
@@ -1030,7 +1018,9 @@ def main() -> int:
         "--idle-wait", type=float, default=50.0, help="max wait for idle after the drain"
     )
     ap.add_argument("--seed", type=int, default=1)
-    ap.add_argument("--server-nofile", type=int, metavar="N", help="as in load.py")
+    ap.add_argument(
+        "--server-nofile", type=int, metavar="N", help="run prismd with soft = hard fd limit N"
+    )
     ap.add_argument(
         "--wait-quiet",
         type=float,
@@ -1038,13 +1028,13 @@ def main() -> int:
         metavar="S",
         help="first wait up to S s until other processes use < 10%% of the CPU",
     )
-    ap.add_argument("--out", default=str(load.ROOT / "bench" / "soak.json"))
+    ap.add_argument("--out", default=str(hn.ROOT / "bench" / "soak.json"))
     ap.add_argument("--plots", metavar="DIR", help="write PREFIX-latency.png, PREFIX-memory.png")
     ap.add_argument("--plot-prefix", default="soak")
     ap.add_argument("--keep-tmp", action="store_true", help="keep the temp dir (logs, homes)")
     args = ap.parse_args()
-    load.SERVER_NOFILE = args.server_nofile
-    quiet = load.wait_quiet(args.wait_quiet) if args.wait_quiet > 0 else None
+    hn.SERVER_NOFILE = args.server_nofile
+    quiet = hn.wait_quiet(args.wait_quiet) if args.wait_quiet > 0 else None
 
     stats = Stats()
     res: dict[str, Any] = {
@@ -1067,9 +1057,9 @@ def main() -> int:
                 "server_nofile",
             )
         },
-        "machine": load.machine(),
-        "source": load.source(),
-        "fd_limit_client": list(load.raise_nofile()),
+        "machine": hn.machine(),
+        "source": hn.source(),
+        "fd_limit_client": list(hn.raise_nofile()),
         "json": args.out,
     }
     tmp_obj = tempfile.TemporaryDirectory(prefix="prismd-soak-")
@@ -1080,41 +1070,30 @@ def main() -> int:
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)
         Path(args.out).write_text(json.dumps(final, indent=1, default=str) + "\n")
 
-    def bail(signum: int, frame: Any) -> None:
+    def on_stop(signum: int) -> None:  # the children are already stopped
         sampler = res.get("_sampler")
-        load.stop_children()
         res["failure"] = f"stopped by signal {signum}"
-        print(f"\nstopped by signal {signum}; partial results in {args.out}", file=sys.stderr)
-        try:
-            if sampler is not None:
-                load_s = min(perf() - stats.t0, args.minutes * 60)
-                res.update(summarize(args, stats, sampler.samples, sampler.health, load_s))
-            write(res)
-            shutil.rmtree(tmp, ignore_errors=True)
-        finally:
-            os._exit(3)
+        print(f"partial results in {args.out}", file=sys.stderr)
+        if sampler is not None:
+            load_s = min(perf() - stats.t0, args.minutes * 60)
+            res.update(summarize(args, stats, sampler.samples, sampler.health, load_s))
+        write(res)
+        shutil.rmtree(tmp, ignore_errors=True)
 
-    for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGALRM):
-        signal.signal(sig, bail)
-    signal.alarm(int(math.ceil(args.minutes * 60)) + HEADROOM_S)
+    hn.install_deadline(int(math.ceil(args.minutes * 60)) + HEADROOM_S, on_stop)
     rc = 0
     try:
-        try:
-            import uvloop
-
-            uvloop.run(run(args, res, tmp, stats))
-        except ImportError:
-            asyncio.run(run(args, res, tmp, stats))
+        hn.run_async(run(args, res, tmp, stats))
     except Exception as exc:  # noqa: BLE001
         res["failure"] = f"{type(exc).__name__}: {exc}"
         print(f"soak failed: {res['failure']}", file=sys.stderr)
         rc = 1
     finally:
         signal.alarm(0)
-        logs = {c.name: c for c in load.CHILDREN}
-        load.stop_children()
+        logs = {c.name: c for c in hn.CHILDREN}
+        hn.stop_children()
         if "prismd" in logs:
-            res["server_log"] = load.scan_log(logs["prismd"].output())
+            res["server_log"] = hn.scan_log(logs["prismd"].output())
         if args.keep_tmp:
             kept = Path(tempfile.mkdtemp(prefix="prismd-soak-kept-"))
             subprocess.run(["cp", "-r", str(tmp) + "/.", str(kept)], check=False)

@@ -10,6 +10,7 @@ import json
 import os
 import signal
 import socket
+import sqlite3
 import subprocess
 import sys
 import time
@@ -23,6 +24,9 @@ from hypothesis import settings
 from websockets.sync.client import connect
 
 from prismd.testing.fake_models import FakeModelServer
+
+# Throwaway database servers (PostgreSQL), started on first use.
+from .services import make_pg_database, pg_module_url, postgres, redis_server  # noqa: F401
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -50,8 +54,14 @@ class PrismdServer:
         self.port = free_port()
         self.proc: subprocess.Popen[bytes] | None = None
         self.log = home / "server.log"
+        # A PostgreSQL store's URL ([store] url in the config, or the environment's).
+        self.database_url = env.get("PRISMD_DATABASE_URL")
         if config is not None:
             (home / "config.toml").write_text(config)
+            if "[store]" in config:
+                import tomllib
+
+                self.database_url = tomllib.loads(config)["store"]["url"]
 
     @property
     def url(self) -> str:
@@ -71,7 +81,9 @@ class PrismdServer:
             for k, v in os.environ.items()
             if not k.startswith(("OPENAI_", "ANTHROPIC_", "PRISMD_", "OLLAMA_"))
         }
-        env.update({"PRISMD_HOME": str(self.home), **self.env})
+        # No offline default model unless a test asks for it (PRISMD_LOCAL_ENABLED=true): a
+        # server with no provider would otherwise start a llama.cpp runtime it never uses.
+        env.update({"PRISMD_HOME": str(self.home), "PRISMD_LOCAL_ENABLED": "false", **self.env})
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "prismd", "serve", "--port", str(self.port)],
             env=env,
@@ -164,6 +176,13 @@ class Client:
             return True
         return False
 
+    def nothing_pending(self) -> bool:
+        """No frame waits for this client: the answer to a ping sent now is the next frame (a
+        connection's frames arrive in order, so one queued before the pong comes first). A
+        barrier, not a wait: use it once whatever could send a stray frame is over."""
+        self.send(type="ping")
+        return self.recv() == {"type": "pong"}
+
     def close(self) -> None:
         self._cm.__exit__(None, None, None)
 
@@ -172,6 +191,50 @@ class Client:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+def stored_rows(srv: PrismdServer, table: str, session_id: str, columns: str = "*") -> list:
+    """A session's rows of one table in the server's database (read-only, beside it)."""
+    sql = f"SELECT {columns} FROM {table} WHERE session_id="
+    url = srv.database_url
+    if url:
+        import asyncio
+
+        import asyncpg
+
+        async def fetch() -> list:
+            conn = await asyncpg.connect(url)
+            try:
+                return [tuple(r) for r in await conn.fetch(sql + "$1", session_id)]
+            finally:
+                await conn.close()
+
+        return asyncio.run(fetch())
+    db = sqlite3.connect(f"file:{srv.data_dir / 'prismd.db'}?mode=ro", uri=True)
+    try:
+        return db.execute(sql + "?", (session_id,)).fetchall()
+    finally:
+        db.close()
+
+
+def uploaded_bytes(srv: PrismdServer, path: str) -> bytes:
+    """The bytes of an upload (`path` as POST /api/upload answers it): a file under the data
+    directory, or a row of the PostgreSQL store."""
+    if not srv.database_url:
+        return (srv.data_dir / path).read_bytes()
+    import asyncio
+
+    import asyncpg
+
+    async def fetch() -> bytes:
+        conn = await asyncpg.connect(srv.database_url)
+        try:
+            data = await conn.fetchval("SELECT data FROM uploads WHERE id=$1", path.rsplit("/")[-1])
+            return bytes(data)
+        finally:
+            await conn.close()
+
+    return asyncio.run(fetch())
 
 
 def of_type(frames: list[dict[str, Any]], kind: str) -> list[dict[str, Any]]:
@@ -205,26 +268,56 @@ def openai_env(fake: FakeModelServer, model: str = "gpt-4o-mini") -> dict[str, s
     return {"OPENAI_BASE_URL": fake.url, "OPENAI_API_KEY": "test-key", "PRISMD_MODEL": model}
 
 
+# The configurations a module's servers run in: `embedded` (one process, SQLite, the
+# in-process bus) and `scaled` (PostgreSQL and Redis, the multi-process coordination). A module
+# that sets BACKENDS = ("embedded", "scaled") runs its `server` and `make_server` tests in both:
+# the same tests, parametrised, not copied.
+def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
+    if "backend" in metafunc.fixturenames:
+        backends = getattr(metafunc.module, "BACKENDS", ("embedded",))
+        metafunc.parametrize("backend", backends, scope="module")
+
+
+@pytest.fixture(scope="module")
+def backend() -> str:
+    return "embedded"
+
+
+def backend_config(request: pytest.FixtureRequest, backend: str) -> str:
+    """The config.toml sections that put a server in `backend` (a fresh database each call).
+    In the file, not the environment, so that `prismd users|tokens` on the same home reach the
+    same store."""
+    if backend == "embedded":
+        return ""
+    redis = request.getfixturevalue("redis_server")
+    database = request.getfixturevalue("make_pg_database")()
+    return f'\n[store]\nurl = "{database}"\n\n[bus]\nurl = "{redis.url}"\n'
+
+
 @pytest.fixture(scope="module")
 def server(
-    tmp_path_factory: pytest.TempPathFactory, fake_openai: FakeModelServer
+    request: pytest.FixtureRequest,
+    tmp_path_factory: pytest.TempPathFactory,
+    fake_openai: FakeModelServer,
+    backend: str,
 ) -> Iterator[PrismdServer]:
     """A prismd shared by the tests of one module, on the fake OpenAI-compatible model."""
-    srv = PrismdServer(tmp_path_factory.mktemp("prismd"), openai_env(fake_openai))
+    config = backend_config(request, backend)
+    srv = PrismdServer(tmp_path_factory.mktemp("prismd"), openai_env(fake_openai), config)
     srv.start()
     yield srv
     srv.stop()
 
 
 @pytest.fixture
-def make_server(tmp_path: Path) -> Iterator[Any]:
+def make_server(request: pytest.FixtureRequest, tmp_path: Path, backend: str) -> Iterator[Any]:
     """Build a dedicated prismd (own home, env, config); stopped at the end of the test."""
     servers: list[PrismdServer] = []
 
     def make(env: dict[str, str], config: str | None = None, start: bool = True) -> PrismdServer:
         home = tmp_path / f"home{len(servers)}"
         home.mkdir()
-        srv = PrismdServer(home, env, config)
+        srv = PrismdServer(home, env, (config or "") + backend_config(request, backend))
         servers.append(srv)
         return srv.start() if start else srv
 

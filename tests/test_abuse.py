@@ -778,11 +778,14 @@ def test_frame_above_hard_limit_closes_with_1009(limits_server, size, fragmented
 
 
 QUEUE = "[server]\nsend_queue_frames = 200\n"
-# 2500 pieces of 4000 characters paced at 1 ms: 10 MB in about 3 s. Loopback kernel buffers
+# 2500 pieces of 4000 characters paced at 2 ms: 10 MB in about 5 s. Loopback kernel buffers
 # absorb up to ~4 MB (tcp_wmem max) before the server's transport stops taking bytes, so only a
 # reply this large backs up into the send queue (5000 pieces of 50 characters would sit in the
-# kernel); the pacing keeps a client that does read well ahead of the stream.
-FLOOD = Reply(text=["x" * 4000] * 2500, delay_s=0.001)
+# kernel); the pacing keeps a client that does read well ahead of the stream, and leaves the
+# other session's turn (0.5 s) seconds to run in while the flood still streams.
+FLOOD = Reply(text=["x" * 4000] * 2500, delay_s=0.002)
+# Frames of the flood published before the other session chats: past what the kernel absorbs.
+UNDER_WAY = 1000
 FLOOD_TEXT = "x" * 4000 * 2500
 
 
@@ -811,28 +814,25 @@ def stalled(queue_server: PrismdServer) -> Iterator[dict[str, Any]]:
     srv = queue_server
     sid = "stalled_session"
     seen: dict[str, Any] = {"sid": sid}
+    offset = log_size(srv)
     ws = RawWS(srv.port, rcvbuf=4096)
     assert ws.recv_json()["type"] == "connected"
     ws.send_json(type="chat", message="flood the stalled client", sessionId=sid)
-    started = time.monotonic()
-    assert wait_for(lambda: health(srv)["runningTurns"] == 1, 10)
 
-    time.sleep(1.0)  # the flood is well under way
+    def flood() -> dict[str, Any]:
+        return srv.get(f"/api/sessions/{sid}").json()
+
+    # The flood is well under way: more of it published than the kernel takes for the client.
+    assert wait_for(lambda: flood()["last_seq"] >= UNDER_WAY, 30)
+    seen["flood_running_before"] = flood()["turn_running"]
     with srv.client() as other:
-        t0 = time.monotonic()
         try:
-            frames = other.turn(message="meanwhile", sessionId="other_session", timeout=20)
-            seen["other"] = (frames, time.monotonic() - t0)
+            seen["other"] = other.turn(message="meanwhile", sessionId="other_session", timeout=20)
         except (ConnectionClosed, TimeoutError) as exc:
-            seen["other"] = (exc, time.monotonic() - t0)
+            seen["other"] = exc
     # Proof that the two ran at the same time: the flood was still streaming.
-    seen["flood_running"] = srv.get(f"/api/sessions/{sid}").json()["turnRunning"]
-
-    def turn_over() -> bool:
-        return srv.get(f"/api/sessions/{sid}").json()["turnRunning"] is False
-
-    seen["turn_done"] = wait_for(turn_over, 60, 0.2)
-    seen["turn_s"] = time.monotonic() - started
+    seen["flood_running"] = flood()["turn_running"]
+    seen["turn_done"] = wait_for(lambda: flood()["turn_running"] is False, 60, 0.2)
     # The stalled connection is the only one left: once dropped, `connections` is 0.
     # The queue overflowed seconds before the turn ended; 3 s more is ample.
     # prismd drops a client whose queue is full and that has read nothing for 5 s.
@@ -840,32 +840,36 @@ def stalled(queue_server: PrismdServer) -> Iterator[dict[str, Any]]:
     seen["running_after"] = health(srv)["runningTurns"]
     ws.abort(reset=True)
     seen["released"] = wait_for(lambda: health(srv)["connections"] == 0, 10, 0.1)
-    seen["log"] = srv.log.read_text()
+    seen["log"] = log_since(srv, offset)
     yield seen
 
 
 def test_stalled_client_does_not_stop_the_turn(stalled, queue_server):
     assert stalled["turn_done"], "the turn did not finish within 60 s"
     assert stalled["running_after"] == 0
-    # The stalled socket does not slow the turn: the fake streams for ~2.5 s.
-    assert stalled["turn_s"] < 20, f"the turn took {stalled['turn_s']:.1f} s"
+    # The stalled socket does not hold the turn back: the client was dropped for frames that
+    # kept coming while its socket took none (not after 5 s with no progress and none coming).
+    (dropped,) = [line for line in stalled["log"].splitlines() if " dropped: " in line]
+    assert re.search(r"dropped: \d+ frames \(\d+ bytes\) unsent$", dropped), dropped
     assert "Traceback" not in stalled["log"], stalled["log"][-3000:]
     body = queue_server.get(f"/api/sessions/{stalled['sid']}/messages").json()
-    answers = [m for m in body["messages"] if m["role"] == "assistant"]
+    answers = [m for m in body if m["role"] == "assistant"]
     assert len(answers) == 1 and answers[0]["status"] == "complete"
     assert answers[0]["content"] == FLOOD_TEXT
-    user = [m for m in body["messages"] if m["role"] == "user"]
+    user = [m for m in body if m["role"] == "user"]
     assert [m["content"] for m in user] == ["flood the stalled client"]
     assert alive(queue_server)
 
 
 def test_other_session_streams_normally_meanwhile(stalled):
-    frames, took = stalled["other"]
+    frames = stalled["other"]
     assert isinstance(frames, list), f"the other client failed: {frames!r}"
     assert text_of(frames) == "ok " * 50
     assert of_type(frames, "done")[0]["stopReason"] == "end"
-    assert took < 10, f"the other session's turn took {took:.1f} s"
-    assert stalled["flood_running"], "the flood turn had ended: nothing ran meanwhile"
+    # It ran from start to end while the stalled one streamed: it did not wait for it.
+    assert stalled["flood_running_before"] and stalled["flood_running"], (
+        "the flood turn had ended: nothing ran meanwhile"
+    )
 
 
 def test_stalled_client_is_released_once_its_socket_closes(stalled):
@@ -878,7 +882,7 @@ def test_stalled_client_is_dropped(stalled):
 
 def test_resume_of_the_tail_after_the_stall(stalled, queue_server):
     sid = stalled["sid"]
-    last = queue_server.get(f"/api/sessions/{sid}").json()["lastSeq"]
+    last = queue_server.get(f"/api/sessions/{sid}").json()["last_seq"]
     with queue_server.client() as c:
         c.send(type="resume", sessionId=sid, lastSeq=last - 100)
         session = c.recv()
@@ -891,7 +895,7 @@ def test_resume_of_the_tail_after_the_stall(stalled, queue_server):
 
 def test_resume_from_zero_replays_the_whole_stalled_turn(stalled, queue_server):
     sid = stalled["sid"]
-    last = queue_server.get(f"/api/sessions/{sid}").json()["lastSeq"]
+    last = queue_server.get(f"/api/sessions/{sid}").json()["last_seq"]
     with queue_server.client() as c:
         c.send(type="resume", sessionId=sid, lastSeq=0)
         assert c.recv()["type"] == "session"
@@ -901,9 +905,14 @@ def test_resume_from_zero_replays_the_whole_stalled_turn(stalled, queue_server):
 
 
 def test_reading_client_is_not_dropped_by_a_fast_burst(queue_server, stalled):
+    """5000 pieces sent at once, 25 times the send queue: pieces that arrive while the previous
+    event is still being logged merge into one `chunk`, so a burst does not become thousands of
+    queued frames, and the reading client gets the whole text."""
     with queue_server.client() as c:
         frames = c.turn(message="burst", timeout=30)
-    assert len(of_type(frames, "chunk")) > 200 and text_of(frames) == "x" * 50 * 5000
+    assert text_of(frames) == "x" * 50 * 5000
+    assert of_type(frames, "done")[0]["finalContent"] == "x" * 50 * 5000
+    assert len(of_type(frames, "chunk")) < 5000
 
 
 # -------------------------------------------------------------------------------------------
@@ -1032,7 +1041,7 @@ def test_pings_and_chats_back_to_back_on_one_connection(churn_server, churn_fake
         deadline = time.monotonic() + 30
         while not of_type(frames, "context_usage"):
             frames.append(check_frame(c.ws.recv(timeout=max(0.01, deadline - time.monotonic()))))
-        assert c.no_frame(0.5)
+        assert c.nothing_pending()
     kinds = [f["type"] for f in frames]
     assert kinds.count("pong") == 200
     refused = of_type(frames, "error")
@@ -1046,5 +1055,5 @@ def test_pings_and_chats_back_to_back_on_one_connection(churn_server, churn_fake
     assert len(frames) == 200 + 49 + 1 + len(turn)
     # Exactly one turn reached the model and one answer was stored.
     body = srv.get("/api/sessions/one_conn_flood/messages").json()
-    assert [m["content"] for m in body["messages"] if m["role"] == "user"] == ["flood chat 0"]
+    assert [m["content"] for m in body if m["role"] == "user"] == ["flood chat 0"]
     assert health(srv)["runningTurns"] == 0

@@ -9,6 +9,7 @@ import contextlib
 import json
 import os
 import re
+import sqlite3
 import subprocess
 import sys
 import time
@@ -20,6 +21,9 @@ import httpx
 import pytest
 from websockets.exceptions import InvalidStatus
 from websockets.sync.client import connect
+
+from prismd.auth.service import token_hash
+from prismd.config import ConfigError, load_settings
 
 from .conftest import ROOT, Client, PrismdServer, free_port, openai_env
 
@@ -91,7 +95,10 @@ def users_server(tmp_path_factory, fake_openai):
     for name in ("alice", "bob", "carol"):
         add_user(home, name)
     tokens = {name: make_token(home, name) for name in ("bob", "carol")}
-    config = '[auth]\nallowed_origins = ["https://chat.example.org"]\n'
+    config = (
+        '[server]\ntrusted_proxies = ["127.0.0.1"]\n'  # as behind a proxy on loopback
+        '[auth]\nallowed_origins = ["https://chat.example.org"]\n'
+    )
     srv = PrismdServer(home, openai_env(fake_openai), config).start()
     srv.tokens = tokens  # type: ignore[attr-defined]
     yield srv
@@ -163,7 +170,7 @@ def test_serve_refuses_a_public_address_without_a_password(tmp_path, fake_openai
         deadline = time.monotonic() + 30
         while time.monotonic() < deadline:
             try:
-                if srv.get("/api/health").json() == {"status": "ok"}:
+                if srv.get("/api/health").json()["status"] == "ok":
                     break
             except httpx.HTTPError:
                 time.sleep(0.1)
@@ -224,29 +231,41 @@ def test_serve_insecure_starts_without_a_password(tmp_path):
 def test_open_on_loopback_until_a_user_exists(make_server, fake_openai):
     srv = make_server(openai_env(fake_openai))
     status = srv.get("/api/auth/status").json()
+    local = {"id": "local", "username": "local", "isInstanceAdmin": True}
     assert status == {
+        "authenticated": True,
+        "user": {**local, "name": "local", "admin": True},
+        "hasPassword": False,
+        "requireAuth": False,
         "authRequired": False,
-        "user": {"id": "local", "name": "local", "admin": True},
     }
+    assert srv.get("/api/auth/check").json() == {"authenticated": True, "user": status["user"]}
     assert srv.get("/api/sessions").status_code == 200
     with srv.client() as c:
         local_sid = c.turn(message="made while open")[0]["sessionId"]
-    assert srv.get(f"/api/sessions/{local_sid}").json()["ownerId"] == "local"
+    assert srv.get(f"/api/sessions/{local_sid}").json()["owner_id"] == "local"
     # A user added while the server runs closes it (no restart needed).
     add_user(srv.home, "alice")
     deadline = time.monotonic() + 5
     while srv.get("/api/sessions").status_code != 401:
         assert time.monotonic() < deadline
         time.sleep(0.2)
-    assert srv.get("/api/auth/status").json() == {"authRequired": True, "user": None}
-    assert srv.get("/api/health").json() == {"status": "ok"}
+    assert srv.get("/api/auth/status").json() == {
+        "authenticated": False,
+        "hasPassword": True,
+        "requireAuth": True,
+        "authRequired": True,
+    }
+    assert srv.get("/api/auth/check").json() == {"authenticated": False}
+    health = srv.get("/api/health").json()
+    assert set(health) == {"status", "ts"} and health["status"] == "ok"
     # A token created while it runs works at once; revoked, it stops working at once.
     token = make_token(srv.home, "alice")
     add_user(srv.home, "bob")
     # What was made while open belongs to the local owner: the admin sees it, others do not.
     with bearer(srv.url, make_token(srv.home, "bob")) as c:
         assert c.get(f"/api/sessions/{local_sid}").status_code == 404
-        assert c.get("/api/sessions").json()["sessions"] == []
+        assert c.get("/api/sessions").json() == []
     with bearer(srv.url, token) as c:
         assert c.get("/api/sessions").status_code == 200
         assert c.get(f"/api/sessions/{local_sid}").status_code == 200
@@ -330,7 +349,16 @@ def test_login_cookie_me_logout(users_server):
         f"{srv.url}/api/auth/login", json={"username": "bob", "password": PASSWORDS["bob"]}
     )
     assert resp.status_code == 200
-    assert resp.json() == {"user": {"id": resp.json()["user"]["id"], "name": "bob", "admin": False}}
+    bob = {"username": "bob", "isInstanceAdmin": False, "name": "bob", "admin": False}
+    body = resp.json()
+    assert body == {
+        "success": True,
+        "sessionId": body["sessionId"],
+        "user": {**bob, "id": body["user"]["id"]},
+    }
+    # The login session's id, not its cookie (which stays HttpOnly).
+    assert re.fullmatch(r"[0-9a-f]{32}", body["sessionId"])
+    assert body["sessionId"] not in resp.headers["set-cookie"]
     cookie = resp.headers["set-cookie"]
     assert cookie.startswith("prismd_session=")
     attrs = {a.strip().split("=")[0].lower() for a in cookie.split(";")}
@@ -340,8 +368,10 @@ def test_login_cookie_me_logout(users_server):
     with httpx.Client(base_url=srv.url, cookies={"prismd_session": value}) as c:
         assert c.get("/api/auth/me").json()["user"]["name"] == "bob"
         assert c.get("/api/auth/status").json()["user"]["name"] == "bob"
+        assert c.get("/api/auth/check").json()["user"]["username"] == "bob"
         out = c.post("/api/auth/logout")
-        assert out.status_code == 204 and 'prismd_session=""' in out.headers["set-cookie"]
+        assert out.status_code == 200 and out.json() == {"success": True}
+        assert 'prismd_session=""' in out.headers["set-cookie"]
     with httpx.Client(base_url=srv.url, cookies={"prismd_session": value}) as c:
         assert c.get("/api/auth/me").status_code == 401  # the login session is gone
     bad = httpx.post(f"{srv.url}/api/auth/login", json={"username": "bob", "password": "nope"})
@@ -349,7 +379,8 @@ def test_login_cookie_me_logout(users_server):
 
 
 def test_cookie_is_secure_under_https(users_server):
-    # As behind a TLS-terminating proxy on loopback (uvicorn trusts its X-Forwarded-Proto).
+    # Behind a TLS-terminating proxy on loopback (`server.trusted_proxies`: its
+    # X-Forwarded-Proto is believed; test_security_auth.py checks that nothing is by default).
     resp = httpx.post(
         f"{users_server.url}/api/auth/login",
         json={"username": "carol", "password": PASSWORDS["carol"]},
@@ -370,17 +401,50 @@ def test_terminal_chat_with_a_token(users_server):
 
 
 def test_login_sessions_survive_a_restart_and_expire(make_server, fake_openai):
-    ttl_s = 0.004 * 3600  # 14.4 s
-    srv = make_server(openai_env(fake_openai), "[auth]\nsession_ttl_hours = 0.004\n", start=False)
+    """A login outlives a restart and ends with its TTL: the later servers judge logins by a
+    clock that runs ahead (PRISMD_TEST_CLOCK_OFFSET_S), so the test waits out no TTL."""
+    ttl_s = 3600
+    srv = make_server(openai_env(fake_openai), "[auth]\nsession_ttl_hours = 1\n", start=False)
     add_user(srv.home, "alice")
     srv.start()
+
+    def stored_logins() -> list[str]:
+        db = sqlite3.connect(f"file:{srv.data_dir / 'prismd.db'}?mode=ro", uri=True)
+        try:
+            return [row[0] for row in db.execute("SELECT token_hash FROM login_sessions")]
+        finally:
+            db.close()
+
     with login(srv.url, "alice") as c:
-        logged_in = time.monotonic()
+        key = token_hash(c.cookies["prismd_session"])
+        assert stored_logins() == [key]
+        # Restarted half-way through the login's life: it still works.
+        srv.env["PRISMD_TEST_CLOCK_OFFSET_S"] = str(ttl_s / 2)
         srv.restart()
         assert c.get("/api/auth/me").json()["user"]["name"] == "alice"
-        assert time.monotonic() - logged_in < ttl_s - 1
-        time.sleep(max(0.0, logged_in + ttl_s + 0.5 - time.monotonic()))
+        # Restarted past its end: refused, and deleted.
+        srv.env["PRISMD_TEST_CLOCK_OFFSET_S"] = str(ttl_s + 1)
+        srv.restart()
+        assert "judged 3601 s ahead" in srv.log.read_text()  # the server says so
         assert c.get("/api/auth/me").status_code == 401
+        deadline = time.monotonic() + 10
+        while key in stored_logins():
+            assert time.monotonic() < deadline, "the expired login was not deleted"
+            time.sleep(0.05)
+    # A login made by the clock that runs ahead is judged by it too: it works.
+    with login(srv.url, "alice") as c:
+        assert c.get("/api/auth/me").json()["user"]["name"] == "alice"
+
+
+def test_the_test_clock_only_runs_ahead(tmp_path):
+    for bad in ("-1", "nan", "inf", "soon"):
+        env = {"PRISMD_HOME": str(tmp_path), "PRISMD_TEST_CLOCK_OFFSET_S": bad}
+        with pytest.raises(ConfigError, match="PRISMD_TEST_CLOCK_OFFSET_S"):
+            load_settings(env=env)
+    env = {"PRISMD_HOME": str(tmp_path)}
+    assert load_settings(env=env).test_clock_offset_s == 0
+    env["PRISMD_TEST_CLOCK_OFFSET_S"] = "90.5"
+    assert load_settings(env=env).test_clock_offset_s == 90.5
 
 
 def test_failed_logins_are_rate_limited(make_server, fake_openai):
@@ -432,7 +496,8 @@ def test_everything_needs_credentials(users_server):
         assert resp.status_code == 401, path
         assert resp.json()["code"] == "unauthorized"
         assert resp.headers["www-authenticate"].startswith("Bearer")
-    assert srv.get("/api/health").json() == {"status": "ok"}
+    health = srv.get("/api/health").json()
+    assert set(health) == {"status", "ts"} and health["status"] == "ok"
     assert upgrade_status(srv.ws_url) == 401
     assert upgrade_status(f"{srv.ws_url}?token=wrong") == 401
     with bearer(srv.url, srv.tokens["bob"]) as c:
@@ -497,7 +562,7 @@ def test_sessions_belong_to_their_user(users_server):
         frames = bob.turn(message="bob's secret")
         sid = frames[0]["sessionId"]
     with bearer(srv.url, carol_t) as carol:
-        listed = carol.get("/api/sessions?status=all&limit=500").json()["sessions"]
+        listed = carol.get("/api/sessions?status=all&limit=500").json()
         assert sid not in [s["id"] for s in listed]
         assert carol.get(f"/api/sessions/{sid}").status_code == 404
     with ws_client(f"{srv.ws_url}?token={carol_t}") as carol_ws:
@@ -507,14 +572,14 @@ def test_sessions_belong_to_their_user(users_server):
         carol_ws.send(type="chat", sessionId=sid, message="let me in")
         err = carol_ws.recv()
         assert err["type"] == "error" and err["code"] == "session_not_found"
-        assert carol_ws.no_frame()
+        assert carol_ws.nothing_pending()
     with bearer(srv.url, bob_t) as bob_http:
         body = bob_http.get(f"/api/sessions/{sid}/messages").json()
-        assert [m["content"] for m in body["messages"]][0] == "bob's secret"
-        assert len(body["messages"]) == 2  # carol's chat did not reach it
-        assert bob_http.get(f"/api/sessions/{sid}").json()["ownerId"] != "local"
+        assert [m["content"] for m in body][0] == "bob's secret"
+        assert len(body) == 2  # carol's chat did not reach it
+        assert bob_http.get(f"/api/sessions/{sid}").json()["owner_id"] != "local"
     with login(srv.url, "alice") as admin:  # admins see and resume everyone's
-        listed = admin.get("/api/sessions?limit=500").json()["sessions"]
+        listed = admin.get("/api/sessions?limit=500").json()
         assert sid in [s["id"] for s in listed]
         assert admin.post(f"/api/sessions/{sid}/resume").status_code == 200
         cookie = f"prismd_session={admin.cookies['prismd_session']}"
@@ -527,9 +592,12 @@ def test_only_admins_read_the_config(users_server):
     srv = users_server
     with bearer(srv.url, srv.tokens["bob"]) as bob:
         r = bob.get("/api/config")
-        assert r.status_code == 403 and "config" not in r.json()
+        assert r.status_code == 403 and set(r.json()) == {"error", "code"}
+        # Nor try provider credentials through the server.
+        trial = bob.post("/api/providers/openai/models", json={"apiKey": "k", "baseUrl": "x"})
+        assert trial.status_code == 403
     with login(srv.url, "alice") as admin:
-        assert admin.get("/api/config").json()["config"]["auth"]["allowed_origins"]
+        assert admin.get("/api/config").json()["settings"]["auth"]["allowed_origins"]
 
 
 def test_a_deleted_sessions_id_reused_by_another_user_reaches_only_them(users_server):
@@ -541,14 +609,14 @@ def test_a_deleted_sessions_id_reused_by_another_user_reaches_only_them(users_se
     with ws_client(f"{srv.ws_url}?token={bob_t}") as bob:
         assert bob.turn(message="bob first", sessionId=sid)[-1]["type"] == "context_usage"
         with bearer(srv.url, bob_t) as bob_http:
-            assert bob_http.delete(f"/api/sessions/{sid}").status_code == 204
+            assert bob_http.delete(f"/api/sessions/{sid}").json() == {"ok": True}
         ended = bob.recv()
         assert ended == {"type": "session_ended", "sessionId": sid, "reason": "deleted"}
         with ws_client(f"{srv.ws_url}?token={carol_t}") as carol:
             frames = carol.turn(message="carol's secret", sessionId=sid)
             assert frames[-1]["type"] == "context_usage"
             assert frames[0]["sessionId"] == sid
-        assert bob.no_frame(0.5), "bob's socket received carol's session"
+        assert bob.nothing_pending(), "bob's socket received carol's session"
         # Bob's voice_state no longer reaches anyone: he is bound to nothing.
         bob.send(type="voice_state", speaking=True)
         assert bob.recv()["code"] == "session_not_found"
@@ -608,9 +676,16 @@ def test_sweep_every_route_without_and_with_another_users_credentials(users_serv
         frames = c.turn(message="sweep victim text")
     sid = frames[0]["sessionId"]
     with bearer(srv.url, victim) as bob:
-        messages = bob.get(f"/api/sessions/{sid}/messages").json()["messages"]
+        messages = bob.get(f"/api/sessions/{sid}/messages").json()
         upload = bob.post("/api/upload", files={"file": ("v.txt", b"victim file", "text/plain")})
         bob.post("/api/agents", json={"id": "victim-agent", "name": "Victim"})
+        bob_id = bob.get("/api/auth/me").json()["user"]["id"]
+        token_id = bob.get("/api/account/tokens").json()[0]["id"]
+    bob_login = httpx.Client(base_url=srv.url, timeout=10)
+    logged = bob_login.post(
+        "/api/auth/login", json={"username": "bob", "password": PASSWORDS["bob"]}
+    )
+    login_id = logged.json()["sessionId"]
     ids = {
         "session_id": sid,
         "message_id": messages[0]["id"],
@@ -618,10 +693,28 @@ def test_sweep_every_route_without_and_with_another_users_credentials(users_serv
         "upload_id": upload.json()["id"],
         "file_id": upload.json()["id"],
         "kind": "openai",
+        "user_id": bob_id,
+        "token_id": token_id,
+        "login_id": login_id,
     }
-    secrets = [sid, messages[0]["id"], "victim-agent", upload.json()["id"], "sweep victim text"]
+    secrets = [
+        sid,
+        messages[0]["id"],
+        "victim-agent",
+        upload.json()["id"],
+        "sweep victim text",
+        bob_id,
+        token_id,
+        login_id,
+    ]
     schema = srv.get("/openapi.json").json()
-    open_paths = {"/api/auth/login", "/api/auth/logout", "/api/auth/status", "/api/health"}
+    open_paths = {
+        "/api/auth/login",
+        "/api/auth/logout",
+        "/api/auth/status",
+        "/api/auth/check",
+        "/api/health",
+    }
     checked = 0
     anon = httpx.Client(base_url=srv.url, timeout=10)
     other = bearer(srv.url, attacker)
@@ -647,9 +740,15 @@ def test_sweep_every_route_without_and_with_another_users_credentials(users_serv
     assert checked >= 30
     # And nothing of the victim's was changed or removed by the attempts.
     with bearer(srv.url, victim) as bob:
-        after = bob.get(f"/api/sessions/{sid}/messages").json()["messages"]
+        after = bob.get(f"/api/sessions/{sid}/messages").json()
         assert [m["id"] for m in after] == [m["id"] for m in messages]
         assert bob.get(f"/api/sessions/{sid}").json()["name"] == ""
         assert bob.get("/api/agents/victim-agent").status_code == 200
+        assert bob.get(f"/api/uploads/{upload.json()['id']}").content == b"victim file"
+    # Bob's login session, token and password were left alone (his token just worked).
+    assert bob_login.get("/api/auth/me").json()["user"]["name"] == "bob"
+    bob_login.close()
+    with login(srv.url, "bob"):
+        pass
     with login(srv.url, "alice") as admin:  # PATCH /api/config was refused to carol
-        assert admin.get("/api/config").json()["config"]["default_agent"] == "assistant"
+        assert admin.get("/api/config").json()["defaultAgent"] == "assistant"

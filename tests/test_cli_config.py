@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import json
 import os
+import sqlite3
 import subprocess
 import sys
 from pathlib import Path
@@ -12,7 +14,7 @@ import pytest
 from prismd.config import ConfigError, load_settings
 from prismd.testing.fake_models import Reply
 
-from .conftest import ROOT
+from .conftest import ROOT, stored_rows
 
 
 def prismd(*args: str, home: Path, env: dict[str, str] | None = None, input: str | None = None):
@@ -80,6 +82,13 @@ def test_agents_list(tmp_path):
     out = prismd("agents", "list", home=tmp_path)
     assert out.returncode == 0
     assert "* assistant" in out.stdout and "coder" in out.stdout and "Writes code" in out.stdout
+    # --json: GET /api/agents's objects (CortexPrism's AgentConfig), sorted by name.
+    listed = json.loads(prismd("agents", "list", "--json", home=tmp_path).stdout)
+    assert [(a["id"], a["default"], a["builtin"]) for a in listed] == [
+        ("assistant", True, True),
+        ("coder", False, True),
+    ]
+    assert listed[1]["description"] == "Writes code" and listed[1]["systemPrompt"]
 
 
 def test_chat_one_shot_and_sessions_commands(server, fake_openai):
@@ -95,6 +104,14 @@ def test_chat_one_shot_and_sessions_commands(server, fake_openai):
     assert listing.returncode == 0 and sid in listing.stdout
     shown = prismd("sessions", "show", sid, home=home)
     assert "hello from cli" in shown.stdout and "streamed to the terminal" in shown.stdout
+    # --json: the same rows as the REST API.
+    rows = json.loads(prismd("sessions", "list", "--json", home=home).stdout)
+    (row,) = [r for r in rows if r["id"] == sid]
+    rest = {r["id"]: r for r in server.get("/api/sessions?limit=500").json()}
+    assert row == rest[sid]
+    shown = json.loads(prismd("sessions", "show", sid, "--json", home=home).stdout)
+    assert shown["session"]["agent_id"] == "assistant" and shown["session"]["turn_count"] == 1
+    assert shown["messages"] == server.get(f"/api/sessions/{sid}/messages").json()
 
     again = prismd("chat", "--url", server.ws_url, "--session", sid, "-q", "-m", "more", home=home)
     assert again.returncode == 0 and again.stderr == ""
@@ -124,7 +141,7 @@ def test_sessions_delete(server):
         sid = c.turn(message="to delete")[0]["sessionId"]
     out = prismd("sessions", "delete", sid, home=server.home)
     assert out.returncode == 0
-    assert not (server.data_dir / "sessions" / f"{sid}.db").exists()
+    assert stored_rows(server, "session_messages", sid) == []
 
 
 def test_serve_refuses_a_bad_config_without_traceback(tmp_path):
@@ -136,7 +153,6 @@ def test_serve_refuses_a_bad_config_without_traceback(tmp_path):
 
 def test_chat_ctrl_c_stops_the_answer(server, fake_openai):
     import signal
-    import time
 
     fake_openai.script(Reply(text=[f"word{i} " for i in range(200)], delay_s=0.05))
     env = {k: v for k, v in os.environ.items() if not k.startswith(("OPENAI_", "PRISMD_"))}
@@ -152,10 +168,25 @@ def test_chat_ctrl_c_stops_the_answer(server, fake_openai):
     assert proc.stdout is not None
     first = proc.stdout.read(6)  # the answer has started streaming
     assert first.startswith("word0")
-    time.sleep(0.3)
     proc.send_signal(signal.SIGINT)
     out, err = proc.communicate(timeout=20)
     assert proc.returncode == 0, err
     assert "stopped" in err
     assert fake_openai.wait_aborted(1)
     assert len((first + out).split()) < 200
+
+
+def test_sessions_export_writes_a_standalone_database(server, fake_openai, tmp_path):
+    fake_openai.script(Reply(text=["exported ", "answer"]), match="export me")
+    with server.client() as c:
+        frames = c.turn(message="export me")
+    sid = frames[0]["sessionId"]
+    out = tmp_path / "one.db"
+    result = prismd("sessions", "export", sid, "--out", str(out), home=server.home)
+    assert result.returncode == 0, result.stderr
+    db = sqlite3.connect(out)
+    rows = db.execute("SELECT role, content FROM session_messages ORDER BY rowid").fetchall()
+    assert rows == [("user", "export me"), ("assistant", "exported answer")]
+    seqs = [r[0] for r in db.execute("SELECT seq FROM session_events ORDER BY seq")]
+    assert seqs == [f["seq"] for f in frames if "seq" in f]
+    assert prismd("sessions", "export", "sess_nope", home=server.home).returncode == 1

@@ -6,6 +6,10 @@ Every turn must end (bounded), with `done` or a turn-ending `error` (`provider_e
 `provider_timeout`); a retry happens only while nothing has streamed; the streamed prefix is
 stored; and the session takes its next turn with the history intact. HTTP-level failures (429,
 5xx, invalid JSON) are scripted in the fake and covered by test_providers.py.
+
+Timings decide nothing here: the receive deadlines only bound the waits, and what must not
+happen (a retry, a late frame) is checked once the turn is over on the server (`turn_over`),
+when nothing more can come of it.
 """
 
 from __future__ import annotations
@@ -32,16 +36,18 @@ max_retries = {RETRIES}
 # The backoff before retries 1 and 2 (the SDK's, or the turn runner's for a stream that broke
 # after its headers) is at most 0.5 s + 1.0 s.
 BACKOFF_S = 1.5
-MARGIN_S = 2.0
+# Receive deadlines: they only bound a wait (a turn that never ends fails), far past its end.
+WAIT_S = 30
 
 # Event 1 of an OpenAI stream is the role chunk, event 2 the first token ("kept ").
 FIRST_TOKEN = 2
 
 
 def long_reply() -> Reply:
-    """Still streaming when a fault strikes after the first token (an upstream close shows);
-    answers one request only, so the next turn gets the fake's echo."""
-    return Reply(text=["kept ", "text ", *["more "] * 12], delay_s=0.2, times=1)
+    """Still streaming when a fault strikes after the first token (an upstream close shows: the
+    fake counts an abort only while it has pieces left to send, 12 s of them); answers one
+    request only, so the next turn gets the fake's echo."""
+    return Reply(text=["kept ", "text ", *["more "] * 60], delay_s=0.2, times=1)
 
 
 @pytest.fixture(scope="module")
@@ -87,6 +93,12 @@ def wait_for(cond: Callable[[], bool], timeout: float = 5.0) -> bool:
     return True
 
 
+def turn_over(srv: PrismdServer) -> None:
+    """Wait until no turn runs on the server. A turn retries and publishes only while it runs
+    (its task ends the turn last), so what has not happened by then never will."""
+    assert wait_for(lambda: srv.get("/api/health").json()["runningTurns"] == 0, timeout=WAIT_S)
+
+
 def assert_turn_error(frames: list[dict[str, Any]], code: str) -> dict[str, Any]:
     """The turn ended with a coded error that carries the turn's id and the next seq."""
     err = frames[-1]
@@ -104,7 +116,7 @@ def assert_turn_error(frames: list[dict[str, Any]], code: str) -> dict[str, Any]
 def stored(srv: PrismdServer, sid: str) -> list[dict[str, Any]]:
     resp = srv.get(f"/api/sessions/{sid}/messages")
     assert resp.status_code == 200
-    return resp.json()["messages"]
+    return resp.json()
 
 
 def history(request: dict[str, Any]) -> list[tuple[str, Any]]:
@@ -158,17 +170,16 @@ def test_fault_before_the_first_token_is_retried_once_and_succeeds(
     fake_openai.script(Reply(text=["all ", "good"]))
     proxy.set_fault(fault, times=1)
     with srv.client() as c:
-        started = time.monotonic()
-        frames = c.turn(message="hi", timeout=TIMEOUT_S + BACKOFF_S + 10)
-        elapsed = time.monotonic() - started
+        # A stall is ended by the 1 s idle timeout: were it not, the turn would not end.
+        frames = c.turn(message="hi", timeout=WAIT_S)
         sid = frames[0]["sessionId"]
         done = of_type(frames, "done")
         assert done, frames[-1]
         assert done[0]["stopReason"] == "end" and done[0]["finalContent"] == "all good"
         assert text_of(frames) == "all good"  # streamed once, nothing duplicated
+        turn_over(srv)
         counts = (len(fake_openai.requests), proxy.faulted, proxy.connections)
-        assert counts == (requests, 1, 2), f"{counts=} {elapsed=:.2f}"
-        assert elapsed < TIMEOUT_S + BACKOFF_S + MARGIN_S, f"{elapsed=:.2f}"
+        assert counts == (requests, 1, 2), counts  # one retry, on a new connection
         msgs = stored(srv, sid)
         assert [(m["role"], m["status"], m["content"]) for m in msgs] == [
             ("user", "complete", "hi"),
@@ -205,17 +216,14 @@ def test_persistent_fault_before_the_first_token_exhausts_the_retries(
 ):
     proxy.set_fault(fault)  # every connection, until cleared
     with srv.client() as c:
-        started = time.monotonic()
-        bound = (RETRIES + 1) * TIMEOUT_S + BACKOFF_S + MARGIN_S
-        frames = c.turn(message="hi", timeout=bound + 5)
-        elapsed = time.monotonic() - started
-        assert elapsed < bound
+        frames = c.turn(message="hi", timeout=WAIT_S)
         err = assert_turn_error(frames, code)
         assert says in err["error"]
         assert text_of(frames) == ""
+        turn_over(srv)
         assert proxy.faulted == RETRIES + 1  # the first try and two retries, no more
         assert len(fake_openai.requests) == requests
-        assert c.no_frame(0.3)  # nothing after the turn-ending error
+        assert c.nothing_pending()  # nothing after the turn-ending error
         sid = frames[0]["sessionId"]
         msgs = stored(srv, sid)
         assert [(m["role"], m["status"], m["content"]) for m in msgs] == [
@@ -229,28 +237,25 @@ def test_persistent_fault_before_the_first_token_exhausts_the_retries(
 
 def stop_while_waiting_to_retry(
     srv: PrismdServer, proxy: FaultProxy, c: Client
-) -> tuple[list[dict[str, Any]], float]:
+) -> list[dict[str, Any]]:
     """Start a turn whose first try breaks after the headers, and `stop` it while the runner
-    waits to retry; the frames up to `done`, and the seconds from the stop to `done`."""
+    waits to retry; the frames up to `done`."""
     proxy.set_fault(Fault.reset_after_events(AFTER_HEADERS))
     c.send(type="chat", message="hi")
-    c.until("start", timeout=5)
+    c.until("start", timeout=WAIT_S)
     # Try 1 broke and its connection is gone: the runner now waits 0.5 s to retry.
-    assert wait_for(lambda: proxy.faulted == 1 and proxy.active == 0, timeout=5)
+    assert wait_for(lambda: proxy.faulted == 1 and proxy.active == 0, timeout=WAIT_S)
     c.send(type="stop")
-    stopped_at = time.monotonic()
-    frames = c.until("done", "error", timeout=5)
-    return frames, time.monotonic() - stopped_at
+    return c.until("done", "error", timeout=WAIT_S)
 
 
-def test_stop_while_waiting_to_retry_ends_promptly_and_sends_nothing_more(srv, proxy, fake_openai):
+def test_stop_while_waiting_to_retry_ends_the_turn_and_sends_nothing_more(srv, proxy, fake_openai):
     with srv.client() as c:
-        frames, took = stop_while_waiting_to_retry(srv, proxy, c)
-        assert took < 1.0  # (no retry either: see below)
+        frames = stop_while_waiting_to_retry(srv, proxy, c)
         done = frames[-1]
         assert done["type"] == "done" and done["stopReason"] == "stopped", done
         assert done["finalContent"] == ""
-        time.sleep(BACKOFF_S)
+        turn_over(srv)
         assert proxy.faulted == 1 and len(fake_openai.requests) == 1  # no retry after stop
         msgs = stored(srv, done["sessionId"])
         assert (msgs[-1]["role"], msgs[-1]["status"]) == ("assistant", "stopped")
@@ -259,7 +264,7 @@ def test_stop_while_waiting_to_retry_ends_promptly_and_sends_nothing_more(srv, p
 def test_stop_while_waiting_to_retry_still_reports_context_usage(srv, proxy, fake_openai):
     with srv.client() as c:
         stop_while_waiting_to_retry(srv, proxy, c)
-        assert c.recv(timeout=2)["type"] == "context_usage"
+        assert c.recv()["type"] == "context_usage"
 
 
 # ---------------------------------------- faults after the first token: kept, never retried
@@ -297,19 +302,19 @@ def test_fault_after_the_first_token_keeps_the_partial_and_is_not_retried(
     proxy.set_fault(fault, times=1)
     with srv.client() as c:
         c.send(type="chat", message="hi")
-        frames = c.until("chunk", timeout=10)
-        first_token = time.monotonic()
-        frames += c.until_turn_end(timeout=TIMEOUT_S + 10)
-        elapsed = time.monotonic() - first_token
+        frames = c.until("chunk", timeout=WAIT_S)
+        frames += c.until_turn_end(timeout=WAIT_S)
         assert text_of(frames) == "kept "
         assert_turn_error(frames, code)
-        # A stall ends within the idle timeout; the other faults at once.
-        assert elapsed < (TIMEOUT_S if code == "provider_timeout" else 0) + MARGIN_S
+        # The turn gave up before the model's answer was over: the upstream request was closed
+        # while the fake still had pieces to send, not left running (a stall: by the idle
+        # timeout; the other faults: at once, or the code would be provider_timeout).
+        assert fake_openai.wait_aborted(1)
+        turn_over(srv)
         assert len(fake_openai.requests) == 1  # not retried: the user already saw text
         assert proxy.connections == 1
-        assert fake_openai.wait_aborted(1)  # the upstream request was closed, not left running
         assert wait_for(lambda: proxy.active == 0)  # prismd closed the broken connection
-        assert c.no_frame(0.3)
+        assert c.nothing_pending()
         sid = frames[0]["sessionId"]
         msgs = stored(srv, sid)
         assert [(m["role"], m["status"], m["content"]) for m in msgs] == [
@@ -332,8 +337,7 @@ def test_reset_after_the_first_token_is_not_retried_even_with_retries_left(srv, 
     assert_turn_error(frames, "provider_error")
     assert [f["delta"] for f in of_type(frames, "chunk")] == ["once "]
     assert len(of_type(frames, "start")) == 1
-    assert len(fake_openai.requests) == 1
-    time.sleep(BACKOFF_S)  # a late retry would show up by now
+    turn_over(srv)  # a late retry would have been made by now
     assert len(fake_openai.requests) == 1 and proxy.connections == 1
 
 
@@ -368,7 +372,7 @@ def test_a_client_gone_during_a_stall_gets_the_error_on_resume(srv, proxy, fake_
     seen = c.until("chunk", timeout=10)
     sid, last = seen[-1]["sessionId"], seen[-1]["seq"]
     c.close()  # the turn goes on without any client, and times out
-    assert wait_for(lambda: stored(srv, sid)[-1]["status"] == "error", timeout=TIMEOUT_S + MARGIN_S)
+    assert wait_for(lambda: stored(srv, sid)[-1]["status"] == "error", timeout=WAIT_S)
     with srv.client() as r:
         r.send(type="resume", sessionId=sid, lastSeq=last)
         bound = r.recv()
@@ -376,7 +380,7 @@ def test_a_client_gone_during_a_stall_gets_the_error_on_resume(srv, proxy, fake_
         err = r.recv()
         assert (err["type"], err["code"], err["seq"]) == ("error", "provider_timeout", last + 1)
         assert err["turnId"] == seen[-1]["turnId"]
-        assert r.no_frame(0.3)
+        assert r.nothing_pending()
     assert stored(srv, sid)[-1]["content"] == "kept "
 
 
@@ -397,17 +401,15 @@ def test_a_fault_on_one_stream_leaves_a_concurrent_stream_alone(srv, proxy, fake
     assert proxy.faulted == 1 and len(fake_openai.requests) == 2
 
 
-def test_stop_during_a_stall_mid_event_ends_promptly_with_the_partial(srv, proxy, fake_openai):
+def test_stop_during_a_stall_mid_event_ends_the_turn_with_the_partial(srv, proxy, fake_openai):
     fake_openai.script(long_reply())
     proxy.set_fault(Fault.stall_after_events(FIRST_TOKEN, n=25), times=1)
     with srv.client() as c:
         c.send(type="chat", message="hi")
         frames = c.until("chunk", timeout=10)
         c.send(type="stop")
-        stopped_at = time.monotonic()
-        frames += c.until("context_usage", "error", timeout=10)
-        assert time.monotonic() - stopped_at < TIMEOUT_S  # the stop, not the timeout
-        done = of_type(frames, "done")
+        frames += c.until("context_usage", "error", timeout=WAIT_S)
+        done = of_type(frames, "done")  # the stop ended it: the idle timeout ends in an error
         assert done, frames[-1]
         assert done[0]["stopReason"] == "stopped" and done[0]["finalContent"] == "kept "
         assert fake_openai.wait_aborted(1)
@@ -464,7 +466,7 @@ def test_failure_in_a_later_round_keeps_the_tool_round_and_a_valid_history(srv, 
             ("tool", "complete"),
             ("assistant", "error"),
         ]
-        assert json.loads(msgs[1]["toolCalls"])[0]["name"] == "current_time"
+        assert json.loads(msgs[1]["tool_calls"])[0]["name"] == "current_time"
         assert msgs[3]["content"] == "Half "
         frames = c.turn(message="and now?", sessionId=sid)
     assert of_type(frames, "done")[0]["stopReason"] == "end"

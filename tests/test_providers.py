@@ -72,7 +72,7 @@ def test_stream_cut_mid_answer_keeps_the_partial_text(flaky_server, fake_openai)
         sid = frames[0]["sessionId"]
     assert text_of(frames) == "kept text "
     assert frames[-1]["code"] == "provider_error"
-    msgs = flaky_server.get(f"/api/sessions/{sid}/messages").json()["messages"]
+    msgs = flaky_server.get(f"/api/sessions/{sid}/messages").json()
     assert msgs[-1]["status"] == "error" and msgs[-1]["content"] == "kept text "
 
 
@@ -166,7 +166,7 @@ temperature = 0.3
     assert req["model"] == "gpt-4o" and req["temperature"] == 0.3
     assert req["messages"][0] == {"role": "system", "content": "Answer in verse."}
     agents = srv.get("/api/agents").json()
-    assert {a["id"] for a in agents["agents"]} == {"assistant", "poet"}
+    assert {a["id"] for a in agents} == {"assistant", "poet"}
 
 
 def test_ollama_is_detected_when_nothing_else_is_configured(make_server, fake_openai):
@@ -212,3 +212,33 @@ def test_stream_broken_after_text_is_not_retried(flaky_server, fake_openai):
     assert text_of(frames) == "seen "
     assert frames[-1]["code"] == "provider_error" and "broke" in frames[-1]["error"]
     assert len(fake_openai.requests) == 1
+
+
+def test_anthropic_thinking_stays_on_across_tool_rounds(make_server, fake_anthropic):
+    """The signed thinking block of the round that asked for a tool goes back, unchanged, with
+    the tool's result, so extended thinking stays on for the whole tool loop (and later turns)."""
+    srv = make_server(
+        {
+            "ANTHROPIC_BASE_URL": fake_anthropic.url,
+            "ANTHROPIC_API_KEY": "test",
+            "PRISMD_MODEL": "claude-sonnet-4-5",
+        }
+    )
+    call = {"id": "toolu_1", "name": "current_time", "arguments": '{"timezone": "UTC"}'}
+    fake_anthropic.script(Reply(reasoning=["need ", "the time"], tool_calls=[call], times=1))
+    fake_anthropic.script(Reply(reasoning=["now answer"], text=["It is late."], times=1))
+    fake_anthropic.script(Reply(reasoning=["again"], text=["Still late."], times=1))
+    with srv.client() as c:
+        frames = c.turn(message="what time is it?", reasoningEffort="low")
+        later = c.turn(message="and now?", reasoningEffort="low")
+    assert of_type(frames, "done")[0]["finalContent"] == "It is late."
+    assert of_type(later, "done")[0]["finalContent"] == "Still late."
+    first, second, third = fake_anthropic.requests
+    assert all(r["thinking"]["type"] == "enabled" for r in (first, second, third))
+    asked = second["messages"][1]
+    assert asked["role"] == "assistant"
+    thinking, tool_use = asked["content"][0], asked["content"][-1]
+    assert thinking["type"] == "thinking" and thinking["thinking"] == "need the time"
+    assert thinking["signature"].startswith("fake-signature-")
+    assert tool_use["type"] == "tool_use" and tool_use["id"] == "toolu_1"
+    assert second["messages"][2]["content"][0]["type"] == "tool_result"

@@ -5,14 +5,18 @@ from __future__ import annotations
 
 import re
 import threading
-import time
 import tomllib
+from concurrent.futures import ThreadPoolExecutor
 
 import httpx
+import pytest
 
 from prismd.testing.fake_models import Reply
 
-from .conftest import of_type, openai_env
+from .conftest import free_port, of_type, openai_env, uploaded_bytes
+
+# Run in both configurations: one process on SQLite, and PostgreSQL + Redis (conftest.py).
+BACKENDS = ("embedded", "scaled")
 
 
 def _http(server) -> httpx.Client:
@@ -42,36 +46,52 @@ def test_rename_search_close_archive(server):
         sid = c.turn(message="to be renamed")[0]["sessionId"]
     with _http(server) as h:
         renamed = h.patch(f"/api/sessions/{sid}", json={"name": "Quarterly plan ✓"})
-        assert renamed.status_code == 200 and renamed.json()["name"] == "Quarterly plan ✓"
-        found = h.get("/api/sessions", params={"q": "quarterly"}).json()["sessions"]
+        assert renamed.status_code == 200 and renamed.json() == {"ok": True}
+        assert h.get(f"/api/sessions/{sid}").json()["name"] == "Quarterly plan ✓"
+        found = h.get("/api/sessions", params={"q": "quarterly"}).json()
         assert [s["id"] for s in found] == [sid]
-        assert h.get("/api/sessions", params={"q": "100%_"}).json()["sessions"] == []
-        assert h.post(f"/api/sessions/{sid}/close").json()["status"] == "closed"
-        assert sid in [s["id"] for s in h.get("/api/sessions?limit=500").json()["sessions"]]
-        archived = h.post(f"/api/sessions/{sid}/archive").json()
-        assert archived["status"] == "archived"
-        assert sid not in [s["id"] for s in h.get("/api/sessions?limit=500").json()["sessions"]]
-        only = h.get("/api/sessions?status=archived&limit=500").json()["sessions"]
+        assert [s["id"] for s in h.get("/api/sessions/search?q=QUARTERLY").json()] == [sid]
+        assert h.get("/api/sessions", params={"q": "100%_"}).json() == []
+        assert h.post(f"/api/sessions/{sid}/close").json() == {"ok": True}
+        assert h.get(f"/api/sessions/{sid}").json()["status"] == "closed"
+        visible = "/api/sessions?status=visible&limit=500"
+        assert sid in [s["id"] for s in h.get(visible).json()]
+        assert h.post(f"/api/sessions/{sid}/archive").json() == {"ok": True}
+        assert h.get(f"/api/sessions/{sid}").json()["status"] == "archived"
+        assert sid not in [s["id"] for s in h.get(visible).json()]
+        only = h.get("/api/sessions?status=archived&limit=500").json()
         assert sid in [s["id"] for s in only] and {s["status"] for s in only} == {"archived"}
-        assert sid in [
-            s["id"] for s in h.get("/api/sessions?status=all&limit=500").json()["sessions"]
-        ]
+        # CortexPrism's listing (no status given) holds every status, archived included.
+        assert sid in [s["id"] for s in h.get("/api/sessions?limit=500").json()]
+        assert sid in [s["id"] for s in h.get("/api/sessions?status=all&limit=500").json()]
         assert h.get("/api/sessions?status=bogus").status_code == 422
         assert h.patch(f"/api/sessions/{sid}", json={"name": 5}).json()["code"] == "invalid_message"
-        assert h.post(f"/api/sessions/{sid}/resume").json()["status"] == "active"
+        assert h.post(f"/api/sessions/{sid}/resume").json() == {"ok": True}
+        assert h.get(f"/api/sessions/{sid}").json()["status"] == "active"
         assert h.patch("/api/sessions/sess_nope", json={"name": "x"}).status_code == 404
 
 
 def test_stats(server):
     with server.client() as c:
-        sid = c.turn(message="one")[0]["sessionId"]
-        done = of_type(c.turn(message="two", sessionId=sid), "done")[0]
+        frames = c.turn(message="one")
+        sid = frames[0]["sessionId"]
+        done = [
+            of_type(frames, "done")[0],
+            of_type(c.turn(message="two", sessionId=sid), "done")[0],
+        ]
     stats = server.get(f"/api/sessions/{sid}/stats").json()
     one = server.get(f"/api/sessions/{sid}").json()
-    assert stats["turns"] == 2 and stats["messages"] == 4
-    assert stats["tokensIn"] == one["tokensIn"] and stats["tokensOut"] == one["tokensOut"]
-    assert stats["tokensOut"] >= done["tokensOut"] > 0
-    assert "costUsd" in stats
+    assert stats["sessionId"] == sid
+    assert stats["turns"] == 2 and stats["messages"] == 4 and stats["llm_calls"] == 2
+    assert stats["tool_calls"] == 0 and stats["errors"] == 0
+    assert stats["tokens_in"] == one["tokens_in"] == sum(d["tokensIn"] for d in done)
+    assert stats["tokens_out"] == one["tokens_out"] == sum(d["tokensOut"] for d in done) > 0
+    assert stats["total_tokens"] == stats["tokens_in"] + stats["tokens_out"]
+    assert stats["cost_usd"] > 0
+    assert stats["cost_usd"] == pytest.approx(sum(d["costUsd"] for d in done))
+    assert stats["cost_known"] is True
+    llm_ms = sum(d["latency"]["llmMs"] for d in done) / sum(d["rounds"] for d in done)
+    assert stats["avg_duration_ms"] == round(llm_ms)
 
 
 def test_retry_drops_the_last_exchange_and_the_model_no_longer_sees_it(server, fake_openai):
@@ -79,12 +99,17 @@ def test_retry_drops_the_last_exchange_and_the_model_no_longer_sees_it(server, f
         sid = c.turn(message="first question")[0]["sessionId"]
         c.turn(message="second question", sessionId=sid)
         with _http(server) as h:
+            before = h.get(f"/api/sessions/{sid}/messages").json()
             resp = h.post(f"/api/sessions/{sid}/retry")
             assert resp.status_code == 200
-            assert resp.json() == {"message": "second question", "files": []}
-            texts = [
-                m["content"] for m in h.get(f"/api/sessions/{sid}/messages").json()["messages"]
-            ]
+            assert resp.json() == {
+                "success": True,
+                "sessionId": sid,
+                "message": "second question",
+                "lastUserMessageId": before[2]["id"],
+                "files": [],
+            }
+            texts = [m["content"] for m in h.get(f"/api/sessions/{sid}/messages").json()]
             assert texts[0] == "first question" and len(texts) == 2
         # The live session (still bound) sends the model the history without the dropped turn.
         c.turn(message="edited second question", sessionId=sid, clientMessageId="cm-2")
@@ -113,9 +138,9 @@ def test_retry_returns_files_as_uploads_and_refuses_during_a_turn(server, fake_o
         with _http(server) as h:
             busy = h.post(f"/api/sessions/{sid}/retry")
             assert busy.status_code == 409 and busy.json()["code"] == "turn_in_progress"
-            messages = h.get(f"/api/sessions/{sid}/messages").json()["messages"]
+            messages = h.get(f"/api/sessions/{sid}/messages").json()
             deleted = h.delete(f"/api/sessions/{sid}/messages/{messages[0]['id']}")
-            assert deleted.status_code == 409
+            assert deleted.status_code == 409 and deleted.json()["code"] == "turn_in_progress"
         c.until_turn_end()
     with _http(server) as h:
         h.post(f"/api/sessions/{sid}/retry")  # drops "answer slowly"
@@ -123,7 +148,8 @@ def test_retry_returns_files_as_uploads_and_refuses_during_a_turn(server, fake_o
         assert again["message"] == "read this"
         (f,) = again["files"]
         assert f["filename"] == "n.txt" and f["mimeType"] == "text/plain" and f["size"] == 25
-        assert h.post(f"/api/sessions/{sid}/retry").status_code == 409  # nothing left
+        empty = h.post(f"/api/sessions/{sid}/retry")  # nothing left
+        assert empty.status_code == 400 and empty.json()["code"] == "invalid_message"
     with server.client() as c:  # resend the file by its id
         c.turn(message="read this again", sessionId=sid, files=[{"fileId": f["id"]}])
     sent = str(fake_openai.requests[-1]["messages"])
@@ -135,11 +161,14 @@ def test_delete_one_message(server, fake_openai):
         sid = c.turn(message="forget me")[0]["sessionId"]
         c.turn(message="keep me", sessionId=sid)
         with _http(server) as h:
-            messages = h.get(f"/api/sessions/{sid}/messages").json()["messages"]
-            assert h.delete(f"/api/sessions/{sid}/messages/{messages[0]['id']}").status_code == 204
-            missing = h.delete(f"/api/sessions/{sid}/messages/{messages[0]['id']}")
+            messages = h.get(f"/api/sessions/{sid}/messages").json()
+            first = messages[0]["id"]
+            deleted = h.delete(f"/api/sessions/{sid}/messages/{first}")
+            assert deleted.status_code == 200
+            assert deleted.json() == {"success": True, "messageId": first}
+            missing = h.delete(f"/api/sessions/{sid}/messages/{first}")
             assert missing.status_code == 404
-            left = h.get(f"/api/sessions/{sid}/messages").json()["messages"]
+            left = h.get(f"/api/sessions/{sid}/messages").json()
             assert [m["id"] for m in left] == [m["id"] for m in messages[1:]]
         c.turn(message="and now", sessionId=sid)
     assert _user_texts(fake_openai.requests[-1]) == ["keep me", "and now"]
@@ -159,10 +188,18 @@ def test_agents_create_use_select_update_delete(server, fake_openai):
         assert created.status_code == 201, created.text
         agent = created.json()
         assert agent["id"] == "pirate" and agent["builtin"] is False and agent["tools"] == []
+        assert agent["ownerId"] == "local" and agent["default"] is False
         assert h.post("/api/agents", json=body).status_code == 409
         bad = h.post("/api/agents", json={**body, "id": "bad id"})
         assert bad.status_code == 422 and bad.json()["details"]["field"] == "id"
-        assert "pirate" in [a["id"] for a in h.get("/api/agents").json()["agents"]]
+        unknown = h.post("/api/agents", json={"name": "Iconic", "icon": "🦜"})
+        assert unknown.status_code == 422 and unknown.json()["details"]["field"] == "icon"
+        # Without an id, one is made from the name, as CortexPrism does.
+        named = h.post("/api/agents", json={"name": "Sea Dog 2"})
+        assert named.status_code == 201 and named.json()["id"] == "sea-dog-2"
+        listed = h.get("/api/agents").json()
+        assert [a["name"] for a in listed] == ["Assistant", "Pirate", "Sea Dog 2"]
+        assert h.delete("/api/agents/sea-dog-2").json() == {"ok": True}
         assert h.get("/api/agents/pirate").json()["systemPrompt"] == "Speak like a pirate."
         assert h.get("/api/agents/nobody").json()["code"] == "agent_not_found"
     with server.client() as c:
@@ -174,23 +211,29 @@ def test_agents_create_use_select_update_delete(server, fake_openai):
     assert request["messages"][0]["content"].startswith("Speak like a pirate.")
     assert request["temperature"] == 0.3
     with _http(server) as h:
-        assert h.get("/api/agents/current").json()["agent"]["id"] == "assistant"
-        assert h.post("/api/agents/pirate/select").json()["agent"]["id"] == "pirate"
-        assert h.get("/api/agents/current").json()["agent"]["id"] == "pirate"
-        assert h.get("/api/agents").json()["default"] == "pirate"
+        current = h.get("/api/agents/current").json()
+        assert current["id"] == "assistant" and current["isDefault"] is True
+        assert current["provider"] == "openai" and current["model"] == "gpt-4o-mini"
+        assert h.post("/api/agents/pirate/select").json() == {"ok": True}
+        current = h.get("/api/agents/current").json()
+        assert current["id"] == "pirate" and current["isDefault"] is False
+        assert [a["id"] for a in h.get("/api/agents").json() if a["default"]] == ["pirate"]
     with server.client() as c:  # a chat without agentId runs as the selected default
         assert c.turn(message="who are you")[0]["agentId"] == "pirate"
     with _http(server) as h:
-        patched = h.patch("/api/agents/pirate", json={"name": "Captain", "temperature": 1.1})
+        patched = h.put("/api/agents/pirate", json={"name": "Captain", "temperature": 1.1})
         assert patched.json()["name"] == "Captain" and patched.json()["temperature"] == 1.1
         assert patched.json()["systemPrompt"] == "Speak like a pirate."
-        assert h.patch("/api/agents/pirate", json={"temperature": 9}).status_code == 422
+        patched = h.patch("/api/agents/pirate", json={"description": "Arr"})
+        assert patched.json()["description"] == "Arr" and patched.json()["name"] == "Captain"
+        assert h.put("/api/agents/pirate", json={"temperature": 9}).status_code == 422
         refused = h.delete("/api/agents/assistant")
         assert refused.status_code == 403 and refused.json()["code"]
-        assert h.patch("/api/agents/assistant", json={"name": "x"}).status_code == 403
-        assert h.delete("/api/agents/pirate").status_code == 204
+        assert h.put("/api/agents/assistant", json={"name": "x"}).status_code == 403
+        deleted = h.delete("/api/agents/pirate")
+        assert deleted.status_code == 200 and deleted.json() == {"ok": True}
         assert h.get("/api/agents/pirate").status_code == 404
-        assert h.get("/api/agents/current").json()["agent"]["id"] == "assistant"
+        assert h.get("/api/agents/current").json()["id"] == "assistant"
     with server.client() as c:
         assert c.turn(message="back to default")[0]["agentId"] == "assistant"
 
@@ -204,7 +247,7 @@ def test_created_agents_and_uploads_survive_a_restart(make_server, fake_openai):
     srv.restart()
     with _http(srv) as h:
         assert h.get("/api/agents/keeper").json()["name"] == "Keeper"
-        assert h.get("/api/agents/current").json()["agent"]["id"] == "keeper"
+        assert h.get("/api/agents/current").json()["id"] == "keeper"
     with srv.client() as c:
         frames = c.turn(message="use it", files=[{"fileId": up["id"]}])
         assert frames[0]["agentId"] == "keeper" and frames[-1]["type"] == "context_usage"
@@ -216,9 +259,26 @@ def test_upload_checks(server):
         up = h.post("/api/upload", files={"file": ("../../etc/x.txt", b"hello", "text/plain")})
         assert up.status_code == 201
         meta = up.json()
-        assert set(meta) == {"id", "filename", "mimeType", "size"}
-        assert meta["filename"] == "x.txt" and meta["size"] == 5
+        assert meta == {
+            "ok": True,
+            "path": f"uploads/local/{meta['id']}",
+            "filename": "x.txt",
+            "mimeType": "text/plain",
+            "id": meta["id"],
+            "size": 5,
+        }
+        assert uploaded_bytes(server, meta["path"]) == b"hello"
         assert h.post("/api/upload", data={"x": "1"}).status_code == 422
+        # CortexPrism's clients send JSON with base64 data.
+        sent = {"filename": "n.md", "mimeType": "text/markdown", "data": "IyBub3Rl"}
+        as_json = h.post("/api/upload", json=sent)
+        assert as_json.status_code == 201, as_json.text
+        assert as_json.json()["filename"] == "n.md" and as_json.json()["size"] == 6
+        assert uploaded_bytes(server, as_json.json()["path"]) == b"# note"
+        bad = h.post("/api/upload", json={**sent, "data": "not base64!"})
+        assert bad.status_code == 422 and bad.json()["details"]["field"] == "data"
+        missing = h.post("/api/upload", json={"mimeType": "text/plain", "data": ""})
+        assert missing.status_code == 422 and missing.json()["details"]["field"] == "filename"
     with server.client() as c:
         c.send(type="chat", message="x", files=[{"fileId": "upl_missing"}])
         err = c.recv()
@@ -279,17 +339,40 @@ def test_config_masks_credentials_inside_urls():
 
 
 def test_config_get_masks_secrets_and_patch_persists(make_server, fake_openai):
-    config = '[providers.anthropic]\napi_key = "sk-ant-secret"\n# a comment\n'
+    long_key = "sk-ant-0123456789abcdefghijWXYZ"
+    config = (
+        f'[providers.anthropic]\napi_key = "{long_key}"\n# a comment\n'
+        '[providers.ollama]\napi_key = "sk-ant-secret"\nbase_url = "http://u:pw@127.0.0.1:9/v1"\n'
+    )
     srv = make_server(openai_env(fake_openai), config)
     with _http(srv) as h:
         body = h.get("/api/config").json()
-        assert body["config"]["providers"]["anthropic"]["api_key"] == "••••"
-        assert "sk-ant-secret" not in h.get("/api/config").text
-        assert "test-key" not in h.get("/api/config").text  # OPENAI_API_KEY from the env
+        # CortexPrism's shape: keys as "sk-ant...WXYZ", a short one (or credentials in a URL)
+        # not at all.
+        assert body["defaultProvider"] == "openai" and body["defaultAgent"] == "assistant"
+        assert body["providers"]["anthropic"]["apiKey"] == "sk-ant...WXYZ"
+        listed = {p["kind"]: p for p in h.get("/api/providers").json()["providers"]}
+        assert body["providers"]["anthropic"]["model"] == listed["anthropic"]["model"]
+        assert body["providers"]["ollama"]["apiKey"] == "••••"
+        assert body["providers"]["ollama"]["baseUrl"] == "http://••••@127.0.0.1:9/v1"
+        assert body["providers"]["openai"] == {
+            "kind": "openai",
+            "model": "gpt-4o-mini",
+            "baseUrl": fake_openai.url,
+            "apiKey": "••••",
+            "contextWindow": None,
+            "maxTokens": 4096,
+        }
+        assert body["voice"]["enabled"] is True and body["voice"]["sttProvider"] == "whisper"
+        assert body["settings"]["providers"]["anthropic"]["api_key"] == "••••"
+        text = h.get("/api/config").text
+        assert long_key[6:-4] not in text and "sk-ant-secret" not in text and ":pw@" not in text
+        assert "test-key" not in text  # OPENAI_API_KEY from the env
         assert "tools.max_rounds" in body["runtimeKeys"]
         patched = h.patch("/api/config", json={"tools": {"max_rounds": 3}, "model": "gpt-x"})
         assert patched.status_code == 200, patched.text
-        assert patched.json()["config"]["tools"]["max_rounds"] == 3
+        assert patched.json()["settings"]["tools"]["max_rounds"] == 3
+        assert patched.json()["providers"]["openai"]["model"] == "gpt-x"
         bad = h.patch("/api/config", json={"tools.max_rounds": 0})
         assert bad.status_code == 422 and bad.json()["details"]["field"] == "tools.max_rounds"
         frozen = h.patch("/api/config", json={"server": {"port": 1}})
@@ -298,16 +381,57 @@ def test_config_get_masks_secrets_and_patch_persists(make_server, fake_openai):
         assert unknown.status_code == 422 and unknown.json()["details"]["field"] == "default_agent"
     written = tomllib.loads((srv.home / "config.toml").read_text())
     assert written["tools"]["max_rounds"] == 3 and written["model"] == "gpt-x"
-    assert written["providers"]["anthropic"]["api_key"] == "sk-ant-secret"  # kept, unmasked
+    assert written["providers"]["anthropic"]["api_key"] == long_key  # kept, unmasked
     # PRISMD_MODEL from the environment still wins over the file after a restart: drop it.
     srv.env.pop("PRISMD_MODEL")
     srv.restart()
     with _http(srv) as h:
-        cfg = h.get("/api/config").json()["config"]
+        cfg = h.get("/api/config").json()["settings"]
         assert cfg["tools"]["max_rounds"] == 3 and cfg["model"] == "gpt-x"
     with srv.client() as c:
         done = of_type(c.turn(message="which model"), "done")[0]
     assert done["resolvedModel"] == "gpt-x"
+
+
+def test_config_patches_are_written_one_at_a_time(make_server, fake_openai):
+    """Concurrent PATCHes (the file is written in a thread, off the event loop): every change
+    is in the file and in the running settings; a file that cannot be written is a coded
+    refusal, and nothing of that change is applied."""
+    srv = make_server({k: v for k, v in openai_env(fake_openai).items() if k != "PRISMD_MODEL"})
+    changes = {
+        "tools.max_rounds": 7,
+        "tools.approval_timeout_s": 33.5,
+        "tools.max_output_chars": 5000,
+        "tools.display_output_chars": 1234,
+        "providers.openai.model": "gpt-a",
+        "model": "gpt-b",
+    }
+    barrier = threading.Barrier(len(changes))
+
+    def patch(item: tuple[str, object]) -> httpx.Response:
+        with _http(srv) as h:
+            barrier.wait(10)
+            return h.patch("/api/config", json=dict([item]))
+
+    with ThreadPoolExecutor(len(changes)) as pool:
+        responses = list(pool.map(patch, changes.items()))
+    assert [r.status_code for r in responses] == [200] * len(changes), [r.text for r in responses]
+    written = tomllib.loads((srv.home / "config.toml").read_text())
+    with _http(srv) as h:
+        running = h.get("/api/config").json()["settings"]
+    for key, value in changes.items():
+        node_file, node_run = written, running
+        for part in key.split("."):
+            node_file, node_run = node_file[part], node_run[part]
+        assert node_file == node_run == value, key
+    (srv.home / "config.toml.tmp").mkdir()  # the write fails (even as root)
+    with _http(srv) as h:
+        refused = h.patch("/api/config", json={"tools.max_rounds": 2})
+        assert refused.status_code == 422 and refused.json()["code"] == "invalid_message"
+        assert refused.json()["details"]["field"] == "(file)"
+        assert "cannot write" in refused.json()["details"]["reason"]
+        assert h.get("/api/config").json()["settings"]["tools"]["max_rounds"] == 7
+    assert tomllib.loads((srv.home / "config.toml").read_text())["tools"]["max_rounds"] == 7
 
 
 def test_config_patch_applies_at_once(make_server, fake_openai):
@@ -325,18 +449,38 @@ def test_providers_and_models(server, fake_openai):
         body = h.get("/api/providers").json()
         assert body["default"] == "openai"
         kinds = {p["kind"]: p for p in body["providers"]}
-        assert set(kinds) == {"openai", "anthropic", "ollama"}
+        assert set(kinds) == {"openai", "anthropic", "ollama", "local"}
+        assert kinds["local"]["configured"] is False  # the fixtures turn the offline default off
         assert kinds["openai"]["configured"] is True
         assert kinds["openai"]["baseUrl"] == fake_openai.url
         assert kinds["openai"]["model"] == "gpt-4o-mini"
         assert kinds["anthropic"]["configured"] is False
-        first = h.get("/api/providers/openai/models").json()
-        assert first == {"models": [{"id": "fake-model"}], "cached": False}
-        assert h.get("/api/providers/openai/models").json()["cached"] is True
-        assert h.get("/api/providers/nope/models").status_code == 404
+        first = h.get("/api/providers/openai/models")
+        assert first.json() == [{"id": "fake-model"}]
+        assert first.headers["X-Prismd-Cached"] == "false"
+        again = h.get("/api/providers/openai/models")
+        assert again.json() == [{"id": "fake-model"}] and again.headers["X-Prismd-Cached"] == "true"
+        posted = h.post("/api/providers/openai/models")
+        assert posted.json() == [{"id": "fake-model"}]
+        # CortexPrism answers [] when the models cannot be listed; prismd says why in headers.
+        nope = h.get("/api/providers/nope/models")
+        assert nope.status_code == 200 and nope.json() == []
+        assert nope.headers["X-Prismd-Error"] == "not_found"
         unconfigured = h.get("/api/providers/anthropic/models")
-        assert unconfigured.status_code == 409
-        assert unconfigured.json()["code"] == "provider_unconfigured"
+        assert unconfigured.status_code == 200 and unconfigured.json() == []
+        assert unconfigured.headers["X-Prismd-Error"] == "provider_unconfigured"
+        assert "ANTHROPIC_API_KEY" in unconfigured.headers["X-Prismd-Error-Detail"]
+        configured = h.get("/api/providers/configured").json()
+        assert configured == [{"kind": "openai", "model": "gpt-4o-mini"}]
+        # Credentials not saved yet (an admin trying them): listed with those, nothing kept.
+        trial = {"apiKey": "another-key", "baseUrl": fake_openai.url}
+        assert h.post("/api/providers/anthropic/models", json=trial).json() == []
+        tried = h.post("/api/providers/openai/models", json=trial)
+        assert tried.json() == [{"id": "fake-model"}] and "X-Prismd-Cached" not in tried.headers
+        dead = {"apiKey": "k", "baseUrl": f"http://127.0.0.1:{free_port()}/v1"}
+        failed = h.post("/api/providers/openai/models", json=dead)
+        assert failed.json() == [] and failed.headers["X-Prismd-Error"] == "provider_error"
+        assert h.get("/api/providers/openai/models").headers["X-Prismd-Cached"] == "true"
 
 
 def test_metrics(server, fake_openai):
@@ -375,27 +519,47 @@ def test_metrics_count_failed_turns(server, fake_openai):
 def test_every_route_is_documented(server):
     schema = server.get("/openapi.json").json()
     expected = {
+        ("get", "/api/health"),
+        ("get", "/api/status"),
         ("get", "/api/auth/status"),
+        ("get", "/api/auth/check"),
         ("post", "/api/auth/login"),
         ("post", "/api/auth/logout"),
         ("get", "/api/auth/me"),
+        ("get", "/api/sessions"),
+        ("get", "/api/sessions/enriched"),
+        ("get", "/api/sessions/tree"),
+        ("get", "/api/sessions/search"),
+        ("get", "/api/sessions/{session_id}"),
+        ("get", "/api/sessions/{session_id}/messages"),
         ("patch", "/api/sessions/{session_id}"),
+        ("delete", "/api/sessions/{session_id}"),
+        ("post", "/api/sessions/{session_id}/resume"),
         ("post", "/api/sessions/{session_id}/close"),
         ("post", "/api/sessions/{session_id}/archive"),
         ("post", "/api/sessions/{session_id}/retry"),
         ("delete", "/api/sessions/{session_id}/messages/{message_id}"),
         ("get", "/api/sessions/{session_id}/stats"),
+        ("get", "/api/agents"),
         ("get", "/api/agents/current"),
         ("get", "/api/agents/{agent_id}"),
         ("post", "/api/agents"),
+        ("put", "/api/agents/{agent_id}"),
         ("patch", "/api/agents/{agent_id}"),
         ("delete", "/api/agents/{agent_id}"),
         ("post", "/api/agents/{agent_id}/select"),
         ("get", "/api/config"),
         ("patch", "/api/config"),
         ("get", "/api/providers"),
+        ("get", "/api/providers/configured"),
         ("get", "/api/providers/{kind}/models"),
+        ("post", "/api/providers/{kind}/models"),
+        ("get", "/api/tools"),
+        ("get", "/api/tools/list"),
+        ("get", "/api/tools/registry"),
+        ("get", "/api/plugins/panels"),
         ("post", "/api/upload"),
+        ("get", "/api/voice/providers"),
         ("get", "/api/version"),
         ("get", "/metrics"),
     }
@@ -408,7 +572,8 @@ def test_every_route_is_documented(server):
             assert op.get("summary"), (method, path)
             ok = [s for s in op["responses"] if s.startswith("2")]
             assert ok, (method, path)
-            if path.startswith("/api/") and path not in ("/api/auth/status", "/api/health"):
+            open_paths = ("/api/auth/status", "/api/auth/check", "/api/health")
+            if path.startswith("/api/") and path not in open_paths:
                 assert "401" in op["responses"], (method, path)
 
 
@@ -427,8 +592,8 @@ def test_concurrent_retry_and_chat_never_corrupt_history(server, fake_openai):
         frames = c.turn(message="concurrent", sessionId=sid)
         t.join()
     assert frames[-1]["type"] == "context_usage"
-    time.sleep(0.2)
-    texts = [m["content"] for m in server.get(f"/api/sessions/{sid}/messages").json()["messages"]]
+    # (The messages route waits for the session's writes: it reads what the turns stored.)
+    texts = [m["content"] for m in server.get(f"/api/sessions/{sid}/messages").json()]
     user = [t for t in texts if not t.startswith("You said")]
     # Before the chat: "racy" dropped; during it: refused; after it: "concurrent" dropped.
     outcomes = {
@@ -450,10 +615,13 @@ def test_models_of_anthropic_and_ollama(make_server, fake_anthropic, fake_openai
     with _http(srv) as h:
         providers = h.get("/api/providers").json()
         assert providers["default"] == "anthropic"
+        assert h.get("/api/status").json()["model"] == "claude-sonnet-4-5"
         kinds = {p["kind"]: p for p in providers["providers"]}
         assert kinds["anthropic"]["configured"] is True
         assert kinds["ollama"]["configured"] is True
         assert kinds["openai"]["configured"] is False
-        assert h.get("/api/providers/anthropic/models").json()["models"] == [{"id": "fake-model"}]
-        assert h.get("/api/providers/ollama/models").json()["models"] == [{"id": "fake-model"}]
-        assert h.get("/api/providers/openai/models").json()["code"] == "provider_unconfigured"
+        assert h.get("/api/providers/anthropic/models").json() == [{"id": "fake-model"}]
+        assert h.get("/api/providers/ollama/models").json() == [{"id": "fake-model"}]
+        unconfigured = h.get("/api/providers/openai/models")
+        assert unconfigured.json() == []
+        assert unconfigured.headers["X-Prismd-Error"] == "provider_unconfigured"

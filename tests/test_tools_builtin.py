@@ -3,17 +3,20 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import http.server
 import json
 import os
+import re
 import shutil
 import socket
+import sqlite3
 import ssl
 import subprocess
 import sys
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -21,16 +24,20 @@ import psutil
 import pytest
 
 from prismd.config import ToolsSettings
+from prismd.store.base import Store, query_words
+from prismd.store.postgres import note_query
+from prismd.store.sqlite import SqliteStore, fts_query
 from prismd.tools.base import Tool, ToolContext, ToolError
 from prismd.tools.builtins import (
     builtin_tools,
     check_address,
     files,
     isolation,
-    memory,
     sandbox,
 )
 from prismd.tools.builtins.web_fetch import WebFetch
+
+from .test_store import HOSTILE_QUERIES, new_store  # noqa: F401 - a fixture: both stores
 
 TOOLS = {t.spec.name: t for t in builtin_tools()}
 
@@ -56,6 +63,12 @@ def ctx(tmp_path: Path) -> ToolContext:
         settings=ToolsSettings(),
         extra={},
     )
+
+
+def force_fallback(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Run the sandboxed tools as on a machine without bubblewrap."""
+    probed = {**sandbox.probe(), "bwrap": None, "bwrap_error": "not installed (test)"}
+    monkeypatch.setattr(sandbox, "_probed", probed)
 
 
 def run(name: str, ctx: ToolContext, **args: Any) -> str:
@@ -187,6 +200,46 @@ def test_paths_outside_are_refused(ctx: ToolContext, path: str) -> None:
     assert not (ctx.workspace.parent / "x.txt").exists()
 
 
+def test_errors_name_no_server_path_or_user_id(tmp_path: Path) -> None:
+    """A tool error shows paths relative to the workspace: never the data directory, nor the
+    owner's user id that is part of a user's workspace path (issue 11, item 9)."""
+    data = tmp_path / "data"
+    ws = data / "workspaces" / "@users" / "user_7f3a9c" / "assistant"
+    ws.mkdir(parents=True)
+    (ws / "f.txt").write_text("x")
+    ctx = ToolContext(
+        "s1", "assistant", ws.resolve(), data, ToolsSettings(), owner_id="user_7f3a9c"
+    )
+    near_max = "d/" * 1999  # under the path limit alone, over PATH_MAX under the workspace
+    cases = [
+        ("file_read", {"path": "a" * 5000}),
+        ("file_write", {"path": "a" * 5000, "content": "x"}),
+        ("file_edit", {"path": "a" * 5000, "old_string": "a", "new_string": "b"}),
+        ("file_list", {"path": "a" * 5000}),
+        ("file_search", {"pattern": "x", "path": "a" * 5000}),
+        ("file_read", {"path": "b" * 300}),
+        ("file_write", {"path": "dir/" + "b" * 300, "content": "x"}),
+        ("file_search", {"pattern": "x", "path": "b" * 300 + "/*.py"}),
+        ("file_read", {"path": near_max + "x"}),
+        ("file_write", {"path": near_max + "x", "content": "x"}),
+        ("file_list", {"path": near_max}),
+        ("file_write", {"path": "f.txt/inside", "content": "x"}),
+        ("file_read", {"path": "missing/x"}),
+        ("file_list", {"path": "f.txt"}),
+        ("file_edit", {"path": "f.txt", "old_string": "nope", "new_string": "b"}),
+        ("file_search", {"pattern": "(", "path": "."}),
+    ]
+    for name, args in cases:
+        with pytest.raises(ToolError) as info:  # a ToolError, never a raw OSError
+            asyncio.run(TOOLS[name].run(args, ctx))
+        msg = str(info.value)
+        assert "user_7f3a9c" not in msg and str(tmp_path) not in msg, (name, msg)
+        assert "/tmp/" not in msg and "workspaces" not in msg, (name, msg)
+        assert len(msg) < 600, (name, len(msg))  # the model's own long path is cut
+    msg = refused("file_read", ctx, path="a" * 5000)
+    assert msg == "path is too long: 5000 bytes (the limit is 4000)"
+
+
 def test_inner_dotdot_is_fine(ctx: ToolContext) -> None:
     (ctx.workspace / "a").mkdir()
     run("file_write", ctx, path="a/../b.txt", content="ok")
@@ -273,10 +326,10 @@ def test_file_search_pathological_regex_times_out(
     ctx: ToolContext, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     monkeypatch.setattr(files, "SEARCH_TIMEOUT_S", 1.0)
+    # ~2^40 steps of backtracking: a search that the timeout did not end would not return
+    # (pytest's timeout fails the test).
     (ctx.workspace / "a.txt").write_text("a" * 40 + "!\n")
-    start = time.monotonic()
-    assert "timed out" in refused("file_search", ctx, pattern="^(a+)+$")
-    assert time.monotonic() - start < 5
+    assert "search timed out after 1 s" in refused("file_search", ctx, pattern="^(a+)+$")
 
 
 # --- shell ------------------------------------------------------------------------------------
@@ -312,6 +365,27 @@ def _wait_gone(sid: int, within: float = 2.0) -> None:
         time.sleep(0.05)
 
 
+async def _running(started: list[int], name: str, count: int) -> None:
+    """Wait until the command has started `count` processes whose name starts with `name`."""
+
+    def running() -> int:
+        if not started:
+            return 0
+        found = 0
+        with contextlib.suppress(psutil.Error):
+            top = psutil.Process(started[0])
+            for proc in [top, *top.children(recursive=True)]:
+                with contextlib.suppress(psutil.Error):
+                    alive = proc.status() != psutil.STATUS_ZOMBIE
+                    found += alive and proc.name().startswith(name)
+        return found
+
+    deadline = time.monotonic() + 30
+    while running() < count:
+        assert time.monotonic() < deadline, f"{count} {name} processes did not start"
+        await asyncio.sleep(0.02)
+
+
 def test_shell_runs_in_workspace(ctx: ToolContext) -> None:
     out = run("shell", ctx, command="pwd; echo out; echo err >&2; exit 3")
     assert out.splitlines() == ["exit code: 3", str(ctx.workspace), "out", "err"]
@@ -330,26 +404,27 @@ def test_shell_environment_is_scrubbed(ctx: ToolContext, monkeypatch: pytest.Mon
 
 @pytest.mark.parametrize("loop", sorted(RUNNERS))
 def test_shell_timeout_kills_the_process_group(ctx: ToolContext, loop: str) -> None:
+    """The timeout ends the command and what it left in the background, which would never end
+    by themselves: a tool that waited for them would not return (pytest's timeout)."""
     started: list[int] = []
     ctx.extra["on_process_start"] = started.append
-    t0 = time.monotonic()
+    command = {"command": "sleep 1000 & sleep 1000", "timeout_s": 1}
     with pytest.raises(ToolError) as info:
-        RUNNERS[loop](TOOLS["shell"].run({"command": "sleep 100 & sleep 100", "timeout_s": 1}, ctx))
+        RUNNERS[loop](TOOLS["shell"].run(command, ctx))
     msg = str(info.value)
     assert "timed out after 1 s" in msg
-    assert time.monotonic() - t0 < 5
     (pgid,) = started
     _wait_gone(pgid)
 
 
 @pytest.mark.parametrize("loop", sorted(RUNNERS))
 def test_shell_background_processes_do_not_outlive_the_command(ctx: ToolContext, loop: str) -> None:
+    """The command ends, its background process is killed: the tool returns with the command
+    (it would not return waiting for `sleep 1000`: pytest's timeout)."""
     started: list[int] = []
     ctx.extra["on_process_start"] = started.append
-    t0 = time.monotonic()
-    out = RUNNERS[loop](TOOLS["shell"].run({"command": "sleep 100 & echo started"}, ctx))
+    out = RUNNERS[loop](TOOLS["shell"].run({"command": "sleep 1000 & echo started"}, ctx))
     assert out == "exit code: 0\nstarted"
-    assert time.monotonic() - t0 < 5
     _wait_gone(started[0])
 
 
@@ -360,8 +435,7 @@ def test_shell_cancellation_kills_the_process(ctx: ToolContext, loop: str) -> No
 
     async def scenario() -> None:
         task = asyncio.create_task(TOOLS["shell"].run({"command": "sleep 30 & sleep 30"}, ctx))
-        await asyncio.sleep(0.5)
-        assert started and _live(_session_members(started[0]))
+        await _running(started, "sleep", 2)
         task.cancel()
         with pytest.raises(asyncio.CancelledError):
             await task
@@ -376,22 +450,20 @@ def test_shell_flooding_output_is_stopped(ctx: ToolContext, loop: str) -> None:
     although the output reader has stopped reading."""
     started: list[int] = []
     ctx.extra["on_process_start"] = started.append
-    t0 = time.monotonic()
+    # `yes` never ends: were it not ended, the tool would not return (pytest's timeout).
     with pytest.raises(ToolError) as info:
         RUNNERS[loop](TOOLS["shell"].run({"command": "yes", "timeout_s": 1}, ctx))
     assert "timed out" in str(info.value) and "output cut" in str(info.value)
-    assert time.monotonic() - t0 < 4
+    _wait_gone(started.pop())
 
     async def scenario() -> None:
         task = asyncio.create_task(TOOLS["shell"].run({"command": "yes & yes"}, ctx))
-        await asyncio.sleep(0.5)
+        await _running(started, "yes", 2)  # both write, and fill the pipe
         task.cancel()
         with pytest.raises(asyncio.CancelledError):
             await task
 
-    t0 = time.monotonic()
     RUNNERS[loop](scenario())
-    assert time.monotonic() - t0 < 3
     for pid in started:
         _wait_gone(pid)
 
@@ -434,23 +506,33 @@ def test_code_exec_environment_and_directory(
         "'files': os.listdir('.')}))\n"
         "open('out.txt', 'w').write('x')\n"
     )
-    out = run("code_exec", ctx, code=code)
-    assert "should-not-leak" not in out
-    data = json.loads(out.splitlines()[-1])
-    assert set(data["env"]) <= {"PATH", "HOME", "LANG", "TERM", "TMPDIR", "LC_CTYPE"}
-    assert data["files"] == ["main.py"]
-    assert data["env"]["HOME"] == data["cwd"]
-    assert not os.path.exists(data["cwd"])  # deleted afterwards
-    assert not Path(data["cwd"]).is_relative_to(ctx.workspace)
+    allowed = {"PATH", "HOME", "LANG", "TERM", "TMPDIR", "LC_CTYPE", "WORKSPACE", "PWD"}
+    for mechanism in ("bubblewrap", "fallback"):
+        if mechanism == "fallback":
+            force_fallback(monkeypatch)
+            # Without bubblewrap, the marker of the server's leftovers is seen too.
+            allowed.add(sandbox.MARKER_ENV)
+        out = run("code_exec", ctx, code=code)
+        assert "should-not-leak" not in out
+        data = json.loads(out.splitlines()[-1])
+        assert set(data["env"]) <= allowed, mechanism
+        assert data["files"] == ["main.py"]  # out.txt of the run before is gone
+        assert data["env"]["HOME"] == data["cwd"] == data["env"]["TMPDIR"]
+        assert not Path(data["cwd"]).is_relative_to(ctx.workspace)
+        if mechanism == "fallback":
+            assert not os.path.exists(data["cwd"])  # the host directory is deleted afterwards
+        else:
+            assert data["cwd"] == "/tmp"  # the sandbox's own tmpfs, gone with it
+            assert data["env"]["WORKSPACE"] == "/workspace"
+    assert not (ctx.workspace / "out.txt").exists()
 
 
 def test_code_exec_time_limit(ctx: ToolContext) -> None:
     started: list[int] = []
     ctx.extra["on_process_start"] = started.append
-    t0 = time.monotonic()
-    msg = refused("code_exec", ctx, code="import time\ntime.sleep(60)", timeout_s=1)
+    # A run the limit did not end would not return (pytest's timeout): it sleeps 1000 s.
+    msg = refused("code_exec", ctx, code="import time\ntime.sleep(1000)", timeout_s=1)
     assert msg.startswith("time limit: killed after 1 s")
-    assert time.monotonic() - t0 < 5
     _wait_gone(started[0])
 
 
@@ -480,7 +562,7 @@ def test_code_exec_cancellation_kills_the_process(ctx: ToolContext, loop: str) -
     async def scenario() -> None:
         code = "import time\ntime.sleep(30)"
         task = asyncio.create_task(TOOLS["code_exec"].run({"code": code}, ctx))
-        await asyncio.sleep(0.5)
+        await _running(started, "python", 1)
         task.cancel()
         with pytest.raises(asyncio.CancelledError):
             await task
@@ -543,9 +625,9 @@ def test_code_exec_has_no_network(ctx: ToolContext, tcp_server: int) -> None:
 def test_code_exec_each_mechanism_alone(
     ctx: ToolContext, tcp_server: int, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """The network namespace alone cuts the network; Landlock alone denies TCP; with neither,
-    the output says the network is not cut."""
-    real = sandbox.probe()
+    """Without bubblewrap (the fallback): the network namespace alone cuts the network;
+    Landlock alone denies TCP; with neither, the output says the network is not cut."""
+    real = {**sandbox.probe(), "bwrap": None, "bwrap_error": "not installed (test)"}
     code = CONNECT.format(port=tcp_server)
     if real["netns_flags"]:
         monkeypatch.setattr(sandbox, "_probed", {**real, "landlock": False})
@@ -572,7 +654,12 @@ def test_code_exec_network_when_configured(ctx: ToolContext, tcp_server: int) ->
     assert "CONNECTED b'hi'" in out
 
 
-def test_code_exec_landlock_confines_files(ctx: ToolContext, tmp_path: Path) -> None:
+def test_code_exec_landlock_confines_files(
+    ctx: ToolContext, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The fallback without bubblewrap: Landlock confines reads and writes (the bubblewrap
+    sandbox's mount namespace is tested by tests/test_sandbox.py)."""
+    force_fallback(monkeypatch)
     if not isolation()["landlock"]:
         pytest.skip("no Landlock on this machine")
     (ctx.workspace / "data.csv").write_text("a,b\n1,2\n")
@@ -622,6 +709,9 @@ PAGE = b"""<!doctype html><html><head><title>Test  Page</title>
 
 class _Handler(http.server.BaseHTTPRequestHandler):
     requests: list[tuple[str, str]] = []
+    # /slow answers once this is set (by the test, after its client gave up; by the fixture's
+    # end at the latest).
+    release = threading.Event()
 
     def log_message(self, *args: Any) -> None:
         pass
@@ -652,7 +742,7 @@ class _Handler(http.server.BaseHTTPRequestHandler):
         elif path == "/image":
             self._send(200, "image/png", b"\x89PNG\r\n\x1a\n" + b"\x00" * 100)
         elif path == "/slow":
-            time.sleep(1.5)
+            self.release.wait(60)
             self._send(200, "text/plain", b"late")
         elif path == "/redirect":
             self._send(302, "text/plain", b"", Location=query)
@@ -667,11 +757,13 @@ class _Handler(http.server.BaseHTTPRequestHandler):
 @pytest.fixture
 def http_server() -> Iterator[int]:
     _Handler.requests = []
+    _Handler.release = threading.Event()
     server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _Handler)
     server.daemon_threads = True
     thread = threading.Thread(target=server.serve_forever, daemon=True)
     thread.start()
     yield server.server_address[1]
+    _Handler.release.set()
     server.shutdown()
     server.server_close()
 
@@ -881,72 +973,146 @@ def test_web_fetch_size_and_time_limits(ctx: ToolContext, http_server: int) -> N
     assert out.endswith("[content cut at 2048 bytes]")
     assert len(out) < 2048 + 200
     ctx.settings.web_fetch.timeout_s = 0.5
-    t0 = time.monotonic()
+    # /slow answers only once the test says so, after the fetch gave up: the time limit ended it.
     assert "timed out after 0.5 s" in fetch_refused(tool, ctx, f"{base}/slow")
-    assert time.monotonic() - t0 < 2.5
+    assert _Handler.requests[-1][0] == "/slow" and not _Handler.release.is_set()
+    _Handler.release.set()
 
 
 # --- memory -----------------------------------------------------------------------------------
 
 
-def test_memory_note_and_search(ctx: ToolContext) -> None:
-    out = run("memory_note", ctx, text="The user's favourite tea is genmaicha.", tags=["prefs"])
-    assert out == "saved note #1"
-    run("memory_note", ctx, text="Project deadline is March 3rd.")
-    run("memory_note", ctx, text="The user dislikes coffee; prefers tea.")
+def with_store(make: Callable[[], Store], test: Any) -> None:
+    """Run `test(call)` with the memory tools on a store (both stores: tests/test_store.py's
+    new_store), in one event loop; `call(name, ctx, **args)` runs a tool."""
 
-    out = run("memory_search", ctx, query="what tea does the user like?")
-    lines = out.splitlines()
-    assert len(lines) == 2 and all("tea" in line for line in lines)
-    assert lines[0].startswith("#") and " UTC" in lines[0]
-    assert "[prefs]" in out
-    assert run("memory_search", ctx, query="deadline", limit=1).startswith("#2 (")
-    assert run("memory_search", ctx, query="prefs").startswith("#1 (")
-    assert run("memory_search", ctx, query="zebra") == "no matching notes"
-    # No words: the most recent notes.
-    assert run("memory_search", ctx, query="", limit=2).splitlines()[0].startswith("#3 (")
+    async def call(name: str, context: ToolContext, **args: Any) -> str:
+        context.store = store
+        return await TOOLS[name].run(args, context)
 
-    other = ToolContext("s2", "agent-b", ctx.workspace, ctx.data_dir, ctx.settings)
-    assert run("memory_search", other, query="tea") == "no matching notes"
-    assert run("memory_search", other, query="") == "no matching notes"
-    run("memory_note", other, text="agent b knows about tea too")
-    assert run("memory_search", other, query="tea").count("\n") == 0
-    assert (ctx.data_dir / "memory.db").exists()
-    # Users share agents, not what an agent remembers for one of them.
-    for user in ("user_a", "user_b"):
-        mine = ToolContext(ctx.session_id, ctx.agent_id, ctx.workspace, ctx.data_dir, ctx.settings)
-        mine.owner_id = user
-        assert run("memory_search", mine, query="tea") == "no matching notes"
-        assert run("memory_search", mine, query="") == "no matching notes"
-        run("memory_note", mine, text=f"{user} likes tea")
-        assert run("memory_search", mine, query="tea").count("\n") == 0
-        assert user in run("memory_search", mine, query="tea")
+    async def main() -> None:
+        await store.open()
+        try:
+            await test(call)
+        finally:
+            await store.close()
+
+    store = make()
+    asyncio.run(main())
 
 
-@pytest.mark.parametrize(
-    "query",
-    [
-        '"',
-        "*",
-        "NEAR(",
-        "-",
-        "tea -coffee",
-        'tea" OR "x',
-        "AND OR NOT",
-        "col:tea",
-        "^tea",
-        "(",
-        "'",
-    ],
-)
-def test_memory_search_survives_fts_syntax(ctx: ToolContext, query: str) -> None:
-    run("memory_note", ctx, text="Remember the tea ceremony.")
-    run("memory_search", ctx, query=query)  # no error
+def test_memory_note_and_search(new_store, ctx: ToolContext) -> None:  # noqa: F811
+    async def test(call: Any) -> None:
+        out = await call(
+            "memory_note", ctx, text="The user's favourite tea is genmaicha.", tags=["prefs"]
+        )
+        assert re.fullmatch(r"saved note #\d+", out)
+        first = int(out.removeprefix("saved note #"))
+        await call("memory_note", ctx, text="  Project deadline is March 3rd.\n")
+        await call("memory_note", ctx, text="The user dislikes coffee; prefers tea.")
+
+        out = await call("memory_search", ctx, query="what tea does the user like?")
+        lines = out.splitlines()
+        assert len(lines) == 2 and all("tea" in line for line in lines)
+        assert re.match(r"#\d+ \(\d{4}-\d\d-\d\d \d\d:\d\d:\d\d UTC\)", lines[0])
+        assert f"#{first} (" in out and "[prefs]: The user's favourite tea is genmaicha." in out
+        deadline = await call("memory_search", ctx, query="deadline", limit=1)
+        assert deadline.startswith(f"#{first + 1} (") and deadline.endswith(
+            "UTC): Project deadline is March 3rd."
+        )
+        assert (await call("memory_search", ctx, query="prefs")).startswith(f"#{first} (")
+        assert await call("memory_search", ctx, query="zebra") == "no matching notes"
+        # No words: the most recent notes.
+        recent = await call("memory_search", ctx, query="", limit=2)
+        assert recent.splitlines()[0].startswith(f"#{first + 2} (") and recent.count("\n") == 1
+
+        other = ToolContext("s2", "agent-b", ctx.workspace, ctx.data_dir, ctx.settings)
+        assert await call("memory_search", other, query="tea") == "no matching notes"
+        assert await call("memory_search", other, query="") == "no matching notes"
+        await call("memory_note", other, text="agent b knows about tea too")
+        assert (await call("memory_search", other, query="tea")).count("\n") == 0
+        assert not (ctx.data_dir / "memory.db").exists()  # the notes are in the store
+        # Users share agents, not what an agent remembers for one of them.
+        for user in ("user_a", "user_b"):
+            mine = ToolContext(
+                ctx.session_id, ctx.agent_id, ctx.workspace, ctx.data_dir, ctx.settings
+            )
+            mine.owner_id = user
+            assert await call("memory_search", mine, query="tea") == "no matching notes"
+            assert await call("memory_search", mine, query="") == "no matching notes"
+            await call("memory_note", mine, text=f"{user} likes tea")
+            assert (await call("memory_search", mine, query="tea")).count("\n") == 0
+            assert user in await call("memory_search", mine, query="tea")
+
+        # Tags are cleaned (no commas, one space, 64 characters); text a store cannot hold (a
+        # NUL, a lone surrogate from escaped JSON) is replaced, not refused.
+        await call(
+            "memory_note", ctx, text="odd\x00text\ud800here", tags=[" a,b  c ", "x" * 99, " "]
+        )
+        out = await call("memory_search", ctx, query="odd")
+        assert out.endswith(f"[a b c, {'x' * 64}]: odd\ufffdtext\ufffdhere")
+        for bad in ({"text": " "}, {"text": "x" * 8001}, {"text": "t", "tags": "a"}):
+            with pytest.raises(ToolError):
+                await call("memory_note", ctx, **bad)
+        for bad_limit in (0, -1, True, "3"):
+            with pytest.raises(ToolError):
+                await call("memory_search", ctx, query="tea", limit=bad_limit)
+        assert (await call("memory_search", ctx, query="", limit=999)).count("\n") == 3
+
+    with_store(new_store, test)
 
 
-def test_memory_fts_query() -> None:
-    assert memory.fts_query('tea "NEAR(x* -y') == '"tea" OR "NEAR" OR "x" OR "y"'
-    assert memory.fts_query('*-()"') == ""
+def test_memory_search_survives_search_syntax(new_store, ctx: ToolContext) -> None:  # noqa: F811
+    """Every hostile query of tests/test_store.py through the tool: an answer, never an error."""
+
+    async def test(call: Any) -> None:
+        await call("memory_note", ctx, text="Remember the tea ceremony.")
+        for query in HOSTILE_QUERIES:
+            out = await call("memory_search", ctx, query=query)
+            assert out == "no matching notes" or "tea ceremony" in out, query[:60]
+
+    with_store(new_store, test)
+
+
+def test_memory_says_when_its_database_is_unavailable(ctx: ToolContext) -> None:
+    """Another process holds SQLite's write lock past the busy timeout: saving a note is
+    refused with a message for the model (no path, no database error), searching goes on,
+    and saving works again once the lock is gone."""
+
+    async def main() -> None:
+        store = SqliteStore(ctx.data_dir)
+        await store.open()
+        ctx.store = store
+        other = sqlite3.connect(ctx.data_dir / "prismd.db", isolation_level=None)
+        other.execute("BEGIN EXCLUSIVE")
+        try:
+            with pytest.raises(ToolError) as info:
+                await TOOLS["memory_note"].run({"text": "kept later"}, ctx)
+            assert str(info.value) == "the memory database is unavailable; try again later"
+            assert await TOOLS["memory_search"].run({"query": "kept"}, ctx) == "no matching notes"
+        finally:
+            other.execute("ROLLBACK")
+            other.close()
+        assert (await TOOLS["memory_note"].run({"text": "kept later"}, ctx)).startswith("saved")
+        assert "kept later" in await TOOLS["memory_search"].run({"query": "kept"}, ctx)
+        await store.close()
+
+    asyncio.run(main())
+
+
+def test_memory_without_a_store_says_so(ctx: ToolContext) -> None:
+    assert "not available" in refused("memory_note", ctx, text="x")
+    assert "not available" in refused("memory_search", ctx, query="x")
+
+
+def test_memory_queries_are_words_each_quoted() -> None:
+    assert fts_query('tea "NEAR(x* -y') == '"tea" OR "NEAR" OR "x" OR "y"'
+    assert fts_query('*-()"') == ""
+    assert fts_query("tea tea TEA") == '"tea" OR "TEA"'
+    words = query_words("tea 'NEAR(x* -y foo_bar Café | !z:*")
+    assert note_query(words) == "'tea' | 'near' | 'x' | 'y' | ('foo' <-> 'bar') | 'cafe' | 'z'"
+    assert note_query(["_"]) == ""
+    assert len(query_words(" ".join(f"w{i}" for i in range(99)))) == 32
 
 
 # --- current_time -----------------------------------------------------------------------------

@@ -111,7 +111,7 @@ def test_history_is_trimmed_to_the_configured_window(make_server, fake_openai):
 
 @given(st.lists(st.integers(min_value=1, max_value=40), max_size=30), st.booleans())
 def test_sse_decoder_is_independent_of_read_boundaries(cuts, crlf):
-    from prismd.providers._sse import SSEDecoder
+    from prismd.providers._http import SSEDecoder
 
     nl = "\r\n" if crlf else "\n"
     stream = (
@@ -136,16 +136,51 @@ def test_coalesce_merges_neighbouring_deltas_only():
     assert coalesce(parts) == [TextDelta("ab"), ReasoningDelta("r"), TextDelta("c"), Usage(1, 2)]
 
 
-def test_client_shards_grow_only_under_load():
-    from prismd.providers._sse import ClientShards
+@pytest.mark.parametrize(
+    ("kind", "model"),
+    [
+        ("openai", "gpt-4o-mini"),
+        ("openai", "gpt-4o"),
+        ("anthropic", "claude-sonnet-4-5"),  # tiered: above 200k input tokens
+        ("anthropic", "claude-3-5-haiku-latest"),
+    ],
+)
+def test_price_is_what_genai_prices_computes(kind, model):
+    """prismd sums flat per-million prices itself (genai-prices' general path costs ~0.2 ms a
+    turn); the result must be exactly genai-prices' own, tiered models included."""
+    from datetime import UTC, datetime
 
-    made = []
-    shards = ClientShards(lambda: made.append(object()) or made[-1], per_client=2, max_clients=3)
-    leases = [shards.lease() for _ in range(7)]
-    clients = [lease.__enter__() for lease in leases]
-    assert len(made) == 3  # 2 + 2 in flight filled two clients; the cap is 3
-    assert clients.count(made[0]) >= 2
-    for lease in leases:
-        lease.__exit__(None, None, None)
-    with shards.lease() as client:
-        assert client is made[0] and len(made) == 3
+    from genai_prices import Usage as PriceUsage
+
+    info = pricing.lookup(kind, None, model)
+    assert info is not None
+    for tokens_in, tokens_out in [(0, 0), (1, 1), (100, 20), (123_456, 7_890), (250_000, 1_000)]:
+        cost, source = pricing.price(kind, None, model, tokens_in, tokens_out)
+        usage = PriceUsage(input_tokens=tokens_in, output_tokens=tokens_out)
+        expected = info.model.calc_price(
+            usage, info.provider, genai_request_timestamp=datetime.now(tz=UTC)
+        ).total_price
+        assert cost == pytest.approx(float(expected), rel=1e-12, abs=1e-15)
+        assert source is not None and source["model"] == info.model.id
+
+
+def test_every_failure_is_a_prismd_error_with_its_code():
+    """One exception root; each failure carries the code a client is told (PROTOCOL.md B4)."""
+    from prismd.auth.limits import RateLimited
+    from prismd.protocol import PrismdError
+    from prismd.providers.base import ProviderError
+    from prismd.store.base import StoreUnavailable
+    from prismd.tools.base import ToolError
+    from prismd.voice.errors import SttUnavailable
+
+    cases = [
+        (ProtocolError(ErrorCode.TURN_IN_PROGRESS, "busy"), "turn_in_progress"),
+        (ProviderError("down"), "provider_error"),
+        (ProviderError("slow", ErrorCode.PROVIDER_TIMEOUT), "provider_timeout"),
+        (ToolError("no"), "tool_error"),
+        (StoreUnavailable("db down"), "store_unavailable"),
+        (RateLimited(3), "rate_limited"),
+        (SttUnavailable("no model"), "stt_unavailable"),
+    ]
+    for exc, code in cases:
+        assert isinstance(exc, PrismdError) and exc.code == code and exc.message

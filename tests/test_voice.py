@@ -68,8 +68,9 @@ def question_wav() -> bytes:
 
 
 def piper_wav(server: PrismdServer, text: str) -> bytes:
-    r = httpx.post(f"{server.url}/api/voice/synthesize", json={"text": text}, timeout=30)
-    assert r.status_code == 200, r.text
+    body = {"text": text, "format": "wav"}  # the default is mp3, as in CortexPrism
+    r = httpx.post(f"{server.url}/api/voice/synthesize", json=body, timeout=30)
+    assert r.status_code == 200 and r.headers["content-type"] == "audio/wav", r.text
     return r.content
 
 
@@ -158,7 +159,7 @@ def test_voice_turn_end_to_end_webm_in_chunks(voice_server, fake_openai, questio
     # The model saw the transcript as the user message, and the turn is in the history.
     assert fake_openai.requests[-1]["messages"][-1]["content"] == transcribed["text"]
     sid = start["sessionId"]
-    msgs = voice_server.get(f"/api/sessions/{sid}/messages").json()["messages"]
+    msgs = voice_server.get(f"/api/sessions/{sid}/messages").json()
     assert [m["role"] for m in msgs] == ["user", "assistant"]
     assert msgs[0]["content"] == transcribed["text"]
     # A reload replays the voice turn, audio included.
@@ -278,6 +279,7 @@ def test_event_loop_keeps_streaming_while_another_session_transcribes(voice_serv
     long_speech = espeak_wav(" ".join(SENTENCES[:4]))
     fake_openai.script(Reply(text=[f"t{i} " for i in range(60)], delay_s=0.02), match="stream")
     gaps: list[float] = []
+    streaming = threading.Event()
 
     def stream() -> None:
         with voice_server.client() as s:
@@ -287,6 +289,7 @@ def test_event_loop_keeps_streaming_while_another_session_transcribes(voice_serv
                 f = s.recv(timeout=30)
                 now = time.monotonic()
                 if f["type"] == "chunk":
+                    streaming.set()
                     if last is not None:
                         gaps.append(now - last)
                     last = now
@@ -296,7 +299,7 @@ def test_event_loop_keeps_streaming_while_another_session_transcribes(voice_serv
     with voice_server.client() as c:
         t = threading.Thread(target=stream)
         t.start()
-        time.sleep(0.2)
+        assert streaming.wait(30), "the other session did not start streaming"
         for _ in range(3):
             c.send(type="audio_chunk", data=base64.b64encode(long_speech).decode())
             c.send(type="audio_end")
@@ -358,7 +361,7 @@ def test_hands_free_speech_interrupts_the_spoken_reply(voice_server, fake_openai
     assert of_type(rest, "done")[0]["stopReason"] == "stopped"
     # The answer kept is what the user heard; what had streamed beyond it stays on record.
     sid = rest[-1]["sessionId"]
-    answer = voice_server.get(f"/api/sessions/{sid}/messages").json()["messages"][-1]
+    answer = voice_server.get(f"/api/sessions/{sid}/messages").json()[-1]
     assert answer["status"] == "stopped"
     spoken = answer["meta"]["spoken"]
     assert spoken.startswith("Sentence number 0.") and answer["content"] == spoken

@@ -6,6 +6,7 @@ import argparse
 import asyncio
 import json
 import logging
+import os
 import sys
 from pathlib import Path
 from typing import Any
@@ -24,6 +25,18 @@ def _settings(args: argparse.Namespace) -> Settings:
 
 
 # ---------------------------------------------------------------- serve
+
+
+# uvicorn logs two INFO lines for every WebSocket (accepted, open) and one when it closes: a
+# thousand clients connecting at once write thousands of lines. Kept at debug level.
+_PER_CONNECTION = ('"WebSocket ', "connection open", "connection closed")
+
+
+def _per_connection_lines_at_debug(record: logging.LogRecord) -> bool:
+    if record.levelno == logging.INFO and isinstance(record.msg, str):
+        if record.msg.startswith(_PER_CONNECTION) or '"WebSocket ' in record.msg:
+            return logging.getLogger().isEnabledFor(logging.DEBUG)
+    return True
 
 
 def _client_errors_are_not_server_errors(record: logging.LogRecord) -> bool:
@@ -48,11 +61,21 @@ def _raise_open_files_limit() -> None:
         pass
 
 
-def _user_count(data_dir: Path) -> int:
-    """Users in the core database, read without starting the store (0 if there is none)."""
+def _user_count(settings: Settings) -> int:
+    """Users in the store, read without starting the server (0 if there is none)."""
+    if settings.store.url:
+        from .store.base import StoreUnavailable
+
+        async def count(store: Any) -> int:
+            return int(await store.count_users())
+
+        try:
+            return int(asyncio.run(_with_store(settings, count)))
+        except StoreUnavailable:
+            return 0  # refused below; serving would fail on the store anyway
     import sqlite3
 
-    path = data_dir / "prismd.db"
+    path = settings.data_dir / "prismd.db"
     if not path.exists():
         return 0
     conn = sqlite3.connect(f"file:{path}?mode=ro", uri=True)
@@ -64,6 +87,23 @@ def _user_count(data_dir: Path) -> int:
         conn.close()
 
 
+def _store_refusal(settings: Settings) -> str | None:
+    """A PostgreSQL store that cannot be reached (or migrated) stops the start with one clear
+    line, not a traceback from the server's start-up."""
+    if not settings.store.url:
+        return None
+    from .store.base import StoreUnavailable
+
+    async def probe(store: Any) -> None:
+        return None
+
+    try:
+        asyncio.run(_with_store(settings, probe))
+    except StoreUnavailable as exc:
+        return f"cannot use the store ({exc}); check store.url (PRISMD_DATABASE_URL)"
+    return None
+
+
 def _exposure_refusal(settings: Settings, insecure: bool) -> str | None:
     """Why the server must not start: reachable from other machines with nothing to log in."""
     from .auth.middleware import is_loopback
@@ -71,7 +111,7 @@ def _exposure_refusal(settings: Settings, insecure: bool) -> str | None:
     host = settings.server.host
     if insecure or is_loopback(host) or settings.auth.token:
         return None
-    if _user_count(settings.data_dir) > 0:
+    if _user_count(settings) > 0:
         return None
     return (
         f"refusing to listen on {host} with no password: anyone who can reach it could use "
@@ -81,16 +121,7 @@ def _exposure_refusal(settings: Settings, insecure: bool) -> str | None:
     )
 
 
-def cmd_serve(args: argparse.Namespace) -> int:
-    import uvicorn
-
-    from .server.app import create_app
-
-    settings = _settings(args)
-    refusal = _exposure_refusal(settings, args.insecure)
-    if refusal:
-        print(f"prismd: {refusal}", file=sys.stderr)
-        return 2
+def configure_logging(settings: Settings) -> None:
     logging.basicConfig(
         level=settings.server.log_level.upper(),
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
@@ -99,6 +130,44 @@ def cmd_serve(args: argparse.Namespace) -> int:
     for noisy in ("httpx", "httpx2"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
     logging.getLogger("uvicorn.error").addFilter(_client_errors_are_not_server_errors)
+    logging.getLogger("uvicorn.error").addFilter(_per_connection_lines_at_debug)
+    # No configured secret (MCP tokens, API keys) nor a recognisable one reaches the log.
+    from .auth.redact import RedactingFilter, configured_secrets
+
+    redact = RedactingFilter(configured_secrets(settings))
+    for handler in logging.getLogger().handlers:
+        handler.addFilter(redact)
+    logging.getLogger("uvicorn.error").addFilter(redact)
+
+
+def _workers_refusal(settings: Settings, workers: int) -> str | None:
+    if workers <= 1:
+        return None
+    if not settings.bus.url or not settings.store.url:
+        return (
+            f"--workers {workers} runs several processes, which share sessions through "
+            "PostgreSQL and Redis: set PRISMD_DATABASE_URL (or [store] url) and "
+            "PRISMD_REDIS_URL (or [bus] url), or run one worker"
+        )
+    return None
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    import uvicorn
+
+    from .server.app import create_app
+
+    settings = _settings(args)
+    workers = args.workers or 1
+    refusal = (
+        _workers_refusal(settings, workers)
+        or _store_refusal(settings)
+        or _exposure_refusal(settings, args.insecure)
+    )
+    if refusal:
+        print(f"prismd: {refusal}", file=sys.stderr)
+        return 2
+    configure_logging(settings)
     if args.insecure and _exposure_refusal(settings, False):
         logging.getLogger("prismd").warning(
             "serving %s with no authentication (--insecure): anyone who can reach it can use "
@@ -106,18 +175,36 @@ def cmd_serve(args: argparse.Namespace) -> int:
             settings.server.host,
         )
     _raise_open_files_limit()
-    app = create_app(settings)
-    uvicorn.run(
-        app,
-        host=settings.server.host,
-        port=settings.server.port,
-        log_level=settings.server.log_level,
-        access_log=False,
-        ws_max_size=settings.server.hard_frame_bytes,
+    proxies = settings.server.trusted_proxies
+    options: dict[str, Any] = {
+        "host": settings.server.host,
+        "port": settings.server.port,
+        "log_level": settings.server.log_level,
+        "access_log": False,
+        # X-Forwarded-For/-Proto are read only from `server.trusted_proxies` (uvicorn would
+        # trust 127.0.0.1 by default, or $FORWARDED_ALLOW_IPS: a local client could then
+        # pose as any address and escape the per-address login limit).
+        "proxy_headers": bool(proxies),
+        "forwarded_allow_ips": list(proxies),
+        "ws_max_size": settings.server.hard_frame_bytes,
         # Compression costs more CPU than it saves on small, unique streaming frames.
-        ws_per_message_deflate=False,
-        timeout_graceful_shutdown=5,
-    )
+        "ws_per_message_deflate": False,
+        "timeout_graceful_shutdown": 5,
+    }
+    if workers > 1:
+        # Each worker process builds the app from the same settings: the flags travel in the
+        # environment (uvicorn starts the workers).
+        for name, value in (
+            ("PRISMD_CONFIG", args.config),
+            ("PRISMD_HOST", args.host),
+            ("PRISMD_PORT", args.port),
+            ("PRISMD_DATA_DIR", args.data_dir),
+        ):
+            if value is not None:
+                os.environ[name] = str(value)
+        uvicorn.run("prismd.server.app:from_environment", factory=True, workers=workers, **options)
+    else:
+        uvicorn.run(create_app(settings), **options)
     return 0
 
 
@@ -241,9 +328,9 @@ def cmd_chat(args: argparse.Namespace) -> int:
 
 
 async def _with_store(settings: Settings, fn: Any) -> Any:
-    from .store.sqlite import SqliteStore
+    from .store import make_store
 
-    store = SqliteStore(settings.data_dir)
+    store = make_store(settings)
     await store.open()
     try:
         return await fn(store)
@@ -253,17 +340,21 @@ async def _with_store(settings: Settings, fn: Any) -> Any:
 
 def cmd_sessions(args: argparse.Namespace) -> int:
     from .protocol import SESSION_ID_RE
+    from .server.routes.rows import message_row, session_row
 
     settings = _settings(args)
-    if args.action in ("show", "delete") and not SESSION_ID_RE.match(args.id or ""):
+    if args.action != "list" and not SESSION_ID_RE.match(args.id or ""):
         print("error: give a valid session id", file=sys.stderr)
         return 2
+
+    out = str(Path(args.out or f"{args.id}.db").resolve()) if args.action == "export" else ""
 
     async def run(store: Any) -> int:
         if args.action == "list":
             records, total = await store.list_sessions(args.limit, 0)  # every owner, status
             if args.json:
-                print(json.dumps([r.to_json() for r in records], indent=2))
+                # The rows of GET /api/sessions.
+                print(json.dumps([session_row(r) for r in records], indent=2, ensure_ascii=False))
                 return 0
             print(f"{'ID':<30} {'STATUS':<8} {'AGENT':<12} {'TURNS':>5}  LAST ACTIVITY")
             for r in records:
@@ -279,16 +370,18 @@ def cmd_sessions(args: argparse.Namespace) -> int:
             return 1
         if args.action == "delete":
             await store.delete_session(args.id)
+            await store.delete_session_uploads(args.id)  # as DELETE /api/sessions/ID does
             print(f"deleted {args.id}")
+            return 0
+        if args.action == "export":
+            await store.export_session(args.id, out)
+            print(f"wrote {out}")
             return 0
         messages = await store.load_messages(args.id)
         if args.json:
-            print(
-                json.dumps(
-                    {"session": record.to_json(), "messages": [m.to_json() for m in messages]},
-                    indent=2,
-                )
-            )
+            # The rows of GET /api/sessions/ID and GET /api/sessions/ID/messages.
+            body = {"session": session_row(record), "messages": [message_row(m) for m in messages]}
+            print(json.dumps(body, indent=2, ensure_ascii=False))
             return 0
         print(f"session {record.id} · agent {record.agent_id} · {record.status}")
         for m in messages:
@@ -302,10 +395,84 @@ def cmd_sessions(args: argparse.Namespace) -> int:
 
 def cmd_agents(args: argparse.Namespace) -> int:
     settings = _settings(args)
+    if args.json:
+        from .server.routes.rows import agent_config
+
+        # The objects of GET /api/agents (CortexPrism's AgentConfig).
+        configs = [
+            agent_config(a, builtin=True, default=a.id == settings.default_agent)
+            for a in sorted(settings.all_agents(), key=lambda a: a.name.lower())
+        ]
+        print(json.dumps(configs, indent=2, ensure_ascii=False))
+        return 0
     for a in settings.all_agents():
         mark = "*" if a.id == settings.default_agent else " "
         model = f"{a.provider or 'default'}/{a.model or 'default'}"
         print(f"{mark} {a.id:<16} {a.name:<20} {model:<32} {a.description}")
+    return 0
+
+
+def cmd_uploads(args: argparse.Namespace) -> int:
+    """`prismd uploads prune`: what the server's janitor does every `prune_interval_s`."""
+    from .server.uploads import prune_uploads
+
+    settings = _settings(args)
+    days = args.older_than_days
+    if days is None:
+        days = settings.uploads.max_age_days
+        if not days:
+            print("uploads.max_age_days is 0: unused uploads are kept (give --older-than-days)")
+            return 0
+    if days < 0:
+        print("error: --older-than-days must be 0 or more", file=sys.stderr)
+        return 2
+
+    async def run(store: Any) -> int:
+        removed = await prune_uploads(store, days)
+        print(f"removed {removed} upload(s) older than {days:g} days that no session refers to")
+        return 0
+
+    return int(asyncio.run(_with_store(settings, run)))
+
+
+# ---------------------------------------------------------------- db (PostgreSQL)
+
+
+def cmd_db(args: argparse.Namespace) -> int:
+    from .store.base import StoreUnavailable
+    from .store.postgres import describe_url, migrate
+    from .store.sqlite_import import KINDS, ImportSourceError, import_sqlite
+
+    settings = _settings(args)
+    url = settings.store.url
+    if not url:
+        print(
+            "prismd: no PostgreSQL database is configured: set PRISMD_DATABASE_URL or "
+            '[store] url = "postgresql://user:password@host/db" in config.toml',
+            file=sys.stderr,
+        )
+        return 2
+    timeout_s = settings.store.timeout_s
+    try:
+        if args.action == "migrate":
+            version = asyncio.run(migrate(url, timeout_s))
+            print(f"{describe_url(url)}: schema version {version}")
+            return 0
+        source = Path(args.from_sqlite).expanduser()
+        counts = asyncio.run(import_sqlite(source, url, timeout_s))
+    except StoreUnavailable as exc:
+        print(f"prismd: {exc}", file=sys.stderr)
+        return 1
+    except ImportSourceError as exc:
+        print(f"prismd: {exc}", file=sys.stderr)
+        return 1
+    width = max(len(kind) for kind in KINDS)
+    for kind in KINDS:
+        print(f"{kind:<{width}}  {counts[kind]:>8}")
+    if not any(counts.values()):
+        print(f"nothing moved: everything in {source} is in {describe_url(url)} already")
+    else:
+        print(f"moved {sum(counts.values())} rows from {source} to {describe_url(url)}")
     return 0
 
 
@@ -314,6 +481,8 @@ def cmd_agents(args: argparse.Namespace) -> int:
 
 def _read_password(args: argparse.Namespace, name: str) -> str:
     """From stdin (--password-stdin: the first line), else asked twice without echo."""
+    from .auth.service import AccountError, check_password
+
     if getattr(args, "password_stdin", False):
         password = sys.stdin.readline().rstrip("\r\n")
     else:
@@ -322,9 +491,10 @@ def _read_password(args: argparse.Namespace, name: str) -> str:
         password = getpass.getpass(f"Password for {name}: ")
         if getpass.getpass("Again: ") != password:
             raise _CliError("the two passwords differ")
-    if len(password) < 8:
-        raise _CliError("the password must have at least 8 characters")
-    return password
+    try:
+        return check_password(password)
+    except AccountError as exc:
+        raise _CliError(str(exc)) from None
 
 
 class _CliError(Exception):
@@ -332,37 +502,44 @@ class _CliError(Exception):
 
 
 def _auth_command(fn: Any) -> Any:
+    """Run `fn(args, auth)` with the credentials service on the core database (the same
+    checks as the admin page's; the server need not run, and a running one sees the change)."""
+
     def run(args: argparse.Namespace) -> int:
+        from .auth import AccountError, Auth
+
         settings = _settings(args)
+
+        async def with_auth(store: Any) -> int:
+            auth = Auth(settings, store)
+            try:
+                return int(await fn(args, auth))
+            finally:
+                await auth.aclose()
+
         try:
-            return int(asyncio.run(_with_store(settings, lambda store: fn(args, store))))
-        except _CliError as exc:
+            return int(asyncio.run(_with_store(settings, with_auth)))
+        except (_CliError, AccountError) as exc:
             print(f"prismd: {exc}", file=sys.stderr)
             return 1
 
     return run
 
 
-async def _set_user_password(store: Any, name: str, password: str, admin: bool) -> str:
+async def _set_user_password(auth: Any, name: str, password: str, admin: bool) -> str:
     """Create the user, or change the password of an existing one. Returns what was done."""
-    from .auth import hash_password
-    from .sessions.manager import new_id, now_iso
-    from .store.base import UserRecord
-
-    hashed = await asyncio.to_thread(hash_password, password)
-    user = await store.get_user_by_name(name)
+    user = await auth.store.get_user_by_name(name)
     if user is None:
-        first = await store.count_users() == 0
-        user = UserRecord(new_id("user"), name, admin or first, hashed, now_iso())
-        await store.create_user(user)
+        user = await auth.add_user(name, password, admin)
         return f"added user {name}" + (" (admin)" if user.admin else "")
-    await store.set_password(user.id, hashed)
+    await auth.set_password(user.id, password)
     return f"changed the password of {name} (their login sessions are ended)"
 
 
-async def _users(args: argparse.Namespace, store: Any) -> int:
-    import re
+async def _users(args: argparse.Namespace, auth: Any) -> int:
+    from .auth.service import check_username
 
+    store = auth.store
     if args.action == "list":
         users = await store.list_users()
         if args.json:
@@ -373,37 +550,32 @@ async def _users(args: argparse.Namespace, store: Any) -> int:
         if not users:
             print("(no users: the server is open on loopback)", file=sys.stderr)
         return 0
-    name = args.name
-    if not re.fullmatch(r"[A-Za-z0-9_.@-]{1,64}", name):
-        raise _CliError("a user name has 1 to 64 letters, digits or _ . @ -")
+    name = check_username(args.name)
     user = await store.get_user_by_name(name)
     if args.action == "add":
         if user is not None:
             raise _CliError(f"user {name} exists already (change the password: users passwd)")
-        print(await _set_user_password(store, name, _read_password(args, name), args.admin))
+        print(await _set_user_password(auth, name, _read_password(args, name), args.admin))
         return 0
     if user is None:
         raise _CliError(f"no user {name}")
     if args.action == "remove":
-        await store.delete_user(user.id)
+        await auth.remove_user(user.id)
         print(f"removed user {name} (their sessions are kept)")
         return 0
-    print(await _set_user_password(store, name, _read_password(args, name), False))
+    print(await _set_user_password(auth, name, _read_password(args, name), False))
     return 0
 
 
-async def _passwd(args: argparse.Namespace, store: Any) -> int:
-    admins = [u for u in await store.list_users() if u.admin]
+async def _passwd(args: argparse.Namespace, auth: Any) -> int:
+    admins = [u for u in await auth.store.list_users() if u.admin]
     name = admins[0].name if admins else "admin"
-    print(await _set_user_password(store, name, _read_password(args, name), True))
+    print(await _set_user_password(auth, name, _read_password(args, name), True))
     return 0
 
 
-async def _tokens(args: argparse.Namespace, store: Any) -> int:
-    from .auth import new_token, token_hash
-    from .sessions.manager import new_id, now_iso
-    from .store.base import TokenRecord
-
+async def _tokens(args: argparse.Namespace, auth: Any) -> int:
+    store = auth.store
     users = {u.id: u for u in await store.list_users()}
     if args.action == "create":
         if args.user:
@@ -416,9 +588,7 @@ async def _tokens(args: argparse.Namespace, store: Any) -> int:
                 raise _CliError(
                     "no user yet: add one first (prismd users add NAME), or give --user"
                 )
-        token = new_token()
-        record = TokenRecord(new_id("tok"), user.id, args.name or "", token_hash(token), now_iso())
-        await store.create_token(record)
+        record, token = await auth.create_token(user.id, args.name or "")
         print(token)
         print(
             f"token {record.id} for {user.name}: shown once, keep it "
@@ -435,7 +605,7 @@ async def _tokens(args: argparse.Namespace, store: Any) -> int:
         if not tokens:
             print("(no tokens)", file=sys.stderr)
         return 0
-    if not await store.revoke_token(args.id):
+    if not await auth.revoke_token(args.id):
         raise _CliError(f"no token {args.id}")
     print(f"revoked {args.id}")
     return 0
@@ -511,6 +681,11 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--port", type=int, help="port to listen on (default 3000)")
     serve.add_argument("--data-dir", help="where sessions are stored (default $PRISMD_HOME/data)")
     serve.add_argument(
+        "--workers",
+        type=int,
+        help="processes serving the port (default 1; more need PostgreSQL and Redis)",
+    )
+    serve.add_argument(
         "--insecure",
         action="store_true",
         help="serve on a non-loopback address even with no user or token (no authentication)",
@@ -532,7 +707,9 @@ def build_parser() -> argparse.ArgumentParser:
     chat.set_defaults(func=cmd_chat)
 
     sessions = sub.add_parser(
-        "sessions", help="list, show or delete stored sessions", description="Stored sessions."
+        "sessions",
+        help="list, show, export or delete stored sessions",
+        description="Stored sessions.",
     )
     sessions.add_argument("--data-dir", help="data directory (default from the config)")
     ssub = sessions.add_subparsers(dest="action", required=True, metavar="ACTION")
@@ -542,14 +719,57 @@ def build_parser() -> argparse.ArgumentParser:
     ss = ssub.add_parser("show", help="print a session's messages")
     ss.add_argument("id")
     ss.add_argument("--json", action="store_true")
-    sd = ssub.add_parser("delete", help="delete a session and its database")
+    sd = ssub.add_parser("delete", help="delete a session and everything stored with it")
     sd.add_argument("id")
+    se = ssub.add_parser(
+        "export", help="write one session as a standalone SQLite file (per-session layout)"
+    )
+    se.add_argument("id")
+    se.add_argument("--out", help="the file to write (default: ./<id>.db)")
     sessions.set_defaults(func=cmd_sessions)
+
+    db = sub.add_parser(
+        "db",
+        help="PostgreSQL: apply schema migrations, import an embedded install",
+        description="The PostgreSQL database of [store] url (PRISMD_DATABASE_URL).",
+    )
+    dsub = db.add_subparsers(dest="action", required=True, metavar="ACTION")
+    dsub.add_parser(
+        "migrate", help="apply the missing schema migrations and print the schema version"
+    )
+    di = dsub.add_parser(
+        "import",
+        help="move an embedded (SQLite) install into PostgreSQL; running it again moves "
+        "nothing twice",
+    )
+    di.add_argument(
+        "--from-sqlite",
+        required=True,
+        metavar="DATA_DIR",
+        help="the embedded install's data directory (stop its server first)",
+    )
+    db.set_defaults(func=cmd_db)
 
     agents = sub.add_parser("agents", help="list agents", description="Configured agents.")
     asub = agents.add_subparsers(dest="action", required=True, metavar="ACTION")
-    asub.add_parser("list", help="list agents (* marks the default)")
+    al = asub.add_parser("list", help="list agents (* marks the default)")
+    al.add_argument("--json", action="store_true", help="as GET /api/agents answers them")
     agents.set_defaults(func=cmd_agents)
+    uploads = sub.add_parser(
+        "uploads",
+        help="prune uploads no session refers to",
+        description="Uploads (POST /api/upload) that no session refers to are removed once "
+        "older than uploads.max_age_days; the server does this every prune_interval_s.",
+    )
+    uploads.add_argument("--data-dir", help="data directory (default from the config)")
+    upsub = uploads.add_subparsers(dest="action", required=True, metavar="ACTION")
+    prune = upsub.add_parser("prune", help="remove the unused uploads that are old enough")
+    prune.add_argument(
+        "--older-than-days",
+        type=float,
+        help="the age (default: uploads.max_age_days from the config)",
+    )
+    uploads.set_defaults(func=cmd_uploads)
     _add_auth_commands(sub)
     return parser
 

@@ -6,15 +6,31 @@ ConfigError whose message names the key and the problem; the CLI prints it witho
 
 from __future__ import annotations
 
+import ipaddress
+import math
 import os
 import tomllib
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    ConfigDict,
+    Field,
+    PrivateAttr,
+    SerializerFunctionWrapHandler,
+    ValidationError,
+    field_serializer,
+    field_validator,
+)
 
-ProviderKind = Literal["openai", "anthropic", "ollama"]
-PROVIDER_KINDS: tuple[str, ...] = ("openai", "anthropic", "ollama")
+ProviderKind = Literal["openai", "anthropic", "ollama", "local"]
+# "provider:model" (the model may hold colons: "ollama:llama3:8b") or "provider" alone.
+ModelSpec = Annotated[
+    str, Field(pattern=r"^(openai|anthropic|ollama|local)(:.{1,200})?$", max_length=220)
+]
+PROVIDER_KINDS: tuple[str, ...] = ("openai", "anthropic", "ollama", "local")
 
 DEFAULT_SYSTEM_PROMPT = (
     "You are a helpful assistant running inside prismd, a self-hosted AI server. "
@@ -24,6 +40,28 @@ DEFAULT_SYSTEM_PROMPT = (
 
 class ConfigError(Exception):
     """The configuration cannot be used; the message says which key and why."""
+
+
+# Bounds of every agent field, in one place: the config file's agents and those users create
+# over REST (server/rest.py's AgentIn/AgentPatch use the same types). Nothing a user sends can
+# make an agent that costs the server more than these (issue 11: a 40,000-pattern tool list).
+AgentId = Annotated[str, Field(pattern=r"^[A-Za-z0-9_-]{1,64}$")]
+AgentName = Annotated[str, Field(min_length=1, max_length=100)]
+AgentDescription = Annotated[str, Field(max_length=2_000)]
+ModelName = Annotated[str, Field(min_length=1, max_length=200)]
+SystemPrompt = Annotated[str, Field(max_length=100_000)]
+ToolPattern = Annotated[str, Field(min_length=1, max_length=128)]
+ToolPatterns = Annotated[list[ToolPattern], Field(max_length=256)]
+
+
+def _network(value: str) -> str:
+    try:
+        return str(ipaddress.ip_network(value.strip(), strict=False))
+    except ValueError:
+        raise ValueError(f"{value!r} is not an IP address or network") from None
+
+
+IpNetwork = Annotated[str, AfterValidator(_network)]
 
 
 class _Section(BaseModel):
@@ -40,8 +78,12 @@ class ServerSettings(_Section):
     hard_frame_bytes: Annotated[int, Field(ge=1024)] = 64 * 1024 * 1024
     max_files: Annotated[int, Field(ge=0)] = 10
     max_file_bytes: Annotated[int, Field(ge=1)] = 10 * 1024 * 1024
-    # Frames queued for one connection before it is considered stuck and dropped.
+    # A connection with this many frames waiting while its socket takes no more bytes (it reads
+    # slower than its frames come, by this many, or not at all) is dropped (server/ws.py).
     send_queue_frames: Annotated[int, Field(ge=16)] = 10_000
+    # …or this many bytes of frames (pieces that arrive together are merged into one frame, so
+    # a client that does not read may hold few, large frames).
+    send_queue_bytes: Annotated[int, Field(ge=65536)] = 16 * 1024 * 1024
     # Events kept per session for `resume`; older ones are pruned (a resume before them gets
     # `resume_gap`).
     max_events_per_session: Annotated[int, Field(ge=100)] = 50_000
@@ -53,7 +95,33 @@ class ServerSettings(_Section):
     # Concurrent WebSocket connections per client address (0 = unlimited). Loopback clients
     # are exempt unless `limit_loopback` (a local user already has the machine).
     max_connections_per_client: Annotated[int, Field(ge=0)] = 64
+    # On shutdown (SIGTERM), wait this long for running turns to finish before they are cut
+    # off (kept as far as they streamed, marked interrupted). Default: 30 s when several
+    # processes share the sessions (a rolling restart loses no answer: the clients reconnect
+    # to another process and resume), 0 for one process.
+    drain_s: Annotated[float, Field(ge=0)] | None = None
     limit_loopback: bool = False
+    # Reverse proxies (addresses or networks, e.g. "127.0.0.1", "10.0.0.0/8") whose
+    # X-Forwarded-For / X-Forwarded-Proto are believed. None by default: the client address
+    # (login limits, connection limits) is the socket's peer and the scheme is the socket's.
+    trusted_proxies: list[IpNetwork] = Field(default_factory=list)
+
+
+class StoreSettings(_Section):
+    # PostgreSQL for everything durable ("postgresql://user:pass@host:5432/db"), shared by
+    # every prismd process and machine; unset: the embedded SQLite database in data_dir.
+    url: str | None = None
+    # Connections for reads, per process (the writer has one of its own).
+    pool_size: Annotated[int, Field(ge=1, le=100)] = 10
+    # A statement, or a connection attempt, that takes longer fails with store_unavailable.
+    timeout_s: Annotated[float, Field(gt=0)] = 5.0
+
+    @field_validator("url")
+    @classmethod
+    def _postgres_url(cls, url: str | None) -> str | None:
+        if url and not url.startswith(("postgresql://", "postgres://")):
+            raise ValueError("must be a postgresql://user:password@host:port/database URL")
+        return url or None
 
 
 class ProviderSettings(_Section):
@@ -68,11 +136,33 @@ class ProviderSettings(_Section):
     context_window: Annotated[int, Field(gt=0)] | None = None
     vision: bool = True
     # How tools reach the model: the API's native tool calling, or the text protocol
-    # (<tool_call>{"tool": …, "args": …}</tool_call>) for models without it.
-    tool_calling: Literal["native", "text"] = "native"
+    # (<tool_call>{"tool": …, "args": …}</tool_call>) for models without it. "auto": native,
+    # except for a local model whose chat template declares no tool support.
+    tool_calling: Literal["auto", "native", "text"] = "auto"
     # Models of this provider that need the text protocol (fnmatch patterns).
     text_tool_models: list[str] = Field(default_factory=list)
-    max_output_tokens: Annotated[int, Field(gt=0)] = 4096
+    # The longest answer asked of the model; default 4096 (1024 for a `local` model).
+    max_output_tokens: Annotated[int, Field(gt=0)] | None = None
+    # The `local` provider only (GGUF models run by prismd's own llama.cpp runtime):
+    # false: never start a local runtime (no offline default model either).
+    enabled: bool = True
+    # More GGUF models by name: {qwen = "/path/qwen.gguf"}; `model` may name one of them.
+    models: dict[str, str] = Field(default_factory=dict)
+    # Threads of llama.cpp; 0: half the CPUs (at least one), which leaves room for prismd: on a
+    # busy machine llama.cpp's spinning threads slow down many times over (docs/benchmarks.md).
+    threads: Annotated[int, Field(ge=0)] = 0
+    # Streams generated at once (continuous batching); they share `context_window` tokens.
+    parallel: Annotated[int, Field(ge=1, le=64)] = 4
+    repeat_penalty: Annotated[float, Field(ge=0)] = 1.1
+    seed: Annotated[int, Field(ge=0)] | None = None
+    # How long a chat waits for the model to load before `provider_timeout`.
+    load_timeout_s: Annotated[float, Field(gt=0)] = 300.0
+
+
+# Keys of ProviderSettings that only the `local` provider reads.
+LOCAL_ONLY_KEYS = frozenset(
+    {"enabled", "models", "threads", "parallel", "repeat_penalty", "seed", "load_timeout_s"}
+)
 
 
 class ShellSettings(_Section):
@@ -80,6 +170,11 @@ class ShellSettings(_Section):
     max_output_bytes: Annotated[int, Field(ge=1024)] = 256 * 1024
     memory_mb: Annotated[int, Field(ge=64)] = 2048
     max_processes: Annotated[int, Field(ge=8)] = 256
+    # Who runs in the sandbox (tools/builtins/sandbox.py): "untrusted" callers only (non-admin
+    # users of a server with users; trusted callers get the host shell in the workspace), or
+    # "always". In the sandbox the network is cut unless `network`.
+    sandbox: Literal["untrusted", "always"] = "untrusted"
+    network: bool = False
 
 
 class CodeExecSettings(_Section):
@@ -87,8 +182,8 @@ class CodeExecSettings(_Section):
     cpu_s: Annotated[int, Field(ge=1)] = 30
     memory_mb: Annotated[int, Field(ge=64)] = 512
     max_output_bytes: Annotated[int, Field(ge=1024)] = 256 * 1024
-    # Cut the process off the network where the machine allows it (an unshared network
-    # namespace); see the README for what isolation is in force.
+    # Let the process reach the network (it is cut by default: an empty network namespace);
+    # see the README for what isolation is in force.
     network: bool = False
 
 
@@ -113,6 +208,13 @@ class McpServerSettings(_Section):
     timeout_s: Annotated[float, Field(gt=0)] = 60.0
     # Tools of this server that need the user's approval ("*" for all).
     approve: list[str] = Field(default_factory=list)
+    # Its tools act with the server's credentials for every caller, so in a server with users
+    # only admins get them, unless this is true (the server is safe to share: it keeps each
+    # user apart itself) or a grant names them (tools.grants, an agent's `grant`).
+    allow_users: bool = False
+    # What its tools' data is, for approval requests' `dataClassification` (None: "restricted"
+    # for a server only admins may use, else "internal").
+    data_classification: Literal["public", "internal", "confidential", "restricted"] | None = None
 
 
 class ToolsSettings(_Section):
@@ -124,25 +226,35 @@ class ToolsSettings(_Section):
     # Tool output shown in `tool_end` is cut at this many characters.
     display_output_chars: Annotated[int, Field(ge=64)] = 2_000
     approval_timeout_s: Annotated[float, Field(gt=0)] = 120.0
+    # Host-level tools (`shell`, MCP servers not marked allow_users) that non-admin users may
+    # use, by user name: {alice = ["shell"]} (names or fnmatch patterns). Admins need none.
+    grants: dict[str, list[str]] = Field(default_factory=dict)
     shell: ShellSettings = Field(default_factory=ShellSettings)
     code_exec: CodeExecSettings = Field(default_factory=CodeExecSettings)
     web_fetch: WebFetchSettings = Field(default_factory=WebFetchSettings)
 
 
 class AgentSettings(_Section):
-    id: Annotated[str, Field(pattern=r"^[A-Za-z0-9_-]{1,64}$")]
-    name: str
-    description: str = ""
+    id: AgentId
+    name: AgentName
+    description: AgentDescription = ""
     provider: ProviderKind | None = None
-    model: str | None = None
-    system_prompt: str = DEFAULT_SYSTEM_PROMPT
+    model: ModelName | None = None
+    system_prompt: SystemPrompt = DEFAULT_SYSTEM_PROMPT
     temperature: Annotated[float, Field(ge=0, le=2)] | None = None
     # Tools this agent may use: names or fnmatch patterns ("file_*", "github__*", "*").
-    tools: list[str] = Field(default_factory=lambda: ["*"])
+    tools: ToolPatterns = Field(default_factory=lambda: ["*"])
     # Tools that need the user's approval in addition to those that need it by default…
-    approve: list[str] = Field(default_factory=list)
+    approve: ToolPatterns = Field(default_factory=list)
     # …and tools this agent may run without asking (e.g. "shell" for a trusted agent).
-    auto_approve: list[str] = Field(default_factory=list)
+    auto_approve: ToolPatterns = Field(default_factory=list)
+    # Host-level tools this agent may use for every user, admin or not (config file only:
+    # agents created over the API cannot carry grants).
+    grant: ToolPatterns = Field(default_factory=list)
+    # Models to fall back to, in order, when this agent's fails before its first token (after
+    # its retries) or is not configured: "provider:model" or "provider" (its default model).
+    # None: the server's `fallback` list.
+    fallback: list[ModelSpec] | None = None
 
 
 BUILTIN_AGENT = AgentSettings(
@@ -158,11 +270,15 @@ class AuthSettings(_Section):
     token: Annotated[str, Field(min_length=16)] | None = None
     # Login sessions (the `prismd_session` cookie) expire after this many hours.
     session_ttl_hours: Annotated[float, Field(gt=0)] = 168.0
-    # Origins (scheme://host[:port]) besides the server's own that may open a WebSocket with the
-    # login cookie; a cookie-authenticated upgrade from any other Origin is refused.
+    # Origins (scheme://host[:port]) besides the server's own whose pages may change things
+    # (unsafe methods) or open a WebSocket with the login cookie; other origins get 403.
     allowed_origins: list[str] = Field(default_factory=list)
-    # Failed logins allowed per username and per client address within a minute.
+    # Failed logins allowed per client address within a minute (then 429 until the oldest is a
+    # minute old), and per username before each further attempt for that name must wait…
     login_attempts_per_minute: Annotated[int, Field(ge=1)] = 5
+    # …1 s, doubling with every failure, up to this (the name's real owner waits at most
+    # this long, instead of being locked out).
+    login_delay_max_s: Annotated[float, Field(ge=1, le=3600)] = 30.0
 
 
 class SttSettings(_Section):
@@ -241,6 +357,43 @@ class VoiceSettings(_Section):
     tts: TtsSettings = Field(default_factory=TtsSettings)
 
 
+class UploadsSettings(_Section):
+    """What one user may store and send, so that no user can fill the disk (0: no limit).
+
+    Uploads (`POST /api/upload`) count against a quota of bytes and files per user; those no
+    session refers to are removed after `max_age_days` (by the server every
+    `prune_interval_s`, or `prismd uploads prune`); a deleted session's uploads go with it.
+    Chat messages (text and files, inline or uploaded) count against a daily budget per user
+    (UTC days)."""
+
+    max_bytes_per_user: Annotated[int, Field(ge=0)] = 1024 * 1024 * 1024
+    max_files_per_user: Annotated[int, Field(ge=0)] = 1000
+    max_age_days: Annotated[float, Field(ge=0)] = 7.0
+    prune_interval_s: Annotated[float, Field(gt=0)] = 3600.0
+    chat_bytes_per_day: Annotated[int, Field(ge=0)] = 512 * 1024 * 1024
+    chat_files_per_day: Annotated[int, Field(ge=0)] = 1000
+
+
+class BusSettings(_Section):
+    # Redis (redis://[:password@]host:6379/0): the live event bus and coordination between
+    # several prismd processes (`prismd serve --workers N`, several machines). Needs the
+    # PostgreSQL store. Unset: one process, the in-process bus.
+    url: str | None = None
+
+
+class RoutingSettings(_Section):
+    """`modelMode: "auto"`: prismd picks the model of each turn. A turn goes to `large` when
+    its message (with its files' text) is longer than `large_above_tokens` (estimated), when it
+    carries attachments (`large_for_attachments`), or when its agent has tools
+    (`large_for_tools`); else to `small`. Unset (either model): auto means the agent's model."""
+
+    small: ModelSpec | None = None
+    large: ModelSpec | None = None
+    large_above_tokens: Annotated[int, Field(ge=0)] = 2000
+    large_for_attachments: bool = True
+    large_for_tools: bool = False
+
+
 class Settings(_Section):
     home: Path = Path("~/.prismd")
     provider: ProviderKind | None = None
@@ -253,10 +406,46 @@ class Settings(_Section):
     mcp_servers: list[McpServerSettings] = Field(default_factory=list)
     voice: VoiceSettings = Field(default_factory=VoiceSettings)
     auth: AuthSettings = Field(default_factory=AuthSettings)
+    uploads: UploadsSettings = Field(default_factory=UploadsSettings)
+    store: StoreSettings = Field(default_factory=StoreSettings)
+    bus: BusSettings = Field(default_factory=BusSettings)
+    # Models every agent falls back to (see AgentSettings.fallback).
+    fallback: list[ModelSpec] = Field(default_factory=list)
+    routing: RoutingSettings = Field(default_factory=RoutingSettings)
+    # Tests only: PRISMD_TEST_CLOCK_OFFSET_S (see TEST_CLOCK_ENV), never the file or REST.
+    _test_clock_offset_s: float = PrivateAttr(default=0.0)
+
+    @property
+    def test_clock_offset_s(self) -> float:
+        return self._test_clock_offset_s
 
     @property
     def data_dir(self) -> Path:
         return (self.server.data_dir or self.home / "data").expanduser()
+
+    @field_validator("providers")
+    @classmethod
+    def _local_keys_only_for_local(
+        cls, providers: dict[str, ProviderSettings]
+    ) -> dict[str, ProviderSettings]:
+        for kind, section in providers.items():
+            misplaced = (
+                sorted(LOCAL_ONLY_KEYS & section.model_fields_set) if kind != "local" else []
+            )
+            if misplaced:
+                raise ValueError(f"{kind}.{misplaced[0]} is a setting of [providers.local] only")
+        return providers
+
+    @field_serializer("providers", mode="wrap")
+    def _dump_local_keys_only_for_local(
+        self, providers: dict[str, ProviderSettings], handler: SerializerFunctionWrapHandler
+    ) -> dict[str, Any]:
+        dumped: dict[str, Any] = handler(providers)
+        for kind, section in dumped.items():
+            if kind != "local" and isinstance(section, dict):
+                for key in LOCAL_ONLY_KEYS:
+                    section.pop(key, None)
+        return dumped
 
     def provider_settings(self, kind: str) -> ProviderSettings:
         return self.providers.get(kind, ProviderSettings())  # type: ignore[call-overload]
@@ -277,13 +466,23 @@ ENV_OVERRIDES: dict[str, tuple[str, ...]] = {
     "PRISMD_MODEL": ("model",),
     "PRISMD_DEFAULT_AGENT": ("default_agent",),
     "PRISMD_TOKEN": ("auth", "token"),
+    "PRISMD_DATABASE_URL": ("store", "url"),
+    "PRISMD_REDIS_URL": ("bus", "url"),
     # The SDKs' own variables, so that detection and the SDK agree.
     "OPENAI_BASE_URL": ("providers", "openai", "base_url"),
     "OPENAI_API_KEY": ("providers", "openai", "api_key"),
     "ANTHROPIC_BASE_URL": ("providers", "anthropic", "base_url"),
     "ANTHROPIC_API_KEY": ("providers", "anthropic", "api_key"),
     "OLLAMA_BASE_URL": ("providers", "ollama", "base_url"),
+    # "false": no local runtime, hence no offline default model.
+    "PRISMD_LOCAL_ENABLED": ("providers", "local", "enabled"),
 }
+
+# Tests only: the login-session clock (auth/service.py) runs this many seconds ahead, so that a
+# test sees a login expire without waiting out its TTL (tests/test_auth.py). Ahead only: it can
+# end logins sooner, never keep one longer. Read from the environment alone (not a key of the
+# file, not shown or changed by /api/config), and the server logs a warning when it is set.
+TEST_CLOCK_ENV = "PRISMD_TEST_CLOCK_OFFSET_S"
 
 
 def home_dir(env: dict[str, str] | None = None) -> Path:
@@ -353,4 +552,16 @@ def load_settings(
             f"Invalid configuration ({path}): default_agent: no agent with id "
             f"{settings.default_agent!r}"
         )
+    offset = env.get(TEST_CLOCK_ENV)
+    if offset:
+        try:
+            seconds = float(offset)
+        except ValueError:
+            seconds = math.nan
+        if not (math.isfinite(seconds) and seconds >= 0):
+            raise ConfigError(
+                f"Invalid configuration ({TEST_CLOCK_ENV}): seconds >= 0 (the clock may only run "
+                f"ahead), not {offset!r}"
+            )
+        settings._test_clock_offset_s = seconds
     return settings

@@ -12,6 +12,7 @@ import re
 from enum import StrEnum
 from typing import Annotated, Any, Literal
 
+import orjson
 from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError, model_validator
 
 PROTOCOL_VERSION = 1
@@ -38,16 +39,31 @@ class ErrorCode(StrEnum):
     TTS_UNAVAILABLE = "tts_unavailable"
     TRANSCRIPTION_FAILED = "transcription_failed"
     RESUME_GAP = "resume_gap"
+    STORE_UNAVAILABLE = "store_unavailable"
+    BUS_UNAVAILABLE = "bus_unavailable"
     INTERNAL = "internal"
 
 
-class ProtocolError(Exception):
+class PrismdError(Exception):
+    """The root of prismd's failures (as HTTPX's exceptions): each subclass says what failed
+    and carries the error code a client is told (PROTOCOL.md B4). Subclasses: ProtocolError
+    (a refused request), providers' ProviderError, tools' ToolError, the store's
+    StoreUnavailable, voice's VoiceError, auth's RateLimited."""
+
+    code: ErrorCode = ErrorCode.INTERNAL
+
+    def __init__(self, message: str, code: ErrorCode | None = None) -> None:
+        super().__init__(message)
+        self.message = message
+        if code is not None:
+            self.code = code
+
+
+class ProtocolError(PrismdError):
     """A request the server refuses; becomes an `error` frame with a code (no seq)."""
 
     def __init__(self, code: ErrorCode, message: str, details: dict[str, Any] | None = None):
-        super().__init__(message)
-        self.code = code
-        self.message = message
+        super().__init__(message, code)
         self.details = details
 
 
@@ -208,7 +224,10 @@ def parse_client_message(text: str) -> ClientMessage:
     try:
         raw = json.loads(text)
     except (ValueError, RecursionError) as exc:
-        raise ProtocolError(ErrorCode.INVALID_JSON, f"Invalid JSON: {exc}") from None
+        # The text is CortexPrism's exactly; the parser's detail goes in `details`.
+        raise ProtocolError(
+            ErrorCode.INVALID_JSON, "Invalid JSON", {"field": "", "reason": str(exc)}
+        ) from None
     if not isinstance(raw, dict):
         raise ProtocolError(
             ErrorCode.INVALID_MESSAGE,
@@ -300,6 +319,33 @@ def check_session_id(session_id: str) -> str:
 
 # ---------------------------------------------------------------- server -> client
 
+# Every `type` a server frame may have (PROTOCOL.md A2 and B). The web app's
+# /static/js/protocol.js is generated from these, the client types and ErrorCode
+# (server/web.py), so the app never spells a name by hand.
+EVENT_TYPES: tuple[str, ...] = (
+    "connected",
+    "pong",
+    "session",
+    "session_ended",
+    "agent_selected",
+    "start",
+    "chunk",
+    "reasoning",
+    "tool_start",
+    "tool_end",
+    "approval_request",
+    "approval_resolved",
+    "stopped",
+    "transcribed",
+    "audio",
+    "speech_error",
+    "done",
+    "context_usage",
+    "error",
+    "voice_state",
+    "voice_stream",
+)
+
 
 def error_frame(code: ErrorCode | str, message: str, **extra: Any) -> dict[str, Any]:
     frame: dict[str, Any] = {"type": "error", "error": message, "code": str(code)}
@@ -308,8 +354,10 @@ def error_frame(code: ErrorCode | str, message: str, **extra: Any) -> dict[str, 
 
 
 def dumps(frame: dict[str, Any]) -> str:
-    text = json.dumps(frame, ensure_ascii=False, separators=(",", ":"))
-    if not _encodable(text):
-        # A lone surrogate slipped in: escape it rather than fail to send the frame.
-        text = json.dumps(frame, ensure_ascii=True, separators=(",", ":"))
-    return text
+    """A frame's JSON text (orjson: this runs once per event on the hot path)."""
+    try:
+        return orjson.dumps(frame).decode()
+    except (orjson.JSONEncodeError, TypeError):
+        # A lone surrogate slipped in (orjson refuses them): escape it rather than fail to
+        # send the frame.
+        return json.dumps(frame, ensure_ascii=True, separators=(",", ":"))

@@ -73,11 +73,9 @@ def chromium_args(wav: Path | None) -> list[str]:
 def browser(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Browser]:
     if not CHROMIUM.exists():
         pytest.skip("Debian's chromium is not installed (make install installs it)")
-    wav = None
-    if SPEECH_WAV.exists():
-        # Chromium reads the capture file itself; a copy keeps the path free of surprises.
-        wav = tmp_path_factory.mktemp("audio") / "speech.wav"
-        shutil.copy(SPEECH_WAV, wav)
+    # Chromium reads the capture file itself; a copy keeps the path free of surprises.
+    wav = tmp_path_factory.mktemp("audio") / "speech.wav"
+    shutil.copy(SPEECH_WAV, wav)
     with sync_playwright() as pw:
         b = pw.chromium.launch(executable_path=str(CHROMIUM), args=chromium_args(wav))
         yield b

@@ -18,6 +18,7 @@ from playwright.sync_api import Browser, Page, expect
 
 from prismd.testing.fake_models import FakeModelServer, Reply
 from tests.conftest import PrismdServer, openai_env
+from tests.test_auth import cli
 
 from .conftest import CONFIG, Console
 
@@ -65,6 +66,22 @@ def demo_server(
     srv.stop()
 
 
+@pytest.fixture(scope="module")
+def team_server(
+    tmp_path_factory: pytest.TempPathFactory, fake_openai: FakeModelServer
+) -> Iterator[PrismdServer]:
+    """A server with users (alice is the admin) and a token, for the settings pages."""
+    srv = PrismdServer(tmp_path_factory.mktemp("team"), openai_env(fake_openai), CONFIG)
+    for name in ("alice", "bob", "carol"):
+        out = cli(srv.home, "users", "add", name, "--password-stdin", input=f"{name}-password-1\n")
+        assert out.returncode == 0, out.stderr
+    for user, label in (("bob", "nightly-report"), ("alice", "home-assistant")):
+        assert cli(srv.home, "tokens", "create", "--user", user, "--name", label).returncode == 0
+    srv.start()
+    yield srv
+    srv.stop()
+
+
 def new_page(browser: Browser, console: Console, width: int, height: int, theme: str) -> Page:
     context = browser.new_context(
         viewport={"width": width, "height": height}, color_scheme=theme, device_scale_factor=1
@@ -93,6 +110,7 @@ def test_screenshots(
     demo_server: PrismdServer,
     fake_openai: FakeModelServer,
     bare_server: PrismdServer,
+    team_server: PrismdServer,
     shots: Path,
     console: Console,
 ) -> None:
@@ -176,6 +194,39 @@ def test_screenshots(
     setup.set_viewport_size({"width": 1100, "height": 640})
     setup.screenshot(path=shots / "login.png", animations="disabled")
     setup.context.close()
+
+    # Hands-free, listening (the fake microphone's question has no pause to end it).
+    voice = new_page(browser, console, 1280, 800, "light")
+    voice.goto(srv.url + "/")
+    expect(voice.locator("#conn.up")).to_have_count(1)
+    voice.locator(".session-item", has_text="Lisbon").click()
+    expect(voice.locator("#messages-inner .msg.assistant")).to_have_count(1)
+    voice.locator("#hands-free").click()
+    expect(voice.locator("#hands-free-bar")).to_have_attribute("data-state", "listening")
+    voice.mouse.move(1200, 790)
+    voice.screenshot(path=shots / "hands-free.png", animations="disabled")
+    voice.locator("#hands-free-stop").click()
+    voice.context.close()
+
+    # The settings page: usage, and the admin's users and tokens.
+    team = new_page(browser, console, 1280, 860, "light")
+    team.goto(team_server.url + "/")
+    team.locator("#login-user").fill("alice")
+    team.locator("#login-pass").fill("alice-password-1")
+    team.locator("#login-submit").click()
+    expect(team.locator("#conn.up")).to_have_count(1)
+    for text in ("Summarise the release notes", "How do I retry with backoff?"):
+        chat(team, text)
+        team.locator("#new-chat").click()
+    team.locator("#settings-open").click()
+    team.locator('.tab[data-tab="usage"]').click()
+    expect(team.locator(".totals")).to_have_count(2)
+    team.screenshot(path=shots / "usage.png", animations="disabled")
+    team.locator('.tab[data-tab="admin"]').click()
+    expect(team.locator('tr[data-name="carol"]')).to_have_count(1)
+    expect(team.locator("#all-tokens tr", has_text="nightly-report")).to_have_count(1)
+    team.screenshot(path=shots / "admin.png", animations="disabled")
+    team.context.close()
 
     assert not console.csp_violations(), console.csp_violations()
     assert not console.errors, console.errors

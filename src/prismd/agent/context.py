@@ -10,7 +10,7 @@ import base64
 import json
 from dataclasses import dataclass
 
-from ..providers.base import ChatMessage, ImagePart, ToolCall
+from ..providers.base import ChatMessage, ImagePart, ThinkingBlock, ToolCall
 from ..store.base import MessageRecord
 from .files import IMAGE_TYPES, describe_for_model
 
@@ -129,7 +129,8 @@ def _convert(
             if not text and not calls:
                 continue
             assistant_tokens += cost
-            out.append(ChatMessage("assistant", text, tool_calls=calls))
+            thinking = [ThinkingBlock.from_json(b) for b in msg.meta.get("thinking") or ()]
+            out.append(ChatMessage("assistant", text, tool_calls=calls, thinking=thinking))
             pending.update((c.id, c.name) for c in calls)
             if text_tools:
                 pending.clear()

@@ -1,8 +1,11 @@
 """Streaming filter for model text: strips `<think>` blocks and text-protocol tool calls.
 
-Models without native tool calling write their calls into the answer text. The answer is
-streamed to the user while it is generated, so the markup has to be recognised on the fly,
-whatever way the model's deltas split it, while ordinary prose streams through at once.
+Models without native tool calling write their calls into the answer text, and so do many
+models served with native tool calling (llama.cpp, Ollama or vLLM without a tool parser for the
+model): the turn runner filters the text of every model call of an agent that has tools,
+whatever the provider's tool-calling mode, and runs the calls found in it like native ones.
+The answer is streamed to the user while it is generated, so the markup has to be recognised on
+the fly, whatever way the model's deltas split it, while ordinary prose streams through at once.
 
 `MarkupFilter.feed` takes each delta and returns the clean text (and reasoning) that can be
 released now; it holds back only the shortest suffix that could still open a construct, and
@@ -28,6 +31,7 @@ an input, the concatenated outputs, the calls and the malformed calls are the sa
 
 from __future__ import annotations
 
+import functools
 import json
 import re
 from collections.abc import Collection, Iterable
@@ -468,7 +472,7 @@ class MarkupFilter:
     ``tool_names``: the tools the model may call; a `<tool_call>` naming another goes to
     ``malformed``, and bare/fenced JSON objects are calls only when they name one of them
     (``None``: any name is accepted in `<tool_call>`, bare/fenced JSON is never a call).
-    ``parse_tools=False``: only think blocks are handled (models with native tool calling).
+    ``parse_tools=False``: only think blocks are handled (an agent without tools).
     ``starts_in_think=True``: the answer starts inside a think block whose opening tag the
     model does not write (DeepSeek-R1 distills, Qwen3 templates): text up to ``</think>`` is
     reasoning.
@@ -484,25 +488,20 @@ class MarkupFilter:
         self.calls: list[ParsedCall] = []
         self.malformed: list[MalformedCall] = []
         self._known = None if tool_names is None else frozenset(tool_names)
-        self._names: frozenset[str] = self._known or frozenset()
-        self._name_prefixes = frozenset(n[:i] for n in self._names for i in range(len(n) + 1))
         self._parse_tools = parse_tools
-        json_calls = parse_tools and bool(self._names)
-        tags = [*_THINK_OPEN, *_THINK_CLOSE]
-        if parse_tools:
-            tags += [_TOOL_OPEN, _TOOL_CLOSE, _FUNC_OPEN]
-        alternatives = [re.escape(t) for t in sorted(tags, key=len, reverse=True)]
-        if json_calls:
-            alternatives += [r"\{", "`"]
-        self._rx_text = re.compile("|".join(alternatives))
-        self._rx_text_special = re.compile(r"[<{`]" if json_calls else "<")
-        self._text_tags = frozenset(tags)
-        self._text_partials = _proper_prefixes(tags)
-        self._text_maxlen = max(map(len, tags))
-        think_tags = [*_THINK_OPEN, *_THINK_CLOSE]
-        self._rx_think = re.compile("|".join(re.escape(t) for t in think_tags))
-        self._think_partials = _proper_prefixes(think_tags)
-        self._think_maxlen = max(map(len, think_tags))
+        # What depends only on the tool names is built once per set of names (a turn's every
+        # round makes a filter).
+        g = _grammar(self._known or frozenset(), parse_tools)
+        self._names = g.names
+        self._name_prefixes = g.name_prefixes
+        self._rx_text = g.rx_text
+        self._rx_text_special = g.rx_text_special
+        self._text_tags = g.text_tags
+        self._text_partials = g.text_partials
+        self._text_maxlen = g.text_maxlen
+        self._rx_think = g.rx_think
+        self._think_partials = g.think_partials
+        self._think_maxlen = g.think_maxlen
 
         self._mode = _THINK if starts_in_think else _TEXT
         self._hold = ""  # a partial tag at the end of what arrived
@@ -809,6 +808,44 @@ class MarkupFilter:
         if args is None:
             return None
         return ParsedCall(name, args, text)
+
+
+@dataclass(frozen=True, slots=True)
+class _Grammar:
+    names: frozenset[str]
+    name_prefixes: frozenset[str]
+    rx_text: re.Pattern[str]
+    rx_text_special: re.Pattern[str]
+    text_tags: frozenset[str]
+    text_partials: frozenset[str]
+    text_maxlen: int
+    rx_think: re.Pattern[str]
+    think_partials: frozenset[str]
+    think_maxlen: int
+
+
+@functools.lru_cache(maxsize=256)
+def _grammar(names: frozenset[str], parse_tools: bool) -> _Grammar:
+    json_calls = parse_tools and bool(names)
+    tags = [*_THINK_OPEN, *_THINK_CLOSE]
+    if parse_tools:
+        tags += [_TOOL_OPEN, _TOOL_CLOSE, _FUNC_OPEN]
+    alternatives = [re.escape(t) for t in sorted(tags, key=len, reverse=True)]
+    if json_calls:
+        alternatives += [r"\{", "`"]
+    think_tags = [*_THINK_OPEN, *_THINK_CLOSE]
+    return _Grammar(
+        names=names,
+        name_prefixes=frozenset(n[:i] for n in names for i in range(len(n) + 1)),
+        rx_text=re.compile("|".join(alternatives)),
+        rx_text_special=re.compile(r"[<{`]" if json_calls else "<"),
+        text_tags=frozenset(tags),
+        text_partials=_proper_prefixes(tags),
+        text_maxlen=max(map(len, tags)),
+        rx_think=re.compile("|".join(re.escape(t) for t in think_tags)),
+        think_partials=_proper_prefixes(think_tags),
+        think_maxlen=max(map(len, think_tags)),
+    )
 
 
 def _proper_prefixes(tags: Iterable[str]) -> frozenset[str]:

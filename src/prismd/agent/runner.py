@@ -14,7 +14,7 @@ import json
 import logging
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from fnmatch import fnmatchcase
 from typing import Any, Protocol
 
@@ -28,22 +28,26 @@ from ..providers.base import (
     ProviderError,
     ReasoningDelta,
     TextDelta,
+    ThinkingBlock,
     ToolCall,
     Usage,
 )
 from ..providers.registry import ProviderRegistry
-from ..sessions.manager import LiveSession, SessionManager, Turn, new_id, now_iso
+from ..sessions.ids import new_id, now_iso
+from ..sessions.service import LiveSession, SessionService, Turn
 from ..store.base import FileRecord, MessageRecord
 from ..tools.base import ToolContext, ToolError
-from ..tools.registry import ToolRegistry, ToolView
+from ..tools.builtins._paths import redact
+from ..tools.registry import Caller, ToolRegistry, ToolView
 from .context import BuiltContext, build_context, estimate_tokens
 from .files import decode_files, extract
 from .markup import FilterOutput, MalformedCall, MarkupFilter, malformed_feedback
 
 log = logging.getLogger("prismd.turns")
 
-# The assistant message is saved while it streams, at most this long after a piece arrived.
-SAVE_INTERVAL_S = 0.25
+# The assistant message is saved while it streams, at most this long after a piece arrived
+# (for readers of the stored history; crash repair rebuilds it from the logged chunks).
+SAVE_INTERVAL_S = 2.0
 
 TEXT_PROTOCOL_PROMPT = """
 
@@ -73,13 +77,14 @@ class ReplySpeaker(Protocol):
 
 # (publish, voice, stopped) -> a ReplySpeaker for one turn
 ReplySpeakerFactory = Callable[
-    [Callable[[dict[str, Any]], int], str | None, Callable[[], bool]], ReplySpeaker
+    [Callable[[dict[str, Any]], None], str | None, Callable[[], bool]], ReplySpeaker
 ]
 
 
 @dataclass(slots=True)
 class TurnPlan:
     agent: AgentSettings
+    caller: Caller  # who the turn runs for: decides which tools it may use
     provider: Provider
     model: str
     text: str
@@ -87,6 +92,10 @@ class TurnPlan:
     chat: Chat
     # Events published before `start` with the turn's id (a voice turn's `transcribed`).
     preface: list[dict[str, Any]] | None = None
+    # Models still to try, in order, if this one fails before its first token ("kind:model").
+    fallbacks: list[str] = field(default_factory=list)
+    fallback_reason: str | None = None  # why the turn is not on its first choice (done)
+    choice: str | None = None  # modelMode "auto": which rule chose the model (done)
     meta: dict[str, Any] | None = None  # stored on the user message (e.g. {"input": "voice"})
 
 
@@ -117,65 +126,77 @@ class TurnRunner:
         self,
         settings: Settings,
         providers: ProviderRegistry,
-        manager: SessionManager,
+        sessions: SessionService,
         tools: ToolRegistry,
     ) -> None:
         self.settings = settings
         self.providers = providers
-        self.manager = manager
+        self.sessions = sessions
         self.tools = tools
-        self.store = manager.store
         # Set by the server when voice is available: speaks answers that ask for it.
         self.reply_speaker: ReplySpeakerFactory | None = None
 
-    def plan(self, chat: Chat, agent: AgentSettings) -> TurnPlan:
+    def plan(self, chat: Chat, agent: AgentSettings, caller: Caller) -> TurnPlan:
         """Validate a chat before anything is stored; raises ProtocolError (no seq)."""
         text = chat.message.strip()
         if not text and not chat.files:
             raise ProtocolError(ErrorCode.EMPTY_MESSAGE, "Empty message")
         limits = self.settings.server
         files = decode_files(chat.files, limits.max_files, limits.max_file_bytes)
-        provider, model = self.providers.resolve(agent, chat.model)
-        return TurnPlan(agent, provider, model, chat.message, files, chat)
+        fallbacks = list(agent.fallback if agent.fallback is not None else self.settings.fallback)
+        choice, spec = self._route(chat, agent, files)
+        reason = None
+        while True:
+            try:
+                if spec is not None:
+                    provider, model = self.providers.resolve_spec(spec)
+                else:
+                    provider, model = self.providers.resolve(agent, chat.model)
+                break
+            except ProtocolError as exc:
+                # Not configured: the next fallback, if there is one.
+                if exc.code != ErrorCode.PROVIDER_UNCONFIGURED or not fallbacks:
+                    raise
+                reason = f"{spec or agent.provider or 'the default provider'}: {exc.message}"
+                spec = fallbacks.pop(0)
+        plan = TurnPlan(agent, caller, provider, model, chat.message, files, chat)
+        plan.fallbacks, plan.fallback_reason, plan.choice = fallbacks, reason, choice
+        return plan
 
-    def start(self, live: LiveSession, plan: TurnPlan) -> Turn:
-        """Take the session's turn lock and launch the turn. Synchronous, hence atomic."""
-        turn = self.manager.begin_turn(live, plan.chat.clientMessageId)
+    def _route(
+        self, chat: Chat, agent: AgentSettings, files: list[FileRecord]
+    ) -> tuple[str | None, str | None]:
+        """modelMode "auto": (the rule that chose, "provider:model"); (None, None) otherwise
+        (a chat's own `model` always wins)."""
+        if chat.modelMode != "auto" or chat.model:
+            return None, None
+        routing = self.settings.routing
+        if not routing.small or not routing.large:
+            return "auto: no routing configured, the agent's model", None
+        size = estimate_tokens(chat.message) + sum(f.size // 4 for f in files)
+        if size > routing.large_above_tokens:
+            return f"auto: large, the message is about {size} tokens", routing.large
+        if files and routing.large_for_attachments:
+            return "auto: large, the message has attachments", routing.large
+        if routing.large_for_tools and agent.tools:
+            return "auto: large, the agent uses tools", routing.large
+        return f"auto: small, the message is about {size} tokens", routing.small
+
+    async def start(self, live: LiveSession, plan: TurnPlan) -> Turn:
+        """Take the session's turn lock (see SessionService.begin_turn) and launch the turn."""
+        turn = await self.sessions.begin_turn(live, plan.chat.clientMessageId)
         for event in plan.preface or ():
-            self.manager.publish(live, turn.id, event)
-        self.manager.publish(live, turn.id, {"type": "start"})
+            self.sessions.publish(live, turn.id, event)
+        self.sessions.publish(live, turn.id, {"type": "start"})
         execution = _Execution(self, live, turn, plan)
         turn.task = asyncio.create_task(execution.run(), name=f"turn {turn.id}")
         return turn
 
-    def stop(self, live: LiveSession, keep_spoken: bool = False) -> bool:
-        """`keep_spoken`: a barge-in; the stored answer is the part that was spoken."""
-        turn = live.turn
-        if turn is None or turn.stop_requested or turn.task is None:
-            return False
-        turn.stop_requested = True
-        turn.keep_spoken = keep_spoken
-        self.manager.publish(live, turn.id, {"type": "stopped"})
-        if turn.consumer is not None:
-            turn.consumer.cancel()
-        return True
-
-    def answer_approval(self, live: LiveSession, request_id: str, approved: bool) -> bool:
-        turn = live.turn
-        waiter = turn.approvals.get(request_id) if turn is not None else None
-        if turn is None or waiter is None or waiter.done():
-            return False
-        waiter.set_result(approved)
-        self.manager.publish(
-            live,
-            turn.id,
-            {"type": "approval_resolved", "requestId": request_id, "approved": approved},
-        )
-        return True
-
     def text_protocol(self, provider: Provider, model: str) -> bool:
         ps = self.settings.provider_settings(provider.kind)
-        return ps.tool_calling == "text" or any(fnmatchcase(model, p) for p in ps.text_tool_models)
+        if ps.tool_calling == "text" or provider.text_tools(model):
+            return True
+        return any(fnmatchcase(model, p) for p in ps.text_tool_models)
 
 
 class _Execution:
@@ -183,30 +204,31 @@ class _Execution:
 
     def __init__(self, runner: TurnRunner, live: LiveSession, turn: Turn, plan: TurnPlan):
         self.runner = runner
-        self.manager = runner.manager
-        self.store = runner.store
+        self.sessions = runner.sessions
         self.live = live
         self.turn = turn
         self.plan = plan
-        self.view: ToolView = runner.tools.view(plan.agent)
+        self.view: ToolView = runner.tools.view(plan.agent, plan.caller)
         self.text_tools = bool(self.view.tools) and runner.text_protocol(plan.provider, plan.model)
         self.window = runner.providers.context_window(plan.provider, plan.model)
         self.totals = _Totals()
         self.pieces: list[str] = []  # clean text of the current round
         self.reasoning: list[str] = []
+        self.thinking: list[ThinkingBlock] = []  # the current round's signed reasoning
         self.answer: MessageRecord | None = None  # the current round's assistant message
         self.ctx: BuiltContext | None = None
         self.corrections: list[ChatMessage] = []  # re-prompts for unparseable calls
         self.malformed: list[MalformedCall] = []
         self.speech: ReplySpeaker | None = None
+        self.produced = False  # the last model call produced something before it failed
         speak = plan.chat.speak or runner.settings.voice.auto_speak
         if speak and runner.reply_speaker is not None:
             self.speech = runner.reply_speaker(
                 self.publish, plan.chat.voice, lambda: turn.stop_requested
             )
 
-    def publish(self, event: dict[str, Any]) -> int:
-        return self.manager.publish(self.live, self.turn.id, event)
+    def publish(self, event: dict[str, Any]) -> None:
+        self.sessions.publish(self.live, self.turn.id, event)
 
     # ------------------------------------------------------------ the turn
 
@@ -222,11 +244,10 @@ class _Execution:
         finally:
             if self.speech is not None:
                 await self.speech.cancel()
-            self.manager.end_turn(self.live, self.turn)
+            self.sessions.end_turn(self.live, self.turn)
 
     async def _run(self) -> None:
-        plan, turn, sid = self.plan, self.turn, self.live.id
-        await extract(plan.files)
+        plan, turn, live = self.plan, self.turn, self.live
         meta = {"clientMessageId": plan.chat.clientMessageId} if plan.chat.clientMessageId else {}
         meta.update(plan.meta or {})
         user = MessageRecord(
@@ -238,10 +259,9 @@ class _Execution:
             meta=meta,
             files=plan.files,
         )
-        self.store.add_message(sid, user)
-        self.live.history.append(user)
-
-        work = asyncio.create_task(self._rounds())
+        # The turn's work, which `stop` cancels: reading the files (a PDF is parsed in a
+        # sandboxed child), then the rounds.
+        work = asyncio.create_task(self._work(user))
         turn.consumer = work
         if turn.stop_requested:  # `stop` arrived before the model was called
             work.cancel()
@@ -252,13 +272,13 @@ class _Execution:
             if current is not None and current.cancelling():
                 # The server is shutting down: keep what streamed, marked interrupted.
                 self._close_answer("interrupted")
-                self.store.save_turn(sid, turn.id, status="interrupted", ended_at=now_iso())
+                self.sessions.save_turn(live, turn.id, status="interrupted", ended_at=now_iso())
                 raise
             stop_reason = "stopped"
         except ProviderError as exc:
             self._close_answer("error", {"error": exc.message})
-            self.store.save_turn(
-                sid, turn.id, status="error", stop_reason="error", ended_at=now_iso()
+            self.sessions.save_turn(
+                live, turn.id, status="error", stop_reason="error", ended_at=now_iso()
             )
             if self.speech is not None:
                 await self.speech.finish(stopped=True)
@@ -271,6 +291,14 @@ class _Execution:
                 stop_reason = "stopped"
         self._finish(stop_reason)
 
+    async def _work(self, user: MessageRecord) -> str:
+        try:
+            await extract(self.plan.files)
+        finally:  # stored even when stopped while its files were read
+            self.sessions.add_message(self.live, user)
+            self.live.history.append(user)
+        return await self._rounds()
+
     async def _rounds(self) -> str:
         max_rounds = self.runner.settings.tools.max_rounds
         corrected = False
@@ -281,8 +309,11 @@ class _Execution:
                 return "end"
             if self.totals.rounds >= max_rounds:
                 return "max_rounds"
-            if all(c.error for c in calls) and self.text_tools:
-                # Text-protocol calls that could not be parsed: one corrective re-prompt.
+            # Tool calls written as text that could not be parsed (in any tool-calling mode: the
+            # markup filter runs in all of them) have no name; the model never sees a result
+            # for them, so it is told once, by a corrective re-prompt.
+            unparsed = all(c.error and (self.text_tools or not c.name) for c in calls)
+            if unparsed:
                 if corrected:
                     return "end"
                 corrected = True
@@ -298,14 +329,67 @@ class _Execution:
 
     # ------------------------------------------------------------ one model call
 
+    def _fall_back(self, exc: ProviderError) -> bool:
+        """Move the turn to its next configured fallback model after `exc` (a call that failed
+        before it produced anything, after its retries). False when none is left."""
+        plan = self.plan
+        failed = f"{plan.provider.kind}:{plan.model}"
+        while plan.fallbacks:
+            spec = plan.fallbacks.pop(0)
+            try:
+                provider, model = self.runner.providers.resolve_spec(spec)
+            except ProtocolError as unconfigured:
+                log.info("turn %s: fallback %s skipped (%s)", self.turn.id, spec, unconfigured)
+                continue
+            plan.fallback_reason = f"{failed}: {exc.message}"
+            plan.provider, plan.model = provider, model
+            log.warning("turn %s: %s; falling back to %s", self.turn.id, plan.fallback_reason, spec)
+            self.text_tools = bool(self.view.tools) and self.runner.text_protocol(provider, model)
+            self.window = self.runner.providers.context_window(provider, model)
+            return True
+        return False
+
     async def _round(self) -> list[PendingCall]:
-        plan, live = self.plan, self.live
+        live = self.live
+        self.answer = MessageRecord(
+            id=new_id("msg"),
+            role="assistant",
+            content="",
+            created_at=now_iso(),
+            turn_id=self.turn.id,
+            status="streaming",
+            # After a crash its text is rebuilt from the chunks logged after this seq.
+            meta={"startSeq": self.sessions.seal(live)},
+        )
+        self.sessions.add_message(live, self.answer)
+        self.pieces = []
+        while True:
+            request, ctx = self._request()
+            try:
+                markup, native = await self._call_model(request, ctx)
+                break
+            except ProviderError as exc:
+                # Nothing of this call reached the user: the same round on the next model.
+                if self.produced or not self._fall_back(exc):
+                    raise
+        calls = [self._native_call(c) for c in native]
+        for parsed in markup.calls:
+            arguments = json.dumps(parsed.args, ensure_ascii=False)
+            calls.append(PendingCall(new_id("call"), parsed.name, arguments, parsed.args))
+        self.malformed = markup.malformed
+        for bad in markup.malformed:
+            calls.append(PendingCall(new_id("call"), "", bad.raw, error=bad.error))
+        return calls
+
+    def _request(self) -> tuple[ModelRequest, BuiltContext]:
+        """The model call of a round, for the turn's current model."""
+        plan = self.plan
         provider, agent = plan.provider, plan.agent
         system = agent.system_prompt
         if self.text_tools:
             system += TEXT_PROTOCOL_PROMPT.format(tools=self.view.describe_for_prompt())
         ctx = build_context(
-            live.history,
+            self.live.history,
             system,
             self.window,
             provider.max_output_tokens,
@@ -323,27 +407,7 @@ class _Execution:
             max_output_tokens=provider.max_output_tokens,
             tools=tools,
         )
-        self.answer = MessageRecord(
-            id=new_id("msg"),
-            role="assistant",
-            content="",
-            created_at=now_iso(),
-            turn_id=self.turn.id,
-            status="streaming",
-            # After a crash its text is rebuilt from the chunks logged after this seq.
-            meta={"startSeq": live.last_seq},
-        )
-        self.store.add_message(live.id, self.answer)
-        self.pieces = []
-        markup, native = await self._call_model(request, ctx)
-        calls = [self._native_call(c) for c in native]
-        for parsed in markup.calls:
-            arguments = json.dumps(parsed.args, ensure_ascii=False)
-            calls.append(PendingCall(new_id("call"), parsed.name, arguments, parsed.args))
-        self.malformed = markup.malformed
-        for bad in markup.malformed:
-            calls.append(PendingCall(new_id("call"), "", bad.raw, error=bad.error))
-        return calls
+        return request, ctx
 
     async def _call_model(
         self, request: ModelRequest, ctx: BuiltContext
@@ -354,12 +418,13 @@ class _Execution:
         retries = self.runner.settings.provider_settings(provider.kind).max_retries
         attempt = 0
         while True:
-            markup = MarkupFilter(self.view.tools.keys(), parse_tools=self.text_tools)
+            markup = MarkupFilter(self.view.tools.keys(), parse_tools=bool(self.view.tools))
             native: list[ToolCall] = []
             usage: Usage | None = None
             reasoning_before = len(self.reasoning)
+            self.thinking = []
             started = saved_at = time.monotonic()
-            retrying = False
+            uncounted = False
             try:
                 async for part in provider.stream(request):
                     kind = type(part)
@@ -370,8 +435,8 @@ class _Execution:
                         now = time.monotonic()
                         if now - saved_at >= SAVE_INTERVAL_S and self.answer is not None:
                             saved_at = now
-                            self.store.update_message(
-                                live.id, self.answer.id, content="".join(self.pieces)
+                            self.sessions.update_message(
+                                live, self.answer.id, content="".join(self.pieces)
                             )
                     elif kind is ReasoningDelta:
                         if self.totals.first_token is None:
@@ -381,18 +446,23 @@ class _Execution:
                         usage = part  # type: ignore[assignment]
                     elif kind is ToolCall:
                         native.append(part)  # type: ignore[arg-type]
+                    elif kind is ThinkingBlock:
+                        self.thinking.append(part)  # type: ignore[arg-type]
                 self._emit(markup.finish())
                 return markup, native
             except ProviderError as exc:
                 produced = self.pieces or native or len(self.reasoning) > reasoning_before
+                self.produced = bool(produced)
+                # A call that produced nothing is not counted (nor estimated): it is retried,
+                # or the turn falls back to another model or ends in an error.
+                uncounted = not produced
                 if not (exc.retryable and not produced and attempt < retries):
                     raise
-                retrying = True
                 attempt += 1
                 log.info("turn %s: retrying the model call (%s)", self.turn.id, exc.message)
             finally:
                 self.totals.llm_s += time.monotonic() - started
-                if not retrying:
+                if not uncounted:
                     self._count(usage, ctx)
             await asyncio.sleep(min(0.5 * 2 ** (attempt - 1), 4.0))
 
@@ -458,6 +528,8 @@ class _Execution:
                     data_dir=self.runner.settings.data_dir,
                     settings=settings,
                     owner_id=self.live.record.owner_id,
+                    trusted=self.plan.caller.admin,
+                    store=self.sessions.store,
                 )
                 output = await tool.run(args, ctx)
         except ToolError as exc:
@@ -468,7 +540,10 @@ class _Execution:
             raise
         except Exception as exc:  # noqa: BLE001 - a failing tool is reported, not fatal
             log.exception("tool %s failed", name)
-            status, output = "error", f"The tool failed: {type(exc).__name__}: {exc}"
+            # The model sees what went wrong, never the server's paths.
+            failed = f"The tool failed: {type(exc).__name__}: {exc}"
+            data_dir = self.runner.settings.data_dir
+            status, output = "error", redact(failed, data_dir / "workspaces", data_dir)
         self._record_result(call, name, status, output, started)
 
     def _record_result(
@@ -485,7 +560,7 @@ class _Execution:
             turn_id=self.turn.id,
             tool_result=json.dumps({"id": call.id, "name": name, "status": status}),
         )
-        self.store.add_message(self.live.id, message)
+        self.sessions.add_message(self.live, message)
         self.live.history.append(message)
         self.publish(
             {
@@ -500,7 +575,7 @@ class _Execution:
 
     async def _approve(self, call: PendingCall, args: dict[str, Any]) -> tuple[bool, str]:
         """Ask the session's clients; deny on timeout or when nobody is connected."""
-        if self.manager.bus.subscribers(self.live.id) == 0:
+        if not await self.sessions.connected(self.live):
             return False, "Denied: no client was connected to approve this tool call."
         request_id = new_id("appr")
         waiter: asyncio.Future[bool] = asyncio.get_running_loop().create_future()
@@ -518,7 +593,7 @@ class _Execution:
                     "requestReason": f"The agent wants to run the tool {call.name}.",
                     "sessionId": self.live.id,
                     "agentId": self.plan.agent.id,
-                    "dataClassification": "internal",
+                    "dataClassification": self.view.tools[call.name].spec.data_classification,
                 },
             }
         )
@@ -551,6 +626,9 @@ class _Execution:
         answer.status = status
         answer.reasoning = "".join(self.reasoning) or None
         answer.meta = meta or {}
+        if tool_calls and self.thinking:
+            # Passed back with the tool results while thinking is on (providers/anthropic.py).
+            answer.meta["thinking"] = [t.to_json() for t in self.thinking]
         if tool_calls:
             answer.tool_calls = json.dumps(
                 [
@@ -559,8 +637,8 @@ class _Execution:
                     if not c.error
                 ]
             )
-        self.store.update_message(
-            self.live.id,
+        self.sessions.update_message(
+            self.live,
             answer.id,
             content=answer.content,
             status=status,
@@ -572,7 +650,7 @@ class _Execution:
         self.live.history.append(answer)
 
     def _finish(self, stop_reason: str) -> None:
-        plan, t, sid = self.plan, self.totals, self.live.id
+        plan, t, live = self.plan, self.totals, self.live
         provider, model, chat = plan.provider, plan.model, plan.chat
         content = "".join(self.pieces)
         reasoning = "".join(self.reasoning)
@@ -597,8 +675,8 @@ class _Execution:
             },
         )
         ended = now_iso()
-        self.store.save_turn(
-            sid,
+        self.sessions.save_turn(
+            live,
             self.turn.id,
             status=status,
             stop_reason=stop_reason,
@@ -609,14 +687,7 @@ class _Execution:
             tokens_out=t.tokens_out,
             cost_usd=cost,
         )
-        self.store.add_turn_totals(sid, t.tokens_in, t.tokens_out, cost, ended)
-        record = self.live.record
-        record.turn_count += 1
-        record.last_turn_at = ended
-        record.tokens_in += t.tokens_in
-        record.tokens_out += t.tokens_out
-        if cost is not None:
-            record.cost_usd = (record.cost_usd or 0.0) + cost
+        self.sessions.add_turn_totals(live, t.tokens_in, t.tokens_out, cost, ended)
 
         if reasoning:
             self.publish({"type": "reasoning", "content": reasoning})
@@ -635,8 +706,9 @@ class _Execution:
                 "requestedModelMode": chat.modelMode or "manual",
                 "resolvedProvider": provider.kind,
                 "resolvedModel": model,
-                "autoFallback": False,
-                "autoFallbackReason": None,
+                "autoFallback": plan.fallback_reason is not None,
+                "autoFallbackReason": plan.fallback_reason,
+                **({"modelChoice": plan.choice} if plan.choice else {}),
                 "stopReason": stop_reason,
                 "costSource": cost_source,
                 "usageEstimated": t.estimated,

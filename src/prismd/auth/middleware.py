@@ -4,27 +4,37 @@
 A request that needs credentials and has none gets 401 before it reaches a route; a WebSocket
 upgrade gets an HTTP 401 response instead of the handshake (PROTOCOL B4). The principal is left
 in `scope["state"]["user"]` (`request.state.user`), None on the few open routes.
+
+Cross-site requests (CSRF), in every mode: a request that changes something (any method but
+GET/HEAD/OPTIONS), and a WebSocket upgrade that the login cookie (or the open mode) would
+authorise, must not come from another site's page: its `Origin` must be the server's own or one
+of `auth.allowed_origins`; without an `Origin`, a `Sec-Fetch-Site` of `cross-site` or
+`same-site` is refused too (a page on another port of the host, or on a sibling subdomain, is
+"same-site" but not the same origin). Otherwise 403 `unauthorized`. A script that sends a bearer
+token and no cookie is not a browser acting for a visitor: it is not checked.
 """
 
 from __future__ import annotations
 
+import functools
 import ipaddress
 import json
 from typing import TYPE_CHECKING, Any
 from urllib.parse import parse_qs, urlsplit
 
-from starlette._utils import get_route_path
 from starlette.requests import cookie_parser
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from .service import COOKIE_NAME, LOCAL_PRINCIPAL, Principal
 
 if TYPE_CHECKING:
-    from ..server.app import Prismd
+    from ..core import Prismd
 
 # Reachable without credentials: they say no more than whether a login is needed (health then
 # answers only {"status": "ok"}); logout only ends the login session its cookie names.
-OPEN_PATHS = frozenset({"/api/auth/login", "/api/auth/logout", "/api/auth/status", "/api/health"})
+OPEN_PATHS = frozenset(
+    {"/api/auth/login", "/api/auth/logout", "/api/auth/status", "/api/auth/check", "/api/health"}
+)
 
 
 def protected(path: str) -> bool:
@@ -35,6 +45,7 @@ def _headers(scope: Scope) -> dict[str, str]:
     return {k.decode("latin-1"): v.decode("latin-1") for k, v in scope.get("headers", [])}
 
 
+@functools.lru_cache(maxsize=1024)  # asked on every request, for few distinct names
 def is_loopback(host: str) -> bool:
     """A loopback address or name: 127.0.0.0/8, ::1, localhost (and *.localhost, RFC 6761)."""
     host = host.strip("[]").lower()
@@ -69,23 +80,38 @@ def _origin_allowed(origin: str, host: str, allowed: list[str]) -> bool:
     return norm(parts.netloc, default_port) == norm(host.lower(), default_port)
 
 
+def route_path(scope: Scope) -> str:
+    """The path routing sees: without the configured root path, so that "/p/api/…" served under
+    root path "/p" is checked like "/api/…" (Starlette's router strips it the same way)."""
+    path: str = scope["path"]
+    root = scope.get("root_path", "")
+    if not root or not path.startswith(root):
+        return path
+    rest = path[len(root) :]
+    return rest if rest == "" or rest.startswith("/") else path
+
+
 class AuthMiddleware:
-    def __init__(self, app: ASGIApp) -> None:
+    """`core`: the server's services (core.py), passed in when the app is built."""
+
+    def __init__(self, app: ASGIApp, core: Prismd) -> None:
         self.app = app
+        self.core = core
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] not in ("http", "websocket"):
             await self.app(scope, receive, send)
             return
-        core: Prismd = scope["app"].state.prismd
+        core = self.core
         auth = core.auth
         state = scope.setdefault("state", {})
-        # The path routing sees (without a configured root path), so that "/p/api/…" served
-        # under root path "/p" is checked like "/api/…".
-        path = get_route_path(scope)
+        path = route_path(scope)
         headers = _headers(scope)
+        allowed = core.settings.auth.allowed_origins
         if not await auth.required():
-            refusal = _open_mode_refusal(scope, headers, core)
+            refusal = _open_mode_refusal(headers, core) or _cross_site_refusal(
+                scope, headers, allowed, browser=True
+            )
             if refusal is not None:
                 await _deny(scope, send, 403, "unauthorized", refusal)
                 return
@@ -103,16 +129,15 @@ class AuthMiddleware:
         user: Principal | None = None
         if bearer or cookie:
             user = await auth.authenticate(cookie, bearer)
-        if (
-            user is not None
-            and user.via == "cookie"
-            and scope["type"] == "websocket"
-            and "origin" in headers
-            and not _origin_allowed(
-                headers["origin"], headers.get("host", ""), core.settings.auth.allowed_origins
-            )
-        ):
-            await _deny(scope, send, 403, "unauthorized", "This Origin may not open a WebSocket")
+        # What a browser sends for its visitor: a cookie, or nothing (a login form). A bearer
+        # token without a cookie comes from a script that holds the token.
+        if scope["type"] == "websocket":
+            browser = user is not None and user.via == "cookie"
+        else:
+            browser = cookie is not None or not authorization
+        refusal = _cross_site_refusal(scope, headers, allowed, browser=browser)
+        if refusal is not None:
+            await _deny(scope, send, 403, "unauthorized", refusal)
             return
         state["user"] = user
         if user is None and protected(path) and path not in OPEN_PATHS:
@@ -121,13 +146,12 @@ class AuthMiddleware:
         await self.app(scope, receive, send)
 
 
-def _open_mode_refusal(scope: Scope, headers: dict[str, str], core: Prismd) -> str | None:
+def _open_mode_refusal(headers: dict[str, str], core: Prismd) -> str | None:
     """With no password, prismd trusts whoever reaches it on loopback, but not a web page that
-    the user's browser happens to show: a page from another site may not open `/ws` (a
-    cross-site WebSocket is not bound by CORS, and the agent has tools), and a host name that is
-    not loopback is refused, so DNS rebinding cannot turn a site's name into 127.0.0.1, and a
-    request that changes something must not come from another site's page. Served on a public
-    address with `--insecure`, the operator chose to be open: only the Origin rules hold then."""
+    the user's browser happens to show: a host name that is not loopback is refused, so DNS
+    rebinding cannot turn a site's name into 127.0.0.1 (and the cross-site rules hold for every
+    request, see _cross_site_refusal). Served on a public address with `--insecure`, the
+    operator chose to be open: only the cross-site rules hold then."""
     settings = core.settings
     host = headers.get("host", "")
     if (
@@ -140,15 +164,32 @@ def _open_mode_refusal(scope: Scope, headers: dict[str, str], core: Prismd) -> s
             f"Host {host!r} is not a loopback name: prismd without a password answers only "
             "localhost/127.0.0.1 (add the site to auth.allowed_origins, or set a password)"
         )
-    cross_site = "origin" in headers and not _origin_allowed(
-        headers["origin"], host, settings.auth.allowed_origins
-    )
-    if scope["type"] == "websocket" and cross_site:
+    return None
+
+
+def from_another_site(headers: dict[str, str], allowed: list[str]) -> bool:
+    """Sent by a page of another origin than the server's own and the allowed ones: its
+    `Origin` says so, or, without one, `Sec-Fetch-Site` is `cross-site` or `same-site` (a
+    sibling subdomain or another port of the same host is the same site, not the same
+    origin). A client that sends neither (curl, scripts, the CLI) is not a page."""
+    origin = headers.get("origin")
+    if origin is not None:
+        return not _origin_allowed(origin, headers.get("host", ""), allowed)
+    return headers.get("sec-fetch-site", "").lower() in ("cross-site", "same-site")
+
+
+def _cross_site_refusal(
+    scope: Scope, headers: dict[str, str], allowed: list[str], *, browser: bool
+) -> str | None:
+    """CSRF, in every mode. `browser`: the request would act with what a browser adds by
+    itself (the login cookie, or the open mode's trust), so another site's page could send it
+    for its visitor. A cross-site WebSocket is not bound by CORS, and a page may send a form or
+    multipart POST to any site without a preflight: neither is taken from another site."""
+    if not browser or not from_another_site(headers, allowed):
+        return None
+    if scope["type"] == "websocket":
         return "This Origin may not open a WebSocket"
-    # A page may send a form or multipart POST to any site without a CORS preflight: no
-    # request that changes something is taken from another site.
-    unsafe = scope["type"] == "http" and scope.get("method") not in ("GET", "HEAD", "OPTIONS")
-    if unsafe and (cross_site or headers.get("sec-fetch-site") == "cross-site"):
+    if scope.get("method") not in ("GET", "HEAD", "OPTIONS"):
         return "Requests from another site are refused (see auth.allowed_origins)"
     return None
 

@@ -2,28 +2,32 @@
 
 Everything lives in the core database, so `prismd users …` / `prismd tokens …` work with the
 server stopped, and a running server sees their changes at once: credentials are looked up per
-request (one indexed query); only "does any user exist?" is cached, for a second.
+request (one indexed query); only "does any user exist?" is cached, for a second. Open
+WebSockets are checked again when the credentials change (auth/live.py).
 """
 
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import functools
 import hashlib
 import hmac
+import logging
+import re
 import secrets
 import time
-from collections import deque
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING
 
-from ..config import Settings
-from ..store.base import LOCAL_USER_ID, Store, UserRecord
+from ..config import TEST_CLOCK_ENV, Settings
+from ..store.base import LOCAL_USER_ID, Store, TokenRecord, UserRecord
+from .limits import LocalLimits
 
 if TYPE_CHECKING:
     from argon2 import PasswordHasher
+
+log = logging.getLogger(__name__)
 
 COOKIE_NAME = "prismd_session"
 
@@ -46,6 +50,8 @@ def _dummy_hash() -> str:
 
 USERS_CACHE_S = 1.0
 WINDOW_S = 60.0
+# A username's failures are forgotten after this long without one (or at a successful login).
+NAME_FORGET_S = 900.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -56,6 +62,10 @@ class Principal:
     name: str
     admin: bool
     via: str  # open | cookie | token | config-token
+    # Which credential: the SHA-256 of the login-session cookie, of the API token or of the
+    # configured token ("" in the open mode). An open socket is checked against it again when
+    # credentials change (auth/live.py).
+    key: str = ""
 
     def to_json(self) -> dict[str, object]:
         return {"id": self.id, "name": self.name, "admin": self.admin}
@@ -94,43 +104,37 @@ def now_iso() -> str:
     return datetime.now(UTC).isoformat(timespec="seconds").replace("+00:00", "Z")
 
 
-class RateLimited(Exception):
-    def __init__(self, retry_after: int) -> None:
-        super().__init__(f"Too many failed logins: try again in {retry_after} s")
-        self.retry_after = retry_after
+USERNAME_RE = re.compile(r"[A-Za-z0-9_.@-]{1,64}")
+MIN_PASSWORD_CHARS = 8
+MAX_PASSWORD_CHARS = 4096
 
 
-class _FailureLimiter:
-    """Failed attempts per key within a sliding minute."""
+class AccountError(ValueError):
+    """A change to users or credentials that is refused; the message says why, `field` which
+    input was wrong, `conflict` whether it clashes with what exists (a name taken)."""
 
-    def __init__(self, limit: int) -> None:
-        self.limit = limit
-        self._failures: dict[str, deque[float]] = {}
+    def __init__(self, message: str, field: str = "", conflict: bool = False) -> None:
+        super().__init__(message)
+        self.field = field
+        self.conflict = conflict
 
-    def retry_after(self, key: str, now: float) -> int:
-        window = self._failures.get(key)
-        if window is None:
-            return 0
-        while window and window[0] <= now - WINDOW_S:
-            window.popleft()
-        if not window:
-            del self._failures[key]
-            return 0
-        if len(window) < self.limit:
-            return 0
-        return max(1, int(window[0] + WINDOW_S - now + 0.999))
 
-    def fail(self, key: str, now: float) -> None:
-        self._failures.setdefault(key, deque()).append(now)
-        if len(self._failures) > 100_000:  # bounded memory under a spray of names/addresses
-            self._failures.pop(next(iter(self._failures)))
+def check_username(name: str) -> str:
+    if not USERNAME_RE.fullmatch(name):
+        raise AccountError("a user name has 1 to 64 letters, digits or _ . @ -", "name")
+    return name
 
-    def forgive(self, key: str, at: float) -> None:
-        """Take back an attempt counted in advance (it succeeded)."""
-        window = self._failures.get(key)
-        if window is not None:
-            with contextlib.suppress(ValueError):
-                window.remove(at)
+
+def check_password(password: str) -> str:
+    if len(password) < MIN_PASSWORD_CHARS:
+        raise AccountError(
+            f"the password must have at least {MIN_PASSWORD_CHARS} characters", "password"
+        )
+    if len(password) > MAX_PASSWORD_CHARS:
+        raise AccountError(
+            f"the password must have at most {MAX_PASSWORD_CHARS} characters", "password"
+        )
+    return password
 
 
 class Auth:
@@ -138,65 +142,175 @@ class Auth:
         self.settings = settings
         self.store = store
         self._users_seen: tuple[float, bool] = (0.0, False)
-        self._limiter = _FailureLimiter(settings.auth.login_attempts_per_minute)
+        # Failed logins (and connections per address) counted here, or across processes
+        # (core.py puts RedisLimits here when several processes share a Redis).
+        self.limits: LocalLimits = LocalLimits(
+            settings.auth.login_attempts_per_minute, settings.auth.login_delay_max_s
+        )
         self._verifying = asyncio.Semaphore(2)
         # Each user's chosen default agent (None: the server's); only this process writes it.
         self._default_agents: dict[str, str | None] = {}
+        from .live import LiveSockets
+
+        self.sockets = LiveSockets(self)
+        # Login sessions are judged by this clock: the wall clock, or (tests only) ahead of it.
+        self._clock_offset_s = settings.test_clock_offset_s
+        if self._clock_offset_s:
+            log.warning(
+                "%s is set: login sessions are judged %g s ahead of the wall clock (a test "
+                "setting: logins end sooner)",
+                TEST_CLOCK_ENV,
+                self._clock_offset_s,
+            )
+
+    def _now(self) -> float:
+        """The time login sessions are created and checked at (seconds since the epoch)."""
+        return time.time() + self._clock_offset_s
 
     @property
     def ttl_s(self) -> float:
         return self.settings.auth.session_ttl_hours * 3600
 
-    async def required(self) -> bool:
-        """Credentials are needed once a user exists or a token is configured."""
+    async def required(self, fresh: bool = False) -> bool:
+        """Credentials are needed once a user exists or a token is configured. `fresh`: the
+        credentials changed (another process wrote them): ask the database now."""
         if self.settings.auth.token:
             return True
         at, seen = self._users_seen
         now = time.monotonic()
         if seen:
             return True  # users are rarely all removed; a restart notices
-        if now - at > USERS_CACHE_S:
+        if fresh or now - at > USERS_CACHE_S:
             seen = await self.store.count_users() > 0
             self._users_seen = (now, seen)
         return seen
 
     async def authenticate(self, cookie: str | None, bearer: str | None) -> Principal | None:
         if bearer:
-            configured = self.settings.auth.token
-            if configured and hmac.compare_digest(bearer.encode(), configured.encode()):
-                return Principal(LOCAL_USER_ID, "admin", True, "config-token")
-            user = await self.store.token_user(token_hash(bearer), now_iso())
-            if user is not None:
-                return _principal(user, "token")
+            found = await self.check("token", token_hash(bearer))
+            if found is not None:
+                return found
         if cookie:
-            user = await self.store.login_user(token_hash(cookie), time.time())
-            if user is not None:
-                return _principal(user, "cookie")
+            return await self.check("cookie", token_hash(cookie))
+        return None
+
+    async def check(self, via: str, key: str) -> Principal | None:
+        """Who the credential `key` (a hash, see Principal.key) of kind `via` acts as now; None
+        if it no longer does (logged out, revoked, expired, user removed, users added)."""
+        if via == "open":
+            return None if await self.required(fresh=True) else LOCAL_PRINCIPAL
+        if via in ("token", "config-token"):
+            configured = self.settings.auth.token
+            if configured and hmac.compare_digest(key, token_hash(configured)):
+                return Principal(LOCAL_USER_ID, "admin", True, "config-token", key)
+            if via == "config-token":
+                return None
+            user = await self.store.token_user(key, now_iso())
+            return _principal(user, "token", key) if user is not None else None
+        if via == "cookie":
+            user = await self.store.login_user(key, self._now())
+            return _principal(user, "cookie", key) if user is not None else None
         return None
 
     async def login(self, username: str, password: str, client: str) -> tuple[Principal, str]:
         """Check a password; returns the principal and a new login-session token. Raises
         RateLimited, or PermissionError for wrong credentials."""
-        now = time.monotonic()
-        keys = (f"user:{username.lower()}", f"addr:{client}")
-        wait = max(self._limiter.retry_after(k, now) for k in keys)
-        if wait:
-            raise RateLimited(wait)
+        name = username.lower()
         # Counted before the check, not after it: attempts sent all at once would otherwise
         # all pass the limit while the first ones are still being verified.
-        for k in keys:
-            self._limiter.fail(k, now)
+        counted = await self.limits.login_attempt(client, name)
         user = await self.store.get_user_by_name(username)
         stored = user.password_hash if user is not None else ""
         async with self._verifying:  # each check takes 64 MiB: a few at a time
             ok = await asyncio.to_thread(verify_password, stored, password)
         if user is None or not ok:
             raise PermissionError("Wrong username or password")
-        for k in keys:
-            self._limiter.forgive(k, now)
+        await self.limits.login_succeeded(client, name, counted)
+        return await self.start_login(user)
+
+    async def start_login(self, user: UserRecord) -> tuple[Principal, str]:
+        """A new login session for `user` (whose password was checked): the principal and the
+        cookie's token."""
         token = new_token("sess")
-        await self.store.create_login(token_hash(token), user.id, time.time() + self.ttl_s)
-        return _principal(user, "cookie"), token
+        key = token_hash(token)
+        await self.store.create_login(key, user.id, self._now() + self.ttl_s)
+        return _principal(user, "cookie", key), token
+
+    # ------------------------------------------------------------ users and credentials
+    #
+    # What the admin page, a user's account page and `prismd users|tokens|passwd` change. Each
+    # change is written to the store, then the open sockets are checked again at once
+    # (auth/live.py): a removed user, an ended login or a revoked token loses its sockets
+    # now, not at the next poll.
+
+    async def _hash(self, password: str) -> str:
+        async with self._verifying:  # each hash takes 64 MiB: a few at a time
+            return await asyncio.to_thread(hash_password, check_password(password))
+
+    async def add_user(self, name: str, password: str, admin: bool = False) -> UserRecord:
+        """Raises AccountError for a bad name or password, or a name taken. The first user is
+        an admin (and ends the open mode: its sockets are closed)."""
+        from ..sessions.ids import new_id
+
+        check_username(name)
+        taken = AccountError(f"user {name} exists already", "name", conflict=True)
+        if await self.store.get_user_by_name(name) is not None:
+            raise taken
+        hashed = await self._hash(password)
+        if await self.store.get_user_by_name(name) is not None:  # added while hashing
+            raise taken
+        first = await self.store.count_users() == 0
+        user = UserRecord(new_id("user"), name, admin or first, hashed, now_iso())
+        await self.store.create_user(user)
+        await self.sockets.recheck()
+        return user
+
+    async def remove_user(self, user_id: str) -> bool:
+        """Ends the user's logins and tokens (their sockets close, their turns stop); their
+        sessions are kept."""
+        removed = await self.store.delete_user(user_id)
+        if removed:
+            await self.sockets.recheck()
+        return removed
+
+    async def set_password(self, user_id: str, password: str) -> None:
+        """Ends the user's login sessions (and their sockets); tokens stay valid."""
+        hashed = await self._hash(password)
+        await self.store.set_password(user_id, hashed)
+        await self.sockets.recheck()
+
+    async def change_password(self, user_id: str, current: str, new: str) -> None:
+        """`set_password` after checking `current`; PermissionError if it is wrong."""
+        user = await self.store.get_user(user_id)
+        if user is None:
+            raise AccountError("no such user", "user")
+        check_password(new)
+        async with self._verifying:
+            ok = await asyncio.to_thread(verify_password, user.password_hash, current)
+        if not ok:
+            raise PermissionError("The current password is wrong")
+        await self.set_password(user_id, new)
+
+    async def create_token(self, user_id: str, name: str = "") -> tuple[TokenRecord, str]:
+        """A new API token for the user: its record and the token itself (shown once)."""
+        from ..sessions.ids import new_id
+
+        token = new_token()
+        record = TokenRecord(new_id("tok"), user_id, name, token_hash(token), now_iso())
+        await self.store.create_token(record)
+        return record, token
+
+    async def revoke_token(self, token_id: str) -> bool:
+        """The token stops working, and so do the sockets opened with it."""
+        revoked = await self.store.revoke_token(token_id)
+        if revoked:
+            await self.sockets.recheck()
+        return revoked
+
+    async def end_login(self, key: str, reason: str = "This login session was ended") -> None:
+        """End the login session whose cookie hashes to `key`, and at once its sockets."""
+        await self.store.delete_login(key)
+        self.sockets.revoke(lambda p: p.via == "cookie" and p.key == key, reason)
 
     async def default_agent(self, user_id: str) -> str | None:
         if user_id not in self._default_agents:
@@ -208,8 +322,12 @@ class Auth:
         self._default_agents[user_id] = agent_id
 
     async def logout(self, cookie: str) -> None:
-        await self.store.delete_login(token_hash(cookie))
+        """Ends the login session, and at once the sockets opened with it."""
+        await self.end_login(token_hash(cookie), "You logged out: this login ended")
+
+    async def aclose(self) -> None:
+        await self.sockets.aclose()
 
 
-def _principal(user: UserRecord, via: str) -> Principal:
-    return Principal(user.id, user.name, user.admin, via)
+def _principal(user: UserRecord, via: str, key: str) -> Principal:
+    return Principal(user.id, user.name, user.admin, via, key)

@@ -1,4 +1,5 @@
-"""Anthropic's Messages API through the official `anthropic` SDK."""
+"""Anthropic's Messages API: the request the official `anthropic` SDK sends, its streamed
+bytes read by providers/_http.py (see there why not through the SDK)."""
 
 from __future__ import annotations
 
@@ -7,12 +8,9 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from typing import Any
 
-import anthropic
-import httpx2
-
 from ..config import ProviderSettings
 from ._errors import translate
-from ._sse import ClientShards, ended_early, post_stream
+from ._http import StreamClient, ended_early
 from .base import (
     ChatMessage,
     ModelRequest,
@@ -21,11 +19,14 @@ from .base import (
     ReasoningDelta,
     StreamPart,
     TextDelta,
+    ThinkingBlock,
     ToolCall,
     Usage,
     coalesce,
 )
 
+ANTHROPIC_BASE_URL = "https://api.anthropic.com"
+ANTHROPIC_VERSION = "2023-06-01"
 _EFFORT_BUDGET = {"low": 1024, "medium": 4096, "high": 16384}
 
 
@@ -34,6 +35,7 @@ class _StreamState:
     input_tokens: int = 0
     finished: bool = False  # message_stop seen
     calls: dict[int, list[str]] = field(default_factory=dict)  # index -> [id, name, input JSON]
+    thinking: dict[int, ThinkingBlock] = field(default_factory=dict)  # index -> block so far
 
 
 class AnthropicProvider(Provider):
@@ -42,20 +44,20 @@ class AnthropicProvider(Provider):
     def __init__(
         self, settings: ProviderSettings, default_model: str, base_url: str | None, api_key: str
     ) -> None:
+        self._settings = settings
+        self._api_key = api_key
         self.default_model = default_model
         self.base_url = base_url
         self.vision = settings.vision
-        self.max_output_tokens = settings.max_output_tokens
+        self.max_output_tokens = settings.max_output_tokens or Provider.max_output_tokens
         self._label = "the Anthropic API" + (f" at {base_url}" if base_url else "")
-        tls = httpx2.create_ssl_context()  # one TLS context for every shard (~40 ms each)
-        self._clients = ClientShards(
-            lambda: anthropic.AsyncAnthropic(
-                http_client=anthropic.DefaultAsyncHttpxClient(verify=tls),
-                api_key=api_key,
-                base_url=base_url,
-                max_retries=settings.max_retries,
-                timeout=anthropic.Timeout(settings.timeout_s, connect=settings.connect_timeout_s),
-            )
+        self._http = StreamClient(
+            base_url or ANTHROPIC_BASE_URL,
+            {"x-api-key": api_key, "anthropic-version": ANTHROPIC_VERSION},
+            label=self._label,
+            timeout_s=settings.timeout_s,
+            connect_timeout_s=settings.connect_timeout_s,
+            max_retries=settings.max_retries,
         )
 
     @staticmethod
@@ -70,6 +72,12 @@ class AnthropicProvider(Provider):
                 }
             ]
         blocks: list[dict[str, Any]] = [
+            {"type": "redacted_thinking", "data": t.redacted}
+            if t.redacted is not None
+            else {"type": "thinking", "thinking": t.thinking, "signature": t.signature}
+            for t in m.thinking
+        ]
+        blocks += [
             {
                 "type": "image",
                 "source": {"type": "base64", "media_type": i.mime_type, "data": i.data_b64},
@@ -92,7 +100,7 @@ class AnthropicProvider(Provider):
         out: list[dict[str, Any]] = []
         for m in messages:
             role = "assistant" if m.role == "assistant" else "user"
-            simple = m.role != "tool" and not m.images and not m.tool_calls
+            simple = m.role != "tool" and not m.images and not m.tool_calls and not m.thinking
             if out and out[-1]["role"] == role:
                 prev = out[-1]
                 if isinstance(prev["content"], str):
@@ -117,10 +125,12 @@ class AnthropicProvider(Provider):
                 {"name": t.name, "description": t.description, "input_schema": t.parameters}
                 for t in request.tools
             ]
-        # Extended thinking needs the signed thinking blocks of earlier tool-use turns replayed;
-        # prismd does not keep them, so thinking is off once a tool call is in the history.
-        used_tools = any(m.tool_calls for m in request.messages)
-        if request.reasoning_effort and not used_tools:
+        # With thinking on, the assistant message that asked for the tools whose results this
+        # request carries must begin with its signed thinking blocks (kept with the message,
+        # passed back unchanged); one recorded without them (thinking was off) turns it off.
+        last = next((m for m in reversed(request.messages) if m.role == "assistant"), None)
+        unsigned = last is not None and bool(last.tool_calls) and not last.thinking
+        if request.reasoning_effort and not unsigned:
             budget = _EFFORT_BUDGET[request.reasoning_effort]
             kwargs["thinking"] = {"type": "enabled", "budget_tokens": budget}
             kwargs["max_tokens"] = max(max_tokens, budget + 1024)
@@ -129,17 +139,16 @@ class AnthropicProvider(Provider):
         state = _StreamState()
         calls = state.calls
         try:
-            with self._clients.lease() as client:
-                async for batch in post_stream(client, "/v1/messages", kwargs):
-                    for part in coalesce(self._parts(batch, state)):
-                        yield part
+            async for batch in self._http.stream("/v1/messages", kwargs):
+                for part in coalesce(self._parts(batch, state)):
+                    yield part
             if not state.finished:
                 raise ended_early(self._label)
             for index in sorted(calls):
                 call_id, name, arguments = calls[index]
                 yield ToolCall(call_id, name, arguments or "{}")
         except Exception as exc:  # noqa: BLE001
-            raise translate(exc, self._label, anthropic) from exc
+            raise translate(exc, self._label) from exc
 
     def _parts(self, batch: list[Any], state: _StreamState) -> list[StreamPart]:
         parts: list[StreamPart] = []
@@ -153,11 +162,24 @@ class AnthropicProvider(Provider):
                     parts.append(TextDelta(delta["text"]))
                 elif dtype == "thinking_delta":
                     parts.append(ReasoningDelta(delta["thinking"]))
+                    if event.get("index") in state.thinking:
+                        state.thinking[event["index"]].thinking += delta["thinking"]
+                elif dtype == "signature_delta" and event.get("index") in state.thinking:
+                    state.thinking[event["index"]].signature += delta.get("signature") or ""
                 elif dtype == "input_json_delta" and event.get("index") in calls:
                     calls[event["index"]][2] += delta.get("partial_json") or ""
+            elif kind == "content_block_stop":
+                done = state.thinking.pop(event.get("index", -1), None)
+                if done is not None:
+                    parts.append(done)
             elif kind == "content_block_start":
                 block = event.get("content_block") or {}
-                if block.get("type") == "tool_use":
+                btype = block.get("type")
+                if btype == "thinking":
+                    state.thinking[event.get("index", -1)] = ThinkingBlock()
+                elif btype == "redacted_thinking":
+                    parts.append(ThinkingBlock(redacted=str(block.get("data") or "")))
+                if btype == "tool_use":
                     calls[event.get("index", len(calls))] = [
                         block.get("id") or f"toolu_{len(calls)}",
                         block.get("name") or "",
@@ -180,6 +202,20 @@ class AnthropicProvider(Provider):
                 raise ProviderError(f"{self._label} reported: {error.get('message') or error}")
         return parts
 
+    async def list_models(self) -> list[str]:
+        import anthropic  # loaded only when someone asks for the list
+
+        client = anthropic.AsyncAnthropic(
+            api_key=self._api_key,
+            base_url=self.base_url,
+            max_retries=self._settings.max_retries,
+            timeout=anthropic.Timeout(
+                self._settings.timeout_s, connect=self._settings.connect_timeout_s
+            ),
+        )
+        async with client:
+            page = await client.models.list()
+            return sorted({m.id for m in page.data})
+
     async def aclose(self) -> None:
-        for client in self._clients.clients:
-            await client.close()
+        await self._http.aclose()

@@ -7,7 +7,7 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
-from ..protocol import ErrorCode, clean_text
+from ..protocol import ErrorCode, PrismdError, clean_text
 
 
 @dataclass(slots=True)
@@ -26,6 +26,28 @@ class ToolCall:
 
 
 @dataclass(slots=True)
+class ThinkingBlock:
+    """A model's signed reasoning (Anthropic extended thinking). When thinking is on, the
+    assistant message that asked for tools must carry its thinking blocks back, unchanged,
+    with the tool results."""
+
+    thinking: str = ""
+    signature: str = ""
+    redacted: str | None = None  # a redacted_thinking block's opaque data
+
+    def to_json(self) -> dict[str, str]:
+        if self.redacted is not None:
+            return {"redacted": self.redacted}
+        return {"thinking": self.thinking, "signature": self.signature}
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any]) -> ThinkingBlock:
+        if "redacted" in data:
+            return cls(redacted=str(data["redacted"]))
+        return cls(str(data.get("thinking", "")), str(data.get("signature", "")))
+
+
+@dataclass(slots=True)
 class ChatMessage:
     """One message of the model's view. `tool` messages carry a result for `tool_call_id`."""
 
@@ -36,6 +58,7 @@ class ChatMessage:
     tool_call_id: str | None = None  # on tool messages
     tool_name: str | None = None  # on tool messages
     is_error: bool = False  # on tool messages
+    thinking: list[ThinkingBlock] = field(default_factory=list)  # on assistant messages
 
 
 @dataclass(slots=True)
@@ -73,7 +96,14 @@ class Usage:
     reasoning_tokens: int = 0
 
 
-StreamPart = TextDelta | ReasoningDelta | Usage | ToolCall
+@dataclass(slots=True)
+class Finish:
+    """Why the model ended its answer, as the API said it ("stop", "length", "tool_calls"…)."""
+
+    reason: str
+
+
+StreamPart = TextDelta | ReasoningDelta | Usage | ToolCall | ThinkingBlock | Finish
 
 
 def coalesce(parts: list[StreamPart]) -> list[StreamPart]:
@@ -90,7 +120,7 @@ def coalesce(parts: list[StreamPart]) -> list[StreamPart]:
     return out
 
 
-class ProviderError(Exception):
+class ProviderError(PrismdError):
     """A model call failed; `code` is provider_error or provider_timeout.
 
     `retryable`: the response had started and then broke (reset, truncated, stalled). The SDKs
@@ -104,9 +134,7 @@ class ProviderError(Exception):
         code: ErrorCode = ErrorCode.PROVIDER_ERROR,
         retryable: bool = False,
     ):
-        super().__init__(message)
-        self.code = code
-        self.message = message
+        super().__init__(message, code)
         self.retryable = retryable
 
 
@@ -122,6 +150,18 @@ class Provider(abc.ABC):
 
     @abc.abstractmethod
     def stream(self, request: ModelRequest) -> AsyncIterator[StreamPart]: ...
+
+    async def list_models(self) -> list[str]:
+        """The ids of the models the endpoint offers (through the official SDK)."""
+        raise ProviderError(f"Provider {self.kind!r} cannot list models")
+
+    def text_tools(self, model: str) -> bool:
+        """True when this model needs the text tool protocol whatever the settings say (a
+        local model whose chat template has no tools)."""
+        return False
+
+    def warm_up(self) -> None:  # noqa: B027 - optional hook
+        """Prepare the default model in the background (called once, at startup)."""
 
     async def aclose(self) -> None:  # noqa: B027 - optional hook
         pass

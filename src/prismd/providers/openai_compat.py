@@ -1,6 +1,8 @@
-"""Any OpenAI-compatible chat completions endpoint, through the official `openai` SDK.
+"""Any OpenAI-compatible chat completions endpoint: OpenAI itself, Ollama, vLLM, llama.cpp,
+LM Studio, OpenRouter, Groq, DeepSeek…
 
-Used for OpenAI itself and for Ollama, vLLM, llama.cpp, LM Studio, OpenRouter, Groq, DeepSeek…
+The request is the one the official `openai` SDK sends; its streamed bytes are read by
+providers/_http.py (see there why not through the SDK).
 """
 
 from __future__ import annotations
@@ -8,14 +10,12 @@ from __future__ import annotations
 from collections.abc import AsyncIterator
 from typing import Any
 
-import httpx2
-import openai
-
 from ..config import ProviderSettings
 from ._errors import translate
-from ._sse import ClientShards, ended_early, post_stream
+from ._http import StreamClient, ended_early
 from .base import (
     ChatMessage,
+    Finish,
     ModelRequest,
     Provider,
     ProviderError,
@@ -23,9 +23,12 @@ from .base import (
     StreamPart,
     TextDelta,
     ToolCall,
+    ToolDef,
     Usage,
     coalesce,
 )
+
+OPENAI_BASE_URL = "https://api.openai.com/v1"
 
 
 class OpenAICompatProvider(Provider):
@@ -36,24 +39,56 @@ class OpenAICompatProvider(Provider):
         default_model: str,
         base_url: str | None,
         api_key: str | None,
+        label: str | None = None,
+        extra_body: dict[str, Any] | None = None,
+        max_tokens_field: str | None = None,
     ) -> None:
+        """`extra_body`: fields added to every request (a server's own sampling options);
+        `max_tokens_field`: the field that carries the request's `max_output_tokens` (not sent
+        when None: OpenAI's reasoning models refuse `max_tokens`)."""
+        self._settings = settings
+        self._api_key = api_key
+        self._tools_cache: tuple[list[ToolDef], list[dict[str, Any]]] | None = None
         self.kind = kind
         self.default_model = default_model
         self.base_url = base_url
         self.vision = settings.vision
-        self.max_output_tokens = settings.max_output_tokens
-        self._label = f"the {kind} model endpoint" + (f" at {base_url}" if base_url else "")
-        tls = httpx2.create_ssl_context()  # one TLS context for every shard (~40 ms each)
-        self._clients = ClientShards(
-            lambda: openai.AsyncOpenAI(
-                http_client=openai.DefaultAsyncHttpxClient(verify=tls),
-                # Local servers (Ollama, llama.cpp…) take no key, but the SDK insists on one.
-                api_key=api_key or "no-key",
-                base_url=base_url,
-                max_retries=settings.max_retries,
-                timeout=openai.Timeout(settings.timeout_s, connect=settings.connect_timeout_s),
-            )
+        self.max_output_tokens = settings.max_output_tokens or Provider.max_output_tokens
+        self._label = label or f"the {kind} model endpoint" + (
+            f" at {base_url}" if base_url else ""
         )
+        self._extra_body = extra_body or {}
+        self._max_tokens_field = max_tokens_field
+        # Local servers (Ollama, llama.cpp…) take no key.
+        headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
+        self._http = StreamClient(
+            base_url or OPENAI_BASE_URL,
+            headers,
+            label=self._label,
+            timeout_s=settings.timeout_s,
+            connect_timeout_s=settings.connect_timeout_s,
+            max_retries=settings.max_retries,
+        )
+
+    def _tool_defs(self, tools: list[ToolDef]) -> list[dict[str, Any]]:
+        """The tools in the API's shape; built once per list (a turn's tool view hands the
+        same list to every request)."""
+        cached = self._tools_cache
+        if cached is not None and cached[0] is tools:
+            return cached[1]
+        defs = [
+            {
+                "type": "function",
+                "function": {
+                    "name": t.name,
+                    "description": t.description,
+                    "parameters": t.parameters,
+                },
+            }
+            for t in tools
+        ]
+        self._tools_cache = (tools, defs)
+        return defs
 
     @staticmethod
     def _message(m: ChatMessage) -> dict[str, Any]:
@@ -89,42 +124,34 @@ class OpenAICompatProvider(Provider):
             "messages": messages,
             "stream": True,
             "stream_options": {"include_usage": True},
+            **self._extra_body,
         }
+        if self._max_tokens_field:
+            kwargs[self._max_tokens_field] = request.max_output_tokens
         if request.temperature is not None:
             kwargs["temperature"] = request.temperature
         if request.reasoning_effort:
             kwargs["reasoning_effort"] = request.reasoning_effort
         if request.tools:
-            kwargs["tools"] = [
-                {
-                    "type": "function",
-                    "function": {
-                        "name": t.name,
-                        "description": t.description,
-                        "parameters": t.parameters,
-                    },
-                }
-                for t in request.tools
-            ]
+            kwargs["tools"] = self._tool_defs(request.tools)
         calls: dict[int, list[str]] = {}  # index -> [id, name, arguments so far]
         try:
-            # post_stream closes the HTTP response when the consuming task is cancelled: a
+            # The stream closes the HTTP response when the consuming task is cancelled: a
             # `stop` ends the upstream generation instead of letting it run on.
             finished = False
-            with self._clients.lease() as client:
-                async for batch in post_stream(client, "/chat/completions", kwargs):
-                    for part in coalesce(self._parts(batch, calls)):
-                        yield part
-                    finished = finished or any(
-                        name == "[DONE]" or _finish_reason(chunk) for name, chunk in batch
-                    )
+            async for batch in self._http.stream("/chat/completions", kwargs):
+                for part in coalesce(self._parts(batch, calls)):
+                    yield part
+                finished = finished or any(
+                    name == "[DONE]" or _finish_reason(chunk) for name, chunk in batch
+                )
             if not finished:
                 raise ended_early(self._label)
             for index in sorted(calls):
                 call_id, name, arguments = calls[index]
                 yield ToolCall(call_id or f"call_{index}", name, arguments or "{}")
         except Exception as exc:  # noqa: BLE001 - every failure becomes a coded ProviderError
-            raise translate(exc, self._label, openai) from exc
+            raise translate(exc, self._label) from exc
 
     def _parts(self, batch: list[Any], calls: dict[int, list[str]]) -> list[StreamPart]:
         """The stream parts of a batch of chunks; tool-call fragments accumulate in `calls`."""
@@ -159,11 +186,29 @@ class OpenAICompatProvider(Provider):
                 slot[0] = tc.get("id") or slot[0]
                 slot[1] += fn.get("name") or ""
                 slot[2] += fn.get("arguments") or ""
+            reason = choices[0].get("finish_reason")
+            if reason:
+                parts.append(Finish(reason))
         return parts
 
+    async def list_models(self) -> list[str]:
+        import openai  # ~40 MB: loaded only when someone asks for the list
+
+        client = openai.AsyncOpenAI(
+            # Local servers (Ollama, llama.cpp…) take no key, but the SDK insists on one.
+            api_key=self._api_key or "no-key",
+            base_url=self.base_url,
+            max_retries=self._settings.max_retries,
+            timeout=openai.Timeout(
+                self._settings.timeout_s, connect=self._settings.connect_timeout_s
+            ),
+        )
+        async with client:
+            page = await client.models.list()
+            return sorted({m.id for m in page.data})
+
     async def aclose(self) -> None:
-        for client in self._clients.clients:
-            await client.close()
+        await self._http.aclose()
 
 
 def _finish_reason(chunk: dict[str, Any]) -> bool:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import functools
 from dataclasses import dataclass
 from datetime import UTC, datetime
+from decimal import Decimal
 from importlib.metadata import version
 from typing import Any
 
@@ -14,6 +15,7 @@ from genai_prices.data_snapshot import get_snapshot
 _OFFICIAL = {"openai": "openai", "anthropic": "anthropic"}
 TABLE = "genai-prices"
 TABLE_VERSION = version("genai-prices")
+MTOK = Decimal(1_000_000)
 
 
 @dataclass(frozen=True, slots=True)
@@ -26,11 +28,12 @@ class ModelInfo:
 def lookup(kind: str, base_url: str | None, model: str) -> ModelInfo | None:
     """Find the price entry for `model` as served by this provider, or None.
 
-    Local models (Ollama) have no price. A custom base URL is matched by genai-prices' URL
-    patterns (DeepSeek, Groq, OpenRouter…); an unrecognised URL falls back to the model name,
-    because OpenAI-compatible proxies mostly relay the named model.
+    Local models (Ollama, prismd's own `local` runtime) have no price. A custom base URL is
+    matched by genai-prices' URL patterns (DeepSeek, Groq, OpenRouter…); an unrecognised URL
+    falls back to the model name, because OpenAI-compatible proxies mostly relay the named
+    model.
     """
-    if kind == "ollama" or not model:
+    if kind in ("ollama", "local") or not model:
         return None
     snapshot = get_snapshot()
     attempts: list[tuple[str | None, str | None]] = []
@@ -54,21 +57,32 @@ def price(
     info = lookup(kind, base_url, model)
     if info is None:
         return None, None
+    now = datetime.now(tz=UTC)
     try:
-        calc = info.model.calc_price(
-            PriceUsage(input_tokens=tokens_in, output_tokens=tokens_out),
-            info.provider,
-            genai_request_timestamp=datetime.now(tz=UTC),
-        )
+        prices = info.model.get_prices(now)
     except LookupError:
         return None, None
+    per_in, per_out = prices.input_mtok, prices.output_mtok
+    if isinstance(per_in, Decimal | None) and isinstance(per_out, Decimal | None):
+        # Flat prices per million tokens (most models): the same sum genai-prices computes,
+        # without its general machinery (~0.2 ms a call, once per turn on the hot path).
+        total = (Decimal(tokens_in) * (per_in or 0) + Decimal(tokens_out) * (per_out or 0)) / MTOK
+    else:  # tiered prices (by context size…): genai-prices decides
+        try:
+            total = info.model.calc_price(
+                PriceUsage(input_tokens=tokens_in, output_tokens=tokens_out),
+                info.provider,
+                genai_request_timestamp=now,
+            ).total_price
+        except LookupError:
+            return None, None
     source = {
         "table": TABLE,
         "version": TABLE_VERSION,
         "provider": info.provider.id,
         "model": info.model.id,
     }
-    return float(calc.total_price), source
+    return float(total), source
 
 
 def context_window(kind: str, base_url: str | None, model: str) -> int | None:

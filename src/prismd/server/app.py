@@ -1,100 +1,21 @@
-"""The ASGI application: wiring of store, bus, sessions, providers and routes."""
+"""The ASGI application: the service container (core.py) behind the routes and middleware."""
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import logging
 from collections.abc import AsyncIterator
-from typing import TYPE_CHECKING
 
 from fastapi import FastAPI
-from fastapi.exceptions import RequestValidationError
 
 from .. import __version__
-from ..agent.agents import AgentDirectory
-from ..agent.runner import TurnRunner
-from ..auth import Auth
 from ..auth.middleware import AuthMiddleware
-from ..config import AgentSettings, Settings
-from ..providers.registry import ProviderRegistry
-from ..sessions.bus import LocalBus
-from ..sessions.manager import SessionManager
-from ..store.base import LOCAL_USER_ID
-from ..store.sqlite import SqliteStore
-from ..tools.builtins import builtin_tools
-from ..tools.registry import ToolRegistry
-from .metrics import Metrics
+from ..config import Settings
+from ..core import Prismd
 
-if TYPE_CHECKING:
-    from ..tools.mcp import McpManager
+__all__ = ["Prismd", "create_app"]
 
 log = logging.getLogger("prismd")
-
-
-class Prismd:
-    """Everything a request handler needs, built once per server."""
-
-    def __init__(self, settings: Settings, probe_ollama: bool = True) -> None:
-        self.settings = settings
-        self.store = SqliteStore(settings.data_dir)
-        self.bus = LocalBus()
-        self.manager = SessionManager(
-            self.store, self.bus, max_events=settings.server.max_events_per_session
-        )
-        self.providers = ProviderRegistry(settings, probe_ollama=probe_ollama)
-        self.agents = AgentDirectory(settings)
-        self.tools = ToolRegistry(settings, builtin_tools())
-        self.mcp: McpManager | None = None
-        self.runner = TurnRunner(settings, self.providers, self.manager, self.tools)
-        # Speech engines, loaded on first use (voice/engines.py imports nothing heavy).
-        from ..voice.engines import VoiceEngines
-
-        self.voice = VoiceEngines(settings.voice)
-        self.runner.reply_speaker = self.voice.reply_speaker
-        self.connections: set[object] = set()
-        self.connections_by_client: dict[str, int] = {}
-        self.auth = Auth(settings, self.store)
-        self.metrics = Metrics(self.connections)
-        self.manager.observers.append(
-            lambda live, event: self.metrics.on_event(live.record.agent_id, event)
-        )
-        self._background: set[asyncio.Task[None]] = set()
-
-    async def start(self) -> None:
-        await self.store.open()
-        await self.store.sync_agents(self.agents.rows())
-        for row in await self.store.list_custom_agents():
-            owner = row.pop("owner_id") or LOCAL_USER_ID
-            if self.agents.find(row["id"]) is None:
-                self.agents.add(AgentSettings.model_validate(row), owner)
-        if self.settings.mcp_servers:
-            # The MCP SDK costs ~25 MB of memory: loaded only when servers are configured.
-            from ..tools.mcp import McpManager
-
-            self.mcp = McpManager(self.settings.mcp_servers)
-            await self.mcp.start()
-            self.tools.add(self.mcp.tools())
-        warm = asyncio.create_task(asyncio.to_thread(self.providers.warm_up))
-        self._background.add(warm)
-        warm.add_done_callback(self._background.discard)
-        if self.settings.voice.preload:
-            preload = asyncio.create_task(self.voice.preload())
-            self._background.add(preload)
-            preload.add_done_callback(self._background.discard)
-
-    async def stop(self) -> None:
-        turns = [t.task for t in self.manager.running_turns() if t.task is not None]
-        for task in turns:
-            task.cancel()
-        if turns:
-            await asyncio.gather(*turns, return_exceptions=True)
-        await self.providers.aclose()
-        await self.tools.aclose()
-        if self.mcp is not None:
-            await self.mcp.aclose()
-        self.voice.close()
-        await self.store.close()
 
 
 def create_app(settings: Settings, probe_ollama: bool = True) -> FastAPI:
@@ -102,11 +23,19 @@ def create_app(settings: Settings, probe_ollama: bool = True) -> FastAPI:
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        import asyncio
+
+        from .uploads import prune_periodically
+
         await core.start()
         log.info("prismd %s serving data from %s", __version__, settings.data_dir)
+        janitor = asyncio.create_task(prune_periodically(core), name="prismd-uploads-janitor")
         try:
             yield
         finally:
+            janitor.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await janitor
             await core.stop()
 
     app = FastAPI(
@@ -120,20 +49,18 @@ def create_app(settings: Settings, probe_ollama: bool = True) -> FastAPI:
         redoc_url=None,
     )
     app.state.prismd = core
-    app.add_middleware(AuthMiddleware)
-    from .limits import ENVELOPE_BYTES, BodyLimitMiddleware
+    app.add_middleware(AuthMiddleware, core=core)
+    from .limits import BodyLimitMiddleware
+    from .routes.uploads import max_body_bytes
 
-    def body_limit() -> int:
-        largest = max(settings.server.max_file_bytes, settings.voice.max_audio_bytes)
-        return largest + ENVELOPE_BYTES
+    app.add_middleware(BodyLimitMiddleware, limit=lambda: max_body_bytes(settings))
 
-    app.add_middleware(BodyLimitMiddleware, limit=body_limit)
+    from . import routes, ws
 
-    from . import rest, ws
-
-    app.include_router(rest.router)
-    app.add_exception_handler(RequestValidationError, rest.validation_error)
+    # /ws first: routes are matched in order, and every connection would otherwise be
+    # compared with each REST route before it (a quarter of a millisecond per connection).
     app.include_router(ws.router)
+    routes.install(app)
     from . import voice
 
     app.include_router(voice.router)
@@ -144,3 +71,16 @@ def create_app(settings: Settings, probe_ollama: bool = True) -> FastAPI:
 
     app.include_router(web.router)
     return app
+
+
+def from_environment() -> FastAPI:
+    """The app of one worker of `prismd serve --workers N` (the settings come from the
+    environment and PRISMD_CONFIG; see cli.py)."""
+    import os
+
+    from ..cli import configure_logging
+    from ..config import load_settings
+
+    settings = load_settings(os.environ.get("PRISMD_CONFIG") or None)
+    configure_logging(settings)
+    return create_app(settings)

@@ -3,26 +3,29 @@
 Secrets are masked. The keys that can change at run time are a short list (RUNTIME_KEYS); a
 change is validated against the whole configuration, applied to the running server, and
 written to `$PRISMD_HOME/config.toml` so that it survives a restart (the file is rewritten
-from its parsed content: comments in it are not kept).
+from its parsed content: comments in it are not kept). The file is read and written in a
+thread, off the event loop, one change at a time.
 """
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import tomllib
+import weakref
+from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
-from urllib.parse import urlsplit, urlunsplit
 
 from pydantic import ValidationError
 
+from ..auth.redact import MASK, configured_secrets, mask_args, mask_text
 from ..config import ConfigError, Settings
 
 if TYPE_CHECKING:
     from .app import Prismd
 
-MASK = "••••"
 SECRET_KEYS = {"api_key", "token", "password", "secret"}
 # Dotted keys PATCH /api/config accepts, each applied to the running server at once.
 RUNTIME_KEYS = (
@@ -39,42 +42,30 @@ RUNTIME_KEYS = (
 )
 
 
-def _mask(node: Any, key: str = "") -> Any:
+def _mask(node: Any, known: Sequence[str] = (), key: str = "") -> Any:
+    """Secrets masked (auth/redact.py): values of secret keys, of `env` and `headers`, secret
+    `args`, credentials in URLs, and any configured secret wherever else it occurs."""
     if isinstance(node, dict):
         masked: dict[str, Any] = {}
         for k, v in node.items():
             if k in ("env", "headers") and isinstance(v, dict):
                 masked[k] = {name: MASK for name in v}
+            elif k == "args" and isinstance(v, list) and all(isinstance(a, str) for a in v):
+                masked[k] = [mask_text(a, known) for a in mask_args(v)]
             else:
-                masked[k] = _mask(v, k)
+                masked[k] = _mask(v, known, k)
         return masked
     if isinstance(node, list):
-        return [_mask(v, key) for v in node]
+        return [_mask(v, known, key) for v in node]
     if key in SECRET_KEYS and node:
         return MASK
-    if isinstance(node, str) and "://" in node:
-        return _mask_url(node)
+    if isinstance(node, str):
+        return mask_text(node, known)
     return node
 
 
-def _mask_url(url: str) -> str:
-    """Credentials inside a URL (`https://user:pass@host`, `?key=…`) are secrets too."""
-    parts = urlsplit(url)
-    if not parts.scheme or not parts.netloc:
-        return url
-    netloc = parts.netloc
-    if "@" in netloc:
-        netloc = f"{MASK}@{netloc.rsplit('@', 1)[1]}"
-    query = "&".join(
-        f"{pair.split('=', 1)[0]}={MASK}" if "=" in pair else pair
-        for pair in parts.query.split("&")
-        if pair
-    )
-    return urlunsplit((parts.scheme, netloc, parts.path, query, parts.fragment))
-
-
 def effective(settings: Settings) -> dict[str, Any]:
-    body = _mask(settings.model_dump(mode="json"))
+    body = _mask(settings.model_dump(mode="json"), configured_secrets(settings))
     return {"config": body, "runtimeKeys": list(RUNTIME_KEYS)}
 
 
@@ -117,8 +108,22 @@ def _get(tree: dict[str, Any], dotted: str) -> Any:
     return tree
 
 
-def apply(core: Prismd, changes: dict[str, Any]) -> dict[str, Any]:
-    """Validate, apply to the running server, write the file. Raises ConfigChangeError."""
+# One change at a time per server: each validates against the settings the one before left,
+# and the file is read, changed and replaced whole.
+_locks: weakref.WeakKeyDictionary[Prismd, asyncio.Lock] = weakref.WeakKeyDictionary()
+
+
+async def apply(core: Prismd, changes: dict[str, Any]) -> dict[str, Any]:
+    """Validate, write the file (in a thread), apply to the running server. Raises
+    ConfigChangeError; nothing is applied when the file cannot be written."""
+    lock = _locks.get(core)
+    if lock is None:
+        lock = _locks[core] = asyncio.Lock()
+    async with lock:
+        return await _apply(core, changes)
+
+
+async def _apply(core: Prismd, changes: dict[str, Any]) -> dict[str, Any]:
     flat = flatten(changes)
     if not flat:
         raise ConfigChangeError("(body)", "no keys given")
@@ -137,7 +142,7 @@ def apply(core: Prismd, changes: dict[str, Any]) -> dict[str, Any]:
         raise ConfigChangeError(key, err["msg"]) from None
     if new.default_agent != settings.default_agent and core.agents.find(new.default_agent) is None:
         raise ConfigChangeError("default_agent", f"no agent with id {new.default_agent!r}")
-    _write(settings.home.expanduser() / "config.toml", flat)
+    await asyncio.to_thread(_write, settings.home.expanduser() / "config.toml", flat)
     for key in flat:
         parts = key.split(".")
         if parts[0] == "providers":
@@ -172,10 +177,13 @@ def _write(path: Path, flat: dict[str, Any]) -> None:
         tomllib.loads(text)
     except tomllib.TOMLDecodeError as exc:  # pragma: no cover - a bug in dumps_toml
         raise ConfigError(f"internal error writing {path}: {exc}") from None
-    path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(".toml.tmp")
-    tmp.write_text(text, encoding="utf-8")
-    os.replace(tmp, path)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp.write_text(text, encoding="utf-8")
+        os.replace(tmp, path)
+    except OSError as exc:
+        raise ConfigChangeError("(file)", f"cannot write {path}: {exc}") from None
 
 
 def _scalar(value: Any) -> str:

@@ -6,6 +6,7 @@ Turn figures are taken from the session events as they are published (`done` and
 
 from __future__ import annotations
 
+import functools
 from typing import Any
 
 from fastapi import APIRouter, Request, Response
@@ -59,11 +60,12 @@ class Metrics:
         connections_gauge.set_function(lambda: len(connections))
 
     def on_event(self, agent_id: str, event: dict[str, Any]) -> None:
-        kind = event.get("type")
+        kind = event["type"]
         if kind == "done":
-            self.turns.labels(agent_id, event.get("stopReason") or "end").inc()
-            self.tokens_in.labels(agent_id).inc(event.get("tokensIn") or 0)
-            self.tokens_out.labels(agent_id).inc(event.get("tokensOut") or 0)
+            self._turns(agent_id, event.get("stopReason") or "end").inc()
+            tokens_in, tokens_out = self._tokens(agent_id)
+            tokens_in.inc(event.get("tokensIn") or 0)
+            tokens_out.inc(event.get("tokensOut") or 0)
             cost = event.get("costUsd")
             if cost:
                 self.cost.inc(cost)
@@ -76,7 +78,16 @@ class Metrics:
         elif kind == "error":
             self.errors.labels(event.get("code") or "internal").inc()
             if event.get("turnId"):  # a turn that ended in an error (there is no `done`)
-                self.turns.labels(agent_id, "error").inc()
+                self._turns(agent_id, "error").inc()
+
+    # prometheus_client's labels() locks and validates on every call: the children are kept.
+    @functools.lru_cache(maxsize=4096)  # noqa: B019 - one Metrics per server, kept for its life
+    def _turns(self, agent_id: str, stop_reason: str) -> Any:
+        return self.turns.labels(agent_id, stop_reason)
+
+    @functools.lru_cache(maxsize=4096)  # noqa: B019 - as above
+    def _tokens(self, agent_id: str) -> tuple[Any, Any]:
+        return self.tokens_in.labels(agent_id), self.tokens_out.labels(agent_id)
 
     def on_error(self, code: str) -> None:
         self.errors.labels(code).inc()

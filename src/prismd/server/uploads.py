@@ -1,15 +1,42 @@
-"""Files uploaded with `POST /api/upload`, and their use in a `chat` (`{"fileId": …}`)."""
+"""Files uploaded with `POST /api/upload`, and their use in a `chat` (`{"fileId": …}`); the
+bounds that keep one user from filling the disk (config `[uploads]`):
+
+- a quota of upload bytes and files per user (`check_quota`, by the upload route);
+- a daily budget of chat bytes (text and files) and files per user (`charge_chat`, by the
+  WebSocket's chat path once a chat is known to be valid);
+- uploads no session refers to are removed after `max_age_days` (`prune_uploads`: a periodic
+  task of the server, and `prismd uploads prune`); a session refers to the uploads sent in its
+  chats (`link_uploads`), and a deleted session's uploads go with it (the sessions route calls
+  the store's `delete_session_uploads`).
+"""
 
 from __future__ import annotations
 
+import asyncio
 import base64
+import contextlib
+import logging
+import weakref
+from collections.abc import AsyncIterator, Sequence
+from datetime import UTC, datetime, timedelta
 from typing import TYPE_CHECKING
+from urllib.parse import quote
+
+from fastapi.responses import Response
 
 from ..auth import Principal
 from ..protocol import Chat, ErrorCode, FileIn, ProtocolError
 
 if TYPE_CHECKING:
-    from .app import Prismd
+    from ..core import Prismd
+    from ..store.base import FileRecord, Store
+
+log = logging.getLogger("prismd.uploads")
+
+# Shown inline (thumbnails); anything else is served as an attachment, never rendered.
+INLINE_TYPES = frozenset({"image/png", "image/jpeg", "image/gif", "image/webp"})
+
+_quota_locks: weakref.WeakValueDictionary[str, asyncio.Lock] = weakref.WeakValueDictionary()
 
 
 async def resolve_uploads(core: Prismd, user: Principal, msg: Chat) -> Chat:
@@ -37,3 +64,193 @@ async def resolve_uploads(core: Prismd, user: Principal, msg: Chat) -> Chat:
             )
         )
     return msg.model_copy(update={"files": files})
+
+
+def upload_ids(msg: Chat) -> list[str]:
+    """The uploads a chat sends (`{fileId}` entries)."""
+    return [f.fileId for f in msg.files if f.fileId is not None]
+
+
+def link_uploads(core: Prismd, session_id: str, ids: Sequence[str]) -> None:
+    """The session now refers to these uploads: they live as long as it does. Queued after
+    the session's creation; the chat does not wait for it (a failed write is logged)."""
+    if ids:
+        core.store.link_uploads(session_id, list(ids))
+
+
+# ---------------------------------------------------------------- bounds
+
+
+def _mib(n: int) -> str:
+    return f"{n / 1024 / 1024:.1f} MiB" if n >= 1024 * 1024 else f"{n} bytes"
+
+
+@contextlib.asynccontextmanager
+async def check_quota(core: Prismd, user_id: str, size: int) -> AsyncIterator[None]:
+    """Hold the user's upload quota for one more upload of `size` bytes while the body runs
+    (which saves it); raises ProtocolError `payload_too_large` naming the limit when it would
+    not fit. One upload at a time per user within this process, so two at once cannot both
+    pass a quota that only one of them fits."""
+    limits = core.settings.uploads
+    lock = _quota_locks.get(user_id)
+    if lock is None:
+        lock = _quota_locks[user_id] = asyncio.Lock()
+    async with lock:
+        used, count = await core.store.upload_usage(user_id)
+        if limits.max_files_per_user and count + 1 > limits.max_files_per_user:
+            raise ProtocolError(
+                ErrorCode.PAYLOAD_TOO_LARGE,
+                f"Upload quota reached: {count} files stored, the limit is "
+                f"{limits.max_files_per_user} files per user (delete chats, or wait for unused "
+                f"uploads to expire)",
+            )
+        if limits.max_bytes_per_user and used + size > limits.max_bytes_per_user:
+            raise ProtocolError(
+                ErrorCode.PAYLOAD_TOO_LARGE,
+                f"Upload quota reached: {_mib(used)} stored and this file is {_mib(size)}; "
+                f"the limit is {limits.max_bytes_per_user} bytes per user",
+            )
+        yield
+
+
+def utc_day(now: datetime | None = None) -> str:
+    return (now or datetime.now(UTC)).date().isoformat()
+
+
+class DailyBudget:
+    """Each user's chat bytes and files of the day (`chat_bytes_per_day`,
+    `chat_files_per_day`), checked before a chat runs. The totals are the store's (read on a
+    reader, never behind the stream's writes) plus what this process counted and has not yet
+    written; the count itself is a queued write the chat does not wait for. One check at a
+    time per user, so chats sent at once cannot all pass a budget that only one fits."""
+
+    def __init__(self) -> None:
+        self._pending: dict[tuple[str, str], list[int]] = {}
+        self._locks: weakref.WeakValueDictionary[str, asyncio.Lock] = weakref.WeakValueDictionary()
+
+    async def used(self, store: Store, user_id: str, day: str) -> tuple[int, int]:
+        # What is pending is taken before the read: a count that becomes durable meanwhile is
+        # then counted once or twice (refusing early at worst), never missed.
+        pending = tuple(self._pending.get((user_id, day), (0, 0)))
+        size, files = await store.chat_usage(user_id, day)
+        return size + pending[0], files + pending[1]
+
+    async def charge(self, core: Prismd, user: Principal, size: int, files: int) -> None:
+        """Count a chat of `size` bytes and `files` files; raises ProtocolError
+        `rate_limited`, naming the limit, when it does not fit (nothing is counted then)."""
+        limits = core.settings.uploads
+        max_bytes, max_files = limits.chat_bytes_per_day, limits.chat_files_per_day
+        if not max_bytes and not max_files:
+            return
+        day = utc_day()
+        key = (user.id, day)
+        lock = self._locks.get(user.id)
+        if lock is None:
+            lock = self._locks[user.id] = asyncio.Lock()
+        async with lock:
+            used, count = await self.used(core.store, user.id, day)
+            if max_files and count + files > max_files:
+                what = f"{count} files sent today, the limit is {max_files} files"
+            elif max_bytes and used + size > max_bytes:
+                what = (
+                    f"{_mib(used)} sent today and this message is {_mib(size)}, the limit is "
+                    f"{max_bytes} bytes"
+                )
+            else:
+                what = ""
+            if what:
+                raise ProtocolError(
+                    ErrorCode.RATE_LIMITED,
+                    f"Daily limit reached: {what} per user per day (the count starts again at "
+                    "00:00 UTC)",
+                )
+            pending = self._pending.setdefault(key, [0, 0])
+            pending[0] += size
+            pending[1] += files
+        write = core.store.add_chat_usage(user.id, day, size, files)
+        write.add_done_callback(lambda _: self._written(key, size, files))
+
+    def _written(self, key: tuple[str, str], size: int, files: int) -> None:
+        # Durable (or failed: then it is not counted twice either way, only lost).
+        pending = self._pending.get(key)
+        if pending is None:
+            return
+        pending[0] -= size
+        pending[1] -= files
+        if pending[0] <= 0 and pending[1] <= 0:
+            del self._pending[key]
+
+
+async def charge_chat(
+    core: Prismd, user: Principal, message: str, files: Sequence[FileRecord]
+) -> None:
+    """Count a valid chat (its text and files) against the user's daily budget."""
+    size = len(message.encode("utf-8", "replace")) + sum(f.size for f in files)
+    await budget_of(core).charge(core, user, size, len(files))
+
+
+_budgets: weakref.WeakKeyDictionary[Prismd, DailyBudget] = weakref.WeakKeyDictionary()
+
+
+def budget_of(core: Prismd) -> DailyBudget:
+    """The server's daily budget (one per server: kept beside it, not in it)."""
+    budget = _budgets.get(core)
+    if budget is None:
+        budget = _budgets[core] = DailyBudget()
+    return budget
+
+
+def prune_cutoff(max_age_days: float, now: datetime | None = None) -> str:
+    """Uploads created before this (ISO 8601, as stored) are `max_age_days` old."""
+    when = (now or datetime.now(UTC)) - timedelta(days=max_age_days)
+    return when.isoformat(timespec="milliseconds").replace("+00:00", "Z")
+
+
+async def prune_uploads(store: Store, max_age_days: float) -> int:
+    """Remove the uploads older than `max_age_days` that no session refers to; how many."""
+    removed = await store.prune_uploads(prune_cutoff(max_age_days))
+    if removed:
+        log.info("removed %d unused upload(s) older than %g days", removed, max_age_days)
+    return removed
+
+
+async def prune_periodically(core: Prismd) -> None:
+    """The server's janitor: `prune_uploads` at start and every `prune_interval_s` (never
+    with `max_age_days` = 0)."""
+    settings = core.settings.uploads
+    if not settings.max_age_days:
+        return  # kept until their sessions go
+    while True:
+        try:
+            await prune_uploads(core.store, settings.max_age_days)
+        except Exception:  # noqa: BLE001 - the janitor must outlive a failed pass
+            log.exception("pruning old uploads failed")
+        await asyncio.sleep(settings.prune_interval_s)
+
+
+# ---------------------------------------------------------------- serving a stored file
+
+
+def file_response(data: bytes, mime_type: str, filename: str) -> Response:
+    """A stored file, for its owner. Images of the common raster types are shown inline
+    (thumbnails); everything else is an attachment served as `application/octet-stream`, so
+    an uploaded HTML or SVG file can never run as a page of prismd's origin. The response's
+    own CSP forbids everything anyway."""
+    inline = mime_type in INLINE_TYPES
+    fallback = "".join(
+        c if c.isascii() and c.isprintable() and c not in '"\\' else "_" for c in filename
+    )
+    disposition = (
+        f'{"inline" if inline else "attachment"}; filename="{fallback or "file"}"; '
+        f"filename*=UTF-8''{quote(filename, safe='')}"
+    )
+    return Response(
+        data,
+        media_type=mime_type if inline else "application/octet-stream",
+        headers={
+            "Content-Disposition": disposition,
+            "Content-Security-Policy": "default-src 'none'; sandbox",
+            "X-Content-Type-Options": "nosniff",
+            "Cache-Control": "private, max-age=3600",
+        },
+    )

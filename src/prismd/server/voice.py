@@ -74,7 +74,7 @@ def _core(request: Request) -> Prismd:
 class SynthesizeIn(BaseModel):
     text: Annotated[str, Field(min_length=1, max_length=10_000)]
     voice: str | None = None
-    format: Literal["wav", "pcm16", "mp3", "ogg", "opus"] = "wav"
+    format: Literal["wav", "pcm16", "mp3", "ogg", "opus"] = "mp3"  # CortexPrism's default
 
 
 @router.post("/transcribe", summary="Speech to text")
@@ -136,6 +136,23 @@ async def voices(request: Request) -> Any:
     except VoiceError as exc:
         return _error(exc.code, exc.message)
     return {"engine": core.settings.voice.tts.engine, "default": "default", "voices": listed}
+
+
+# OpenAI's voice names: a client may ask for them (voice.tts.voice_map, else the default voice).
+OPENAI_VOICES = ["alloy", "echo", "fable", "onyx", "nova", "shimmer"]
+
+
+@router.get("/providers", summary="The speech engines prismd can use (CortexPrism's shape)")
+async def providers(request: Request) -> Any:
+    voice = _core(request).settings.voice
+    return {
+        "sttProviders": ["whisper", "openai"],
+        "ttsProviders": ["piper", "openai"],
+        "openaiVoices": OPENAI_VOICES,
+        "elevenLabsVoices": [],
+        "sttEngine": voice.stt.engine,
+        "ttsEngine": voice.tts.engine,
+    }
 
 
 @router.get("/status", summary="Which voice engines are configured and loaded")

@@ -19,6 +19,7 @@ from starlette.websockets import WebSocketDisconnect, WebSocketState
 
 from .. import __version__
 from ..auth import Principal
+from ..core import Prismd
 from ..protocol import (
     PROTOCOL_VERSION,
     ApprovalResponse,
@@ -28,6 +29,7 @@ from ..protocol import (
     ErrorCode,
     NewSession,
     Ping,
+    PrismdError,
     ProtocolError,
     Resume,
     SelectAgent,
@@ -35,17 +37,18 @@ from ..protocol import (
     Stop,
     VoiceState,
     VoiceStream,
-    check_session_id,
     dumps,
     error_frame,
     parse_client_message,
 )
-from ..sessions.manager import LiveSession, new_id
-from .app import Prismd
-from .uploads import resolve_uploads
+from ..sessions.coordination import TurnAlreadyRan
+from ..sessions.ids import new_id
+from ..sessions.service import LiveSession
+from .uploads import charge_chat, link_uploads, resolve_uploads, upload_ids
 
 log = logging.getLogger("prismd.ws")
 STUCK_S = 5.0  # a client whose writes made no progress this long, with a full queue, is dropped
+REVOKED_FLUSH_S = 1.0  # time given to the last frames of a revoked socket before it is cut
 router = APIRouter()
 
 
@@ -75,12 +78,20 @@ class Connection:
         self.id = new_id("conn")
         self.live: LiveSession | None = None
         self.agent_id: str | None = None  # from select_agent
-        self._out: deque[str] = deque()
+        # Frames to send, each with whether it is `paced` (see _enqueue); how many are.
+        self._out: deque[tuple[str, bool]] = deque()
+        self._paced = 0
         self._wake = asyncio.Event()
         self._held: list[tuple[int, str]] | None = None
         self._limit = core.settings.server.send_queue_frames
-        self._hard_limit = max(4 * self._limit, self._limit + 8192)
+        self._byte_limit = core.settings.server.send_queue_bytes
+        self._bytes = 0  # characters of the frames waiting (not paced ones)
+        # Frames of one store batch (up to 4096) arrive at once: a reading client may hold
+        # that many more for a moment. Beyond this, the memory bound holds whatever happens.
+        self._hard_limit = self._limit + 4096
         self._closing = False
+        self._close_code = 1000
+        self._sending = False  # the writer waits in a send: the socket takes no more bytes
         self._progress = time.monotonic()  # last time a frame left (or the queue was empty)
         self._drained = asyncio.Event()
         self._writer_task: asyncio.Task[None] | None = None
@@ -111,18 +122,21 @@ class Connection:
             self._held = []
 
     def push(self, frame: str) -> None:
-        self._enqueue(frame)
+        self._enqueue(frame, paced=True)
 
     def release(self, after_seq: int) -> None:
         held, self._held = self._held or [], None
         for seq, frame in held:
             if seq > after_seq:
-                self._enqueue(frame)
+                self._enqueue(frame, paced=True)
 
     def send(self, frame: dict[str, Any]) -> None:
         self._enqueue(dumps(frame))
 
-    def _enqueue(self, frame: str) -> None:
+    def _enqueue(self, frame: str, paced: bool = False) -> None:
+        """`paced`: a replay's frames (and the live ones it held back), which the server
+        itself queues in steps (REPLAY_STEP) and paces with drain(): they count against the
+        memory bound only, not as frames the client failed to read."""
         if self._closing:
             return
         out = self._out
@@ -132,16 +146,25 @@ class Connection:
                 self._watchdog = asyncio.get_running_loop().call_later(
                     STUCK_S / 5, self._check_stuck
                 )
-        elif len(out) >= self._limit:
-            # Frames arrive in bursts (a store batch, up to 4096 events, at a time), so a full
-            # queue alone does not mean a slow client: drop it when its writes have been stuck
-            # for STUCK_S, or when the queue reaches its hard cap. Its session's turn goes on
-            # and stays resumable.
-            stuck = time.monotonic() - self._progress > STUCK_S
-            if stuck or len(out) >= self._hard_limit:
-                self._drop(f"{len(out)} frames unsent")
+        elif len(out) >= self._hard_limit:
+            self._drop(f"{len(out)} frames unsent")
+            return
+        elif not paced and (
+            len(out) - self._paced >= self._limit or self._bytes >= self._byte_limit
+        ):
+            # `send_queue_frames` frames wait while the socket takes no more bytes (the writer
+            # is blocked in a send, or has sent nothing for STUCK_S): the client reads slower
+            # than its frames come, by that many frames, or not at all. It is dropped; its
+            # session's turn goes on and stays resumable. A full queue whose writer is still
+            # sending is a burst (a store batch, up to 4096 frames at once) to a client that
+            # reads: it may pass the limit by that much (`_hard_limit`).
+            if self._sending or time.monotonic() - self._progress > STUCK_S:
+                self._drop(f"{len(out) - self._paced} frames ({self._bytes} bytes) unsent")
                 return
-        out.append(frame)
+        out.append((frame, paced))
+        self._paced += paced
+        if not paced:
+            self._bytes += len(frame)
         self._wake.set()
 
     def _check_stuck(self) -> None:
@@ -150,15 +173,21 @@ class Connection:
         self._watchdog = None
         if not self._out or self._closing:
             return
-        if len(self._out) >= self._limit and time.monotonic() - self._progress > STUCK_S:
-            self._drop(f"{len(self._out)} frames unsent, no progress for {STUCK_S:g} s")
+        full = len(self._out) >= self._limit or self._bytes >= self._byte_limit
+        if full and time.monotonic() - self._progress > STUCK_S:
+            self._drop(
+                f"{len(self._out)} frames ({self._bytes} bytes) unsent, no progress for "
+                f"{STUCK_S:g} s"
+            )
             return
         self._watchdog = asyncio.get_running_loop().call_later(STUCK_S / 5, self._check_stuck)
 
     def _drop(self, why: str) -> None:
         log.warning("connection %s dropped: %s", self.id, why)
         self._closing = True
+        self._close_code = 1013
         self._out.clear()
+        self._paced = self._bytes = 0
         self._drained.set()
         # The writer may be blocked in a send to a client that does not read: cancel it, and
         # the connection ends (see run()).
@@ -176,38 +205,59 @@ class Connection:
                 if time.monotonic() - self._progress > STUCK_S:
                     self._drop(f"no progress for {STUCK_S:g} s during a replay")
 
+    def revoke(self, reason: str, user_removed: bool = False) -> None:
+        """The credential this socket was opened with no longer holds (auth/live.py): a last
+        `error` `unauthorized`, then the socket closes with CLOSE_REVOKED and handles no
+        further frame (no chat, approval or voice). `user_removed`: the user's running turns
+        are stopped too (a logout or a revoked token leaves them running, resumable, as a
+        disconnect does)."""
+        if self._closing:
+            return
+        from ..auth.live import CLOSE_REVOKED
+
+        self.send(error_frame(ErrorCode.UNAUTHORIZED, reason))
+        self._closing = True  # nothing more is queued or handled
+        self._close_code = CLOSE_REVOKED
+        self.voice.cancel_transcription()
+        if user_removed:
+            self.core.sessions.stop_all_of(self.user.id)
+        self._wake.set()  # the writer sends what is queued, then ends, and so does run()
+        writer = self._writer_task
+        if writer is not None:
+            # A client that does not read would hold the socket open: cut it after a while.
+            asyncio.get_running_loop().call_later(REVOKED_FLUSH_S, writer.cancel)
+
     async def _writer(self) -> None:
         out, ws = self._out, self.ws
         while True:
             await self._wake.wait()
             self._wake.clear()
             while out:
-                await ws.send_text(out.popleft())
+                self._sending = True
+                try:
+                    frame, paced = out.popleft()
+                    self._paced -= paced
+                    if not paced:
+                        self._bytes -= len(frame)
+                    await ws.send_text(frame)
+                finally:
+                    self._sending = False
                 self._progress = time.monotonic()
                 if len(out) < self._limit // 2:
                     self._drained.set()
+            if self._closing:
+                return
 
     # ------------------------------------------------------------ incoming
 
-    def _admit(self) -> bool:
-        """Count this connection against its client address; False if over the limit."""
+    async def _admit(self) -> bool:
+        """Count this connection against its client address (across processes when several
+        share a Redis: auth/limits.py); False if over the limit."""
         server = self.core.settings.server
-        counts = self.core.connections_by_client
         limit = server.max_connections_per_client
         loopback = self.client_host in ("127.0.0.1", "::1", "localhost", "testclient")
-        if limit and (server.limit_loopback or not loopback):
-            if counts.get(self.client_host, 0) >= limit:
-                return False
-        counts[self.client_host] = counts.get(self.client_host, 0) + 1
-        return True
-
-    def _release(self) -> None:
-        counts = self.core.connections_by_client
-        left = counts.get(self.client_host, 1) - 1
-        if left > 0:
-            counts[self.client_host] = left
-        else:
-            counts.pop(self.client_host, None)
+        applies = limit and (server.limit_loopback or not loopback)
+        return await self.core.auth.limits.connect(self.client_host, limit if applies else 0)
 
     def _allow_frame(self) -> bool:
         now = time.monotonic()
@@ -220,7 +270,7 @@ class Connection:
 
     async def run(self) -> None:
         await self.ws.accept()
-        if not self._admit():
+        if not await self._admit():
             limit = self.core.settings.server.max_connections_per_client
             await self.ws.send_text(
                 dumps(
@@ -233,6 +283,7 @@ class Connection:
             await self.ws.close(code=1013, reason="too many connections")
             return
         self.core.connections.add(self)
+        self.core.auth.sockets.attach(self)
         self.send(
             {
                 "type": "connected",
@@ -253,7 +304,7 @@ class Connection:
                     receiving.cancel()
                     break
                 message = receiving.result()
-                if message["type"] == "websocket.disconnect":
+                if message["type"] == "websocket.disconnect" or self._closing:
                     break
                 if not self._allow_frame():
                     wait_ms = round(1000 * (1 - self._tokens) / self._rate)
@@ -288,9 +339,10 @@ class Connection:
         except WebSocketDisconnect:
             pass
         finally:
+            self.core.auth.sockets.detach(self)
             await self.voice.close()
             self.core.connections.discard(self)
-            self._release()
+            await self.core.auth.limits.disconnect(self.client_host)
             if self._watchdog is not None:
                 self._watchdog.cancel()
             self._unbind()
@@ -298,7 +350,7 @@ class Connection:
                 writer.cancel()
             await asyncio.gather(writer, return_exceptions=True)
             if self.ws.application_state != WebSocketState.DISCONNECTED:
-                code = 1013 if self._closing else 1000
+                code = self._close_code
                 try:
                     # A client that does not read blocks the close frame too: give up after a
                     # second; the transport is closed when this handler returns.
@@ -317,31 +369,37 @@ class Connection:
     async def _handle_binary(self, data: bytes) -> None:
         try:
             await self.voice.binary(data)
-        except ProtocolError as exc:
-            self._error(exc.code, exc.message, details=exc.details)
+        except PrismdError as exc:
+            self._error(exc.code, exc.message, details=getattr(exc, "details", None))
         except Exception:  # noqa: BLE001 - bad audio must never end the connection
             log.exception("connection %s: voice frame failed", self.id)
             self._error(ErrorCode.INTERNAL, "Internal server error")
 
     async def _handle(self, text: str) -> None:
+        if self._closing:  # revoked or dropped while frames were waiting
+            return
         try:
             msg = parse_client_message(text)
             handler = self._handlers[type(msg)]
             await handler(self, msg)
-        except ProtocolError as exc:
-            self._error(exc.code, exc.message, details=exc.details)
+        except PrismdError as exc:  # a refusal, or a failure with its code (the store down…)
+            self._error(exc.code, exc.message, details=getattr(exc, "details", None))
         except Exception:  # noqa: BLE001 - one bad frame must never end the connection
             log.exception("connection %s: handler failed", self.id)
             self._error(ErrorCode.INTERNAL, "Internal server error")
 
     # ------------------------------------------------------------ binding
 
-    def _bind(self, live: LiveSession, **extra: Any) -> None:
+    def _bind(self, live: LiveSession, announce: bool = True, **extra: Any) -> None:
+        """Bind to `live` (subscribe to its events); `announce`: send the `session` frame."""
         if self.live is not live:
             self._unbind()
             self.live = live
-            self.core.manager.subscribe(live, self)
-        agent = self.core.agents.find(live.record.agent_id) if live.record.agent_id else None
+            self.core.sessions.subscribe(live, self)
+        if not announce:
+            return
+        record = live.record
+        agent = self.core.agents.find(record.agent_id, record.owner_id) if record.agent_id else None
         self.send(
             {
                 "type": "session",
@@ -352,16 +410,17 @@ class Connection:
             }
         )
 
-    def session_gone(self, session_id: str) -> None:
-        """The bound session was deleted (REST, another tab): unbound, and told so."""
+    def session_gone(self, session_id: str, reason: str) -> None:
+        """The bound session was deleted (REST, another tab), or dropped after a store
+        failure: unbound, and told so."""
         if self.live is not None and self.live.id == session_id:
             self.live = None
-            self.send({"type": "session_ended", "sessionId": session_id, "reason": "deleted"})
+            self.send({"type": "session_ended", "sessionId": session_id, "reason": reason})
 
     def _unbind(self) -> None:
         if self.live is not None:
             live, self.live = self.live, None
-            self.core.manager.unsubscribe(live, self)
+            self.core.sessions.unsubscribe(live, self)
 
     # ------------------------------------------------------------ handlers
 
@@ -375,57 +434,47 @@ class Connection:
         meta: dict[str, Any] | None = None,
     ) -> None:
         """`preface`/`meta`: a voice turn's `transcribed` event and user-message metadata."""
-        core = self.core
-        if self.live is not None and core.manager.live(self.live.id) is not self.live:
+        core, sessions, user = self.core, self.core.sessions, self.user
+        if self.live is not None and sessions.live(self.live.id) is not self.live:
             self._unbind()  # the bound session was deleted under this connection
         if not msg.message.strip() and not msg.files:
             raise ProtocolError(ErrorCode.EMPTY_MESSAGE, "Empty message")
         agent_id = msg.agentId or self.agent_id
+        namespace = user.id  # agent ids are per user (agent/agents.py)
         if agent_id is None and self.live is not None and msg.sessionId in (None, self.live.id):
             agent_id = self.live.record.agent_id
-        user = self.user
+            namespace = self.live.record.owner_id  # an admin in another user's session
         if agent_id is None:
             agent_id = await core.auth.default_agent(user.id)
-            if agent_id is not None and core.agents.find(agent_id) is None:
+            if agent_id is not None and core.agents.find(agent_id, user.id, user.admin) is None:
                 agent_id = None  # the chosen agent was deleted since
-        agent = core.agents.get(agent_id, user.id, user.admin)
-        if any(f.fileId for f in msg.files):
+        agent = core.agents.get(agent_id, namespace, user.admin)
+        sent = upload_ids(msg)
+        if sent:
             msg = await resolve_uploads(core, user, msg)
-        # Everything that can refuse the chat (files, limits, provider) is checked before a
-        # session is created or anything is stored.
-        plan = core.runner.plan(msg, agent)
-
-        if msg.sessionId is not None:
-            sid = check_session_id(msg.sessionId)
-            if self.live is not None and self.live.id == sid:
-                live = self.live
-            else:
-                live = await core.manager.get_or_create(sid, agent.id, user.id)
-                if not user.owns(live.record.owner_id):
-                    # Another user's session: as if it did not exist (its id is not revealed),
-                    # and it is not taken over.
-                    core.manager.maybe_evict(live)
-                    raise ProtocolError(ErrorCode.SESSION_NOT_FOUND, f'Session "{sid}" not found')
-                self._bind(live)
-            core.manager.activate(live)
-        elif self.live is not None:
-            live = self.live
-        else:
-            live = core.manager.create(agent.id, owner_id=user.id)
-            self._bind(live)
-
-        if msg.clientMessageId and msg.clientMessageId in live.client_turns:
-            await core.manager.replay(live, self, 0, live.client_turns[msg.clientMessageId])
+        # Everything that can refuse the chat (files, limits, provider, the user's daily
+        # budget) is checked before a session is created or anything is stored.
+        plan = core.runner.plan(msg, agent, user)
+        await charge_chat(core, user, plan.text, plan.files)
+        live = await sessions.for_chat(user, msg.sessionId, self.live, agent.id)
+        link_uploads(core, live.id, sent)  # kept while the session exists
+        self._bind(live, announce=live is not self.live)
+        done_turn = sessions.turn_for(live, msg.clientMessageId)
+        if done_turn is not None:
+            await sessions.replay(live, self, 0, done_turn)
             return
-        if live.record.agent_id != agent.id:
-            live.record.agent_id = agent.id
-            core.store.update_session(live.id, agent_id=agent.id)
+        sessions.set_agent(live, agent.id)
         plan.preface, plan.meta = preface, meta
-        core.runner.start(live, plan)
+        if self._closing:  # revoked while this chat was being prepared (or a voice turn's)
+            return
+        try:
+            await core.runner.start(live, plan)
+        except TurnAlreadyRan as ran:  # found once the session was read afresh
+            await sessions.replay(live, self, 0, ran.turn_id)
 
     async def _stop(self, msg: Stop) -> None:
         self.voice.cancel_transcription()  # a voice turn not begun yet never begins
-        if self.live is None or not self.core.runner.stop(self.live):
+        if self.live is None or not await self.core.sessions.request_stop(self.live):
             # Not a session event (no seq): tells this client that nothing is running.
             self.send({"type": "stopped", "turnRunning": False})
 
@@ -433,7 +482,7 @@ class Connection:
         if self.live is not None:
             live = self.live
             self._unbind()
-            self.core.manager.close(live)
+            self.core.sessions.close(live)
         self.send({"type": "session_ended"})
 
     async def _select_agent(self, msg: SelectAgent) -> None:
@@ -442,32 +491,18 @@ class Connection:
         self.send({"type": "agent_selected", "agentId": agent.id, "agentName": agent.name})
 
     async def _resume(self, msg: Resume) -> None:
-        sid = check_session_id(msg.sessionId)
-        live = await self.core.manager.get(sid)
-        if live is not None and not self.user.owns(live.record.owner_id):
-            self.core.manager.maybe_evict(live)
-            live = None
-        if live is None:
-            raise ProtocolError(ErrorCode.SESSION_NOT_FOUND, f'Session "{sid}" not found')
-        last = msg.lastSeq
-        if last is not None and (last < live.first_seq - 1 or last > live.last_seq):
-            self.core.manager.maybe_evict(live)
-            raise ProtocolError(
-                ErrorCode.RESUME_GAP,
-                f"Cannot replay after seq {last}: the server holds seq {live.first_seq} to "
-                f"{live.last_seq}; reload the history over REST",
-                {"field": "lastSeq", "reason": "outside the held event log"},
-            )
-        turn = live.turn
-        self._bind(live, lastSeq=live.last_seq, turnRunning=turn is not None)
-        if last is not None:
-            await self.core.manager.replay(live, self, last)
-        elif turn is not None:
+        sessions = self.core.sessions
+        live = await sessions.for_resume(self.user, msg.sessionId, msg.lastSeq)
+        running = await sessions.running_turn(live)
+        self._bind(live, lastSeq=live.last_seq, turnRunning=running is not None)
+        if msg.lastSeq is not None:
+            await sessions.replay(live, self, msg.lastSeq)
+        elif running is not None:
             # No position given: show the turn in progress from its start.
-            await self.core.manager.replay(live, self, 0, turn.id)
+            await sessions.replay(live, self, 0, running)
 
     async def _approval_response(self, msg: ApprovalResponse) -> None:
-        if self.live is None or not self.core.runner.answer_approval(
+        if self.live is None or not await self.core.sessions.request_approval(
             self.live, msg.requestId, msg.approved
         ):
             raise ProtocolError(
@@ -493,8 +528,8 @@ class Connection:
                 ErrorCode.SESSION_NOT_FOUND, "voice_state needs a bound session (send chat first)"
             )
         speaking = msg.speaking if msg.speaking is not None else bool(msg.enabled)
-        frame = dumps({"type": "voice_state", "sessionId": self.live.id, "speaking": speaking})
-        self.core.bus.publish(self.live.id, 0, frame, exclude=self)
+        frame = {"type": "voice_state", "sessionId": self.live.id, "speaking": speaking}
+        self.core.sessions.relay(self.live, frame, exclude=self)
 
     _handlers: dict[type, Any] = {
         Ping: _ping,

@@ -14,8 +14,9 @@ class Subscriber(Protocol):
     def deliver(self, seq: int, frame: str) -> None:
         """Queue one already-serialised frame; must not block."""
 
-    def session_gone(self, session_id: str) -> None:
-        """The session was deleted: stop treating it as bound (its id may be reused)."""
+    def session_gone(self, session_id: str, reason: str) -> None:
+        """The session was deleted (`reason` "deleted"), or dropped after its store failed
+        ("store_failed"): stop treating it as bound (a deleted id may be reused)."""
 
 
 class EventBus(abc.ABC):
@@ -34,8 +35,12 @@ class EventBus(abc.ABC):
     def subscribers(self, session_id: str) -> int: ...
 
     @abc.abstractmethod
-    def detach_all(self, session_id: str) -> None:
-        """Unsubscribe everyone from a deleted session and tell them (`session_gone`)."""
+    def detach_all(self, session_id: str, reason: str = "deleted", everywhere: bool = True) -> None:
+        """Unsubscribe everyone from a session and tell them (`session_gone`); on every
+        process, or (`everywhere` False) on this one only."""
+
+    def position(self, session_id: str, seq: int) -> None:  # noqa: B027 - optional
+        """This process's connections to the session have every event up to `seq`."""
 
 
 class LocalBus(EventBus):
@@ -62,6 +67,6 @@ class LocalBus(EventBus):
     def subscribers(self, session_id: str) -> int:
         return len(self._subs.get(session_id, ()))
 
-    def detach_all(self, session_id: str) -> None:
+    def detach_all(self, session_id: str, reason: str = "deleted", everywhere: bool = True) -> None:
         for sub in self._subs.pop(session_id, ()):
-            sub.session_gone(session_id)
+            sub.session_gone(session_id, reason)

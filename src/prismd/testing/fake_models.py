@@ -36,6 +36,11 @@ final events.  After the bad line the stream goes on normally.  For non-stream r
 delay is ``first_delay_s + delay_s * (pieces - 1)``, ``stall_after`` (any N) never answers,
 ``disconnect_after`` sends the headers and hangs up, and ``bad_json_after`` sends a broken body.
 
+``stamp`` prefixes the first text piece with ``"@<t0> "``, ``t0`` being the moment the answer's
+pieces are scheduled from (``time.monotonic()``, the machine-wide monotonic clock), so that a
+client on the same machine can tell how late each piece arrives (piece i is due at
+``t0 + i * delay_s``).
+
 Counters: ``completed`` counts responses (stream or not) sent in full, ``aborted`` those the
 client went away from first (detected server-side by watching for ``http.disconnect``).
 
@@ -99,6 +104,10 @@ class Reply:
     bad_json_after: int | None = None  # after N pieces, send one SSE data line that is not JSON
     # [{"id": "call_1", "name": "x", "arguments": "{...json...}"}], streamed after the text.
     tool_calls: list[dict] = field(default_factory=list)
+    # Prefix the first text piece with "@<t0> ": t0 is the answer's schedule origin on the
+    # machine's monotonic clock (time.monotonic(), CLOCK_MONOTONIC), so a client on the same
+    # machine knows that text piece i was due at t0 + i * delay_s (load benchmark lag).
+    stamp: bool = False
 
 
 # --------------------------------------------------------------------------------------------
@@ -124,6 +133,8 @@ _dumps = json.dumps
 _RAW_ASGI = "prismd.fake_models.raw_asgi"
 _WORDS = re.compile(r"\S+\s*")
 _ARG_SPLITS = 3  # tool-call arguments are streamed in up to this many pieces
+_STAMP = "@stamp@"  # Reply.stamp placeholder, replaced by "@<t0>" when the answer starts
+_STAMP_B = _STAMP.encode()
 
 
 def _js(value: Any) -> str:
@@ -583,10 +594,25 @@ def _headers(base: list[tuple[bytes, bytes]], reply: Reply) -> list[tuple[bytes,
 
 def _text_pieces(reply: Reply, body: dict) -> list[str]:
     if reply.text is None:
-        return _WORDS.findall("You said: " + _last_user_text(body.get("messages")))
-    if isinstance(reply.text, str):
-        return [reply.text]
-    return list(reply.text)
+        out = _WORDS.findall("You said: " + _last_user_text(body.get("messages")))
+    elif isinstance(reply.text, str):
+        out = [reply.text]
+    else:
+        out = list(reply.text)
+    if reply.stamp and out:
+        out[0] = _STAMP + " " + out[0]  # the origin is filled in when the answer starts
+    return out
+
+
+def _stamped(frames: list[bytes], t0: float) -> list[bytes]:
+    """The frames with the stamp placeholder (in the first text piece) replaced by t0."""
+    stamp = b"@%.6f" % t0
+    out = list(frames)
+    for i, frame in enumerate(out):
+        if _STAMP_B in frame:
+            out[i] = frame.replace(_STAMP_B, stamp, 1)
+            break
+    return out
 
 
 def _usage(reply: Reply, body: dict, n_pieces: int) -> tuple[int, int]:
@@ -903,6 +929,8 @@ class _Raw:
             if reply.stall_after is not None:
                 await loop.create_future()  # until the client goes away (or stop())
             body = plan.body
+            if reply.stamp:
+                body = _stamped([body], time.monotonic())[0]
             if reply.bad_json_after is not None and plan.status == 200:
                 body = b'{"this is": not JSON'
             headers = plan.headers + [(b"content-length", str(len(body)).encode())]
@@ -925,6 +953,8 @@ class _Raw:
         delay = reply.delay_s
         t = loop.time() + reply.first_delay_s
         pieces = plan.pieces
+        if reply.stamp:
+            pieces = _stamped(pieces, time.monotonic() + reply.first_delay_s)
         n = len(pieces)
         for i in range(n + 1):
             if i == disconnect:
@@ -979,6 +1009,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--rate", type=float, default=50.0, help="pieces per second; 0 = no delay")
     parser.add_argument("--piece-text", default="tok ")
     parser.add_argument("--first-delay", type=float, default=0.0, help="seconds before 1st piece")
+    parser.add_argument(
+        "--stamp", action="store_true", help='prefix each answer with "@<t0> " (Reply.stamp)'
+    )
     args = parser.parse_args(argv)
 
     _raise_nofile_limit()
@@ -986,6 +1019,7 @@ def main(argv: list[str] | None = None) -> None:
         text=[args.piece_text] * args.pieces,
         delay_s=1.0 / args.rate if args.rate > 0 else 0.0,
         first_delay_s=args.first_delay,
+        stamp=args.stamp,
     )
     server = FakeModelServer(args.kind, default, host=args.host, port=args.port, record=False)
     server.start()

@@ -351,7 +351,7 @@ class VoiceEngines:
 
     def reply_speaker(
         self,
-        publish: Callable[[dict[str, Any]], int],
+        publish: Callable[[dict[str, Any]], None],
         voice: str | None,
         stopped: Callable[[], bool],
     ) -> SpokenReply:

@@ -4,18 +4,17 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
-from ..protocol import ErrorCode
+from ..protocol import ErrorCode, PrismdError
 
 if TYPE_CHECKING:
     import openai
 
 
-class VoiceError(Exception):
+class VoiceError(PrismdError):
     code: ErrorCode = ErrorCode.INTERNAL
 
     def __init__(self, message: str) -> None:
         super().__init__(message)
-        self.message = message
 
 
 class AudioDecodeError(VoiceError):

@@ -399,7 +399,7 @@ class HandsFree:
         conn = self.owner.conn
         live = conn.live
         if live is not None and live.turn is not None:
-            conn.core.runner.stop(live, keep_spoken=True)
+            conn.core.sessions.stop(live, keep_spoken=True)
 
     def _utterance(
         self, samples: np.ndarray, pending: asyncio.Future[Transcript] | None = None

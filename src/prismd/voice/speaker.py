@@ -27,7 +27,7 @@ class SpokenReply:
     def __init__(
         self,
         engines: VoiceEngines,
-        publish: Callable[[dict[str, Any]], int],
+        publish: Callable[[dict[str, Any]], None],
         voice: str | None,
         stopped: Callable[[], bool],
         key: str,

@@ -6,13 +6,18 @@ whose id is its pid. When the run ends (normally, on timeout, or on cancellation
 still in that session is sent SIGKILL: the process group first, then any process whose session
 id is still the child's (found in /proc; this catches processes that moved to another process
 group with setpgid, and those reparented to init after their parent exited). A process that calls
-setsid() itself leaves the session and is only caught while it is still a descendant of the child.
+setsid() itself leaves the session and is only caught while it is still a descendant of the child
+(the sandbox's PID namespace catches it: see sandbox.py).
+
+`set_pdeathsig` (called in the child before exec) makes the kernel SIGKILL the child when the
+server dies, even by kill -9.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import ctypes
 import os
 import resource
 import signal
@@ -47,6 +52,22 @@ def set_rlimits(limits: Sequence[tuple[int, ...]]) -> None:
         if cur_hard != resource.RLIM_INFINITY:
             soft, hard = min(soft, cur_hard), min(hard, cur_hard)
         resource.setrlimit(which, (soft, hard))
+
+
+PR_SET_PDEATHSIG = 1
+_libc: Any = None
+
+
+def set_pdeathsig(parent: int) -> None:
+    """In a child before exec: SIGKILL it when its parent (the thread that forked it: the event
+    loop's) dies. Exits at once when the parent is already gone (it died before the call)."""
+    global _libc
+    if _libc is None:
+        _libc = ctypes.CDLL(None, use_errno=True)
+    if _libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0) != 0:
+        raise OSError(ctypes.get_errno(), "prctl(PR_SET_PDEATHSIG) failed")
+    if os.getppid() != parent:
+        os._exit(1)
 
 
 @dataclass(slots=True)
@@ -164,17 +185,30 @@ def kill_tree(leader: int) -> None:
                 os.kill(pid, signal.SIGKILL)
 
 
-async def _exited(proc: asyncio.subprocess.Process) -> None:
+class _Protocol(asyncio.subprocess.SubprocessStreamProtocol):
+    """The standard protocol, and a future resolved as soon as the process itself exits."""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
+        super().__init__(limit=2**16, loop=loop)
+        self.exited: asyncio.Future[None] = loop.create_future()
+
+    def process_exited(self) -> None:
+        super().process_exited()
+        if not self.exited.done():
+            self.exited.set_result(None)
+
+
+async def _exited(exited: asyncio.Future[None]) -> None:
     """Wait until the process itself has exited. (`proc.wait()` also waits until its output
     pipe is closed, which a background child still holding it would delay indefinitely.)"""
-    delay = 0.005
-    while proc.returncode is None:
-        await asyncio.sleep(delay)
-        delay = min(delay * 2, 0.05)
+    await asyncio.shield(exited)  # resolved after the return code is known
 
 
 async def _cleanup(
-    proc: asyncio.subprocess.Process, pump_task: asyncio.Future[None], *others: Any
+    proc: asyncio.subprocess.Process,
+    exited: asyncio.Future[None],
+    pump_task: asyncio.Future[None],
+    *others: Any,
 ) -> None:
     """Kill what is left, reap the process, close the pipes. Runs to the end even when the task
     is cancelled meanwhile (the cancellation is re-raised afterwards)."""
@@ -196,7 +230,7 @@ async def _cleanup(
         if task is not None and not task.done():
             task.cancel()
     if proc.returncode is None:
-        await bounded(_exited(proc), 5.0)
+        await bounded(_exited(exited), 5.0)
     # Close the pipes ourselves: `proc.wait()` would wait for them, and a reader that stopped
     # reading (cancelled above) may never see their end.
     transport = getattr(proc, "_transport", None)
@@ -216,12 +250,15 @@ async def run_process(
     preexec_fn: Callable[[], None] | None = None,
     stdin_data: bytes | None = None,
     on_start: Callable[[int], None] | None = None,
+    pass_fds: Sequence[int] = (),
 ) -> ProcResult:
     """Run `argv` with stdout and stderr interleaved in one capped stream.
 
     Background processes left behind when the main process exits are killed (after a short grace
     for the output pipe to drain); so is everything on timeout and on cancellation."""
-    proc = await asyncio.create_subprocess_exec(
+    loop = asyncio.get_running_loop()
+    transport, protocol = await loop.subprocess_exec(
+        lambda: _Protocol(loop),
         *argv,
         stdin=subprocess.PIPE if stdin_data is not None else subprocess.DEVNULL,
         stdout=subprocess.PIPE,
@@ -231,7 +268,9 @@ async def run_process(
         preexec_fn=preexec_fn,
         start_new_session=True,
         close_fds=True,
+        pass_fds=tuple(pass_fds),
     )
+    proc = asyncio.subprocess.Process(transport, protocol, loop)
     if on_start is not None:
         on_start(proc.pid)
     collector = OutputCollector(max_output_bytes)
@@ -255,7 +294,7 @@ async def run_process(
     try:
         try:
             async with asyncio.timeout(timeout_s):
-                await _exited(proc)
+                await _exited(protocol.exited)
         except TimeoutError:
             timed_out = True
             kill_tree(proc.pid)
@@ -264,7 +303,7 @@ async def run_process(
         with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(asyncio.shield(pump_task), 0.5)
     finally:
-        await _cleanup(proc, pump_task, feed_task)
+        await _cleanup(proc, protocol.exited, pump_task, feed_task)
     # Whatever was buffered after the kill (the pipe is closed once every holder is dead).
     return ProcResult(
         returncode=None if timed_out else proc.returncode,

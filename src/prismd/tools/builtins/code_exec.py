@@ -1,29 +1,26 @@
-"""`code_exec`: Python code run in a separate, limited process without network access.
+"""`code_exec`: Python code run in the sandbox (sandbox.py), for every caller.
 
-The child runs `python -I -B main.py` in a fresh temporary directory (deleted afterwards), with:
-RLIMIT_CPU, RLIMIT_AS, RLIMIT_FSIZE, RLIMIT_NPROC and RLIMIT_CORE=0; a wall-clock timeout; its
-own session and process group, killed as a whole; a scrubbed environment; a new empty network
-namespace and Landlock rules where the machine allows them (see sandbox.py and `isolation()`).
+The program is `/tmp/main.py` in the run's own empty directory (a tmpfs, gone afterwards), run
+with `python -I -B`; the workspace is readable at /workspace. Limits: CPU time, memory (the whole
+process tree where a cgroup is available, and each process's address space), file size, process
+count, a wall-clock timeout; everything it started is killed when it ends, times out, is stopped
+or the server dies. Without bubblewrap (see `isolation()`) it runs in the fallback sandbox, and
+only for trusted callers.
+
 An uncaught exception is not a tool error: its traceback is in the output, with exit code 1
 (as `shell` reports a failing command). A limit that stops the code is a tool error.
 """
 
 from __future__ import annotations
 
-import asyncio
-import os
-import resource
-import shutil
 import signal
 import subprocess
 import sys
-import tempfile
 from typing import Any
 
 from ..base import Tool, ToolContext, ToolError, ToolSpec
 from . import sandbox
-from ._proc import run_process, scrubbed_env, set_rlimits
-from .shell import _fmt_seconds, _timeout_arg
+from .shell import _fmt_seconds, _timeout_arg, refuse_untrusted
 
 MAX_FILE_BYTES = 64 * 1024 * 1024  # RLIMIT_FSIZE: no file written larger than this
 MAX_PROCESSES = 64
@@ -36,11 +33,12 @@ class CodeExec(Tool):
         description=(
             "Run a Python 3 program in a sandboxed process and return its exit code and output "
             "(stdout and stderr interleaved; print what you want to see). Each run starts fresh "
-            "in an empty temporary directory that is deleted afterwards; nothing persists "
-            "between runs. There is no network access and no input. The standard library and "
-            "the server's installed packages are available. An uncaught exception shows its "
-            "traceback in the output with exit code 1. CPU time, memory and wall time are "
-            "limited."
+            "in an empty temporary directory (the current directory) that is deleted "
+            "afterwards; nothing persists between runs. The workspace's files can be read, not "
+            "written, under /workspace (its path is also in $WORKSPACE). There is no network "
+            "access and no input. The standard library and the server's installed packages are "
+            "available. An uncaught exception shows its traceback in the output with exit code "
+            "1. CPU time, memory and wall time are limited."
         ),
         parameters={
             "type": "object",
@@ -58,6 +56,9 @@ class CodeExec(Tool):
         },
     )
 
+    def __init__(self) -> None:
+        sandbox.sweep_leftovers()  # at server start, once per process
+
     async def run(self, args: dict[str, Any], ctx: ToolContext) -> str:
         code = args.get("code")
         if not isinstance(code, str) or not code.strip():
@@ -66,83 +67,50 @@ class CodeExec(Tool):
             raise ToolError(f"code is longer than {MAX_CODE_CHARS} characters")
         settings = ctx.settings.code_exec
         timeout = _timeout_arg(args, settings.timeout_s)
-        iso = await asyncio.to_thread(sandbox.isolation, settings.network)
-        probe = sandbox.probe()
-        notes: list[str] = []
-        if not settings.network and not iso["network_namespace"]:
-            notes.append(
-                "warning: this machine cannot cut the network for code_exec (no network "
-                "namespace); the code can reach the network"
-                + (" except by TCP (Landlock)" if iso["landlock_tcp_denied"] else "")
-            )
-        if not iso["landlock"]:
-            notes.append("note: no Landlock on this machine; file access is not confined")
-
-        tmp = await asyncio.to_thread(tempfile.mkdtemp, prefix="prismd-code-")
+        if not ctx.trusted:
+            await refuse_untrusted("code_exec")
+        spec = sandbox.RunSpec(
+            [sys.executable, "-I", "-B", "main.py"],
+            memory_mb=settings.memory_mb,
+            max_processes=MAX_PROCESSES,
+            workspace=ctx.workspace,
+            network=settings.network,
+            cpu_s=settings.cpu_s,
+            file_bytes=MAX_FILE_BYTES,
+            files={"main.py": code.encode("utf-8", "surrogatepass")},
+        )
         try:
-            main = os.path.join(tmp, "main.py")
-            await asyncio.to_thread(_write_text, main, code)
-            landlock = (
-                sandbox.LandlockPlan(
-                    probe["landlock_abi"],
-                    writable=[tmp],
-                    readable=[*sandbox.python_read_roots(), str(ctx.workspace)],
-                    deny_tcp=not settings.network,
-                )
-                if iso["landlock"]
-                else None
+            run = await sandbox.run(
+                spec,
+                timeout_s=timeout,
+                max_output_bytes=settings.max_output_bytes,
+                fallback_ok=ctx.trusted,
+                on_start=ctx.extra.get("on_process_start"),
             )
-            netns_flags = probe["netns_flags"] if iso["network_namespace"] else 0
-            limits = [
-                (resource.RLIMIT_CORE, 0),
-                (resource.RLIMIT_NPROC, MAX_PROCESSES),
-                (resource.RLIMIT_FSIZE, MAX_FILE_BYTES),
-                # SIGXCPU at the soft limit (it ends Python), SIGKILL a second later.
-                (resource.RLIMIT_CPU, settings.cpu_s, settings.cpu_s + 1),
-                (resource.RLIMIT_AS, settings.memory_mb * 1024 * 1024),
-            ]
-
-            def preexec() -> None:
-                if netns_flags:
-                    sandbox.unshare(netns_flags)
-                if landlock is not None:
-                    landlock.apply()
-                set_rlimits(limits)  # last: RLIMIT_AS may be below the forked server's size
-
-            try:
-                result = await run_process(
-                    [sys.executable, "-I", "-B", main],
-                    cwd=tmp,
-                    env=scrubbed_env(tmp, TMPDIR=tmp),
-                    timeout_s=timeout,
-                    max_output_bytes=settings.max_output_bytes,
-                    preexec_fn=preexec,
-                    on_start=ctx.extra.get("on_process_start"),
-                )
-            except (OSError, subprocess.SubprocessError) as exc:  # e.g. preexec_fn failed
-                raise ToolError(f"could not start the sandboxed process: {exc}") from None
-        finally:
-            await asyncio.to_thread(shutil.rmtree, tmp, True)
-
+        except (OSError, subprocess.SubprocessError) as exc:  # e.g. the child's setup failed
+            why = sandbox.start_error(exc)
+            raise ToolError(f"could not start the sandboxed process: {why}") from None
+        result = run.proc
         output = result.output
-        header = "\n".join(notes)
+        header = "\n".join(run.notes)
         if result.timed_out:
             raise ToolError(_join(f"time limit: killed after {_fmt_seconds(timeout)}", output))
         rc = result.returncode
         if rc == -signal.SIGXCPU:
             raise ToolError(_join(f"CPU time limit ({settings.cpu_s} s) exceeded", output))
-        tail = output[-2000:]
-        if rc != 0 and "MemoryError" in tail:
-            raise ToolError(
-                _join(f"memory limit ({settings.memory_mb} MB) reached (MemoryError)", output)
+        memory = f"memory limit ({settings.memory_mb} MB)"
+        if rc != 0 and "MemoryError" in output[-2000:]:
+            raise ToolError(_join(f"{memory} reached (MemoryError)", output))
+        if run.oom_kills and rc == -signal.SIGKILL:
+            raise ToolError(_join(f"{memory} of the whole run reached: killed", output))
+        if run.oom_kills:
+            header = _join(
+                header,
+                f"note: {memory} of the whole run reached: the kernel killed "
+                f"{run.oom_kills} of its processes",
             )
         return _join(header, f"{result.status_line()}\n{output}".rstrip())
 
 
 def _join(first: str, rest: str) -> str:
     return f"{first}\n{rest}".strip() if first else rest
-
-
-def _write_text(path: str, text: str) -> None:
-    with open(path, "w", encoding="utf-8", errors="surrogatepass") as f:
-        f.write(text)

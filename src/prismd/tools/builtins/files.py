@@ -1,20 +1,25 @@
-"""File tools confined to the workspace: file_read/_write/_edit/_list/_search."""
+"""File tools confined to the workspace: file_read/_write/_edit/_list/_search.
+
+They run as prismd's user (root, possibly) in workspaces where a user's sandboxed `shell` may be
+running as another uid: paths are checked by `_paths.resolve` and then reached without following
+a symlink (`_paths.dir_fd`, `open_file`, `write_at`), so that nothing swapped in meanwhile leads
+them outside; `file_search` for such a user runs in the sandbox itself.
+"""
 
 from __future__ import annotations
 
+import abc
 import asyncio
-import contextlib
 import json
 import os
 import re
 import stat
 import sys
-import tempfile
 from pathlib import Path
 from typing import Any
 
 from ..base import Tool, ToolContext, ToolError, ToolSpec
-from . import _paths
+from . import _paths, sandbox
 from ._paths import SKIP_DIRS, display, looks_binary, resolve
 from ._proc import run_process, scrubbed_env
 
@@ -27,8 +32,10 @@ MAX_SEARCH_MATCHES = 200
 MAX_SEARCH_LINE_CHARS = 300
 MAX_SEARCH_FILE_BYTES = 5 * 1024 * 1024
 SEARCH_TIMEOUT_S = 30.0
+SEARCH_OUTPUT_BYTES = 4 * 1024 * 1024
 SEARCH_WORKER = Path(__file__).with_name("_search_worker.py")
 _GLOB_MAGIC = re.compile(r"[*?\[]")
+_SUBDIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
 
 
 def _str_arg(args: dict[str, Any], name: str, *, required: bool = True) -> str | None:
@@ -53,6 +60,10 @@ def _int_arg(args: dict[str, Any], name: str, default: int, minimum: int) -> int
     return int(value)
 
 
+def _under(root: str, rel: str) -> str:
+    return os.path.normpath(os.path.join(root, rel))
+
+
 def _bool_arg(args: dict[str, Any], name: str) -> bool:
     value = args.get(name, False)
     if value is None:
@@ -62,34 +73,24 @@ def _bool_arg(args: dict[str, Any], name: str) -> bool:
     return value
 
 
-def atomic_write(target: Path, data: bytes) -> None:
-    """Write `data` to the (resolved) `target` via a temporary file in the same directory and a
-    rename: readers see the old or the new content, and a symlink is never written through."""
-    parent = target.parent
-    try:
-        mode = stat.S_IMODE(os.stat(target, follow_symlinks=False).st_mode)
-    except FileNotFoundError:
-        umask = os.umask(0)
-        os.umask(umask)
-        mode = 0o666 & ~umask
-    fd, tmp = tempfile.mkstemp(dir=parent, prefix=f".{target.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.chmod(tmp, mode)
-        os.replace(tmp, target)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
-        raise
+class _FileTool(Tool):
+    """A file tool: an OSError becomes a ToolError that names paths relative to the workspace
+    (never the server's data path or a user id)."""
+
+    async def run(self, args: dict[str, Any], ctx: ToolContext) -> str:
+        try:
+            return await self._run(args, ctx)
+        except OSError as exc:
+            raise _paths.os_error(exc, ctx.workspace, f"{self.spec.name} failed") from None
+
+    @abc.abstractmethod
+    async def _run(self, args: dict[str, Any], ctx: ToolContext) -> str: ...
 
 
 # --- file_read --------------------------------------------------------------------------------
 
 
-class FileRead(Tool):
+class FileRead(_FileTool):
     spec = ToolSpec(
         name="file_read",
         description=(
@@ -118,7 +119,7 @@ class FileRead(Tool):
         },
     )
 
-    async def run(self, args: dict[str, Any], ctx: ToolContext) -> str:
+    async def _run(self, args: dict[str, Any], ctx: ToolContext) -> str:
         rel = _str_arg(args, "path")
         offset = _int_arg(args, "offset", 1, 1)
         limit = _int_arg(args, "limit", DEFAULT_READ_LINES, 1)
@@ -134,7 +135,7 @@ class FileRead(Tool):
         if not real.exists():
             raise ToolError(f"no such file: {shown}")
         try:
-            f = open(real, "rb")  # noqa: SIM115
+            f = os.fdopen(_paths.open_file(workspace, real), "rb")
         except OSError as exc:
             raise ToolError(f"cannot read {shown}: {exc.strerror}") from None
         with f:
@@ -178,7 +179,7 @@ class FileRead(Tool):
 # --- file_write -------------------------------------------------------------------------------
 
 
-class FileWrite(Tool):
+class FileWrite(_FileTool):
     spec = ToolSpec(
         name="file_write",
         description=(
@@ -197,7 +198,7 @@ class FileWrite(Tool):
         },
     )
 
-    async def run(self, args: dict[str, Any], ctx: ToolContext) -> str:
+    async def _run(self, args: dict[str, Any], ctx: ToolContext) -> str:
         rel = _str_arg(args, "path")
         content = _str_arg(args, "content")
         assert rel is not None and content is not None
@@ -214,10 +215,8 @@ class FileWrite(Tool):
             raise ToolError(f"{shown} is a directory")
         existed = real.exists()
         try:
-            real.parent.mkdir(parents=True, exist_ok=True)
-            # mkdir followed no symlink out (the parent was resolved); check it again anyway.
-            resolve(workspace, os.path.relpath(real.parent, os.path.realpath(workspace)))
-            atomic_write(real, data)
+            with _paths.dir_fd(workspace, real.parent, create=True) as parent:
+                _paths.write_at(parent, real.name, data)
         except (NotADirectoryError, FileExistsError):
             raise ToolError(f"cannot write {shown}: a parent is not a directory") from None
         except OSError as exc:
@@ -230,7 +229,7 @@ class FileWrite(Tool):
 # --- file_edit --------------------------------------------------------------------------------
 
 
-class FileEdit(Tool):
+class FileEdit(_FileTool):
     spec = ToolSpec(
         name="file_edit",
         description=(
@@ -255,7 +254,7 @@ class FileEdit(Tool):
         },
     )
 
-    async def run(self, args: dict[str, Any], ctx: ToolContext) -> str:
+    async def _run(self, args: dict[str, Any], ctx: ToolContext) -> str:
         rel = _str_arg(args, "path")
         old = _str_arg(args, "old_string")
         new = _str_arg(args, "new_string")
@@ -273,9 +272,13 @@ class FileEdit(Tool):
         shown = display(workspace, real)
         if not real.is_file():
             raise ToolError(f"no such file: {shown}")
-        if real.stat().st_size > MAX_EDIT_FILE_BYTES:
-            raise ToolError(f"{shown} is larger than {MAX_EDIT_FILE_BYTES} bytes; not edited")
-        data = real.read_bytes()
+        with os.fdopen(_paths.open_file(workspace, real), "rb") as f:
+            info = os.fstat(f.fileno())
+            if not stat.S_ISREG(info.st_mode):
+                raise ToolError(f"{shown} is not a regular file")
+            if info.st_size > MAX_EDIT_FILE_BYTES:
+                raise ToolError(f"{shown} is larger than {MAX_EDIT_FILE_BYTES} bytes; not edited")
+            data = f.read(MAX_EDIT_FILE_BYTES + 1)
         if looks_binary(data[: _paths.BINARY_SNIFF_BYTES]):
             raise ToolError(f"{shown} is a binary file; file_edit edits text")
         try:
@@ -297,14 +300,15 @@ class FileEdit(Tool):
                 "make it unique, or set replace_all to true"
             )
         text = text.replace(old, new) if replace_all else text.replace(old, new, 1)
-        atomic_write(real, text.encode("utf-8", "surrogatepass"))
+        with _paths.dir_fd(workspace, real.parent) as parent:
+            _paths.write_at(parent, real.name, text.encode("utf-8", "surrogatepass"))
         return f"replaced {count if replace_all else 1} occurrence(s) in {shown}"
 
 
 # --- file_list --------------------------------------------------------------------------------
 
 
-class FileList(Tool):
+class FileList(_FileTool):
     spec = ToolSpec(
         name="file_list",
         description=(
@@ -327,7 +331,7 @@ class FileList(Tool):
         },
     )
 
-    async def run(self, args: dict[str, Any], ctx: ToolContext) -> str:
+    async def _run(self, args: dict[str, Any], ctx: ToolContext) -> str:
         rel = _str_arg(args, "path", required=False)
         recursive = _bool_arg(args, "recursive")
         real = resolve(ctx.workspace, rel, default=".")
@@ -343,16 +347,12 @@ class FileList(Tool):
         entries: list[str] = []
         truncated = False
 
-        def label(entry: os.DirEntry[str]) -> str:
-            rel = display(workspace, Path(entry.path))
-            if entry.is_symlink():
-                return rel + "@"
-            return rel + "/" if entry.is_dir() else rel
-
-        def walk(directory: str) -> None:
+        def walk(fd: int, prefix: str) -> None:
+            """List the directory `fd`; subdirectories are opened from it without following a
+            symlink (one swapped in meanwhile is not descended into)."""
             nonlocal truncated
             try:
-                with os.scandir(directory) as it:
+                with os.scandir(fd) as it:
                     items = sorted(it, key=lambda e: e.name)
             except OSError:
                 return
@@ -360,17 +360,29 @@ class FileList(Tool):
                 if len(entries) >= MAX_LIST_ENTRIES:
                     truncated = True
                     return
-                name = label(entry)
+                rel = prefix + entry.name
                 is_dir = entry.is_dir(follow_symlinks=False)
+                name = rel + ("@" if entry.is_symlink() else "/" if is_dir else "")
                 if recursive and is_dir and entry.name in SKIP_DIRS:
                     name += " (not listed)"
                 entries.append(name)
                 if recursive and is_dir and entry.name not in SKIP_DIRS:
-                    walk(entry.path)
+                    try:
+                        child = os.open(entry.name, _SUBDIR_FLAGS, dir_fd=fd)
+                    except OSError:
+                        continue
+                    try:
+                        walk(child, rel + "/")
+                    finally:
+                        os.close(child)
                     if truncated:
                         return
 
-        walk(str(real))
+        top = _paths.open_listing(workspace, real)
+        try:
+            walk(top, "" if shown == "." else shown + "/")
+        finally:
+            os.close(top)
         if not entries:
             return f"{shown}/ is empty"
         out = "\n".join(entries)
@@ -382,7 +394,7 @@ class FileList(Tool):
 # --- file_search ------------------------------------------------------------------------------
 
 
-class FileSearch(Tool):
+class FileSearch(_FileTool):
     spec = ToolSpec(
         name="file_search",
         description=(
@@ -408,7 +420,7 @@ class FileSearch(Tool):
         },
     )
 
-    async def run(self, args: dict[str, Any], ctx: ToolContext) -> str:
+    async def _run(self, args: dict[str, Any], ctx: ToolContext) -> str:
         pattern = _str_arg(args, "pattern")
         assert pattern is not None
         where = _str_arg(args, "path", required=False) or "."
@@ -428,9 +440,13 @@ class FileSearch(Tool):
             start = resolve(ctx.workspace, prefix or ".")
         if not start.exists():
             raise ToolError(f"no such file or directory: {display(ctx.workspace, start)}")
+        # A caller who is not trusted may have a sandboxed shell changing the workspace while
+        # the search runs: the worker then runs in the sandbox too (it sees nothing else).
+        sandboxed = not ctx.trusted and (await asyncio.to_thread(sandbox.probe))["bwrap"]
+        root = sandbox.WORKSPACE_MOUNT if sandboxed else _paths.root(ctx.workspace)
         request = {
-            "root": _paths.root(ctx.workspace),
-            "start": str(start),
+            "root": root,
+            "start": _under(root, display(ctx.workspace, start)),
             "pattern": pattern,
             "ignore_case": ignore_case,
             "glob": glob,
@@ -439,14 +455,29 @@ class FileSearch(Tool):
             "max_line": MAX_SEARCH_LINE_CHARS,
             "max_file_bytes": MAX_SEARCH_FILE_BYTES,
         }
-        result = await run_process(
-            [sys.executable, "-I", "-B", str(SEARCH_WORKER)],
-            cwd=str(start if start.is_dir() else start.parent),
-            env=scrubbed_env(str(ctx.workspace)),
-            timeout_s=SEARCH_TIMEOUT_S,
-            max_output_bytes=4 * 1024 * 1024,
-            stdin_data=json.dumps(request).encode(),
-        )
+        stdin = json.dumps(request).encode()
+        if sandboxed:
+            spec = sandbox.RunSpec(
+                [sys.executable, "-I", "-B", "search_worker.py"],
+                memory_mb=512,
+                max_processes=4,
+                workspace=ctx.workspace,
+                files={"search_worker.py": SEARCH_WORKER.read_bytes()},
+                stdin_data=stdin,
+            )
+            run = await sandbox.run(
+                spec, timeout_s=SEARCH_TIMEOUT_S, max_output_bytes=SEARCH_OUTPUT_BYTES
+            )
+            result = run.proc
+        else:
+            result = await run_process(
+                [sys.executable, "-I", "-B", str(SEARCH_WORKER)],
+                cwd=str(start if start.is_dir() else start.parent),
+                env=scrubbed_env(str(ctx.workspace)),
+                timeout_s=SEARCH_TIMEOUT_S,
+                max_output_bytes=SEARCH_OUTPUT_BYTES,
+                stdin_data=stdin,
+            )
         if result.timed_out:
             raise ToolError(
                 f"search timed out after {SEARCH_TIMEOUT_S:.0f} s (a pattern that backtracks "
@@ -455,7 +486,9 @@ class FileSearch(Tool):
         try:
             found = json.loads(result.output)
         except ValueError:
-            raise ToolError(f"search failed: {result.output.strip()[-500:]}") from None
+            why = result.output.strip()[-500:]
+            why = _paths.redact(why, ctx.workspace, ctx.data_dir, SEARCH_WORKER.parent)
+            raise ToolError(f"search failed: {why}") from None
         matches: list[str] = found["matches"]
         notes = []
         if found["truncated"]:

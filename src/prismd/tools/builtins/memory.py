@@ -1,114 +1,37 @@
 """`memory_note` and `memory_search`: facts an agent keeps across sessions.
 
-One SQLite database, `<data_dir>/memory.db` (WAL mode), shared by all agents; every note belongs
-to one agent of one user (`ctx.memory_scope`) and only that agent's searches for that user see
-it. Text and tags are indexed with FTS5; searches rank with bm25. The query is reduced to its
-words, each quoted, joined with OR, so that no user text is read as FTS5 syntax. SQLite runs in
-a worker thread with a connection per call.
+The notes live in the store (`ToolContext.store`: Store.add_note, Store.search_notes), so every
+prismd process on every machine sharing the database sees the same notes: SQLite's prismd.db
+(an FTS5 index, bm25 ranking) or PostgreSQL (a tsvector with a GIN index, ts_rank). Every note
+belongs to one agent of one user (`ctx.memory_scope`) and only that agent's searches for that
+user see it. The query is reduced to its words, each searched for as it is, so that no user
+text is read as search syntax.
 """
 
 from __future__ import annotations
 
-import asyncio
-import re
-import sqlite3
-from datetime import UTC, datetime
-from pathlib import Path
 from typing import Any
 
+from ...protocol import clean_text
+from ...store.base import Store, StoreUnavailable
 from ..base import Tool, ToolContext, ToolError, ToolSpec
 
 MAX_NOTE_CHARS = 8000
 MAX_TAGS = 20
 DEFAULT_LIMIT = 10
 MAX_LIMIT = 50
-MAX_QUERY_TERMS = 32
-
-_SCHEMA = """
-CREATE TABLE IF NOT EXISTS notes (
-    id INTEGER PRIMARY KEY,
-    agent_id TEXT NOT NULL,
-    created_at TEXT NOT NULL,
-    text TEXT NOT NULL,
-    tags TEXT NOT NULL DEFAULT ''
-);
-CREATE INDEX IF NOT EXISTS notes_agent ON notes(agent_id, id);
-CREATE VIRTUAL TABLE IF NOT EXISTS notes_fts USING fts5(
-    text, tags, content='notes', content_rowid='id', tokenize='unicode61 remove_diacritics 2'
-);
-CREATE TRIGGER IF NOT EXISTS notes_ai AFTER INSERT ON notes BEGIN
-    INSERT INTO notes_fts(rowid, text, tags) VALUES (new.id, new.text, new.tags);
-END;
-CREATE TRIGGER IF NOT EXISTS notes_ad AFTER DELETE ON notes BEGIN
-    INSERT INTO notes_fts(notes_fts, rowid, text, tags)
-    VALUES ('delete', old.id, old.text, old.tags);
-END;
-"""
-
-_WORD = re.compile(r"\w+", re.UNICODE)
 
 
-def fts_query(text: str) -> str:
-    """An FTS5 query matching any of the words of `text` (each quoted); "" when it has none."""
-    terms: list[str] = []
-    for word in _WORD.findall(text):
-        quoted = '"' + word.replace('"', '""') + '"'
-        if quoted not in terms:
-            terms.append(quoted)
-        if len(terms) >= MAX_QUERY_TERMS:
-            break
-    return " OR ".join(terms)
+def _clean(text: str) -> str:
+    """Text every store holds: a NUL (PostgreSQL refuses it) or an unpaired surrogate (from
+    escaped JSON; not valid Unicode) becomes U+FFFD."""
+    return clean_text(text).replace("\x00", "\ufffd")
 
 
-def _connect(path: Path) -> sqlite3.Connection:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    conn = sqlite3.connect(path, timeout=10.0, isolation_level=None)
-    try:
-        conn.execute("PRAGMA journal_mode=WAL")
-        conn.execute("PRAGMA synchronous=NORMAL")
-        conn.executescript(_SCHEMA)
-    except BaseException:
-        conn.close()
-        raise
-    return conn
-
-
-def db_path(ctx: ToolContext) -> Path:
-    return Path(ctx.data_dir) / "memory.db"
-
-
-def add_note(path: Path, agent_id: str, text: str, tags: list[str]) -> int:
-    conn = _connect(path)
-    try:
-        now = datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
-        cur = conn.execute(
-            "INSERT INTO notes(agent_id, created_at, text, tags) VALUES (?, ?, ?, ?)",
-            (agent_id, now, text, ", ".join(tags)),
-        )
-        return int(cur.lastrowid or 0)
-    finally:
-        conn.close()
-
-
-def search_notes(path: Path, agent_id: str, query: str, limit: int) -> list[tuple[Any, ...]]:
-    conn = _connect(path)
-    try:
-        match = fts_query(query)
-        if not match:  # no words: the most recent notes
-            return conn.execute(
-                "SELECT id, created_at, text, tags FROM notes WHERE agent_id = ? "
-                "ORDER BY id DESC LIMIT ?",
-                (agent_id, limit),
-            ).fetchall()
-        return conn.execute(
-            "SELECT n.id, n.created_at, n.text, n.tags FROM notes_fts "
-            "JOIN notes AS n ON n.id = notes_fts.rowid "
-            "WHERE notes_fts MATCH ? AND n.agent_id = ? "
-            "ORDER BY bm25(notes_fts), n.id DESC LIMIT ?",
-            (match, agent_id, limit),
-        ).fetchall()
-    finally:
-        conn.close()
+def _store(ctx: ToolContext) -> Store:
+    if ctx.store is None:
+        raise ToolError("memory is not available here (no store)")
+    return ctx.store
 
 
 class MemoryNote(Tool):
@@ -149,14 +72,12 @@ class MemoryNote(Tool):
         raw_tags = args.get("tags") or []
         if not isinstance(raw_tags, list) or not all(isinstance(t, str) for t in raw_tags):
             raise ToolError("tags must be a list of strings")
-        tags = [" ".join(t.replace(",", " ").split())[:64] for t in raw_tags if t.strip()]
+        tags = [_clean(" ".join(t.replace(",", " ").split())[:64]) for t in raw_tags if t.strip()]
         tags = tags[:MAX_TAGS]
         try:
-            note_id = await asyncio.to_thread(
-                add_note, db_path(ctx), ctx.memory_scope, text.strip(), tags
-            )
-        except sqlite3.Error as exc:
-            raise ToolError(f"memory database error: {exc}") from None
+            note_id = await _store(ctx).add_note(ctx.memory_scope, _clean(text.strip()), tags)
+        except StoreUnavailable:
+            raise ToolError("the memory database is unavailable; try again later") from None
         return f"saved note #{note_id}"
 
 
@@ -195,16 +116,14 @@ class MemorySearch(Tool):
             raise ToolError("limit must be a positive integer")
         limit = min(limit, MAX_LIMIT)
         try:
-            rows = await asyncio.to_thread(
-                search_notes, db_path(ctx), ctx.memory_scope, query, limit
-            )
-        except sqlite3.Error as exc:
-            raise ToolError(f"memory database error: {exc}") from None
-        if not rows:
+            notes = await _store(ctx).search_notes(ctx.memory_scope, query, limit)
+        except StoreUnavailable:
+            raise ToolError("the memory database is unavailable; try again later") from None
+        if not notes:
             return "no matching notes"
         out = []
-        for note_id, created, text, tags in rows:
-            date = str(created).replace("T", " ").rstrip("Z") + " UTC"
-            tag_text = f" [{tags}]" if tags else ""
-            out.append(f"#{note_id} ({date}){tag_text}: {text}")
+        for note in notes:
+            date = note.created_at.replace("T", " ").rstrip("Z") + " UTC"
+            tag_text = f" [{', '.join(note.tags)}]" if note.tags else ""
+            out.append(f"#{note.id} ({date}){tag_text}: {note.text}")
         return "\n".join(out)

@@ -1,246 +1,115 @@
-"""What the machine allows for isolating `code_exec` (and `shell`), found out at first use.
+"""The sandbox of `code_exec`, of `shell` for callers who are not trusted (and for everyone with
+`tools.shell.sandbox = "always"`), and of the PDF text extractor. What the machine allows is
+probed once (in throwaway child processes) and reported by `isolation()` (`GET /api/tools`).
 
-- A new network namespace for the child (`unshare(CLONE_NEWNET)`, or with CLONE_NEWUSER for an
-  unprivileged server where user namespaces are enabled): it has only a loopback interface that
-  is down, so no connection can be made to anything, including the host's 127.0.0.1.
-- Landlock (Linux 5.13+): the child may write only in its temporary directory and read only
-  system directories, Python's installation, the workspace and that directory; with ABI 4+ TCP
-  bind/connect are denied too (a second layer when the network is cut), with ABI 6+ signals to
-  processes outside the sandbox and abstract UNIX sockets are denied.
-- Resource limits (setrlimit) and a process group of its own, killed as a whole.
+**With bubblewrap** (`bwrap`, Debian's `bubblewrap`; `make install` installs it) each run gets:
 
-Each mechanism is probed once (in a throwaway child process); when one does not work the tool
-runs without it and says so. `isolation()` describes what is in force.
+- its own mount namespace whose only contents are the system's read-only directories (`/usr`,
+  `/bin`, `/lib*`, `/sbin`, a list of harmless files of `/etc`, Python's installation), a fresh
+  `/proc` of its own PID namespace, a minimal `/dev` (its own `/dev/shm`), an empty `/tmp`
+  (a tmpfs, the run's directory, whose pages count against the run's memory bound) and the
+  workspace at `/workspace` (read-only for `code_exec`). The host's `/run`, `/var`, `/tmp`,
+  `/home`, the data directory and the other workspaces do not exist in it, nor do the Unix
+  sockets in them;
+- a separate, unprivileged uid when prismd runs as root: bwrap runs as root (no user
+  namespace needed) and `setpriv` drops to the `prismd-sandbox` system user (`nobody`, 65534,
+  when there is none) with no capabilities, no supplementary groups and no_new_privs. When
+  prismd is not root, bwrap uses a user namespace and the run keeps prismd's uid;
+- its own PID, IPC, UTS and (unless configured otherwise) network namespaces: no interface but
+  its own loopback, so no connection to anything, not the host's 127.0.0.1 nor its abstract
+  Unix sockets; when the PID namespace's first process ends, the kernel kills everything left
+  in it (a double fork with setsid() included);
+- a cgroup of its own (see _cgroup.py) bounding the memory and the process count of the whole
+  tree, where the server may create one;
+- the parent-death signal (SIGKILL when the server dies, even by kill -9), set before bwrap is
+  started and by bwrap (`--die-with-parent`) for the processes inside; the cgroups and
+  processes left by a server that died anyway are removed by the next one (`sweep_leftovers`);
+- a seccomp filter (_seccomp.py) denying user namespaces and other system calls that kernel
+  exploits favour, where libseccomp is installed;
+- per-process rlimits (CPU time, address space, file size, no core dumps; the process count
+  when there is no cgroup) and a scrubbed environment.
+
+**Without bubblewrap** (or when it cannot run here) `code_exec` falls back to what the old
+sandbox had: a network namespace, Landlock (read-only system directories, workspace and Python;
+writes only in a temporary directory), rlimits, the parent-death signal and a cgroup where
+possible, as prismd's own uid. That is not enough for someone else's code (the host's pathname
+Unix sockets stay reachable, nothing hides the host's files from reading where Landlock is
+missing): `untrusted_ok` is then false and the tools refuse callers who are not trusted.
+
+`untrusted_ok` is true only when bubblewrap runs, the run has a uid other than the server's,
+and a cgroup bounds the whole process tree.
 """
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
-import ctypes
-import ctypes.util
+import json
+import logging
 import os
+import pwd
 import resource
-import site
+import shutil
+import signal
 import subprocess
 import sys
 import tempfile
 import threading
+import time
 from collections.abc import Callable, Sequence
-from typing import Any
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
-from ._proc import set_rlimits
-
-CLONE_NEWUSER = 0x10000000
-CLONE_NEWNET = 0x40000000
-PR_SET_NO_NEW_PRIVS = 38
-
-# Landlock (include/uapi/linux/landlock.h); the syscall numbers are the same on every arch.
-SYS_LANDLOCK_CREATE_RULESET = 444
-SYS_LANDLOCK_ADD_RULE = 445
-SYS_LANDLOCK_RESTRICT_SELF = 446
-LANDLOCK_CREATE_RULESET_VERSION = 1
-LANDLOCK_RULE_PATH_BENEATH = 1
-LANDLOCK_RULE_NET_PORT = 2
-FS_EXECUTE = 1 << 0
-FS_WRITE_FILE = 1 << 1
-FS_READ_FILE = 1 << 2
-FS_READ_DIR = 1 << 3
-FS_REMOVE_DIR = 1 << 4
-FS_REMOVE_FILE = 1 << 5
-FS_MAKE_CHAR = 1 << 6
-FS_MAKE_DIR = 1 << 7
-FS_MAKE_REG = 1 << 8
-FS_MAKE_SOCK = 1 << 9
-FS_MAKE_FIFO = 1 << 10
-FS_MAKE_BLOCK = 1 << 11
-FS_MAKE_SYM = 1 << 12
-FS_REFER = 1 << 13  # ABI 2
-FS_TRUNCATE = 1 << 14  # ABI 3
-NET_BIND_TCP = 1 << 0  # ABI 4
-NET_CONNECT_TCP = 1 << 1  # ABI 4
-SCOPE_ABSTRACT_UNIX_SOCKET = 1 << 0  # ABI 6
-SCOPE_SIGNAL = 1 << 1  # ABI 6
-
-FS_READ = FS_EXECUTE | FS_READ_FILE | FS_READ_DIR
-FS_FILE_ONLY = FS_EXECUTE | FS_WRITE_FILE | FS_READ_FILE | FS_TRUNCATE
-
-
-def _fs_write(abi: int) -> int:
-    rights = (
-        FS_WRITE_FILE
-        | FS_REMOVE_DIR
-        | FS_REMOVE_FILE
-        | FS_MAKE_CHAR
-        | FS_MAKE_DIR
-        | FS_MAKE_REG
-        | FS_MAKE_SOCK
-        | FS_MAKE_FIFO
-        | FS_MAKE_BLOCK
-        | FS_MAKE_SYM
-    )
-    if abi >= 2:
-        rights |= FS_REFER
-    if abi >= 3:
-        rights |= FS_TRUNCATE
-    return rights
-
-
-class _RulesetAttr(ctypes.Structure):
-    _fields_ = [
-        ("handled_access_fs", ctypes.c_uint64),
-        ("handled_access_net", ctypes.c_uint64),
-        ("scoped", ctypes.c_uint64),
-    ]
-
-
-class _PathBeneathAttr(ctypes.Structure):
-    _pack_ = 1
-    _fields_ = [("allowed_access", ctypes.c_uint64), ("parent_fd", ctypes.c_int32)]
-
-
-_libc: Any = None
-
-
-def _load_libc() -> Any:
-    global _libc
-    if _libc is None:
-        _libc = ctypes.CDLL(ctypes.util.find_library("c") or None, use_errno=True)
-        _libc.syscall.restype = ctypes.c_long
-    return _libc
-
-
-def landlock_abi() -> int:
-    """The kernel's Landlock ABI version, 0 when it has none (or is not Linux)."""
-    if not sys.platform.startswith("linux"):
-        return 0
-    try:
-        libc = _load_libc()
-        abi = libc.syscall(
-            SYS_LANDLOCK_CREATE_RULESET, None, ctypes.c_size_t(0),
-            ctypes.c_uint32(LANDLOCK_CREATE_RULESET_VERSION),
-        )  # fmt: skip
-    except (OSError, AttributeError):
-        return 0
-    return max(int(abi), 0)
-
-
-# Read-only roots: the system and Python's installation. /etc is read only through the files a
-# program commonly needs (not /etc/shadow and the like); /proc is left out (other processes'
-# environments hold secrets), except the child's own /proc/<pid>.
-_READ_ROOTS = ("/usr", "/lib", "/lib32", "/lib64", "/libx32", "/bin", "/sbin", "/opt")
-_ETC_READ = (
-    "/etc/ld.so.cache",
-    "/etc/ld.so.conf",
-    "/etc/ld.so.conf.d",
-    "/etc/localtime",
-    "/etc/timezone",
-    "/etc/ssl",
-    "/etc/pki",
-    "/etc/ca-certificates",
-    "/etc/ca-certificates.conf",
-    "/etc/mime.types",
-    "/etc/os-release",
-    "/etc/nsswitch.conf",
-    "/etc/hosts",
-    "/etc/resolv.conf",
-    "/etc/passwd",
-    "/etc/group",
-    "/etc/alternatives",
-    "/etc/fonts",
-    "/etc/matplotlibrc",
+from . import _cgroup, _seccomp
+from ._landlock import (
+    _ETC_READ,
+    CLONE_NEWNET,
+    CLONE_NEWUSER,
+    LandlockPlan,
+    landlock_abi,
+    python_read_roots,
+    unshare,
 )
-_DEV_RW = ("/dev/null", "/dev/zero", "/dev/full")
-_DEV_READ = ("/dev/urandom", "/dev/random")
+from ._proc import ProcResult, run_process, scrubbed_env, set_pdeathsig, set_rlimits
+
+if TYPE_CHECKING:
+    from ...config import ToolsSettings
+
+log = logging.getLogger("prismd")
+
+# --- the sandbox user ---------------------------------------------------------------------------
+
+SANDBOX_USER = "prismd-sandbox"
+FALLBACK_UID = 65534  # nobody
 
 
-def python_read_roots() -> list[str]:
-    roots = {sys.prefix, sys.base_prefix, sys.exec_prefix, sys.base_exec_prefix}
-    exe = os.path.realpath(sys.executable)
-    roots.add(os.path.dirname(os.path.dirname(exe)))
-    with contextlib.suppress(AttributeError):
-        roots.update(site.getsitepackages())
-    return sorted(r for r in roots if r and r != "/")
+@dataclass(frozen=True, slots=True)
+class SandboxUser:
+    uid: int
+    gid: int
+    name: str
 
 
-class LandlockPlan:
-    """Rules computed in the parent; `apply()` runs in the child (preexec_fn), with only
-    syscalls and small allocations after the fork."""
-
-    def __init__(
-        self,
-        abi: int,
-        writable: Sequence[str],
-        readable: Sequence[str],
-        deny_tcp: bool,
-    ) -> None:
-        self.abi = abi
-        write = _fs_write(abi)
-        self.handled_fs = write | FS_READ
-        self.deny_tcp = deny_tcp and abi >= 4
-        self.scoped = (SCOPE_ABSTRACT_UNIX_SOCKET | SCOPE_SIGNAL) if abi >= 6 else 0
-        rules: list[tuple[str, int]] = []
-        for path in writable:
-            rules.append((path, write | FS_READ))
-        for path in readable:
-            rules.append((path, FS_READ))
-        for path in _READ_ROOTS + _ETC_READ + _DEV_READ:
-            rules.append((path, FS_READ))
-        for path in _DEV_RW:
-            rules.append((path, FS_READ_FILE | FS_WRITE_FILE | (FS_TRUNCATE if abi >= 3 else 0)))
-        self.rules = [(p, a) for p, a in rules if os.path.exists(p)]
-        self.attr_size = 8 if abi < 4 else (16 if abi < 6 else 24)
-        self.attr = _RulesetAttr(
-            self.handled_fs, NET_BIND_TCP | NET_CONNECT_TCP if self.deny_tcp else 0, self.scoped
-        )
-        self.libc = _load_libc()
-
-    def apply(self) -> None:
-        libc = self.libc
-        ruleset = libc.syscall(
-            SYS_LANDLOCK_CREATE_RULESET, ctypes.byref(self.attr),
-            ctypes.c_size_t(self.attr_size), ctypes.c_uint32(0),
-        )  # fmt: skip
-        if ruleset < 0:
-            raise OSError(ctypes.get_errno(), "landlock_create_ruleset failed")
+def sandbox_user() -> SandboxUser:
+    """The account sandboxed runs use when prismd is root: `prismd-sandbox` (create it with
+    `useradd --system --no-create-home --shell /usr/sbin/nologin prismd-sandbox`), else
+    `nobody`, else uid/gid 65534."""
+    for name in (SANDBOX_USER, "nobody"):
         try:
-            for path, access in self.rules:
-                try:
-                    fd = os.open(path, os.O_PATH | os.O_CLOEXEC)
-                except OSError:
-                    continue
-                try:
-                    if not os.path.isdir(path):
-                        access &= FS_FILE_ONLY
-                    beneath = _PathBeneathAttr(access & self.handled_fs, fd)
-                    rc = libc.syscall(
-                        SYS_LANDLOCK_ADD_RULE, ctypes.c_int(ruleset),
-                        ctypes.c_int(LANDLOCK_RULE_PATH_BENEATH), ctypes.byref(beneath),
-                        ctypes.c_uint32(0),
-                    )  # fmt: skip
-                    if rc < 0:
-                        raise OSError(ctypes.get_errno(), f"landlock_add_rule failed for {path}")
-                finally:
-                    os.close(fd)
-            if libc.prctl(PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0) != 0:
-                raise OSError(ctypes.get_errno(), "prctl(PR_SET_NO_NEW_PRIVS) failed")
-            rc = libc.syscall(SYS_LANDLOCK_RESTRICT_SELF, ctypes.c_int(ruleset), ctypes.c_uint32(0))
-            if rc < 0:
-                raise OSError(ctypes.get_errno(), "landlock_restrict_self failed")
-        finally:
-            os.close(ruleset)
-
-
-def unshare(flags: int) -> None:
-    libc = _load_libc()
-    if libc.unshare(ctypes.c_int(flags)) != 0:
-        errno = ctypes.get_errno()
-        raise OSError(errno, f"unshare failed: {os.strerror(errno)}")
+            entry = pwd.getpwnam(name)
+        except KeyError:
+            continue
+        if entry.pw_uid != 0:
+            return SandboxUser(entry.pw_uid, entry.pw_gid, name)
+    return SandboxUser(FALLBACK_UID, FALLBACK_UID, str(FALLBACK_UID))
 
 
 # --- probing ------------------------------------------------------------------------------------
 
 _lock = threading.Lock()
 _probed: dict[str, Any] | None = None
+MARKER_ENV = "PRISMD_SANDBOX_OWNER"  # in the environment of what a server starts (see sweep)
 
 
 def _probe_child(preexec: Callable[[], None], code: str = "pass") -> bool:
@@ -266,8 +135,113 @@ _NET_CHECK = (
     "print('ok')\n"
 )
 
+# What the bubblewrap probe checks from inside: its uid, that host paths are gone, that it has
+# no network interface but loopback and that it is in a PID namespace of its own.
+_BWRAP_CHECK = (
+    "import json, os, socket\n"
+    "print(json.dumps({'uid': os.getuid(), 'pid': os.getpid(),\n"
+    "    'host_paths': [p for p in ('/run', '/var', '/home', '/root/.bashrc', '/srv')\n"
+    "                   if os.path.lexists(p)],\n"
+    "    'ifaces': [n for _, n in socket.if_nameindex()],\n"
+    "    'tmp': os.listdir('/tmp'), 'tmp_writable': os.access('/tmp', os.W_OK),\n"
+    "    'userns': __import__('ctypes').CDLL(None).unshare(0x10000000) == 0}))\n"
+)
+
+
+def _bwrap_features(bwrap: str) -> tuple[str, set[str]]:
+    try:
+        version = subprocess.run(
+            [bwrap, "--version"], capture_output=True, text=True, timeout=10
+        ).stdout.strip()
+        usage = subprocess.run([bwrap, "--help"], capture_output=True, text=True, timeout=10)
+    except (OSError, subprocess.SubprocessError):
+        return "", set()
+    flags = {"--size", "--perms", "--disable-userns", "--unsetenv", "--die-with-parent"}
+    return version, {f for f in flags if f in usage.stdout + usage.stderr}
+
+
+def _probe_bwrap(p: dict[str, Any]) -> None:
+    """Fill in the bubblewrap findings of the probe `p` (and whether a cgroup can be joined)."""
+    p.update(bwrap=None, bwrap_error=None, bwrap_version=None, bwrap_features=[])
+    bwrap = shutil.which("bwrap")
+    if bwrap is None:
+        p["bwrap_error"] = "bubblewrap (bwrap) is not installed"
+        return
+    version, features = _bwrap_features(bwrap)
+    p["bwrap_version"] = version
+    p["bwrap_features"] = sorted(features)
+    if not {"--die-with-parent", "--perms", "--unsetenv"} <= features:
+        p["bwrap_error"] = f"{version or 'bwrap'} is too old (needs --perms and --unsetenv)"
+        return
+    if p["privileged"] and p["setpriv"] is None:
+        p["bwrap_error"] = "setpriv (util-linux) is not installed: cannot drop to the sandbox uid"
+        return
+    candidate = {**p, "bwrap": bwrap}
+    expected_uid = p["user"]["uid"] if p["privileged"] else os.geteuid()
+
+    def attempt(without: dict[str, Any]) -> tuple[bool, str]:
+        spec = RunSpec(
+            [sys.executable, "-I", "-S", "-c", _BWRAP_CHECK],
+            memory_mb=256,
+            max_processes=16,
+        )
+        plan = _Plan.build({**candidate, **without}, spec)
+        try:
+            result = subprocess.run(
+                plan.argv,
+                preexec_fn=plan.preexec,
+                pass_fds=plan.pass_fds,
+                env=plan.env,
+                stdin=subprocess.DEVNULL,
+                capture_output=True,
+                timeout=30,
+                cwd="/",
+            )
+        except (OSError, subprocess.SubprocessError) as exc:
+            return False, str(exc)
+        finally:
+            plan.cleanup_sync()
+        out = result.stdout.decode(errors="replace").strip()
+        if result.returncode != 0:
+            err = result.stderr.decode(errors="replace").strip()
+            return False, err[-300:] or f"exit code {result.returncode}"
+        try:
+            seen = json.loads(out.splitlines()[-1])
+        except (ValueError, IndexError):
+            return False, f"unexpected output: {out[-200:]!r}"
+        problems = []
+        if seen["uid"] != expected_uid:
+            problems.append(f"runs as uid {seen['uid']}, not {expected_uid}")
+        if seen["host_paths"]:
+            problems.append(f"host paths visible: {seen['host_paths']}")
+        if seen["ifaces"] != ["lo"]:
+            problems.append(f"network interfaces: {seen['ifaces']}")
+        if seen["pid"] > 3:
+            problems.append("no PID namespace")
+        if not seen["tmp_writable"] or seen["tmp"]:
+            problems.append("/tmp is not an empty writable directory")
+        if seen["userns"] and {**candidate, **without}["seccomp"] is not None:
+            problems.append("the seccomp filter let a user namespace be created")
+        return not problems, "; ".join(problems)
+
+    ok, why = attempt({})
+    # What the run works without, when it does not work with everything.
+    for optional, error_key in (("seccomp", "seccomp_info"), ("cgroup", "cgroup_error")):
+        if ok or p[optional] is None:
+            continue
+        ok, why_without = attempt({optional: None})
+        if ok:
+            p[error_key] = f"not usable with bubblewrap here: {why}"
+            p[optional] = None
+        why = why_without
+    if ok:
+        p["bwrap"] = bwrap
+    else:
+        p["bwrap_error"] = f"bubblewrap does not work here: {why}"
+
 
 def _probe() -> dict[str, Any]:
+    p: dict[str, Any] = {}
     netns_flags = 0
     if sys.platform.startswith("linux"):
         for flags in (CLONE_NEWNET, CLONE_NEWUSER | CLONE_NEWNET):
@@ -304,12 +278,32 @@ def _probe() -> dict[str, Any]:
         "    os.waitpid(pid, 0)\n"
     )
     nproc_ok = _probe_child(lambda: set_rlimits([(resource.RLIMIT_NPROC, 1)]), nproc_check)
-    return {
-        "netns_flags": netns_flags,
-        "landlock_abi": abi,
-        "landlock": landlock_ok,
-        "nproc_enforced": nproc_ok,
-    }
+    layout, cgroup_why = _cgroup.detect()
+    if layout is not None:
+        try:  # a group can be made and limited (and removed)
+            group = _cgroup.RunGroup.create(layout, 64 << 20, 8)
+            group.close_fds()
+            group.remove()
+        except OSError as exc:
+            layout, cgroup_why = None, f"creating a cgroup failed: {exc}"
+    user = sandbox_user()
+    program, seccomp_info = _seccomp.compile_filter()
+    p.update(
+        seccomp=program,
+        seccomp_info=seccomp_info,
+        netns_flags=netns_flags,
+        landlock_abi=abi,
+        landlock=landlock_ok,
+        nproc_enforced=nproc_ok,
+        privileged=os.geteuid() == 0,
+        setpriv=shutil.which("setpriv"),
+        user={"uid": user.uid, "gid": user.gid, "name": user.name},
+        cgroup=layout,
+        cgroup_info=cgroup_why,
+        cgroup_error=None if layout is not None else cgroup_why,
+    )
+    _probe_bwrap(p)
+    return p
 
 
 def probe() -> dict[str, Any]:
@@ -321,25 +315,98 @@ def probe() -> dict[str, Any]:
         return _probed
 
 
-def isolation(network_allowed: bool = False) -> dict[str, Any]:
-    """What isolation `code_exec` (and, under "shell", the `shell` tool) gets on this machine.
+def reset_probe_for_tests() -> None:
+    global _probed
+    with _lock:
+        _probed = None
 
-    `network_allowed` is `tools.code_exec.network` from the settings."""
+
+# --- what is in force ---------------------------------------------------------------------------
+
+
+def untrusted_missing(p: dict[str, Any]) -> list[str]:
+    """What is missing for running the code of someone who is not trusted (empty: nothing)."""
+    missing = []
+    if p["bwrap"] is None:
+        missing.append(f"a mount/PID namespace sandbox ({p['bwrap_error']})")
+    if not p["privileged"]:
+        missing.append("a uid of its own (prismd is not root, so runs keep prismd's uid)")
+    elif p["user"]["uid"] == 0:
+        missing.append("a uid of its own (the sandbox user is root)")
+    if p["cgroup"] is None:
+        missing.append(f"a bound on the whole process tree ({p['cgroup_error']})")
+    return missing
+
+
+def isolation(settings: ToolsSettings | bool | None = None) -> dict[str, Any]:
+    """What isolation `code_exec` and `shell` get on this machine (`GET /api/tools`).
+
+    `settings`: the tools settings (`tools.code_exec.network`, `tools.shell.network`,
+    `tools.shell.sandbox`); a bool is `tools.code_exec.network` alone."""
+    if isinstance(settings, bool) or settings is None:
+        code_network, shell_network, shell_mode = bool(settings), False, "untrusted"
+    else:
+        code_network = settings.code_exec.network
+        shell_network, shell_mode = settings.shell.network, settings.shell.sandbox
     p = probe()
-    netns = bool(p["netns_flags"]) and not network_allowed
-    landlock = bool(p["landlock"])
+    bwrap = p["bwrap"] is not None
+    missing = untrusted_missing(p)
+    cgroup: _cgroup.Layout | None = p["cgroup"]
+    uid = p["user"]["uid"] if bwrap and p["privileged"] else os.geteuid()
+    landlock = bool(p["landlock"]) and not bwrap  # applied only without bubblewrap
+    netns = (bwrap or bool(p["netns_flags"])) and not code_network
     abi = int(p["landlock_abi"])
-    return {
+    limits = ["RLIMIT_CPU", "RLIMIT_AS", "RLIMIT_FSIZE", "RLIMIT_CORE=0"]
+    if cgroup is None:
+        limits.append("RLIMIT_NPROC")
+    body: dict[str, Any] = {
+        "mechanism": "bubblewrap" if bwrap else "rlimits+network namespace+landlock",
+        "untrusted_ok": not missing,
+        "untrusted_missing": missing,
+        "bubblewrap": p["bwrap_version"] if bwrap else None,
+        "bubblewrap_error": p["bwrap_error"],
+        "mount_namespace": bwrap,
+        "filesystem": (
+            "own mount namespace: system directories and Python read-only, the workspace at "
+            "/workspace (read-only for code_exec), an empty tmpfs /tmp; no host /run, /var, "
+            "/tmp, /home, data directory or other workspaces"
+            if bwrap
+            else "Landlock: reads system directories, Python, the workspace; writes only the "
+            "run's temporary directory"
+            if landlock
+            else "NOT confined (no bubblewrap, no Landlock)"
+        ),
+        "pid_namespace": bwrap,
+        "seccomp": bwrap and p["seccomp"] is not None,
+        "seccomp_filter": (
+            "denies creating user namespaces, io_uring, bpf, perf_event_open, userfaultfd, the "
+            "keyring, modules, kexec, mount (" + p["seccomp_info"] + ")"
+            if bwrap and p["seccomp"] is not None
+            else p["seccomp_info"]
+        ),
+        "runs_as_uid": uid,
+        "runs_as_user": p["user"]["name"] if bwrap and p["privileged"] else None,
+        "separate_uid": uid != os.geteuid(),
+        "cgroup": (
+            {"version": cgroup.version, "memory": True, "pids": True}
+            if cgroup is not None
+            else {"error": p["cgroup_error"]}
+        ),
+        "process_tree_bounded": cgroup is not None,
+        "killed_on_server_death": True,  # PR_SET_PDEATHSIG (+ the PID namespace with bwrap)
+        "leftover_sweep": "at server start: run cgroups and processes of servers that died",
         "network_namespace": netns,
         "network_namespace_method": (
             None
             if not netns
+            else "bubblewrap --unshare-net"
+            if bwrap
             else "unshare(CLONE_NEWNET)"
             if p["netns_flags"] == CLONE_NEWNET
             else "unshare(CLONE_NEWUSER|CLONE_NEWNET)"
         ),
         "network": "allowed by configuration"
-        if network_allowed
+        if code_network
         else ("cut (empty network namespace)" if netns else "NOT cut (no network namespace)"),
         "landlock": landlock,
         "landlock_abi": abi,
@@ -349,27 +416,458 @@ def isolation(network_allowed: bool = False) -> dict[str, Any]:
             if landlock
             else None
         ),
-        "landlock_tcp_denied": landlock and abi >= 4 and not network_allowed,
+        "landlock_tcp_denied": landlock and abi >= 4 and not code_network,
         "landlock_scoped_signals_and_abstract_sockets": landlock and abi >= 6,
-        "rlimits": ["RLIMIT_CPU", "RLIMIT_AS", "RLIMIT_FSIZE", "RLIMIT_NPROC", "RLIMIT_CORE=0"],
+        "rlimits": limits,
         "rlimit_nproc_enforced": bool(p["nproc_enforced"]),
         "process_group_killed": True,
-        "environment": "scrubbed (PATH, LANG, HOME, TMPDIR, TERM only)",
-        "runs_as_uid": os.geteuid(),
-        "shell": {
+        "environment": "scrubbed (PATH, LANG, HOME, TMPDIR, TERM, WORKSPACE only)",
+    }
+    body["shell"] = {
+        "sandbox": shell_mode,
+        # Who gets the sandbox: callers who are not trusted always; everyone with "always".
+        "sandboxed_for": "everyone" if shell_mode == "always" else "callers who are not trusted",
+        "untrusted_ok": not missing,
+        "network": "allowed by configuration"
+        if shell_network
+        else ("cut (empty network namespace)" if bwrap else "NOT cut"),
+        "sandboxed": {
+            "mount_namespace": bwrap,
+            "workspace": "read-write at /workspace (the cwd and HOME)",
+            "runs_as_uid": uid,
+            "process_tree_bounded": cgroup is not None,
+        },
+        "host": {
             "network_namespace": False,
             "landlock": False,
             "rlimits": ["RLIMIT_AS", "RLIMIT_NPROC", "RLIMIT_CORE=0"],
             "rlimit_nproc_enforced": bool(p["nproc_enforced"]),
             "process_group_killed": True,
+            "killed_on_server_death": "the shell itself (PR_SET_PDEATHSIG)",
             "environment": "scrubbed (PATH, LANG, HOME=workspace, TERM=dumb only)",
             "cwd": "the workspace",
             "runs_as_uid": os.geteuid(),
         },
+        # Kept for clients of the earlier shape: the host shell's figures.
+        "network_namespace": False,
+        "landlock": False,
+        "runs_as_uid": os.geteuid(),
     }
+    return body
 
 
-def reset_probe_for_tests() -> None:
-    global _probed
-    with _lock:
-        _probed = None
+# --- a run --------------------------------------------------------------------------------------
+
+
+class SandboxUnavailable(Exception):
+    """The run needs the bubblewrap sandbox and this machine cannot provide it."""
+
+
+def start_error(exc: BaseException) -> str:
+    """Why a run could not start, for the model: an OSError's reason without its path (the
+    server's paths stay out of tool results)."""
+    if isinstance(exc, OSError):
+        return exc.strerror or type(exc).__name__
+    return str(exc) or type(exc).__name__
+
+
+@dataclass(slots=True)
+class RunSpec:
+    command: list[str]
+    memory_mb: int
+    max_processes: int
+    workspace: Path | None = None
+    workspace_writable: bool = False
+    network: bool = False
+    cwd: str = "run"  # "run" (the run's own empty directory) or "workspace"
+    cpu_s: int | None = None
+    file_bytes: int | None = None
+    files: dict[str, bytes] = field(default_factory=dict)  # put in the run's directory
+    stdin_data: bytes | None = None
+
+
+@dataclass(slots=True)
+class RunResult:
+    proc: ProcResult
+    mechanism: str  # "bubblewrap" or "fallback"
+    oom_kills: int = 0
+    notes: list[str] = field(default_factory=list)
+
+
+SYSTEM_DIRS = ("/usr", "/bin", "/sbin", "/lib", "/lib32", "/lib64", "/libx32")
+WORKSPACE_MOUNT = "/workspace"
+RUN_DIR = "/tmp"
+
+
+def _inside(path: str, roots: Sequence[str]) -> bool:
+    return any(path == r or path.startswith(r.rstrip("/") + "/") for r in roots)
+
+
+def _python_binds() -> list[str]:
+    """Python's installation, without what the system directories already hold or what lies
+    inside another of them."""
+    roots = sorted(
+        {os.path.realpath(r) for r in python_read_roots()} | set(python_read_roots()), key=len
+    )
+    chosen: list[str] = []
+    for root in roots:
+        if os.path.isdir(root) and not _inside(root, [*SYSTEM_DIRS, *chosen]):
+            chosen.append(root)
+    return chosen
+
+
+def _bwrap_mounts(
+    p: dict[str, Any], spec: RunSpec, files: list[tuple[int, str]], tmp_bytes: int
+) -> list[str]:
+    args = ["--proc", "/proc", "--dev", "/dev"]
+    for tmpfs in ("/dev/shm", RUN_DIR):  # /dev/shm: POSIX semaphores (multiprocessing)
+        if "--size" in p["bwrap_features"]:
+            args += ["--size", str(tmp_bytes)]
+        args += ["--perms", "1777", "--tmpfs", tmpfs]
+    made = {"/", "/proc", "/dev", "/dev/shm", RUN_DIR}
+    for d in SYSTEM_DIRS:
+        if os.path.islink(d):
+            args += ["--symlink", os.readlink(d), d]
+        elif os.path.isdir(d):
+            args += ["--ro-bind", d, d]
+        made.add(d)
+    args += ["--perms", "0755", "--dir", "/etc"]
+    made.add("/etc")
+    for path in _ETC_READ:
+        if os.path.lexists(path):
+            args += ["--ro-bind-try", path, path]
+    for root in _python_binds():
+        parts = root.strip("/").split("/")
+        for i in range(1, len(parts)):
+            parent = "/" + "/".join(parts[:i])
+            if parent not in made and not _inside(parent, SYSTEM_DIRS):
+                args += ["--perms", "0755", "--dir", parent]
+                made.add(parent)
+        args += ["--ro-bind", root, root]
+    if spec.workspace is not None:
+        flag = "--bind" if spec.workspace_writable else "--ro-bind"
+        args += [flag, str(spec.workspace), WORKSPACE_MOUNT]
+    for fd, name in files:
+        args += ["--perms", "0644", "--file", str(fd), f"{RUN_DIR}/{name}"]
+    return args
+
+
+def _memfd(name: str, data: bytes) -> int:
+    """An anonymous file holding `data`, read from its start (for bwrap's --file/--seccomp)."""
+    fd = os.memfd_create(f"prismd-{name}", os.MFD_CLOEXEC)
+    os.write(fd, data)
+    os.lseek(fd, 0, os.SEEK_SET)
+    return fd
+
+
+class _Plan:
+    """Everything to start one run: argv, environment, the child's setup, the fds it inherits,
+    its cgroup; and the cleanup afterwards."""
+
+    def __init__(self) -> None:
+        self.argv: list[str] = []
+        self.env: dict[str, str] = {}
+        self.cwd = "/"
+        self.pass_fds: tuple[int, ...] = ()
+        self.group: _cgroup.RunGroup | None = None
+        self.tmp: str | None = None  # the fallback's run directory on the host
+        self.notes: list[str] = []
+        self.limits: list[tuple[int, ...]] = []
+        self.before_limits: Callable[[], None] | None = None
+        self.parent = os.getpid()
+
+    def preexec(self) -> None:
+        """In the child, before exec: join the cgroup, die with the server, the fallback's
+        namespaces and Landlock, then the rlimits (last: RLIMIT_AS may be below the size of the
+        forked server)."""
+        if self.group is not None:
+            self.group.join()
+        set_pdeathsig(self.parent)
+        if self.before_limits is not None:
+            self.before_limits()
+        set_rlimits(self.limits)
+
+    @classmethod
+    def build(cls, p: dict[str, Any], spec: RunSpec, fallback_ok: bool = False) -> _Plan:
+        plan = cls()
+        memory = spec.memory_mb * 1024 * 1024
+        layout: _cgroup.Layout | None = p["cgroup"]
+        plan.limits = [(resource.RLIMIT_CORE, 0), (resource.RLIMIT_AS, memory)]
+        if spec.cpu_s is not None:
+            # SIGXCPU at the soft limit (it ends Python), SIGKILL a second later.
+            plan.limits.append((resource.RLIMIT_CPU, spec.cpu_s, spec.cpu_s + 1))
+        if spec.file_bytes is not None:
+            plan.limits.append((resource.RLIMIT_FSIZE, spec.file_bytes))
+        if layout is None:
+            plan.limits.append((resource.RLIMIT_NPROC, spec.max_processes))
+        try:
+            if layout is not None:
+                _retry_pending_groups()
+                plan.group = _cgroup.RunGroup.create(layout, memory, spec.max_processes)
+            if p["bwrap"] is not None:
+                plan._build_bwrap(p, spec, memory)
+            elif fallback_ok:
+                plan._build_fallback(p, spec)
+            else:
+                raise SandboxUnavailable(p["bwrap_error"])
+        except BaseException:
+            plan.cleanup_sync()
+            raise
+        return plan
+
+    def _build_bwrap(self, p: dict[str, Any], spec: RunSpec, memory: int) -> None:
+        fds = [(_memfd(name, data), name) for name, data in spec.files.items()]
+        self.pass_fds = tuple(fd for fd, _ in fds)
+        seccomp: list[str] = []
+        if p["seccomp"] is not None:
+            fd = _memfd("seccomp", p["seccomp"])
+            self.pass_fds += (fd,)
+            seccomp = ["--seccomp", str(fd)]
+        cwd = WORKSPACE_MOUNT if spec.cwd == "workspace" else RUN_DIR
+        extra = {"TMPDIR": RUN_DIR}
+        if spec.workspace is not None:
+            extra["WORKSPACE"] = WORKSPACE_MOUNT
+        self.env = scrubbed_env(cwd, **extra, **{MARKER_ENV: _cgroup.owner_id()})
+        argv = [p["bwrap"], "--unshare-ipc", "--unshare-pid", "--unshare-uts"]
+        argv += ["--unshare-cgroup-try", "--hostname", "sandbox"]
+        if not spec.network:
+            argv.append("--unshare-net")
+        argv += ["--die-with-parent", "--new-session", "--unsetenv", MARKER_ENV, *seccomp]
+        argv += _bwrap_mounts(p, spec, fds, memory)
+        argv += ["--chdir", cwd]
+        if p["privileged"]:
+            user = p["user"]
+            argv += ["--cap-drop", "ALL"]
+            for cap in ("CAP_SETUID", "CAP_SETGID", "CAP_SETPCAP", "CAP_DAC_READ_SEARCH"):
+                argv += ["--cap-add", cap]
+            argv += [
+                p["setpriv"],
+                f"--reuid={user['uid']}",
+                f"--regid={user['gid']}",
+                "--clear-groups",
+                "--inh-caps=-all",
+                "--bounding-set=-all",
+                "--",
+            ]
+        else:
+            argv += ["--unshare-user", "--cap-drop", "ALL"]
+            if "--disable-userns" in p["bwrap_features"]:
+                argv.append("--disable-userns")
+        self.argv = argv + spec.command
+
+    def _build_fallback(self, p: dict[str, Any], spec: RunSpec) -> None:
+        self.tmp = tempfile.mkdtemp(prefix=f"{FALLBACK_PREFIX}{_cgroup.owner_id()}-")
+        for name, data in spec.files.items():
+            with open(os.path.join(self.tmp, name), "wb") as f:
+                f.write(data)
+        workspace = str(spec.workspace) if spec.workspace is not None else None
+        cwd = workspace if spec.cwd == "workspace" and workspace else self.tmp
+        extra = {"TMPDIR": self.tmp}
+        if workspace is not None:
+            extra["WORKSPACE"] = workspace
+        self.env = scrubbed_env(cwd, **extra, **{MARKER_ENV: _cgroup.owner_id()})
+        self.cwd = cwd
+        self.argv = list(spec.command)
+        netns = p["netns_flags"] if not spec.network else 0
+        landlock = None
+        if p["landlock"]:
+            writable = [self.tmp] + ([workspace] if workspace and spec.workspace_writable else [])
+            readable = python_read_roots() + ([workspace] if workspace else [])
+            landlock = LandlockPlan(
+                p["landlock_abi"], writable, readable, deny_tcp=not spec.network
+            )
+        if not spec.network and not netns:
+            self.notes.append(
+                "warning: this machine cannot cut the network for this run (no network "
+                "namespace); the code can reach the network"
+                + (" except by TCP (Landlock)" if landlock and p["landlock_abi"] >= 4 else "")
+            )
+        if landlock is None:
+            self.notes.append("note: no Landlock on this machine; file access is not confined")
+
+        def setup() -> None:
+            if netns:
+                unshare(netns)
+            if landlock is not None:
+                landlock.apply()
+
+        self.before_limits = setup
+
+    def spawned(self) -> None:
+        """The child has started (it joined the cgroup before exec): the parent's fds can go."""
+        for fd in self.pass_fds:
+            with contextlib.suppress(OSError):
+                os.close(fd)
+        self.pass_fds = ()
+        if self.group is not None:
+            self.group.close_fds()
+
+    def cleanup_sync(self) -> None:
+        self.spawned()
+        if self.group is not None:
+            for _ in range(100):
+                self.group.kill()
+                if self.group.remove():
+                    break
+                time.sleep(0.01)
+            else:
+                _pending_groups.append(self.group)
+            self.group = None
+        if self.tmp is not None:
+            shutil.rmtree(self.tmp, ignore_errors=True)
+            self.tmp = None
+
+    async def cleanup(self) -> None:
+        """Kill what is left in the cgroup and remove it (processes of a killed PID namespace
+        take a moment to go), and the fallback's run directory."""
+        self.spawned()
+        group, self.group = self.group, None
+        if group is not None:
+            for _ in range(100):
+                group.kill()
+                if group.remove():
+                    break
+                await asyncio.sleep(0.01)
+            else:
+                _pending_groups.append(group)
+        if self.tmp is not None:
+            tmp, self.tmp = self.tmp, None
+            await asyncio.to_thread(shutil.rmtree, tmp, True)
+
+
+_pending_groups: list[_cgroup.RunGroup] = []  # groups that could not be removed at once
+
+
+def _retry_pending_groups() -> None:
+    for group in list(_pending_groups):
+        group.kill()
+        if group.remove():
+            _pending_groups.remove(group)
+
+
+FALLBACK_PREFIX = "prismd-run-"
+
+
+async def run(
+    spec: RunSpec,
+    *,
+    timeout_s: float,
+    max_output_bytes: int,
+    fallback_ok: bool = False,
+    on_start: Callable[[int], None] | None = None,
+) -> RunResult:
+    """Run `spec.command` in the sandbox; output and status as `run_process` gives them.
+
+    Without bubblewrap: the fallback when `fallback_ok`, else SandboxUnavailable. Exit statuses
+    of bubblewrap runs above 128 are reported as the signal that ended the command (bwrap
+    reports a signal n as 128 + n, as a shell does)."""
+    p = _probed if _probed is not None else await asyncio.to_thread(probe)
+    if spec.workspace is not None and not _workspace_ready(p, spec.workspace):
+        await asyncio.to_thread(prepare_workspace, spec.workspace)
+    plan = _Plan.build(p, spec, fallback_ok)
+    mechanism = "bubblewrap" if p["bwrap"] is not None else "fallback"
+
+    def started(pid: int) -> None:
+        plan.spawned()
+        if on_start is not None:
+            on_start(pid)
+
+    try:
+        result = await run_process(
+            plan.argv,
+            cwd=plan.cwd,
+            env=plan.env,
+            timeout_s=timeout_s,
+            max_output_bytes=max_output_bytes,
+            preexec_fn=plan.preexec,
+            pass_fds=plan.pass_fds,
+            stdin_data=spec.stdin_data,
+            on_start=started,
+        )
+        oom = plan.group.oom_kills() if plan.group is not None else 0
+    finally:
+        await plan.cleanup()
+    rc = result.returncode
+    if mechanism == "bubblewrap" and rc is not None and 128 < rc < 128 + 65:
+        result.returncode = -(rc - 128)
+    return RunResult(result, mechanism, oom, plan.notes)
+
+
+# --- workspaces and leftovers -------------------------------------------------------------------
+
+
+def _workspace_ready(p: dict[str, Any], workspace: Path) -> bool:
+    """Whether `prepare_workspace` has nothing to do (one stat)."""
+    if not p["privileged"] or p["bwrap"] is None:
+        return True
+    try:
+        return os.stat(workspace).st_uid == p["user"]["uid"]
+    except OSError:
+        return False
+
+
+def prepare_workspace(workspace: Path) -> None:
+    """Give a workspace to the sandbox user before a run (prismd as root), so that it can read
+    it, and write in it when the run may:
+    every entry, walked without following a symlink, becomes the sandbox user's. Done once per
+    workspace (its root is the last to change owner); afterwards the file tools keep what they
+    create owned by the owner of its directory. Blocking."""
+    p = probe()
+    if _workspace_ready(p, workspace):
+        return
+    uid, gid = p["user"]["uid"], p["user"]["gid"]
+    root = str(workspace)
+    for _dirpath, dirnames, filenames, dirfd in os.fwalk(root, follow_symlinks=False):
+        for name in dirnames + filenames:
+            with contextlib.suppress(FileNotFoundError):
+                os.chown(name, uid, gid, dir_fd=dirfd, follow_symlinks=False)
+    os.chown(root, uid, gid, follow_symlinks=False)
+
+
+_swept = False
+
+
+def sweep_leftovers() -> dict[str, int]:
+    """Remove what servers that are no longer running left behind: their run cgroups (killing
+    what is still in them), processes marked with their id (a sandbox whose parent-death signal
+    was missed) and the fallback's run directories. Called once per process, when the tools are
+    built at server start. Blocking (milliseconds)."""
+    global _swept
+    if _swept:
+        return {}
+    _swept = True
+    counts = {"cgroups": 0, "processes": 0, "directories": 0}
+    layout, _why = _cgroup.detect()
+    if layout is not None:
+        counts["cgroups"] = len(_cgroup.sweep(layout))
+    prefix = f"{MARKER_ENV}=".encode()
+    try:
+        names = os.listdir("/proc")
+    except OSError:
+        names = []
+    for name in names:
+        if not name.isdigit() or int(name) == os.getpid():
+            continue
+        try:
+            with open(f"/proc/{name}/environ", "rb") as f:
+                environ = f.read().split(b"\0")
+        except OSError:
+            continue
+        for entry in environ:
+            if entry.startswith(prefix):
+                owner = entry[len(prefix) :].decode(errors="replace")
+                if not _cgroup.owner_alive(owner):
+                    with contextlib.suppress(ProcessLookupError, PermissionError):
+                        os.kill(int(name), signal.SIGKILL)
+                        counts["processes"] += 1
+                break
+    with contextlib.suppress(OSError), os.scandir(tempfile.gettempdir()) as entries:
+        for item in entries:
+            if item.name.startswith(FALLBACK_PREFIX) and item.is_dir(follow_symlinks=False):
+                owner = item.name[len(FALLBACK_PREFIX) :].rsplit("-", 1)[0]
+                if not _cgroup.owner_alive(owner):
+                    shutil.rmtree(item.path, ignore_errors=True)
+                    counts["directories"] += 1
+    if any(counts.values()):
+        log.warning("removed what a server that died left behind: %s", counts)
+    return counts

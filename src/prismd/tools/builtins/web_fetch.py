@@ -145,6 +145,7 @@ class WebFetch(Tool):
             "required": ["url"],
             "additionalProperties": False,
         },
+        data_access="public",  # public addresses only (private ones are refused)
     )
 
     def __init__(

@@ -1,12 +1,17 @@
-// REST helpers. A route that does not exist (404 with no JSON error body, or 405) is reported
-// as `missing` so the app can hide the feature instead of failing.
+// REST helpers. A route that does not exist (404 `not_found`, a 404 with no error code, or 405)
+// is reported as `missing` so the app can hide the feature instead of failing.
+import { ERROR } from "./protocol.js";
+
 export class ApiError extends Error {
   constructor(status, body) {
-    super((body && body.error) || `HTTP ${status}`);
+    super((body && body.error) || (status ? `HTTP ${status}` : "Network error"));
     this.status = status;
     this.code = body && body.code;
-    // FastAPI's own 404 for an unknown route has no `code`; prismd's refusals always have one.
-    this.missing = status === 405 || (status === 404 && !(body && body.code));
+    // An unknown route answers 404 `not_found`; a missing object has its own code
+    // (session_not_found, agent_not_found…).
+    const code = body && body.code;
+    this.missing = status === 405 || (status === 404 && (!code || code === "not_found"));
+    this.unauthorized = status === 401 || (status === 403 && code === ERROR.UNAUTHORIZED);
   }
 }
 
@@ -37,4 +42,31 @@ export async function maybe(path, fallback, options) {
     if (err instanceof ApiError && err.missing) return fallback;
     throw err;
   }
+}
+
+export const enc = encodeURIComponent;
+
+// POST /api/upload (multipart) with XMLHttpRequest, whose upload progress fetch() cannot
+// report: `onProgress(fraction)` as the bytes leave. Returns {promise, abort}; the promise
+// resolves to the upload ({id, filename, mimeType, size}) or rejects with an ApiError (its
+// message is the server's: the quota, the size limit…).
+export function uploadFile(file, name, onProgress) {
+  const xhr = new XMLHttpRequest();
+  const promise = new Promise((resolve, reject) => {
+    xhr.open("POST", "/api/upload");
+    xhr.responseType = "json";
+    xhr.upload.addEventListener("progress", (event) => {
+      if (event.lengthComputable && onProgress) onProgress(event.loaded / event.total);
+    });
+    xhr.addEventListener("load", () => {
+      if (xhr.status >= 200 && xhr.status < 300 && xhr.response) resolve(xhr.response);
+      else reject(new ApiError(xhr.status, xhr.response));
+    });
+    xhr.addEventListener("error", () => reject(new ApiError(0, { error: "The upload failed (network)" })));
+    xhr.addEventListener("abort", () => reject(new ApiError(0, { error: "Cancelled", code: "cancelled" })));
+    const form = new FormData();
+    form.append("file", file, name);
+    xhr.send(form);
+  });
+  return { promise, abort: () => xhr.abort() };
 }

@@ -2,63 +2,13 @@
 // per-turn figures). Every piece of model or user text goes in as text or through
 // renderMarkdown (sanitised); nothing here builds HTML from strings.
 import { renderMarkdown, copyText } from "./markdown.js";
+import { h, icon, formatBytes, formatMs, formatCost } from "./dom.js";
+import { enqueueSpeech, stopSpeech } from "./speech.js";
 
-export function h(tag, attrs = {}, ...children) {
-  const el = document.createElement(tag);
-  for (const [key, value] of Object.entries(attrs)) {
-    if (value === undefined || value === null || value === false) continue;
-    if (key === "class") el.className = value;
-    else if (key === "text") el.textContent = value;
-    else if (key.startsWith("on")) el.addEventListener(key.slice(2), value);
-    else el.setAttribute(key, value === true ? "" : value);
-  }
-  for (const child of children.flat()) {
-    if (child === null || child === undefined || child === false) continue;
-    el.append(child instanceof Node ? child : document.createTextNode(String(child)));
-  }
-  return el;
-}
+const IMAGE = /^image\/(png|jpe?g|gif|webp)$/i;
 
-const ICONS = {
-  copy: "M8 8h11v13H8zM5 3h11v3H7v11H5z",
-  retry: "M17.6 6.4A8 8 0 1 0 20 12h-2a6 6 0 1 1-1.8-4.3L13 11h7V4z",
-  edit: "M3 17.3V21h3.7L17.8 9.9l-3.7-3.7zM20.7 7a1 1 0 0 0 0-1.4l-2.3-2.3a1 1 0 0 0-1.4 0l-1.8 1.8 3.7 3.7z",
-  play: "M8 5v14l11-7z",
-  speaker: "M3 9v6h4l5 5V4L7 9zm13.5 3A4.5 4.5 0 0 0 14 8v8a4.5 4.5 0 0 0 2.5-4zM14 3.2v2.1a7 7 0 0 1 0 13.4v2.1a9 9 0 0 0 0-17.6z",
-  tool: "M22.7 19l-9.1-9.1c.9-2.3.4-5-1.5-6.9-2-2-5-2.4-7.4-1.3L9 6 6 9 1.6 4.7C.4 7.1.9 10.1 2.9 12.1c1.9 1.9 4.6 2.4 6.9 1.5l9.1 9.1c.4.4 1 .4 1.4 0l2.3-2.3c.5-.4.5-1.1.1-1.4z",
-  file: "M14 2H6a2 2 0 0 0-2 2v16a2 2 0 0 0 2 2h12a2 2 0 0 0 2-2V8zm0 1.5L18.5 8H14z",
-  brain: "M9 21h6v-1.5H9zm3-19a7 7 0 0 0-4 12.7V18h8v-3.3A7 7 0 0 0 12 2zm2 11.6V16h-4v-2.4a5 5 0 1 1 4 0z",
-};
-
-export function icon(name, size = 16) {
-  const ns = "http://www.w3.org/2000/svg";
-  const svg = document.createElementNS(ns, "svg");
-  svg.setAttribute("viewBox", "0 0 24 24");
-  svg.setAttribute("width", size);
-  svg.setAttribute("height", size);
-  svg.setAttribute("aria-hidden", "true");
-  const path = document.createElementNS(ns, "path");
-  path.setAttribute("d", ICONS[name]);
-  path.setAttribute("fill", "currentColor");
-  svg.append(path);
-  return svg;
-}
-
-export function formatBytes(n) {
-  if (n < 1024) return `${n} B`;
-  if (n < 1024 * 1024) return `${(n / 1024).toFixed(1)} KB`;
-  return `${(n / 1024 / 1024).toFixed(1)} MB`;
-}
-
-function formatMs(ms) {
-  if (ms === null || ms === undefined) return null;
-  return ms < 1000 ? `${Math.round(ms)} ms` : `${(ms / 1000).toFixed(1)} s`;
-}
-
-function formatCost(usd) {
-  if (usd === null || usd === undefined) return null;
-  if (usd === 0) return "$0";
-  return usd < 0.01 ? `$${usd.toFixed(5)}` : `$${usd.toFixed(3)}`;
+export function isImage(file) {
+  return IMAGE.test(file.mimeType || file.mime_type || "");
 }
 
 function pretty(value) {
@@ -69,21 +19,46 @@ function pretty(value) {
   return JSON.stringify(value, null, 2);
 }
 
+// A file: its name and size, a small picture for an image; in the composer, the upload's
+// progress and a remove button. `file`: {filename, size, mimeType, previewUrl?, url?,
+// progress?, state?}.
 export function fileChip(file, onRemove) {
   const chip = h("span", { class: "file-chip", title: file.filename },
     icon("file", 14), h("span", { class: "name", text: file.filename }),
     file.size !== undefined ? h("span", { class: "size", text: formatBytes(file.size) }) : null);
-  if (file.previewUrl) chip.prepend(h("img", { src: file.previewUrl, alt: "" }));
+  const picture = file.previewUrl || (isImage(file) && file.url);
+  if (picture) chip.prepend(h("img", { src: picture, alt: "" }));
+  if (file.state) chip.dataset.state = file.state;
+  if (file.state === "uploading") {
+    const bar = h("progress", { class: "upload-progress", max: "100", "aria-label": `Uploading ${file.filename}` });
+    bar.value = Math.round((file.progress || 0) * 100);
+    chip.append(bar);
+  }
   if (onRemove) {
     chip.append(h("button", { type: "button", class: "chip-x", "aria-label": `Remove ${file.filename}`, onclick: onRemove, text: "×" }));
   }
   return chip;
 }
 
+// The files of a message: images as thumbnails (a link to the full picture), others as chips.
+function messageFiles(files) {
+  const box = h("div", { class: "files" });
+  for (const f of files) {
+    const src = f.previewUrl || f.url;
+    if (isImage(f) && src) {
+      box.append(h("a", { class: "thumb", href: f.url || src, target: "_blank", rel: "noopener", title: f.filename },
+        h("img", { src, alt: f.filename })));
+    } else {
+      box.append(fileChip(f));
+    }
+  }
+  return box;
+}
+
 export function userBubble(text, files = [], { voice = false } = {}) {
   const body = h("div", { class: "bubble" });
   if (voice) body.append(h("div", { class: "voice-tag", text: "🎙 transcribed" }));
-  if (files.length) body.append(h("div", { class: "files" }, files.map((f) => fileChip(f))));
+  if (files.length) body.append(messageFiles(files));
   if (text) body.append(h("div", { class: "text", text }));
   const el = h("article", { class: "msg user" + (voice ? " voice" : "") }, body,
     h("div", { class: "msg-actions" }));
@@ -280,30 +255,6 @@ export class TurnView {
   }
 }
 
-// One speaker for the whole page: clips play one after the other, never on top of each other.
-const speech = { queue: [], audio: null };
-
-function playNext() {
-  const url = speech.queue.shift();
-  if (!url) return;
-  speech.audio.src = url;
-  speech.audio.play().catch(() => { speech.queue.length = 0; });
-}
-
-export function enqueueSpeech(url) {
-  if (!speech.audio) {
-    speech.audio = new Audio();
-    speech.audio.addEventListener("ended", playNext);
-  }
-  speech.queue.push(url);
-  if (speech.audio.paused || speech.audio.ended) playNext();
-}
-
-export function stopSpeech() {
-  speech.queue.length = 0;
-  if (speech.audio) speech.audio.pause();
-}
-
 function brief(input) {
   if (input === undefined || input === null) return "";
   let value = input;
@@ -317,16 +268,18 @@ function brief(input) {
   return JSON.stringify(value).slice(0, 80);
 }
 
-// Rebuilds turns from stored messages (GET /api/sessions/{id}/messages).
-export function renderHistory(messages, container, { skipTurns, skipUsers, makeTurn }) {
+// Rebuilds turns from stored messages (GET /api/sessions/{id}/messages: snake_case rows).
+// `fileUrl(file)`: where a stored file is served (for image thumbnails).
+export function renderHistory(messages, container, { skipTurns, skipUsers, makeTurn, fileUrl }) {
   const turns = new Map();
   for (const m of messages) {
-    const turnId = m.turnId || m.id;
+    const turnId = m.turn_id || m.id;
     if (m.role === "user") {
       // A voice turn being replayed brings its own `transcribed` event.
       if (skipUsers && skipUsers.has(turnId)) continue;
       const voice = !!(m.meta && (m.meta.input === "voice" || m.meta.voice));
-      container.append(userBubble(m.content, m.files || [], { voice }));
+      const files = (m.files || []).map((f) => ({ ...f, mimeType: f.mime_type, url: fileUrl ? fileUrl(f) : null }));
+      container.append(userBubble(m.content, files, { voice }));
       continue;
     }
     if (skipTurns.has(turnId)) continue;
@@ -345,7 +298,7 @@ export function renderHistory(messages, container, { skipTurns, skipUsers, makeT
         view.flush();
       }
       let calls = [];
-      try { calls = m.toolCalls ? JSON.parse(m.toolCalls) : []; } catch { calls = []; }
+      try { calls = m.tool_calls ? JSON.parse(m.tool_calls) : []; } catch { calls = []; }
       for (const c of calls) view.toolStart({ id: c.id, name: c.name, input: c.arguments });
       const meta = m.meta || {};
       if (m.status === "error") view.error(meta.error || "The turn failed", meta.code);
@@ -355,7 +308,7 @@ export function renderHistory(messages, container, { skipTurns, skipUsers, makeT
       if (m.status === "interrupted") view.meta.prepend(h("span", { class: "badge", text: "interrupted" }));
     } else {
       let result = {};
-      try { result = m.toolResult ? JSON.parse(m.toolResult) : {}; } catch { result = {}; }
+      try { result = m.tool_result ? JSON.parse(m.tool_result) : {}; } catch { result = {}; }
       view.toolEnd({ id: result.id, name: result.name, status: result.status, output: m.content });
       view.setWaiting(false);
     }
