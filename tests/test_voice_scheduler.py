@@ -9,7 +9,8 @@ from typing import Any
 import pytest
 
 from prismd.config import VoiceSettings
-from prismd.voice.scheduler import Cancelled, FairExecutor, SpeechBusy, SpeechLimits
+from prismd.voice.errors import Cancelled, SpeechBusy
+from prismd.voice.scheduler import FairExecutor, SpeechLimits
 
 
 async def until(condition: Any) -> None:

@@ -29,8 +29,7 @@ from ..protocol import (
     VoiceStream,
     error_frame,
 )
-from .errors import VoiceError
-from .scheduler import Cancelled, RecordingTooLarge
+from .errors import Cancelled, RecordingTooLarge, VoiceError
 
 if TYPE_CHECKING:
     import numpy as np

@@ -26,8 +26,7 @@ from typing import TYPE_CHECKING, Any
 
 from .decode import StreamDecoder
 from .engines import RATE, no_speech, pad
-from .errors import AudioDecodeError, VoiceError
-from .scheduler import Cancelled, RecordingTooLarge
+from .errors import AudioDecodeError, Cancelled, RecordingTooLarge, VoiceError
 from .stt import Transcript, check_transcript
 
 if TYPE_CHECKING:

@@ -26,8 +26,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, TypeVar
 
-from ..protocol import ErrorCode
-from .errors import VoiceError
+from .errors import Cancelled, SpeechBusy
 
 if TYPE_CHECKING:
     from ..config import VoiceSettings
@@ -35,22 +34,6 @@ if TYPE_CHECKING:
 log = logging.getLogger("prismd.voice")
 T = TypeVar("T")
 MB = 1024 * 1024
-
-
-class SpeechBusy(VoiceError):
-    """A bound was reached: the request is refused, nothing else is affected."""
-
-    code = ErrorCode.RATE_LIMITED
-
-
-class RecordingTooLarge(VoiceError):
-    code = ErrorCode.PAYLOAD_TOO_LARGE
-
-
-class Cancelled(VoiceError):
-    """The request was cancelled (its connection closed, `stop`, or the HTTP client left)."""
-
-    code = ErrorCode.TRANSCRIPTION_FAILED
 
 
 @dataclass(eq=False)
