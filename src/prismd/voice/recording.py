@@ -92,8 +92,9 @@ class Recording:
                 events = await self.ticket.run(self.engines.stream_pool, self._advance, final)
                 for kind, value in events:
                     self._on(kind, value)
-            except AudioDecodeError:
+            except AudioDecodeError as exc:
                 # Not decodable as it arrives: the whole recording gets the final word.
+                log.info("recording not decodable as it arrives (%s): whole at audio_end", exc)
                 self._go_whole()
                 return
             except Exception as exc:  # noqa: BLE001 - reported at audio_end
