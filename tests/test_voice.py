@@ -19,6 +19,7 @@ from prismd.testing.fake_models import Reply
 from .conftest import PrismdServer, of_type, openai_env, text_of
 from .voice_fixtures import (
     HAVE_ESPEAK,
+    SENTENCES,
     chunks,
     encode,
     espeak_wav,
@@ -82,15 +83,6 @@ def send_recording(c, data: bytes, pieces: int = 1, **end) -> None:
 # ---------------------------------------------------------------- accuracy
 
 
-SENTENCES = [
-    "What is the capital of France?",
-    "Please remind me to call my mother tomorrow at noon.",
-    "How many kilometers is it from Berlin to Munich?",
-    "Turn off the lights in the kitchen and lock the front door.",
-    "The weather today is sunny with a light breeze.",
-]
-
-
 def test_transcription_word_error_rate_is_bounded(voice_server):
     """espeak-ng's robotic voice and Piper's natural one, through REST transcribe."""
     errors = {}
@@ -113,6 +105,30 @@ def test_transcription_word_error_rate_is_bounded(voice_server):
 
 
 # ---------------------------------------------------------------- voice turns
+
+
+def test_push_to_talk_is_transcribed_while_the_recording_arrives(voice_server, fake_openai):
+    """A recording of several sentences: its first segments are transcribed before audio_end
+    (the speech-to-text thread's count of finished jobs grows while the chunks still come)."""
+    fake_openai.script(Reply(text=["Noted."]))
+    text = " ".join(SENTENCES[1:4])
+    pcm = pcm16(espeak_wav(text), 16_000)
+    cut = len(pcm) * 3 // 4 // 2 * 2
+    before = voice_server.get("/api/voice/status").json()["work"]["stt"]["done"]
+    with voice_server.client() as c:
+        for piece in chunks(pcm[:cut], 12):
+            c.send(type="audio_chunk", data=piece, format="pcm16", sampleRate=16_000)
+        deadline = time.monotonic() + 60
+        while voice_server.get("/api/voice/status").json()["work"]["stt"]["done"] <= before:
+            assert time.monotonic() < deadline, "no segment was transcribed before audio_end"
+            time.sleep(0.02)
+        for piece in chunks(pcm[cut:], 4):
+            c.send(type="audio_chunk", data=piece, format="pcm16", sampleRate=16_000)
+        c.send(type="audio_end")
+        frames = c.until_turn_end(timeout=60)
+    transcribed = of_type(frames, "transcribed")[0]
+    assert wer(text, transcribed["text"]) <= 0.2, transcribed
+    assert abs(transcribed["durationMs"] - len(pcm) / 32) < 100
 
 
 def test_voice_turn_end_to_end_webm_in_chunks(voice_server, fake_openai, question_wav):

@@ -138,7 +138,7 @@ def test_compressed_silence_over_the_limit_is_refused_while_decoding(monkeypatch
     engines = VoiceEngines(VoiceSettings(max_audio_seconds=30))
     try:
         with pytest.raises(TranscriptionFailed, match="the limit is 30 s") as err:
-            engines._transcribe(flac, None, None, None, None, False)
+            engines._decode(flac, None, None)
         assert err.value.code.value == "transcription_failed"
     finally:
         engines.close()
@@ -262,3 +262,171 @@ def test_voice_config_accepts_auto_speak_in_either_spelling(tmp_path):
     path.write_text("[voice]\nsilence_ms = 5\n")
     with pytest.raises(ConfigError, match="voice.silence_ms"):
         load_settings(path, env={"PRISMD_HOME": str(tmp_path)})
+
+
+@pytest.mark.skipif(not HAVE_ESPEAK, reason="espeak-ng is not installed")
+@pytest.mark.parametrize(
+    ("kind", "fmt", "rate"),
+    [
+        ("webm", None, None),
+        ("ogg", None, None),
+        ("mp3", None, None),
+        ("wav", None, None),
+        ("pcm16", "pcm16", 48_000),
+        ("pcm16", "pcm16", 22_050),
+    ],
+)
+def test_a_recording_decoded_while_it_arrives_equals_the_whole_decoded(kind, fmt, rate):
+    """Pieces of any size, decoded as they come (push-to-talk), give exactly the samples of
+    the whole recording decoded at once."""
+    import random
+
+    from prismd.voice.decode import StreamDecoder
+
+    wav = espeak_wav("Hello there, how are you today? I am fine.", rate=48_000)
+    data = {
+        "webm": lambda: encode(wav, "webm", "libopus"),
+        "ogg": lambda: encode(wav, "ogg", "libopus"),
+        "mp3": lambda: encode(wav, "mp3", "libmp3lame", 24_000),
+        "wav": lambda: wav,
+        "pcm16": lambda: pcm16(wav, rate),
+    }[kind]()
+    whole = decode(data, fmt, rate)
+    for seed in range(3):
+        pick = random.Random(seed)
+        stream = StreamDecoder(fmt, rate)
+        parts, sent = [], 0
+        while sent < len(data):
+            size = pick.randint(1, 6000)
+            stream.feed(data[sent : sent + size])
+            sent += size
+            parts.append(stream.decode())
+        parts.append(stream.decode(final=True))
+        assert sum(p.size for p in parts[:-1]) > whole.size // 2  # most came before the end
+        assert np.array_equal(np.concatenate(parts), whole)
+
+
+@pytest.mark.skipif(not HAVE_ESPEAK, reason="espeak-ng is not installed")
+def test_push_to_talk_segments_cut_at_pauses_and_keep_every_word():
+    """The endpointer as push-to-talk uses it: long speech is cut at shorter pauses, a short
+    word alone between pauses goes with the next segment (never dropped), what is left at the
+    end is flushed even if short, and `spans` says where each segment lies."""
+    from prismd.voice.vad import WINDOW, EndpointConfig, Endpointer, SileroVad
+
+    # 320 ms of silence ends a segment, 160 ms once it is 1.5 s long; "Yes." is under 500 ms
+    # of speech: too short to stand alone.
+    config = EndpointConfig(
+        silence_ms=320, min_speech_ms=500, splits=((1500, 160),), keep_short=True
+    )
+    vad = SileroVad()
+
+    def said(text: str) -> np.ndarray:
+        speech = pcm16_to_float(pcm16(espeak_wav(text)), 16_000)
+        voiced = np.flatnonzero(np.abs(speech) > 0.02)
+        return speech[voiced[0] : voiced[-1] + 1]
+
+    pause = np.zeros(8000, dtype=np.float32)  # 0.5 s
+    first, short, last = said("Please call my mother tomorrow."), said("Yes."), said("Okay.")
+    stream = np.concatenate([pause, first, pause, short, pause, first, pause, last])
+    endpointer = Endpointer(vad.stream(), config)
+    events = [e for i in range(0, stream.size, 4000) for e in endpointer.feed(stream[i : i + 4000])]
+    segments = [v for k, v in events if k == "utterance"]
+    rest = endpointer.flush()
+    assert rest is not None and len(segments) == 2
+    # "Yes." was kept with the sentence after it; "Okay." is short but ends the recording.
+    assert segments[1].size > first.size + short.size
+    assert rest.size >= last.size
+    assert endpointer.heard_ms > 1000
+    (start, end), second, third = endpointer.spans
+    assert start <= 8000 <= start + 10 * WINDOW  # the preroll before the speech
+    assert end - start == segments[0].size
+    assert end < second[0] and second[1] - second[0] == segments[1].size
+    assert second[1] < third[0] and third[1] - third[0] == rest.size
+    # Words 200 ms apart: a pause too short to end a segment, until the segment is 1.5 s long.
+    gap = np.zeros(3200, dtype=np.float32)
+    words = [said(w) for w in ("one", "two", "three", "four", "five", "six", "seven", "eight")]
+    endpointer = Endpointer(vad.stream(), config)
+    events = endpointer.feed(np.concatenate([x for w in words for x in (w, gap)] + [pause]))
+    cut = [v.size / 16_000 for k, v in events if k == "utterance"]
+    assert len(cut) >= 2 and all(1.5 <= seconds < 3 for seconds in cut[:-1]), cut
+
+
+@pytest.mark.skipif(not HAVE_ESPEAK, reason="espeak-ng is not installed")
+def test_push_to_talk_is_as_accurate_as_whole_recordings():
+    """The speech fixtures (the sentences the accuracy test bounds, spoken by espeak-ng and
+    by Piper with its noise off, so that every run hears the same audio), and requests of
+    several of them: transcribed whole (as an upload is) and as a push-to-talk recording
+    (cut at its pauses, a segment at a time), the word error rate of push-to-talk is no
+    worse. Engines in this process."""
+    import asyncio
+
+    from piper import SynthesisConfig
+
+    from prismd.config import VoiceSettings
+    from prismd.voice.decode import to_wav
+    from prismd.voice.engines import VoiceEngines
+
+    from .voice_fixtures import SENTENCES
+
+    requests = [" ".join(SENTENCES[:3]), " ".join(SENTENCES[2:]), " ".join(SENTENCES)]
+    engines = VoiceEngines(VoiceSettings(max_user_transcriptions=100))
+
+    def piper(text: str) -> bytes:
+        voice = engines._tts.get()._load("default")
+        quiet = SynthesisConfig(noise_scale=0, noise_w_scale=0)
+        audio = b"".join(c.audio_int16_bytes for c in voice.synthesize(text, syn_config=quiet))
+        return to_wav(audio, voice.config.sample_rate)
+
+    async def both(wav: bytes) -> tuple[str, str]:
+        whole = await engines.transcribe(engines.ticket("u", "upload"), wav)
+        recording = engines.recording(engines.ticket("u", "recording"), None, None)
+        for piece in range(0, len(wav), 16_000):
+            recording.add(wav[piece : piece + 16_000])
+        return whole.text, (await recording.finish()).text
+
+    async def main() -> dict[str, dict[str, list[float]]]:
+        errors: dict[str, dict[str, list[float]]] = {}
+        for speak in (espeak_wav, piper):
+            for text in SENTENCES + requests:
+                whole, pushed = await both(speak(text))
+                kind = "sentences" if text in SENTENCES else "requests"
+                into = errors.setdefault(f"{speak.__name__} {kind}", {"whole": [], "ptt": []})
+                into["whole"].append(wer(text, whole))
+                into["ptt"].append(wer(text, pushed))
+        return errors
+
+    try:
+        errors = asyncio.run(main())
+    finally:
+        engines.close()
+    for kind in ("sentences", "requests"):
+        whole = [e for key, v in errors.items() if key.endswith(kind) for e in v["whole"]]
+        pushed = [e for key, v in errors.items() if key.endswith(kind) for e in v["ptt"]]
+        assert sum(pushed) <= sum(whole), (kind, errors)
+
+
+@pytest.mark.skipif(not HAVE_ESPEAK, reason="espeak-ng is not installed")
+def test_push_to_talk_segments_are_contiguous():
+    """Every sample of a recording is in exactly one segment (or the silent tail after the
+    last cut), in order, whatever pieces it arrives in; a cut follows the pause that made it."""
+    from prismd.config import VoiceSettings
+    from prismd.voice.engines import VoiceEngines
+    from prismd.voice.vad import Segmenter, SileroVad
+
+    from .voice_fixtures import SENTENCES
+
+    speech = pcm16_to_float(pcm16(espeak_wav(" ".join(SENTENCES[1:4]))), 16_000)
+    stream = np.concatenate([np.zeros(4000, dtype=np.float32), speech])
+    config = VoiceEngines(VoiceSettings()).segment_config()
+    segmenter = Segmenter(SileroVad().stream(), config)
+    events = []
+    for i in range(0, stream.size, 3000):
+        events += segmenter.feed(stream[i : i + 3000])
+    events += segmenter.flush()
+    segments = [v for k, v in events if k == "segment"]
+    assert len(segments) >= 2 and all(cut for _, _, cut in segments[:-1])
+    pieces = [samples for _, samples, _ in segments] + [v[1] for k, v in events if k == "tail"]
+    assert np.array_equal(np.concatenate(pieces), stream)
+    starts = [start for start, _, _ in segments]
+    assert starts == [0, *np.cumsum([s.size for _, s, _ in segments])[:-1].tolist()]
+    assert segmenter.heard_ms > 3000

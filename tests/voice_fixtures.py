@@ -15,6 +15,14 @@ import av
 import numpy as np
 
 HAVE_ESPEAK = shutil.which("espeak-ng") is not None
+# The sentences whose word error rate the tests bound.
+SENTENCES = [
+    "What is the capital of France?",
+    "Please remind me to call my mother tomorrow at noon.",
+    "How many kilometers is it from Berlin to Munich?",
+    "Turn off the lights in the kitchen and lock the front door.",
+    "The weather today is sunny with a light breeze.",
+]
 
 
 def espeak_wav(text: str, rate: int | None = None, speed: int = 160) -> bytes:

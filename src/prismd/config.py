@@ -341,6 +341,18 @@ class VoiceSettings(_Section):
     # Hands-free: start transcribing halfway through that silence, so the transcript is ready
     # when the utterance ends (a wasted transcription if the user speaks again).
     speculative: bool = True
+    # Push-to-talk: transcribe the recording while it arrives, a segment at each pause, so
+    # that at audio_end only the last segment is left (local Whisper only).
+    incremental: bool = True
+    # Bounds per user: speech requests in progress (recordings, transcriptions, hands-free
+    # streams; and `speak`/synthesis requests), seconds of audio waiting to be transcribed,
+    # and recorded audio held in memory; and the recorded audio held by all connections.
+    # Over a bound a request gets rate_limited; other users' speech keeps its turn.
+    max_user_transcriptions: Annotated[int, Field(ge=1)] = 4
+    max_user_syntheses: Annotated[int, Field(ge=1)] = 8
+    max_user_queued_s: Annotated[float, Field(ge=1)] = 600.0
+    max_user_audio_bytes: Annotated[int, Field(ge=1024)] = 50 * 1024 * 1024
+    max_buffered_audio_bytes: Annotated[int, Field(ge=1024)] = 256 * 1024 * 1024
     stt: SttSettings = Field(default_factory=SttSettings)
     tts: TtsSettings = Field(default_factory=TtsSettings)
 

@@ -1,11 +1,15 @@
 """`/api/voice/*`: transcription, synthesis and the list of voices over REST.
 
-The same engines as the WebSocket's voice messages (`core.voice`), loaded on first use.
+The same engines as the WebSocket's voice messages (`core.voice`), loaded on first use, with
+the same per-user bounds; a request whose client disconnects is cancelled (its queued work
+is dropped).
 """
 
 from __future__ import annotations
 
-from typing import Annotated, Any, Literal
+import asyncio
+from collections.abc import Awaitable
+from typing import Annotated, Any, Literal, TypeVar
 
 from fastapi import APIRouter, File, Form, Request, UploadFile
 from fastapi.responses import JSONResponse, Response
@@ -13,9 +17,11 @@ from pydantic import BaseModel, Field
 
 from ..protocol import ErrorCode
 from ..voice.errors import VoiceError
+from ..voice.scheduler import Ticket
 from .app import Prismd
 
 router = APIRouter(prefix="/api/voice", tags=["voice"])
+T = TypeVar("T")
 
 _STATUS = {
     ErrorCode.TRANSCRIPTION_FAILED: 422,
@@ -23,7 +29,37 @@ _STATUS = {
     ErrorCode.TTS_UNAVAILABLE: 503,
     ErrorCode.PAYLOAD_TOO_LARGE: 413,
     ErrorCode.INVALID_MESSAGE: 400,
+    ErrorCode.RATE_LIMITED: 429,
 }
+
+
+class ClientGone(Exception):
+    """The HTTP client disconnected before the answer."""
+
+
+async def _disconnect(request: Request) -> None:
+    """Returns when the client disconnects (the body was read: nothing else comes)."""
+    while (await request.receive())["type"] != "http.disconnect":
+        pass
+
+
+async def _unless_gone(request: Request, ticket: Ticket, work: Awaitable[T]) -> T:
+    """`work`, cancelled with its ticket's queued jobs if the client disconnects first."""
+    task = asyncio.ensure_future(work)
+    gone = asyncio.ensure_future(_disconnect(request))
+    try:
+        await asyncio.wait({task, gone}, return_when=asyncio.FIRST_COMPLETED)
+        if not task.done():
+            ticket.cancel()
+            task.cancel()
+            await asyncio.gather(task, return_exceptions=True)
+            raise ClientGone
+        return task.result()
+    finally:
+        gone.cancel()
+        if not task.done():  # this handler itself was cancelled
+            ticket.cancel()
+            task.cancel()
 
 
 def _error(code: ErrorCode, message: str) -> JSONResponse:
@@ -51,13 +87,25 @@ async def transcribe(
 ) -> Any:
     core = _core(request)
     limit = core.settings.voice.max_audio_bytes
-    data = await audio.read(limit + 1)
-    if len(data) > limit:
-        return _error(ErrorCode.PAYLOAD_TOO_LARGE, f"The audio exceeds the limit of {limit} bytes")
     try:
-        transcript = await core.voice.transcribe(data, format, sampleRate, language)
+        # Before the upload is read into memory: a user over the bounds costs nothing more.
+        ticket = core.voice.ticket(request.state.user.id, "transcription")
     except VoiceError as exc:
         return _error(exc.code, exc.message)
+    try:
+        data = await audio.read(limit + 1)
+        if len(data) > limit:
+            message = f"The audio exceeds the limit of {limit} bytes"
+            return _error(ErrorCode.PAYLOAD_TOO_LARGE, message)
+        work = core.voice.transcribe(ticket, data, format, sampleRate, language)
+        del data
+        transcript = await _unless_gone(request, ticket, work)
+    except VoiceError as exc:
+        return _error(exc.code, exc.message)
+    except ClientGone:
+        return Response(status_code=499)  # nobody reads it
+    finally:
+        ticket.close()
     return transcript.as_dict()
 
 
@@ -65,9 +113,18 @@ async def transcribe(
 async def synthesize(request: Request, body: SynthesizeIn) -> Response:
     core = _core(request)
     try:
-        data, content_type = await core.voice.synthesize_as(body.text, body.voice, body.format)
+        ticket = core.voice.ticket(request.state.user.id, "synthesis", "tts")
     except VoiceError as exc:
         return _error(exc.code, exc.message)
+    try:
+        work = core.voice.synthesize_as(ticket, body.text, body.voice, body.format)
+        data, content_type = await _unless_gone(request, ticket, work)
+    except VoiceError as exc:
+        return _error(exc.code, exc.message)
+    except ClientGone:
+        return Response(status_code=499)
+    finally:
+        ticket.close()
     return Response(data, media_type=content_type)
 
 

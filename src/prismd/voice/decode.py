@@ -62,15 +62,121 @@ def decode(
     TranscriptionFailed as soon as it is longer than `max_samples` (at 16 kHz)."""
     if not data:
         raise AudioDecodeError("No audio was received")
-    container = sniff(data)
-    if container is None and fmt is not None and fmt.lower() in PCM_FORMATS:
-        return pcm16_to_float(data, sample_rate or SAMPLE_RATE, max_samples)
-    if container is None:
-        raise AudioDecodeError(
-            "Unrecognised audio: expected WAV, Ogg, WebM, MP3 (detected from the bytes) or "
-            '`format: "pcm16"` with `sampleRate`'
-        )
-    return _decode_container(data, container, max_samples)
+    stream = StreamDecoder(fmt, sample_rate, max_samples)
+    stream.feed(data)
+    return stream.decode(final=True)
+
+
+class StreamDecoder:
+    """A recording that arrives in pieces → 16 kHz mono float32, decoded as it arrives.
+
+    `feed` (on the event loop) appends bytes; `decode` (in a worker thread, one call at a time)
+    returns the samples that the bytes fed so far add, and with `final` the rest. Containers
+    are recognised from their first bytes (a client's `format` is trusted only for raw PCM).
+    """
+
+    def __init__(
+        self, fmt: str | None = None, sample_rate: int | None = None, max_samples: int | None = None
+    ) -> None:
+        self.fmt = fmt.lower() if fmt else None
+        self.rate = sample_rate or SAMPLE_RATE
+        self.max_samples = max_samples
+        self.chunks: list[bytes] = []
+        self.size = 0  # bytes fed
+        self.samples = 0  # 16 kHz samples returned so far
+        self.kind: str | None = None  # the container, or "pcm"
+        self._used = 0  # PCM: chunks converted so far
+        self._odd = b""
+        self._pcm_in = 0  # PCM: samples at the client's rate so far
+        self._container: ContainerDecoder | None = None
+        self._resampler: Any = None
+
+    def feed(self, data: bytes) -> None:
+        if data:
+            self.chunks.append(data)
+            self.size += len(data)
+
+    def decode(self, final: bool = False) -> np.ndarray:
+        import numpy as np
+
+        count = len(self.chunks)  # chunks fed meanwhile wait for the next call
+        if self.kind is None and not self._recognise(count, final):
+            return np.zeros(0, dtype=np.float32)
+        if self.kind == "pcm":
+            out = self._pcm(count, final)
+        else:
+            assert self._container is not None
+            data = b"".join(self.chunks[:count])
+            pieces = self._container.decode(io.BytesIO(data), final)
+            out = (
+                np.concatenate(pieces).astype(np.float32, copy=False)
+                if pieces
+                else np.zeros(0, dtype=np.float32)
+            )
+            if final and not self.samples and not out.size:
+                raise AudioDecodeError(f"The {self.kind} audio holds no samples")
+        self.samples += out.size
+        return out
+
+    def _recognise(self, count: int, final: bool) -> bool:
+        head = b"".join(self.chunks[:count])[:12]
+        if len(head) < 12 and not final:
+            return False
+        if not head:
+            raise AudioDecodeError("No audio was received")
+        container = sniff(head)
+        if container is None and self.fmt in PCM_FORMATS:
+            self.kind = "pcm"
+        elif container is None:
+            raise AudioDecodeError(
+                "Unrecognised audio: expected WAV, Ogg, WebM, MP3 (detected from the bytes) or "
+                '`format: "pcm16"` with `sampleRate`'
+            )
+        else:
+            self.kind = container
+            self._container = ContainerDecoder(container, self.max_samples)
+        return True
+
+    def _pcm(self, count: int, final: bool) -> np.ndarray:
+        """Raw PCM16, converted a piece at a time: an odd byte waits for the next piece; rates
+        that are a multiple of 16 kHz are box-filtered a whole step at a time, other rates go
+        through FFmpeg's resampler, which keeps its state between pieces."""
+        data = self._odd + b"".join(self.chunks[self._used : count])
+        self._used = count
+        rate = self.rate
+        step = rate // SAMPLE_RATE if rate % SAMPLE_RATE == 0 else 0
+        usable = len(data) - len(data) % 2
+        if step and not final:
+            usable -= usable % (2 * step)
+        data, self._odd = data[:usable], b"" if final else data[usable:]
+        self._pcm_in += len(data) // 2
+        if self.max_samples is not None and self._pcm_in * SAMPLE_RATE / rate > self.max_samples:
+            raise too_long(self.max_samples, self._pcm_in / rate)  # before any resampling
+        if step:
+            return pcm16_to_float(data, rate)
+        return self._swr(data, final)
+
+    def _swr(self, data: bytes, final: bool) -> np.ndarray:
+        import av
+        import numpy as np
+
+        if self._resampler is None:
+            self._resampler = av.AudioResampler(format="flt", layout="mono", rate=SAMPLE_RATE)
+        frames = []
+        if data:
+            frame = av.AudioFrame.from_ndarray(
+                np.frombuffer(data, dtype="<i2").reshape(1, -1), format="s16", layout="mono"
+            )
+            frame.sample_rate = self.rate
+            frames += self._resampler.resample(frame)
+        if final:
+            frames += self._resampler.resample(None)
+        pieces = [f.to_ndarray().reshape(-1) for f in frames]
+        return np.concatenate(pieces) if pieces else np.zeros(0, dtype=np.float32)
+
+    def close(self) -> None:
+        if self._container is not None:
+            self._container.close()
 
 
 def too_long(max_samples: int, seconds: float | None = None) -> TranscriptionFailed:
@@ -109,42 +215,127 @@ def resample(samples: np.ndarray, rate: int, target: int = SAMPLE_RATE) -> np.nd
     return np.interp(x, np.arange(samples.size), samples).astype(np.float32)
 
 
-def _decode_container(data: bytes, container: str, max_samples: int | None) -> np.ndarray:
-    import av
-    import numpy as np
+class ContainerDecoder:
+    """The audio of one container → 16 kHz mono float32, in one pass or while its bytes arrive.
 
-    pieces: list[np.ndarray] = []
-    # The length decoded so far, in samples at 16 kHz, counted from each frame's own rate
-    # before it is resampled (a frame at a tiny rate would resample to a huge one).
-    length = 0.0
-    try:
-        with av.open(io.BytesIO(data), mode="r", format=DEMUXERS[container]) as box:
-            if not box.streams.audio:
-                raise AudioDecodeError(f"The {container} data holds no audio stream")
-            stream = box.streams.audio[0]
-            resampler = av.AudioResampler(format="flt", layout="mono", rate=SAMPLE_RATE)
+    `decode(source, final)` reads the container from its start each time (`source`: a file
+    object over the bytes so far); the packets it decoded in earlier passes are skipped, and
+    the same codec context and resampler go on, so the samples of many passes are those of one
+    pass over the whole. Before `final`, the last packet is held back (the bytes so far may end
+    inside it) and a container whose header has not arrived yet gives nothing.
+    """
+
+    def __init__(self, container: str, max_samples: int | None) -> None:
+        self.container = container
+        self.max_samples = max_samples
+        self.packets = 0  # packets decoded so far
+        self._last: tuple[int | None, int] | None = None  # (pts, size) of the last decoded
+        self._box: Any = None  # the first pass's container: its codec context decodes all
+        self._codec: Any = None
+        self._resampler: Any = None
+        # The length decoded so far, in samples at 16 kHz, counted from each frame's own rate
+        # before it is resampled (a frame at a tiny rate would resample to a huge one).
+        self.length = 0.0
+
+    def decode(self, source: Any, final: bool) -> list[np.ndarray]:
+        import av
+
+        container = self.container
+        pieces: list[np.ndarray] = []
+        try:
+            box = av.open(source, mode="r", format=DEMUXERS[container])
+        except (av.error.FFmpegError, ValueError, IndexError) as exc:
+            if not final:
+                return pieces  # the header may not have arrived yet
+            self.close()
+            raise AudioDecodeError(f"Could not decode the {container} audio: {exc}") from None
+        try:
+            if self._box is None:
+                if not box.streams.audio:
+                    if not final:
+                        box.close()
+                        return pieces
+                    raise AudioDecodeError(f"The {container} data holds no audio stream")
+                self._box, self._codec = box, box.streams.audio[0].codec_context
+                self._resampler = av.AudioResampler(format="flt", layout="mono", rate=SAMPLE_RATE)
+            stream = box.streams.audio[0] if box.streams.audio else None
+            if stream is not None:
+                self._decode_packets(box, stream, final, pieces)
+            if final:
+                for out in self._resampler.resample(None):
+                    pieces.append(out.to_ndarray().reshape(-1))
+        except VoiceError:
+            self.close()
+            raise
+        except (av.error.FFmpegError, ValueError, IndexError) as exc:
+            self.close()
+            raise AudioDecodeError(f"Could not decode the {container} audio: {exc}") from None
+        finally:
+            if box is not self._box:
+                box.close()
+            if final:
+                self.close()
+        return pieces
+
+    def _decode_packets(self, box: Any, stream: Any, final: bool, pieces: list[Any]) -> None:
+        import av
+
+        seen = 0
+        held: Any = None  # before `final`, the newest packet waits for the next one
+        try:
+            for packet in box.demux(stream):
+                if packet.size == 0:
+                    continue  # the demuxer's end-of-stream marker
+                seen += 1
+                if seen < self.packets:
+                    continue
+                if seen == self.packets:
+                    if self._last != (packet.pts, packet.size):
+                        raise AudioDecodeError(
+                            f"The {self.container} stream changed under its decoder"
+                        )
+                    continue
+                if held is not None:
+                    self._decode_packet(held, pieces)
+                held = packet
+        except av.error.InvalidDataError:
+            # A recording cut mid-packet (the last MediaRecorder chunk may be): keep what
+            # decoded; with nothing decoded it is an error (see `decode`).
+            pass
+        if held is not None and final:
+            self._decode_packet(held, pieces)
+        if final:
             try:
-                for frame in box.decode(stream):
-                    if not frame.sample_rate:
-                        raise AudioDecodeError(f"The {container} audio has no sample rate")
-                    length += frame.samples * SAMPLE_RATE / frame.sample_rate
-                    if max_samples is not None and length > max_samples + 1:
-                        raise too_long(max_samples)
-                    for out in resampler.resample(frame):
-                        pieces.append(out.to_ndarray().reshape(-1))
+                for frame in self._codec.decode(None):
+                    self._resample(frame, pieces)
             except av.error.InvalidDataError:
-                # A recording cut mid-packet (the last MediaRecorder chunk may be): keep what
-                # decoded; with nothing decoded it is an error below.
                 pass
-            for out in resampler.resample(None):
-                pieces.append(out.to_ndarray().reshape(-1))
-    except VoiceError:
-        raise
-    except (av.error.FFmpegError, ValueError, IndexError) as exc:
-        raise AudioDecodeError(f"Could not decode the {container} audio: {exc}") from None
-    if not pieces:
-        raise AudioDecodeError(f"The {container} audio holds no samples")
-    return np.concatenate(pieces).astype(np.float32, copy=False)
+
+    def _decode_packet(self, packet: Any, pieces: list[Any]) -> None:
+        import av
+
+        self.packets += 1
+        self._last = (packet.pts, packet.size)
+        try:
+            frames = self._codec.decode(packet)
+        except av.error.InvalidDataError:
+            return  # one damaged packet: the rest may decode
+        for frame in frames:
+            self._resample(frame, pieces)
+
+    def _resample(self, frame: Any, pieces: list[Any]) -> None:
+        if not frame.sample_rate:
+            raise AudioDecodeError(f"The {self.container} audio has no sample rate")
+        self.length += frame.samples * SAMPLE_RATE / frame.sample_rate
+        if self.max_samples is not None and self.length > self.max_samples + 1:
+            raise too_long(self.max_samples)
+        for out in self._resampler.resample(frame):
+            pieces.append(out.to_ndarray().reshape(-1))
+
+    def close(self) -> None:
+        box, self._box = self._box, None
+        if box is not None:
+            box.close()
 
 
 def to_wav(samples_int16: bytes, sample_rate: int) -> bytes:

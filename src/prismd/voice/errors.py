@@ -41,6 +41,22 @@ class SynthesisFailed(VoiceError):
     code = ErrorCode.TTS_UNAVAILABLE
 
 
+class SpeechBusy(VoiceError):
+    """A per-user or server bound was reached: this request is refused, nothing else."""
+
+    code = ErrorCode.RATE_LIMITED
+
+
+class RecordingTooLarge(VoiceError):
+    code = ErrorCode.PAYLOAD_TOO_LARGE
+
+
+class Cancelled(VoiceError):
+    """The request was cancelled (its connection closed, `stop`, or the HTTP client left)."""
+
+    code = ErrorCode.TRANSCRIPTION_FAILED
+
+
 def openai_client(
     settings: Any, unavailable: type[SttUnavailable | TtsUnavailable], section: str
 ) -> openai.OpenAI:

@@ -1,11 +1,13 @@
-"""The voice side of one WebSocket connection: recording buffer, voice turns, `speak`, and
+"""The voice side of one WebSocket connection: recordings, voice turns, `speak`, and
 hands-free streaming.
 
-A voice turn is an ordinary turn: the recording is transcribed off the event loop, then the
-text goes through the connection's `chat` path with a `transcribed` event published first (a
-session event with the turn's id), so it is stored, stoppable, one per session, and replayed
-by `resume`. In hands-free mode the server cuts the PCM stream into utterances with VAD; an
-utterance that starts while the session's reply is being spoken stops that turn (barge-in).
+A voice turn is an ordinary turn: the recording is transcribed off the event loop (while it
+arrives: recording.py), then the text goes through the connection's `chat` path with a
+`transcribed` event published first (a session event with the turn's id), so it is stored,
+stoppable, one per session, and replayed by `resume`. In hands-free mode the server cuts the
+PCM stream into utterances with VAD; an utterance that starts while the session's reply is
+being spoken stops that turn (barge-in). Every request holds a `Ticket` of the user's (the
+per-user bounds), cancelled when `stop` comes or the connection closes.
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ import asyncio
 import base64
 import binascii
 import logging
+from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING, Any
 
 from ..protocol import (
@@ -26,12 +29,14 @@ from ..protocol import (
     VoiceStream,
     error_frame,
 )
-from .errors import VoiceError
+from .errors import Cancelled, RecordingTooLarge, VoiceError
 
 if TYPE_CHECKING:
     import numpy as np
 
     from ..server.ws import Connection
+    from .recording import Recording
+    from .scheduler import Ticket
     from .stt import Transcript
     from .vad import Endpointer
 
@@ -45,10 +50,10 @@ STOPPING_WAIT_S = 3.0  # how long a new utterance waits for an interrupted turn 
 class ConnectionVoice:
     def __init__(self, conn: Connection) -> None:
         self.conn = conn
-        self.buffer = bytearray()
-        self.format: str | None = None
-        self.sample_rate: int | None = None
-        self.overflow = False
+        self.recording: Recording | None = None
+        # The recording in progress was refused (too large, over a bound, `stop`): its chunks
+        # are ignored and its `audio_end` answers with this.
+        self.refused: VoiceError | None = None
         self.transcribing: asyncio.Task[None] | None = None
         self.tasks: set[asyncio.Task[None]] = set()
         self.stream: HandsFree | None = None
@@ -61,6 +66,18 @@ class ConnectionVoice:
     @property
     def engines(self) -> Any:
         return self.conn.core.voice
+
+    @property
+    def user(self) -> str:
+        """Whose speech work this is (fair sharing and bounds are per user)."""
+        return self.conn.user.id
+
+    def ticket(self, what: str, kind: str = "stt") -> Ticket:
+        try:
+            ticket: Ticket = self.engines.ticket(self.user, what, kind)
+        except VoiceError as exc:
+            raise ProtocolError(exc.code, exc.message) from None
+        return ticket
 
     def _spawn(self, coro: Any, name: str) -> asyncio.Task[None]:
         task = asyncio.create_task(coro, name=name)
@@ -91,19 +108,24 @@ class ConnectionVoice:
         if self.stream is not None:
             await self.stream.feed(data)
             return
-        if self.overflow:
+        if self.refused is not None or not data:
             return  # the recording was already refused; wait for its audio_end
-        if not self.buffer:
-            self.format, self.sample_rate = msg.format, msg.sampleRate
-        limit = self.conn.core.settings.voice.max_audio_bytes
-        if len(self.buffer) + len(data) > limit:
-            self.buffer = bytearray()
-            self.overflow = True
-            raise ProtocolError(
-                ErrorCode.PAYLOAD_TOO_LARGE,
-                f"The recording exceeds the limit of {limit} bytes: it was discarded",
-            )
-        self.buffer += data
+        try:
+            if self.recording is None:
+                self.recording = self.engines.recording(
+                    self.engines.ticket(self.user, "recording"), msg.format, msg.sampleRate
+                )
+            self.recording.add(data)
+        except VoiceError as exc:
+            self._refuse(exc)
+            raise ProtocolError(exc.code, exc.message) from None
+
+    def _refuse(self, error: VoiceError) -> None:
+        """The recording in progress is discarded; its `audio_end` will say why."""
+        recording, self.recording = self.recording, None
+        if recording is not None:
+            recording.fail(error)
+        self.refused = error
 
     async def end(self, msg: AudioEnd) -> None:
         self._require(ErrorCode.STT_UNAVAILABLE)
@@ -114,23 +136,31 @@ class ConnectionVoice:
                     ErrorCode.TRANSCRIPTION_FAILED, "No speech was heard before audio_end"
                 )
             return
-        data, self.buffer = bytes(self.buffer), bytearray()
-        overflow, self.overflow = self.overflow, False
-        if overflow:
+        refused, self.refused = self.refused, None
+        if isinstance(refused, RecordingTooLarge):
             raise ProtocolError(
                 ErrorCode.PAYLOAD_TOO_LARGE,
                 "The recording exceeded the size limit and was discarded: nothing to transcribe",
             )
-        if not data:
+        if refused is not None:
+            raise ProtocolError(
+                refused.code, f"The recording was discarded: nothing to transcribe. {refused}"
+            )
+        recording, self.recording = self.recording, None
+        if recording is None:
             raise ProtocolError(
                 ErrorCode.TRANSCRIPTION_FAILED, "No audio was received before audio_end"
             )
-        self._check_turn_free(msg.sessionId)
-        if self.transcribing is not None and not self.transcribing.done():
-            raise ProtocolError(
-                ErrorCode.TURN_IN_PROGRESS,
-                "A recording is already being transcribed — wait for its turn to start",
-            )
+        try:
+            self._check_turn_free(msg.sessionId)
+            if self.transcribing is not None and not self.transcribing.done():
+                raise ProtocolError(
+                    ErrorCode.TURN_IN_PROGRESS,
+                    "A recording is already being transcribed — wait for its turn to start",
+                )
+        except ProtocolError:
+            recording.cancel()
+            raise
         chat = Chat(
             type="chat",
             sessionId=msg.sessionId,
@@ -139,12 +169,11 @@ class ConnectionVoice:
             speak=msg.speak,
             voice=msg.voice,
         )
-        self.transcribing = self._spawn(
-            self._voice_turn(
-                chat, data=data, fmt=self.format, rate=self.sample_rate, language=msg.language
-            ),
-            "voice turn",
-        )
+        language = msg.language
+        task = self._spawn(self._voice_turn(chat, lambda: recording.finish(language)), "voice turn")
+        # However the task ends (even cancelled before it began), the recording's work goes.
+        task.add_done_callback(lambda _: recording.cancel())
+        self.transcribing = task
 
     def _check_turn_free(self, session_id: str | None) -> None:
         live = self.conn.live
@@ -154,24 +183,12 @@ class ConnectionVoice:
             )
 
     async def _voice_turn(
-        self,
-        chat: Chat,
-        data: bytes | None = None,
-        fmt: str | None = None,
-        rate: int | None = None,
-        language: str | None = None,
-        samples: np.ndarray | None = None,
-        pending: asyncio.Future[Transcript] | None = None,
+        self, chat: Chat, transcription: Callable[[], Awaitable[Transcript]]
     ) -> None:
         try:
-            if pending is not None:  # the speculative transcription of this utterance
-                transcript = await pending
-            else:
-                # Hands-free utterances were cut by the VAD: no second speech check.
-                checked = samples is not None
-                transcript = await self.engines.transcribe(
-                    data, fmt, rate, language, samples, checked
-                )
+            transcript = await transcription()
+        except Cancelled:
+            return  # `stop` before the turn began
         except VoiceError as exc:
             self._error(exc.code, exc.message)
             return
@@ -212,12 +229,14 @@ class ConnectionVoice:
                 break
             await asyncio.sleep(0.01)
 
-    def cancel_transcription(self) -> bool:
+    def cancel_transcription(self) -> None:
+        """`stop`: a recording in progress is discarded, and a voice turn not begun yet never
+        begins."""
+        if self.recording is not None:
+            self._refuse(Cancelled("`stop` came while recording"))
         task, self.transcribing = self.transcribing, None
         if task is not None and not task.done():
             task.cancel()
-            return True
-        return False
 
     # ------------------------------------------------------------ speak
 
@@ -238,13 +257,16 @@ class ConnectionVoice:
                 f"{MAX_PENDING_SPEAK} `speak` requests are already being synthesised; "
                 "wait for their audio",
             )
-        self.speaking.add(self._spawn(self._speak(text, msg.voice), "speak"))
+        ticket = self.ticket("speak", "tts")
+        task = self._spawn(self._speak(text, msg.voice), "speak")
+        task.add_done_callback(lambda _: ticket.close())
+        self.speaking.add(task)
 
     async def _speak(self, text: str, voice: str | None) -> None:
         from .engines import audio_frame
 
         try:
-            speech = await self.engines.synthesize(text, voice)
+            speech = await self.engines.synthesize(text, voice, self.user)
         except VoiceError as exc:
             self._error(exc.code, exc.message)
             return
@@ -255,10 +277,8 @@ class ConnectionVoice:
     async def voice_stream(self, msg: VoiceStream) -> None:
         if msg.action == "stop":
             stream, self.stream = self.stream, None
-            if stream is None:
-                self.conn.send({"type": "voice_stream", "action": "stopped", "active": False})
-                return
-            await stream.close()
+            if stream is not None:
+                await stream.close()
             self.conn.send({"type": "voice_stream", "action": "stopped", "active": False})
             return
         self._require(ErrorCode.STT_UNAVAILABLE)
@@ -266,6 +286,9 @@ class ConnectionVoice:
             vad = await self.engines.vad()
         except VoiceError as exc:
             raise ProtocolError(ErrorCode.STT_UNAVAILABLE, exc.message) from None
+        if self.stream is not None:
+            await self.stream.close(flush=False)
+            self.stream = None
         settings = self.conn.core.settings.voice
         from .vad import EndpointConfig, Endpointer
 
@@ -278,9 +301,8 @@ class ConnectionVoice:
             # if the user does not speak again, the transcript is (almost) ready when it ends.
             pause_ms=max(160, silence_ms // 2) if settings.speculative else 0,
         )
-        if self.stream is not None:
-            await self.stream.close(flush=False)
-        self.stream = HandsFree(self, msg, Endpointer(vad.stream(), config))
+        ticket = self.ticket("hands-free stream")
+        self.stream = HandsFree(self, msg, Endpointer(vad.stream(), config), ticket)
         self.conn.send(
             {
                 "type": "voice_stream",
@@ -305,7 +327,12 @@ class ConnectionVoice:
             )
 
     async def close(self) -> None:
-        self.stream = None
+        """The connection closed: every request of it is cancelled."""
+        stream, self.stream = self.stream, None
+        if stream is not None:
+            await stream.close(flush=False)
+        if self.recording is not None:
+            self._refuse(Cancelled("The connection closed"))
         for task in list(self.tasks):
             task.cancel()
         if self.tasks:
@@ -315,10 +342,13 @@ class ConnectionVoice:
 class HandsFree:
     """One hands-free stream: PCM16 frames → VAD endpointing → voice turns."""
 
-    def __init__(self, owner: ConnectionVoice, msg: VoiceStream, endpointer: Endpointer) -> None:
+    def __init__(
+        self, owner: ConnectionVoice, msg: VoiceStream, endpointer: Endpointer, ticket: Ticket
+    ) -> None:
         self.owner = owner
         self.msg = msg
         self.endpointer = endpointer
+        self.ticket = ticket
         self.rate = msg.sampleRate
         self._odd = b""
         self._speculative: asyncio.Future[Transcript] | None = None
@@ -333,20 +363,27 @@ class HandsFree:
         if not data:
             return
         samples = pcm16_to_float(data, self.rate)
-        events = await self.owner.engines.in_vad_thread(self.endpointer.feed, samples)
+        engines = self.owner.engines
+        events = await self.ticket.run(engines.stream_pool, self.endpointer.feed, samples)
+        self.endpointer.spans.clear()  # where utterances lie: not needed here
         for kind, value in events:
             if kind == "speech":
                 self._barge_in()
             elif kind == "pause":
                 self._discard_speculative()
-                self._speculative = asyncio.ensure_future(
-                    self.owner.engines.transcribe(None, samples=value, checked=True)
-                )
+                self._speculative = asyncio.ensure_future(self._transcribe(value))
             elif kind == "resume":
                 self._discard_speculative()
             elif kind == "utterance":
                 pending, self._speculative = self._speculative, None
                 self._utterance(value, pending)
+
+    async def _transcribe(self, samples: np.ndarray) -> Transcript:
+        engines = self.owner.engines
+        transcript: Transcript = await engines.transcribe_samples(
+            self.ticket, samples, checked=True
+        )
+        return transcript
 
     def _discard_speculative(self) -> None:
         """The user spoke again: that transcript is of half an utterance."""
@@ -376,20 +413,29 @@ class HandsFree:
             voice=msg.voice,
         )
         owner = self.owner
-        owner.transcribing = owner._spawn(
-            owner._voice_turn(chat, samples=samples, pending=pending), "voice turn"
+        transcription = (
+            (lambda: pending) if pending is not None else lambda: self._transcribe(samples)
         )
+        owner.transcribing = owner._spawn(owner._voice_turn(chat, transcription), "voice turn")
 
     async def end_utterance(self) -> bool:
         """End the utterance in progress now; False if there was none."""
         self._discard_speculative()
-        rest = await self.owner.engines.in_vad_thread(self.endpointer.flush)
+        rest = await self.ticket.run(self.owner.engines.stream_pool, self.endpointer.flush)
+        self.endpointer.spans.clear()
         if rest is None:
             return False
         self._utterance(rest)
         return True
 
     async def close(self, flush: bool = True) -> None:
+        """`flush`: the utterance in progress is still transcribed (its slot is freed now);
+        else everything queued for this stream is dropped."""
         self._discard_speculative()
         if flush:
-            await self.end_utterance()
+            try:
+                await self.end_utterance()
+            finally:
+                self.ticket.close()
+        else:
+            self.ticket.cancel()

@@ -29,6 +29,19 @@ def speakable(text: str) -> str:
     return " ".join(text.split())
 
 
+def pieces(text: str, max_chars: int = 400) -> list[str]:
+    """`text` cut at sentence ends into pieces of about `max_chars` (a sentence longer than
+    that stays whole), for synthesis a few sentences at a time; the text is not changed."""
+    out: list[str] = []
+    start = 0
+    for m in _END.finditer(text):
+        if m.end() - start >= max_chars:
+            out.append(text[start : m.end()])
+            start = m.end()
+    out.append(text[start:])
+    return [p for p in out if p.strip()] or [text]
+
+
 class SentenceSplitter:
     def __init__(self, max_chars: int = MAX_CHARS) -> None:
         self._buf = ""

@@ -30,8 +30,10 @@ class SpokenReply:
         publish: Callable[[dict[str, Any]], None],
         voice: str | None,
         stopped: Callable[[], bool],
+        key: str,
     ) -> None:
         self.engines = engines
+        self.key = key  # its share of the TTS thread
         self.publish = publish
         self.voice = voice
         self.stopped = stopped
@@ -65,7 +67,7 @@ class SpokenReply:
             if sentence is None or self.stopped():
                 return
             try:
-                speech = await self.engines.synthesize(sentence, self.voice)
+                speech = await self.engines.synthesize(sentence, self.voice, self.key)
             except VoiceError as exc:
                 # Not an `error` (that would end the turn for clients): the answer goes on as
                 # text, and clients learn why it is not spoken.

@@ -45,6 +45,25 @@ class Transcript:
     duration_s: float
     segments: list[Segment] = field(default_factory=list)
 
+    @classmethod
+    def join(cls, parts: list[tuple[float, Transcript]], duration: float) -> Transcript:
+        """The transcript of a recording from those of its segments, (start in s, transcript)
+        in order; the confidence is their mean weighted by duration. A segment's times end
+        where the next begins (the silence added after a segment is not part of it)."""
+        text = " ".join(t.text for _, t in parts if t.text).strip()
+        weight = sum(t.duration_s for _, t in parts)
+        confidence = (
+            sum(t.confidence * t.duration_s for _, t in parts) / weight if weight > 0 else 0.0
+        )
+        language = next((t.language for _, t in parts if t.language), None)
+        ends = [start for start, _ in parts[1:]] + [duration]
+        segments = [
+            Segment(start + seg.start, min(start + seg.end, end), seg.text)
+            for (start, t), end in zip(parts, ends, strict=True)
+            for seg in t.segments
+        ]
+        return cls(text, confidence, language, duration, segments)
+
     def as_dict(self) -> dict[str, Any]:
         return {
             "text": self.text,

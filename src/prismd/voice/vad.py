@@ -107,6 +107,13 @@ class EndpointConfig:
     max_utterance_ms: int = 30_000
     # Silence after which the speech so far is offered for speculative transcription (0: off).
     pause_ms: int = 0
+    # (length, silence) in ms: once an utterance is `length` long, a silence of `silence`
+    # (shorter than `silence_ms`) ends it too: push-to-talk cuts long speech into segments at
+    # the pauses between phrases, taking shorter pauses the longer the segment.
+    splits: tuple[tuple[int, int], ...] = ()
+    # Speech too short to stand alone (under `min_speech_ms`) is not dropped but kept for the
+    # next utterance (or returned by `flush`): in push-to-talk every word the user said counts.
+    keep_short: bool = False
 
 
 @dataclass
@@ -115,7 +122,10 @@ class Endpointer:
     utterance has `min_speech_ms` of speech (the moment to interrupt a spoken reply),
     ("pause", samples) after `pause_ms` of silence (the utterance may be over: transcribe it
     speculatively), ("resume", None) if speech comes back after a pause, and
-    ("utterance", samples) when `silence_ms` of silence ends it."""
+    ("utterance", samples) when `silence_ms` of silence ends it (or less once it is long: `splits`).
+    `heard_ms` counts the speech heard so far; `spans` gets where each utterance returned lies
+    in the stream, (start, end) in samples, in order (for the caller to take; speech kept with
+    `keep_short` is part of the next utterance, without the silence between)."""
 
     vad: VadStream
     config: EndpointConfig = field(default_factory=EndpointConfig)
@@ -128,6 +138,12 @@ class Endpointer:
     _speech_ms: int = 0
     _silence_ms: int = 0
     _total_ms: int = 0
+    _carry: list[Any] = field(default_factory=list)  # short speech kept (keep_short)
+    _carry_ms: int = 0
+    _pos: int = 0  # samples of the windows seen so far
+    _start: int = 0  # where `_speech` (or `_carry`) begins
+    heard_ms: int = 0
+    spans: list[tuple[int, int]] = field(default_factory=list)
 
     def feed(self, samples: np.ndarray) -> list[tuple[str, Any]]:
         with self._lock:  # frames of one stream are processed in order, one at a time
@@ -138,31 +154,35 @@ class Endpointer:
 
         cfg = self.config
         events: list[tuple[str, Any]] = []
-        start = self.vad._pending.size
         data = np.concatenate([self.vad._pending, samples.astype(np.float32, copy=False)])
         probs = self.vad.probabilities(samples)
         # The windows the probabilities belong to.
         windows = [data[i * WINDOW : (i + 1) * WINDOW] for i in range(len(probs))]
-        del start
         preroll_windows = max(1, cfg.preroll_ms // WINDOW_MS)
         for p, window in zip(probs, windows, strict=True):
+            self._pos += WINDOW
             if not self._in_speech:
                 self._preroll.append(window)
                 while len(self._preroll) > preroll_windows:
                     self._preroll.popleft()
                 if p >= cfg.threshold:
                     self._in_speech = True
-                    self._speech = list(self._preroll)
+                    if not self._carry:
+                        self._start = self._pos - WINDOW * len(self._preroll)
+                    self._speech = [*self._carry, *self._preroll]
                     self._preroll.clear()
-                    self._speech_ms = WINDOW_MS
+                    self._speech_ms = self._carry_ms + WINDOW_MS
                     self._silence_ms = 0
-                    self._total_ms = WINDOW_MS
+                    self._total_ms = WINDOW_MS * (len(self._carry) + 1)
+                    self._carry, self._carry_ms = [], 0
+                    self.heard_ms += WINDOW_MS
                 continue
             self._speech.append(window)
             self._total_ms += WINDOW_MS
             if p >= cfg.threshold - 0.15:
                 if p >= cfg.threshold:
                     self._speech_ms += WINDOW_MS
+                    self.heard_ms += WINDOW_MS
                 self._silence_ms = 0
                 if self._paused:
                     self._paused = False
@@ -179,24 +199,121 @@ class Endpointer:
             ):
                 self._paused = True
                 events.append(("pause", np.concatenate(self._speech)))
-            if self._silence_ms >= cfg.silence_ms or self._total_ms >= cfg.max_utterance_ms:
+            split = any(
+                self._total_ms >= length and self._silence_ms >= silence
+                for length, silence in cfg.splits
+            )
+            if (
+                split
+                or self._silence_ms >= cfg.silence_ms
+                or self._total_ms >= cfg.max_utterance_ms
+            ):
                 utterance = self._end()
                 if utterance is not None:
                     events.append(("utterance", utterance))
         return events
 
     def flush(self) -> np.ndarray | None:
-        """End the stream: the utterance in progress, if it had enough speech."""
+        """End the stream: the utterance in progress, if it had enough speech (with
+        `keep_short`, any speech)."""
         with self._lock:
-            return self._end()
+            return self._end(final=True)
 
-    def _end(self) -> np.ndarray | None:
+    def _end(self, final: bool = False) -> np.ndarray | None:
         import numpy as np
 
-        enough = self._speech_ms >= self.config.min_speech_ms
+        speech_ms = self._speech_ms
         speech, self._speech = self._speech, []
         self._in_speech = self._announced = self._paused = False
         self._speech_ms = self._silence_ms = self._total_ms = 0
-        if not enough or not speech:
+        if self.config.keep_short:
+            if not speech:  # between utterances: what was kept is all there is
+                speech, speech_ms = self._carry, self._carry_ms
+                self._carry, self._carry_ms = [], 0
+            if speech_ms < self.config.min_speech_ms and not final:
+                self._carry, self._carry_ms = speech, speech_ms  # `_start` stays
+                return None
+            if not speech or not speech_ms:
+                return None
+        elif speech_ms < self.config.min_speech_ms or not speech:
             return None
+        self.spans.append((self._start, self._pos))
         return np.concatenate(speech)
+
+
+class Segmenter:
+    """Cuts a stream into contiguous segments at its pauses, for transcription a segment at a
+    time (push-to-talk while it arrives, long uploads): every sample is in exactly one segment
+    (a cut falls inside a pause, after the silence that made it), so a stream without a cut is
+    one segment, the whole of it. An `Endpointer` (with `keep_short`) finds the cuts.
+
+    `feed` and `flush` return events: ("segment", (start, samples, cut)) in order (`cut`: it
+    ended at a pause, not at the end of the stream), ("pause", samples): the open segment so
+    far may be the last one (the speaker paused), ("resume", None): it was not; and from
+    `flush`, ("tail", (start, samples)): what followed the last cut held no speech (it
+    belongs to the last segment)."""
+
+    def __init__(self, vad: VadStream, config: EndpointConfig) -> None:
+        import numpy as np
+
+        self.endpointer = Endpointer(vad, config)
+        self._held: list[Any] = []  # samples since the last cut
+        self._start = 0  # where they begin in the stream
+        self._empty = np.zeros(0, dtype=np.float32)
+
+    @property
+    def heard_ms(self) -> int:
+        return self.endpointer.heard_ms
+
+    def feed(self, samples: np.ndarray) -> list[tuple[str, Any]]:
+        if samples.size:
+            self._held.append(samples)
+        endpointer = self.endpointer
+        found = endpointer.feed(samples) if samples.size else []
+        out: list[tuple[str, Any]] = []
+        pause = False
+        for kind, _ in found:
+            if kind == "utterance":
+                pause = False  # it ended in this very pass: no need to guess
+                end = endpointer.spans.pop(0)[1]
+                out.append(("segment", (self._start, self._take(end), True)))
+            elif kind == "pause":
+                pause = True
+            elif kind == "resume":
+                if pause:
+                    pause = False
+                else:
+                    out.append(("resume", None))
+        if pause:  # the utterance still open paused (since then: silence)
+            out.append(("pause", self._peek(endpointer._pos)))
+        return out
+
+    def flush(self) -> list[tuple[str, Any]]:
+        """The end of the stream: the rest is the last segment, if it holds speech."""
+        rest = self.endpointer.flush()
+        self.endpointer.spans.clear()
+        held = self._all()
+        self._held = []
+        if not held.size:
+            return []
+        if rest is None:
+            return [("tail", (self._start, held))]
+        return [("segment", (self._start, held, False))]
+
+    def _all(self) -> np.ndarray:
+        import numpy as np
+
+        if len(self._held) > 1:
+            self._held = [np.concatenate(self._held)]
+        return self._held[0] if self._held else self._empty
+
+    def _peek(self, end: int) -> np.ndarray:
+        return self._all()[: max(0, end - self._start)]
+
+    def _take(self, end: int) -> np.ndarray:
+        held = self._all()
+        cut = max(0, end - self._start)
+        segment, rest = held[:cut], held[cut:]
+        self._held = [rest] if rest.size else []
+        self._start += cut
+        return segment
