@@ -31,6 +31,7 @@ from .errors import VoiceError
 if TYPE_CHECKING:
     import numpy as np
 
+    from ..protocol import TranscribedEvent
     from ..server.ws import Connection
     from .stt import Transcript
     from .vad import Endpointer
@@ -184,7 +185,7 @@ class ConnectionVoice:
         if asyncio.current_task() is self.transcribing:
             self.transcribing = None
         chat.message = transcript.text
-        event = {
+        event: TranscribedEvent = {
             "type": "transcribed",
             "text": transcript.text,
             "confidence": round(transcript.confidence, 3),
