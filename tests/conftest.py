@@ -16,19 +16,33 @@ import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any
 
 import httpx
 import pytest
 from hypothesis import settings
+from pydantic import ConfigDict, Field, TypeAdapter
 from websockets.sync.client import connect
 
+from prismd.protocol import ServerEvent
 from prismd.testing.fake_models import FakeModelServer
 
 # Throwaway database servers (PostgreSQL), started on first use.
 from .services import make_pg_database, pg_module_url, postgres, redis_server  # noqa: F401
 
 ROOT = Path(__file__).resolve().parent.parent
+
+# Every frame a test receives must be one of the protocol's event types (protocol.py's
+# TypedDicts), with their fields' types and no field they do not declare.
+_SERVER_EVENT: TypeAdapter[Any] = TypeAdapter(
+    Annotated[ServerEvent, Field(discriminator="type")], config=ConfigDict(extra="forbid")
+)
+
+
+def checked_event(frame: Any) -> dict[str, Any]:
+    """`frame` (a decoded server frame), after checking it against the protocol's types."""
+    _SERVER_EVENT.validate_python(frame, strict=True)
+    return frame
 
 # `make test` runs the same property-based examples every time (a run on a clean clone decides
 # whether a change lands, so it must not depend on luck); `HYPOTHESIS_PROFILE=explore make test`
@@ -143,7 +157,7 @@ class Client:
         self.ws.send(data)
 
     def recv(self, timeout: float = 10) -> dict[str, Any]:
-        return json.loads(self.ws.recv(timeout=timeout))
+        return checked_event(json.loads(self.ws.recv(timeout=timeout)))
 
     def until(self, *types: str, timeout: float = 15) -> list[dict[str, Any]]:
         """Frames up to and including the first of one of `types`."""

@@ -24,6 +24,8 @@ from prismd.testing.function_model import FunctionProvider
 from prismd.tools.builtins import builtin_tools
 from prismd.tools.registry import ToolRegistry
 
+from .conftest import checked_event
+
 
 class Tab:
     def __init__(self) -> None:
@@ -32,7 +34,7 @@ class Tab:
         self.changed = asyncio.Event()
 
     def deliver(self, seq: int, frame: str) -> None:
-        event = json.loads(frame)
+        event = checked_event(json.loads(frame))
         self.frames.append(event)
         self.changed.set()
         if event["type"] in ("context_usage", "error"):

@@ -1,8 +1,9 @@
 """The wire protocol: every client message, every server event, every error code.
 
 The tables in PROTOCOL.md (parts A and B) and this module are meant to be read side by side.
-Client messages are pydantic models, so a validation failure names the field; server frames are
-plain dicts built by the helpers at the bottom, because they are produced on the hot path.
+Client messages are pydantic models, so a validation failure names the field. Server events are
+TypedDicts (one per `type`, the `ServerEvent` union at the bottom): typed where they are built
+and checked by mypy, and plain dicts at run time, because they are produced on the hot path.
 """
 
 from __future__ import annotations
@@ -10,10 +11,13 @@ from __future__ import annotations
 import json
 import re
 from enum import StrEnum
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, Literal, NotRequired, cast, get_args, get_type_hints
 
 import orjson
 from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError, model_validator
+
+# typing_extensions: pydantic validates these TypedDicts (tests do) only from it on Python 3.11.
+from typing_extensions import TypedDict
 
 PROTOCOL_VERSION = 1
 SESSION_ID_RE = re.compile(r"^[A-Za-z0-9_-]{1,128}$")
@@ -319,41 +323,235 @@ def check_session_id(session_id: str) -> str:
 
 # ---------------------------------------------------------------- server -> client
 
-# Every `type` a server frame may have (PROTOCOL.md A2 and B). The web app's
+
+class _Routed(TypedDict, total=False):
+    """What the sessions service adds to a session event when it logs it (PROTOCOL.md A2)."""
+
+    sessionId: str
+    turnId: str
+    seq: int
+
+
+class ConnectedEvent(_Routed):
+    type: Literal["connected"]
+    protocol: int
+    server: str
+    connectionId: str
+
+
+class PongEvent(_Routed):
+    type: Literal["pong"]
+
+
+class SessionEvent(_Routed):
+    type: Literal["session"]
+    agentId: str | None
+    agentName: str | None
+    lastSeq: NotRequired[int]  # on `resume`
+    turnRunning: NotRequired[bool]
+
+
+class SessionEndedEvent(_Routed):
+    type: Literal["session_ended"]
+    reason: NotRequired[str]
+
+
+class AgentSelectedEvent(_Routed):
+    type: Literal["agent_selected"]
+    agentId: str
+    agentName: str
+
+
+class StartEvent(_Routed):
+    type: Literal["start"]
+
+
+class ChunkEvent(_Routed):
+    type: Literal["chunk"]
+    delta: str
+
+
+class ReasoningEvent(_Routed):
+    type: Literal["reasoning"]
+    content: str
+
+
+class ToolStartEvent(_Routed):
+    type: Literal["tool_start"]
+    id: str
+    name: str
+    input: Any
+
+
+class ToolEndEvent(_Routed):
+    type: Literal["tool_end"]
+    id: str
+    name: str
+    status: str  # "success" | "error" | "denied"
+    output: str
+    durationMs: float
+
+
+class ApprovalRequestBody(TypedDict):
+    tool: str
+    query: str
+    requestReason: str
+    sessionId: str
+    agentId: str
+    dataClassification: str
+
+
+class ApprovalRequestEvent(_Routed):
+    type: Literal["approval_request"]
+    requestId: str
+    toolCallId: str
+    reasoning: str
+    request: ApprovalRequestBody
+
+
+class ApprovalResolvedEvent(_Routed):
+    type: Literal["approval_resolved"]
+    requestId: str
+    approved: bool
+
+
+class StoppedEvent(_Routed):
+    type: Literal["stopped"]
+    turnRunning: NotRequired[bool]  # sent to the asker alone when no turn was running
+
+
+class TranscribedEvent(_Routed):
+    type: Literal["transcribed"]
+    text: str
+    confidence: float
+    language: str | None
+    durationMs: int
+
+
+class AudioEvent(_Routed):
+    type: Literal["audio"]
+    data: str  # base64 WAV
+    format: str
+    sampleRate: int
+    durationMs: int
+    index: NotRequired[int]  # a spoken reply's sentence, in order
+    text: NotRequired[str]
+
+
+class SpeechErrorEvent(_Routed):
+    type: Literal["speech_error"]
+    code: str
+    error: str
+
+
+class Latency(TypedDict):
+    firstTokenMs: float | None
+    llmMs: float
+    toolMs: float
+    totalMs: float
+
+
+class DoneEvent(_Routed):
+    type: Literal["done"]
+    tokensIn: int
+    tokensOut: int
+    costUsd: float | None
+    durationMs: int
+    model: str | None
+    reasoningEffort: str | None
+    finalContent: str
+    requestedModelMode: str
+    resolvedProvider: str | None
+    resolvedModel: str | None
+    autoFallback: bool
+    autoFallbackReason: str | None
+    stopReason: str
+    costSource: dict[str, Any] | None
+    usageEstimated: bool
+    rounds: NotRequired[int]
+    latency: NotRequired[Latency]
+    modelChoice: NotRequired[str]  # modelMode "auto": the rule that chose
+    interruptedReason: NotRequired[str]  # a turn cut off by a crash
+
+
+class ContextBreakdown(TypedDict):
+    systemPrompt: int
+    userMessages: int
+    assistantMessages: int
+    reasoningOverhead: int
+
+
+class ContextUsageEvent(_Routed):
+    type: Literal["context_usage"]
+    usedTokens: int
+    maxContext: int
+    percentage: float
+    breakdown: ContextBreakdown
+
+
+class ErrorEvent(_Routed):
+    type: Literal["error"]
+    error: str
+    code: str
+    details: NotRequired[dict[str, Any]]
+    retryAfterMs: NotRequired[int]
+
+
+class VoiceStateEvent(_Routed):
+    type: Literal["voice_state"]
+    speaking: bool
+
+
+class VoiceStreamEvent(_Routed):
+    type: Literal["voice_stream"]
+    action: Literal["started", "stopped"]
+    active: bool
+    format: NotRequired[str]
+    sampleRate: NotRequired[int]
+    silenceMs: NotRequired[int]
+
+
+# Every server frame (PROTOCOL.md A2 and B), in the order of the protocol's table.
+ServerEvent = (
+    ConnectedEvent
+    | PongEvent
+    | SessionEvent
+    | SessionEndedEvent
+    | AgentSelectedEvent
+    | StartEvent
+    | ChunkEvent
+    | ReasoningEvent
+    | ToolStartEvent
+    | ToolEndEvent
+    | ApprovalRequestEvent
+    | ApprovalResolvedEvent
+    | StoppedEvent
+    | TranscribedEvent
+    | AudioEvent
+    | SpeechErrorEvent
+    | DoneEvent
+    | ContextUsageEvent
+    | ErrorEvent
+    | VoiceStateEvent
+    | VoiceStreamEvent
+)
+
+# Every `type` a server frame may have, read from the union above. The web app's
 # /static/js/protocol.js is generated from these, the client types and ErrorCode
 # (server/web.py), so the app never spells a name by hand.
-EVENT_TYPES: tuple[str, ...] = (
-    "connected",
-    "pong",
-    "session",
-    "session_ended",
-    "agent_selected",
-    "start",
-    "chunk",
-    "reasoning",
-    "tool_start",
-    "tool_end",
-    "approval_request",
-    "approval_resolved",
-    "stopped",
-    "transcribed",
-    "audio",
-    "speech_error",
-    "done",
-    "context_usage",
-    "error",
-    "voice_state",
-    "voice_stream",
+EVENT_TYPES: tuple[str, ...] = tuple(
+    get_args(get_type_hints(event)["type"])[0] for event in get_args(ServerEvent)
 )
 
 
-def error_frame(code: ErrorCode | str, message: str, **extra: Any) -> dict[str, Any]:
+def error_frame(code: ErrorCode | str, message: str, **extra: Any) -> ErrorEvent:
+    """An `error` event; `extra` (details, retryAfterMs, sessionId…) without its None values."""
     frame: dict[str, Any] = {"type": "error", "error": message, "code": str(code)}
     frame.update({k: v for k, v in extra.items() if v is not None})
-    return frame
+    return cast(ErrorEvent, frame)
 
 
-def dumps(frame: dict[str, Any]) -> str:
+def dumps(frame: ServerEvent | dict[str, Any]) -> str:
     """A frame's JSON text (orjson: this runs once per event on the hot path)."""
     try:
         return orjson.dumps(frame).decode()

@@ -19,7 +19,15 @@ from fnmatch import fnmatchcase
 from typing import Any, Protocol
 
 from ..config import AgentSettings, Settings
-from ..protocol import Chat, ErrorCode, ProtocolError, clean_text
+from ..protocol import (
+    Chat,
+    ContextUsageEvent,
+    DoneEvent,
+    ErrorCode,
+    ProtocolError,
+    ServerEvent,
+    clean_text,
+)
 from ..providers import pricing
 from ..providers.base import (
     ChatMessage,
@@ -77,7 +85,7 @@ class ReplySpeaker(Protocol):
 
 # (publish, voice, stopped) -> a ReplySpeaker for one turn
 ReplySpeakerFactory = Callable[
-    [Callable[[dict[str, Any]], None], str | None, Callable[[], bool]], ReplySpeaker
+    [Callable[[ServerEvent], None], str | None, Callable[[], bool]], ReplySpeaker
 ]
 
 
@@ -91,7 +99,7 @@ class TurnPlan:
     files: list[FileRecord]
     chat: Chat
     # Events published before `start` with the turn's id (a voice turn's `transcribed`).
-    preface: list[dict[str, Any]] | None = None
+    preface: list[ServerEvent] | None = None
     # Models still to try, in order, if this one fails before its first token ("kind:model").
     fallbacks: list[str] = field(default_factory=list)
     fallback_reason: str | None = None  # why the turn is not on its first choice (done)
@@ -227,7 +235,7 @@ class _Execution:
                 self.publish, plan.chat.voice, lambda: turn.stop_requested
             )
 
-    def publish(self, event: dict[str, Any]) -> None:
+    def publish(self, event: ServerEvent) -> None:
         self.sessions.publish(self.live, self.turn.id, event)
 
     # ------------------------------------------------------------ the turn
@@ -689,36 +697,34 @@ class _Execution:
             self.publish({"type": "reasoning", "content": reasoning})
         t0 = self.turn.started
         total_ms = (time.monotonic() - t0) * 1000
-        self.publish(
-            {
-                "type": "done",
-                "tokensIn": t.tokens_in,
-                "tokensOut": t.tokens_out,
-                "costUsd": cost,
-                "durationMs": round(total_ms),
-                "model": model,
-                "reasoningEffort": chat.reasoningEffort,
-                "finalContent": content,
-                "requestedModelMode": chat.modelMode or "manual",
-                "resolvedProvider": provider.kind,
-                "resolvedModel": model,
-                "autoFallback": plan.fallback_reason is not None,
-                "autoFallbackReason": plan.fallback_reason,
-                **({"modelChoice": plan.choice} if plan.choice else {}),
-                "stopReason": stop_reason,
-                "costSource": cost_source,
-                "usageEstimated": t.estimated,
-                "rounds": t.rounds,
-                "latency": {
-                    "firstTokenMs": (
-                        round((t.first_token - t0) * 1000, 1) if t.first_token else None
-                    ),
-                    "llmMs": round(t.llm_s * 1000, 1),
-                    "toolMs": round(t.tool_s * 1000, 1),
-                    "totalMs": round(total_ms, 1),
-                },
-            }
-        )
+        done: DoneEvent = {
+            "type": "done",
+            "tokensIn": t.tokens_in,
+            "tokensOut": t.tokens_out,
+            "costUsd": cost,
+            "durationMs": round(total_ms),
+            "model": model,
+            "reasoningEffort": chat.reasoningEffort,
+            "finalContent": content,
+            "requestedModelMode": chat.modelMode or "manual",
+            "resolvedProvider": provider.kind,
+            "resolvedModel": model,
+            "autoFallback": plan.fallback_reason is not None,
+            "autoFallbackReason": plan.fallback_reason,
+            "stopReason": stop_reason,
+            "costSource": cost_source,
+            "usageEstimated": t.estimated,
+            "rounds": t.rounds,
+            "latency": {
+                "firstTokenMs": (round((t.first_token - t0) * 1000, 1) if t.first_token else None),
+                "llmMs": round(t.llm_s * 1000, 1),
+                "toolMs": round(t.tool_s * 1000, 1),
+                "totalMs": round(total_ms, 1),
+            },
+        }
+        if plan.choice:
+            done["modelChoice"] = plan.choice
+        self.publish(done)
         # Always right after `done` (clients wait for it), even for a turn stopped before the
         # model answered: then it reports what was sent, with no usage.
         self.publish(_context_usage(self.ctx, t.last or Usage(0, 0), self.window))
@@ -730,7 +736,7 @@ def _cut(text: str, limit: int) -> str:
     return f"{text[:limit]}\n[… output cut: {limit} of {len(text)} characters shown]"
 
 
-def _context_usage(ctx: BuiltContext | None, usage: Usage, window: int) -> dict[str, Any]:
+def _context_usage(ctx: BuiltContext | None, usage: Usage, window: int) -> ContextUsageEvent:
     if ctx is None:
         ctx = BuiltContext([], 0, 0, 0, 0)
     used = usage.input_tokens + usage.output_tokens

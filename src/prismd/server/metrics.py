@@ -7,7 +7,7 @@ Turn figures are taken from the session events as they are published (`done` and
 from __future__ import annotations
 
 import functools
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from fastapi import APIRouter, Request, Response
 from prometheus_client import (
@@ -18,6 +18,9 @@ from prometheus_client import (
     Histogram,
     generate_latest,
 )
+
+if TYPE_CHECKING:
+    from ..protocol import ServerEvent
 
 router = APIRouter()
 
@@ -59,23 +62,21 @@ class Metrics:
         )
         connections_gauge.set_function(lambda: len(connections))
 
-    def on_event(self, agent_id: str, event: dict[str, Any]) -> None:
-        kind = event["type"]
-        if kind == "done":
-            self._turns(agent_id, event.get("stopReason") or "end").inc()
+    def on_event(self, agent_id: str, event: ServerEvent) -> None:
+        if event["type"] == "done":
+            self._turns(agent_id, event["stopReason"] or "end").inc()
             tokens_in, tokens_out = self._tokens(agent_id)
-            tokens_in.inc(event.get("tokensIn") or 0)
-            tokens_out.inc(event.get("tokensOut") or 0)
-            cost = event.get("costUsd")
+            tokens_in.inc(event["tokensIn"])
+            tokens_out.inc(event["tokensOut"])
+            cost = event["costUsd"]
             if cost:
                 self.cost.inc(cost)
-            duration = event.get("durationMs")
-            if duration is not None:
-                self.latency.observe(duration / 1000)
-            first = (event.get("latency") or {}).get("firstTokenMs")
+            self.latency.observe(event["durationMs"] / 1000)
+            latency = event.get("latency")
+            first = latency["firstTokenMs"] if latency is not None else None
             if first is not None:
                 self.first_token.observe(first / 1000)
-        elif kind == "error":
+        elif event["type"] == "error":
             self.errors.labels(event.get("code") or "internal").inc()
             if event.get("turnId"):  # a turn that ended in an error (there is no `done`)
                 self._turns(agent_id, "error").inc()

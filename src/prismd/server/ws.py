@@ -33,9 +33,12 @@ from ..protocol import (
     ProtocolError,
     Resume,
     SelectAgent,
+    ServerEvent,
+    SessionEvent,
     Speak,
     Stop,
     VoiceState,
+    VoiceStateEvent,
     VoiceStream,
     dumps,
     error_frame,
@@ -130,7 +133,7 @@ class Connection:
             if seq > after_seq:
                 self._enqueue(frame, paced=True)
 
-    def send(self, frame: dict[str, Any]) -> None:
+    def send(self, frame: ServerEvent) -> None:
         self._enqueue(dumps(frame))
 
     def _enqueue(self, frame: str, paced: bool = False) -> None:
@@ -390,8 +393,11 @@ class Connection:
 
     # ------------------------------------------------------------ binding
 
-    def _bind(self, live: LiveSession, announce: bool = True, **extra: Any) -> None:
-        """Bind to `live` (subscribe to its events); `announce`: send the `session` frame."""
+    def _bind(
+        self, live: LiveSession, announce: bool = True, resumed: tuple[int, bool] | None = None
+    ) -> None:
+        """Bind to `live` (subscribe to its events); `announce`: send the `session` frame
+        (`resumed`: with the session's last seq and whether a turn is running)."""
         if self.live is not live:
             self._unbind()
             self.live = live
@@ -400,15 +406,15 @@ class Connection:
             return
         record = live.record
         agent = self.core.agents.find(record.agent_id, record.owner_id) if record.agent_id else None
-        self.send(
-            {
-                "type": "session",
-                "sessionId": live.id,
-                "agentId": live.record.agent_id,
-                "agentName": agent.name if agent else None,
-                **extra,
-            }
-        )
+        frame: SessionEvent = {
+            "type": "session",
+            "sessionId": live.id,
+            "agentId": live.record.agent_id,
+            "agentName": agent.name if agent else None,
+        }
+        if resumed is not None:
+            frame["lastSeq"], frame["turnRunning"] = resumed
+        self.send(frame)
 
     def session_gone(self, session_id: str, reason: str) -> None:
         """The bound session was deleted (REST, another tab), or dropped after a store
@@ -430,7 +436,7 @@ class Connection:
     async def _chat(
         self,
         msg: Chat,
-        preface: list[dict[str, Any]] | None = None,
+        preface: list[ServerEvent] | None = None,
         meta: dict[str, Any] | None = None,
     ) -> None:
         """`preface`/`meta`: a voice turn's `transcribed` event and user-message metadata."""
@@ -494,7 +500,7 @@ class Connection:
         sessions = self.core.sessions
         live = await sessions.for_resume(self.user, msg.sessionId, msg.lastSeq)
         running = await sessions.running_turn(live)
-        self._bind(live, lastSeq=live.last_seq, turnRunning=running is not None)
+        self._bind(live, resumed=(live.last_seq, running is not None))
         if msg.lastSeq is not None:
             await sessions.replay(live, self, msg.lastSeq)
         elif running is not None:
@@ -528,7 +534,11 @@ class Connection:
                 ErrorCode.SESSION_NOT_FOUND, "voice_state needs a bound session (send chat first)"
             )
         speaking = msg.speaking if msg.speaking is not None else bool(msg.enabled)
-        frame = {"type": "voice_state", "sessionId": self.live.id, "speaking": speaking}
+        frame: VoiceStateEvent = {
+            "type": "voice_state",
+            "sessionId": self.live.id,
+            "speaking": speaking,
+        }
         self.core.sessions.relay(self.live, frame, exclude=self)
 
     _handlers: dict[type, Any] = {

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import json
 
-from ..protocol import dumps
+from ..protocol import ContextUsageEvent, DoneEvent, ServerEvent, dumps
 from ..store.base import EventRow, SessionLog, Store
 
 CRASH_MESSAGE = (
@@ -47,7 +47,8 @@ async def repair(store: Store, session_id: str, state: SessionLog) -> list[Event
     for turn_id in state.running_turns:
         for event in _closing_events(kept.get(turn_id, "")):
             state.last_seq += 1
-            event.update(sessionId=session_id, turnId=turn_id, seq=state.last_seq)
+            event["sessionId"], event["turnId"] = session_id, turn_id
+            event["seq"] = state.last_seq
             rows.append((state.last_seq, turn_id, dumps(event)))
         last = store.save_turn(session_id, turn_id, status="interrupted", stop_reason="interrupted")
     if rows:
@@ -57,8 +58,8 @@ async def repair(store: Store, session_id: str, state: SessionLog) -> list[Event
     return rows
 
 
-def _closing_events(content: str) -> list[dict[str, object]]:
-    done = {
+def _closing_events(content: str) -> list[ServerEvent]:
+    done: DoneEvent = {
         "type": "done",
         "tokensIn": 0,
         "tokensOut": 0,
@@ -77,7 +78,7 @@ def _closing_events(content: str) -> list[dict[str, object]]:
         "usageEstimated": True,
         "interruptedReason": CRASH_MESSAGE,
     }
-    usage = {
+    usage: ContextUsageEvent = {
         "type": "context_usage",
         "usedTokens": 0,
         "maxContext": 0,

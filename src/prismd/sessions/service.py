@@ -30,7 +30,15 @@ from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
-from ..protocol import ErrorCode, ProtocolError, check_session_id, dumps, error_frame
+from ..protocol import (
+    ChunkEvent,
+    ErrorCode,
+    ProtocolError,
+    ServerEvent,
+    check_session_id,
+    dumps,
+    error_frame,
+)
 from ..store.base import (
     LOCAL_USER_ID,
     EventRow,
@@ -134,7 +142,7 @@ class SessionService:
         # for it (reads see only what is durable).
         self._settling: dict[str, Written] = {}
         # Called with every published event (metrics); must not raise or block.
-        self.observers: list[Callable[[LiveSession, dict[str, Any]], None]] = []
+        self.observers: list[Callable[[LiveSession, ServerEvent], None]] = []
         if hasattr(bus, "on_detached"):  # another process deleted a session
             bus.on_detached = self._deleted_elsewhere
 
@@ -654,7 +662,7 @@ class SessionService:
 
     # ------------------------------------------------------------ events
 
-    def publish(self, live: LiveSession, turn_id: str | None, event: dict[str, Any]) -> None:
+    def publish(self, live: LiveSession, turn_id: str | None, event: ServerEvent) -> None:
         """Number, log and (once durable) fan out one session event."""
         if live.gone:
             return
@@ -673,7 +681,7 @@ class SessionService:
             self._append(live, [(turn_id, event)])
         elif open_chunk is not None:
             live.open_chunk = None
-            chunk = {"type": "chunk", "delta": "".join(open_chunk.deltas)}
+            chunk: ChunkEvent = {"type": "chunk", "delta": "".join(open_chunk.deltas)}
             self._append(live, [(open_chunk.turn_id, chunk), (turn_id, event)])
         else:
             self._append(live, [(turn_id, event)])
@@ -683,11 +691,11 @@ class SessionService:
         open_chunk = live.open_chunk
         if open_chunk is not None:
             live.open_chunk = None
-            chunk = {"type": "chunk", "delta": "".join(open_chunk.deltas)}
-            self._append(live, [(open_chunk.turn_id, chunk)])
+            sealed: ChunkEvent = {"type": "chunk", "delta": "".join(open_chunk.deltas)}
+            self._append(live, [(open_chunk.turn_id, sealed)])
         return live.last_seq
 
-    def _append(self, live: LiveSession, events: list[tuple[str | None, dict[str, Any]]]) -> None:
+    def _append(self, live: LiveSession, events: list[tuple[str | None, ServerEvent]]) -> None:
         rows: list[EventRow] = []
         sid = live.id
         for turn_id, event in events:
@@ -745,7 +753,7 @@ class SessionService:
         self.bus.unsubscribe(live.id, target)
         self.maybe_evict(live)
 
-    def relay(self, live: LiveSession, frame: dict[str, Any], exclude: Subscriber) -> None:
+    def relay(self, live: LiveSession, frame: ServerEvent, exclude: Subscriber) -> None:
         """A frame for the session's other connections that is not a logged event
         (`voice_state`)."""
         self.bus.publish(live.id, 0, dumps(frame), exclude=exclude)

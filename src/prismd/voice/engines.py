@@ -26,6 +26,7 @@ if TYPE_CHECKING:
     import numpy as np
 
     from ..config import VoiceSettings
+    from ..protocol import AudioEvent, ServerEvent
     from .recording import Recording
     from .speaker import SpokenReply
     from .stt import SpeechToText
@@ -351,7 +352,7 @@ class VoiceEngines:
 
     def reply_speaker(
         self,
-        publish: Callable[[dict[str, Any]], None],
+        publish: Callable[[ServerEvent], None],
         voice: str | None,
         stopped: Callable[[], bool],
     ) -> SpokenReply:
@@ -381,15 +382,18 @@ class VoiceEngines:
             pool.close()
 
 
-def audio_frame(speech: Speech, **extra: Any) -> dict[str, Any]:
-    """An `audio` frame: the speech as base64 WAV."""
+def audio_frame(speech: Speech, text: str, index: int | None = None) -> AudioEvent:
+    """An `audio` frame: the speech as base64 WAV (`index`: a spoken reply's sentence)."""
     from .decode import to_wav
 
-    return {
+    frame: AudioEvent = {
         "type": "audio",
         "data": base64.b64encode(to_wav(speech.pcm16, speech.sample_rate)).decode("ascii"),
         "format": "wav",
         "sampleRate": speech.sample_rate,
         "durationMs": speech.duration_ms,
-        **extra,
     }
+    if index is not None:
+        frame["index"] = index
+    frame["text"] = text
+    return frame

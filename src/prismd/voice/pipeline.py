@@ -34,6 +34,7 @@ from .errors import Cancelled, RecordingTooLarge, VoiceError
 if TYPE_CHECKING:
     import numpy as np
 
+    from ..protocol import TranscribedEvent
     from ..server.ws import Connection
     from .recording import Recording
     from .scheduler import Ticket
@@ -201,7 +202,7 @@ class ConnectionVoice:
         if asyncio.current_task() is self.transcribing:
             self.transcribing = None
         chat.message = transcript.text
-        event = {
+        event: TranscribedEvent = {
             "type": "transcribed",
             "text": transcript.text,
             "confidence": round(transcript.confidence, 3),

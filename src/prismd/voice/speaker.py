@@ -12,12 +12,13 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import Callable
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 from .errors import VoiceError
 from .sentences import SentenceSplitter
 
 if TYPE_CHECKING:
+    from ..protocol import ServerEvent
     from .engines import VoiceEngines
 
 log = logging.getLogger("prismd.voice")
@@ -27,7 +28,7 @@ class SpokenReply:
     def __init__(
         self,
         engines: VoiceEngines,
-        publish: Callable[[dict[str, Any]], None],
+        publish: Callable[[ServerEvent], None],
         voice: str | None,
         stopped: Callable[[], bool],
         key: str,
