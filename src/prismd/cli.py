@@ -27,27 +27,6 @@ def _settings(args: argparse.Namespace) -> Settings:
 # ---------------------------------------------------------------- serve
 
 
-# uvicorn logs two INFO lines for every WebSocket (accepted, open) and one when it closes: a
-# thousand clients connecting at once write thousands of lines. Kept at debug level.
-_PER_CONNECTION = ('"WebSocket ', "connection open", "connection closed")
-
-
-def _per_connection_lines_at_debug(record: logging.LogRecord) -> bool:
-    if record.levelno == logging.INFO and isinstance(record.msg, str):
-        if record.msg.startswith(_PER_CONNECTION) or '"WebSocket ' in record.msg:
-            return logging.getLogger().isEnabledFor(logging.DEBUG)
-    return True
-
-
-def _client_errors_are_not_server_errors(record: logging.LogRecord) -> bool:
-    """uvicorn logs a client's invalid UTF-8 frame as an exception with a traceback; it is
-    the client's fault (the connection is closed with 1007), so log one line at INFO."""
-    if "Invalid UTF-8" in str(record.msg):
-        record.levelno, record.levelname = logging.INFO, "INFO"
-        record.exc_info = record.exc_text = None
-    return True
-
-
 def _raise_open_files_limit() -> None:
     """Each connection, upstream stream and open session database needs file descriptors;
     the usual soft limit of 1024 is too low for a busy server, the hard limit rarely is."""
@@ -121,25 +100,6 @@ def _exposure_refusal(settings: Settings, insecure: bool) -> str | None:
     )
 
 
-def configure_logging(settings: Settings) -> None:
-    logging.basicConfig(
-        level=settings.server.log_level.upper(),
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-    )
-    # The SDKs log every HTTP request at INFO: one line per model call is noise here.
-    for noisy in ("httpx", "httpx2"):
-        logging.getLogger(noisy).setLevel(logging.WARNING)
-    logging.getLogger("uvicorn.error").addFilter(_client_errors_are_not_server_errors)
-    logging.getLogger("uvicorn.error").addFilter(_per_connection_lines_at_debug)
-    # No configured secret (MCP tokens, API keys) nor a recognisable one reaches the log.
-    from .auth.redact import RedactingFilter, configured_secrets
-
-    redact = RedactingFilter(configured_secrets(settings))
-    for handler in logging.getLogger().handlers:
-        handler.addFilter(redact)
-    logging.getLogger("uvicorn.error").addFilter(redact)
-
-
 def _workers_refusal(settings: Settings, workers: int) -> str | None:
     if workers <= 1:
         return None
@@ -167,6 +127,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
     if refusal:
         print(f"prismd: {refusal}", file=sys.stderr)
         return 2
+    from .logs import configure_logging
+
     configure_logging(settings)
     if args.insecure and _exposure_refusal(settings, False):
         logging.getLogger("prismd").warning(

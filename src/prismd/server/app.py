@@ -78,8 +78,8 @@ def from_environment() -> FastAPI:
     environment and PRISMD_CONFIG; see cli.py)."""
     import os
 
-    from ..cli import configure_logging
     from ..config import load_settings
+    from ..logs import configure_logging
 
     settings = load_settings(os.environ.get("PRISMD_CONFIG") or None)
     configure_logging(settings)

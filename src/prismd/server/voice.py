@@ -15,10 +15,10 @@ from fastapi import APIRouter, File, Form, Request, UploadFile
 from fastapi.responses import JSONResponse, Response
 from pydantic import BaseModel, Field
 
+from ..core import Prismd
 from ..protocol import ErrorCode
 from ..voice.errors import VoiceError
 from ..voice.scheduler import Ticket
-from .app import Prismd
 
 router = APIRouter(prefix="/api/voice", tags=["voice"])
 T = TypeVar("T")

@@ -37,6 +37,7 @@ from ..protocol import (
     SessionEvent,
     Speak,
     Stop,
+    TranscribedEvent,
     VoiceState,
     VoiceStateEvent,
     VoiceStream,
@@ -46,7 +47,7 @@ from ..protocol import (
 )
 from ..sessions.coordination import TurnAlreadyRan
 from ..sessions.ids import new_id
-from ..sessions.service import LiveSession
+from ..sessions.service import LiveSession, Turn
 from .uploads import charge_chat, link_uploads, resolve_uploads, upload_ids
 
 log = logging.getLogger("prismd.ws")
@@ -108,7 +109,7 @@ class Connection:
         self.client_host = client.host if client else "unknown"
         from ..voice.pipeline import ConnectionVoice  # light: engines load on first use
 
-        self.voice = ConnectionVoice(self)
+        self.voice = ConnectionVoice(self, core.voice, core.settings.voice)
         # Set by the auth middleware before the upgrade (the local admin in the open mode).
         self.user: Principal = ws.state.user
 
@@ -427,6 +428,27 @@ class Connection:
         if self.live is not None:
             live, self.live = self.live, None
             self.core.sessions.unsubscribe(live, self)
+
+    # ------------------------------------------------------------ for the voice side
+    # (voice/pipeline.py's VoiceHost: all that push-to-talk and hands-free use of a socket)
+
+    @property
+    def user_id(self) -> str:
+        return self.user.id
+
+    def turn_of(self, session_id: str | None) -> Turn | None:
+        live = self.live
+        if live is None or session_id not in (None, live.id):
+            return None
+        return live.turn
+
+    async def voice_turn(self, chat: Chat, transcribed: TranscribedEvent) -> None:
+        await self._chat(chat, preface=[transcribed], meta={"input": "voice"})
+
+    def interrupt(self) -> None:
+        live = self.live
+        if live is not None and live.turn is not None:
+            self.core.sessions.stop(live, keep_spoken=True)
 
     # ------------------------------------------------------------ handlers
 

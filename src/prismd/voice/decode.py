@@ -22,6 +22,7 @@ if TYPE_CHECKING:
     import numpy as np
 
 SAMPLE_RATE = 16_000
+SEGMENT_PAD_S = 0.3  # silence added after a segment: Whisper hears its last word better
 PCM_FORMATS = ("pcm16", "pcm", "s16le", "raw")
 # The FFmpeg demuxer for each container `sniff` recognises.
 DEMUXERS = {
@@ -381,3 +382,10 @@ def encode(samples_int16: bytes, sample_rate: int, fmt: str) -> tuple[bytes, str
         for packet in stream.encode(None):
             box.mux(packet)
     return buf.getvalue(), ctype
+
+
+def pad(segment: np.ndarray) -> np.ndarray:
+    """A segment cut at a pause, with `SEGMENT_PAD_S` of silence after it."""
+    import numpy as np
+
+    return np.concatenate([segment, np.zeros(int(SEGMENT_PAD_S * SAMPLE_RATE), dtype=np.float32)])

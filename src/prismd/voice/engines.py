@@ -10,7 +10,6 @@ shared fairly between users, and every request holds a `Ticket` within the user'
 from __future__ import annotations
 
 import asyncio
-import base64
 import itertools
 import logging
 import threading
@@ -18,7 +17,8 @@ import time
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any, Protocol, TypeVar
 
-from .errors import SttUnavailable, TranscriptionFailed, TtsUnavailable, VoiceError
+from .decode import SAMPLE_RATE, pad
+from .errors import SttUnavailable, TranscriptionFailed, TtsUnavailable, VoiceError, no_speech
 from .scheduler import FairExecutor, SpeechLimits, Ticket
 from .stt import Transcript, check_transcript
 
@@ -26,7 +26,7 @@ if TYPE_CHECKING:
     import numpy as np
 
     from ..config import VoiceSettings
-    from ..protocol import AudioEvent, ServerEvent
+    from ..protocol import ServerEvent
     from .recording import Recording
     from .speaker import SpokenReply
     from .stt import SpeechToText
@@ -35,24 +35,12 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("prismd.voice")
 T = TypeVar("T")
-RATE = 16_000
+RATE = SAMPLE_RATE
 WHOLE_S = 28  # audio up to this long is transcribed in one Whisper window
 MAX_SEGMENT_S = 25  # longer audio is cut into segments of at most this
 # Push-to-talk segments: (length, pause) in ms, see `segment_config`.
 SPLITS = ((3500, 128), (6000, 96))
-SEGMENT_PAD_S = 0.3  # silence added after a segment: Whisper hears its last word better
 SERVER_KEY = "prismd"  # the server's own work (loading, warming up)
-
-
-def pad(segment: np.ndarray) -> np.ndarray:
-    """A segment cut at a pause, with `SEGMENT_PAD_S` of silence after it."""
-    import numpy as np
-
-    return np.concatenate([segment, np.zeros(int(SEGMENT_PAD_S * RATE), dtype=np.float32)])
-
-
-def no_speech() -> TranscriptionFailed:
-    return TranscriptionFailed("No speech was detected in the audio (silence or noise)")
 
 
 class _Engine(Protocol):
@@ -380,20 +368,3 @@ class VoiceEngines:
     def close(self) -> None:
         for pool in (self.stt_pool, self.tts_pool, self.stream_pool):
             pool.close()
-
-
-def audio_frame(speech: Speech, text: str, index: int | None = None) -> AudioEvent:
-    """An `audio` frame: the speech as base64 WAV (`index`: a spoken reply's sentence)."""
-    from .decode import to_wav
-
-    frame: AudioEvent = {
-        "type": "audio",
-        "data": base64.b64encode(to_wav(speech.pcm16, speech.sample_rate)).decode("ascii"),
-        "format": "wav",
-        "sampleRate": speech.sample_rate,
-        "durationMs": speech.duration_ms,
-    }
-    if index is not None:
-        frame["index"] = index
-    frame["text"] = text
-    return frame

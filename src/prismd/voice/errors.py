@@ -71,3 +71,7 @@ def openai_client(
         timeout=settings.timeout_s,
         max_retries=1,
     )
+
+
+def no_speech() -> TranscriptionFailed:
+    return TranscriptionFailed("No speech was detected in the audio (silence or noise)")

@@ -17,7 +17,7 @@ import base64
 import binascii
 import logging
 from collections.abc import Awaitable, Callable
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 from ..protocol import (
     AudioChunk,
@@ -34,8 +34,10 @@ from .errors import Cancelled, RecordingTooLarge, VoiceError
 if TYPE_CHECKING:
     import numpy as np
 
-    from ..protocol import TranscribedEvent
-    from ..server.ws import Connection
+    from ..config import VoiceSettings
+    from ..protocol import ServerEvent, TranscribedEvent
+    from ..sessions.service import Turn
+    from .engines import VoiceEngines
     from .recording import Recording
     from .scheduler import Ticket
     from .stt import Transcript
@@ -48,9 +50,38 @@ MAX_STREAM_FRAME = 256 * 1024  # bytes of PCM in one hands-free frame (2.7 s at 
 STOPPING_WAIT_S = 3.0  # how long a new utterance waits for an interrupted turn to end
 
 
+class VoiceHost(Protocol):
+    """What the voice side needs of the connection it serves (server/ws.py's Connection):
+    voice starts and interrupts turns through these, never through the socket's own code."""
+
+    @property
+    def user_id(self) -> str:
+        """Whose speech work this is (fair sharing and bounds are per user)."""
+        ...
+
+    def send(self, frame: ServerEvent) -> None:
+        """A frame to this connection alone."""
+        ...
+
+    def turn_of(self, session_id: str | None) -> Turn | None:
+        """The running turn of the bound session, if `session_id` names it (or is None)."""
+        ...
+
+    async def voice_turn(self, chat: Chat, transcribed: TranscribedEvent) -> None:
+        """Run `chat` as this connection's next turn, its `transcribed` event first; raises
+        ProtocolError as a `chat` would be refused."""
+        ...
+
+    def interrupt(self) -> None:
+        """Barge-in: stop the bound session's turn, keeping what was spoken of its answer."""
+        ...
+
+
 class ConnectionVoice:
-    def __init__(self, conn: Connection) -> None:
-        self.conn = conn
+    def __init__(self, host: VoiceHost, engines: VoiceEngines, settings: VoiceSettings) -> None:
+        self.host = host
+        self.engines = engines
+        self.settings = settings
         self.recording: Recording | None = None
         # The recording in progress was refused (too large, over a bound, `stop`): its chunks
         # are ignored and its `audio_end` answers with this.
@@ -65,13 +96,8 @@ class ConnectionVoice:
         return self.stream is not None
 
     @property
-    def engines(self) -> Any:
-        return self.conn.core.voice
-
-    @property
     def user(self) -> str:
-        """Whose speech work this is (fair sharing and bounds are per user)."""
-        return self.conn.user.id
+        return self.host.user_id
 
     def ticket(self, what: str, kind: str = "stt") -> Ticket:
         try:
@@ -87,10 +113,10 @@ class ConnectionVoice:
         return task
 
     def _error(self, code: ErrorCode, message: str, **extra: Any) -> None:
-        self.conn.send(error_frame(code, message, **extra))
+        self.host.send(error_frame(code, message, **extra))
 
     def _require(self, code: ErrorCode) -> None:
-        if not self.conn.core.settings.voice.enabled:
+        if not self.settings.enabled:
             what = "Speech-to-text" if code is ErrorCode.STT_UNAVAILABLE else "Text-to-speech"
             raise ProtocolError(code, f"{what} is disabled on this server (voice.enabled)")
 
@@ -177,8 +203,7 @@ class ConnectionVoice:
         self.transcribing = task
 
     def _check_turn_free(self, session_id: str | None) -> None:
-        live = self.conn.live
-        if live is not None and session_id in (None, live.id) and live.turn is not None:
+        if self.host.turn_of(session_id) is not None:
             raise ProtocolError(
                 ErrorCode.TURN_IN_PROGRESS, "A turn is already in progress — wait for it to finish"
             )
@@ -211,7 +236,7 @@ class ConnectionVoice:
         }
         await self._wait_for_stopping_turn(chat.sessionId)
         try:
-            await self.conn._chat(chat, preface=[event], meta={"input": "voice"})
+            await self.host.voice_turn(chat, event)
         except ProtocolError as exc:
             self._error(exc.code, exc.message, details=exc.details)
         except Exception:  # noqa: BLE001
@@ -219,13 +244,10 @@ class ConnectionVoice:
             self._error(ErrorCode.INTERNAL, "Internal server error")
 
     async def _wait_for_stopping_turn(self, session_id: str | None) -> None:
-        live = self.conn.live
-        if live is None or session_id not in (None, live.id):
-            return
         loop = asyncio.get_running_loop()
         deadline = loop.time() + STOPPING_WAIT_S
         # Polled: the interrupted turn ends within milliseconds, and a Turn has no end event.
-        while live.turn is not None and live.turn.stop_requested:  # noqa: ASYNC110
+        while (turn := self.host.turn_of(session_id)) is not None and turn.stop_requested:
             if loop.time() > deadline:
                 break
             await asyncio.sleep(0.01)
@@ -264,14 +286,12 @@ class ConnectionVoice:
         self.speaking.add(task)
 
     async def _speak(self, text: str, voice: str | None) -> None:
-        from .engines import audio_frame
-
         try:
             speech = await self.engines.synthesize(text, voice, self.user)
         except VoiceError as exc:
             self._error(exc.code, exc.message)
             return
-        self.conn.send(audio_frame(speech, text=text))
+        self.host.send(speech.frame(text))
 
     # ------------------------------------------------------------ hands-free
 
@@ -280,7 +300,7 @@ class ConnectionVoice:
             stream, self.stream = self.stream, None
             if stream is not None:
                 await stream.close()
-            self.conn.send({"type": "voice_stream", "action": "stopped", "active": False})
+            self.host.send({"type": "voice_stream", "action": "stopped", "active": False})
             return
         self._require(ErrorCode.STT_UNAVAILABLE)
         try:
@@ -290,7 +310,7 @@ class ConnectionVoice:
         if self.stream is not None:
             await self.stream.close(flush=False)
             self.stream = None
-        settings = self.conn.core.settings.voice
+        settings = self.settings
         from .vad import EndpointConfig, Endpointer
 
         silence_ms = msg.silenceMs or settings.silence_ms
@@ -304,7 +324,7 @@ class ConnectionVoice:
         )
         ticket = self.ticket("hands-free stream")
         self.stream = HandsFree(self, msg, Endpointer(vad.stream(), config), ticket)
-        self.conn.send(
+        self.host.send(
             {
                 "type": "voice_stream",
                 "action": "started",
@@ -396,10 +416,7 @@ class HandsFree:
     def _barge_in(self) -> None:
         """The user speaks while the session's turn runs: stop it; the answer kept is the part
         that was spoken (meta.streamed holds what had streamed)."""
-        conn = self.owner.conn
-        live = conn.live
-        if live is not None and live.turn is not None:
-            conn.core.sessions.stop(live, keep_spoken=True)
+        self.owner.host.interrupt()
 
     def _utterance(
         self, samples: np.ndarray, pending: asyncio.Future[Transcript] | None = None

@@ -24,9 +24,9 @@ import asyncio
 import logging
 from typing import TYPE_CHECKING, Any
 
-from .decode import StreamDecoder
-from .engines import RATE, no_speech, pad
-from .errors import AudioDecodeError, Cancelled, RecordingTooLarge, VoiceError
+from .decode import SAMPLE_RATE as RATE
+from .decode import StreamDecoder, pad
+from .errors import AudioDecodeError, Cancelled, RecordingTooLarge, VoiceError, no_speech
 from .stt import Transcript, check_transcript
 
 if TYPE_CHECKING:

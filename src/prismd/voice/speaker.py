@@ -12,14 +12,21 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import Callable
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Protocol
 
 from .errors import VoiceError
 from .sentences import SentenceSplitter
 
 if TYPE_CHECKING:
     from ..protocol import ServerEvent
-    from .engines import VoiceEngines
+    from .tts import Speech
+
+
+class Synthesizer(Protocol):
+    """What a spoken reply needs of the speech engines (engines.py's VoiceEngines)."""
+
+    async def synthesize(self, text: str, voice: str | None, key: str) -> Speech: ...
+
 
 log = logging.getLogger("prismd.voice")
 
@@ -27,7 +34,7 @@ log = logging.getLogger("prismd.voice")
 class SpokenReply:
     def __init__(
         self,
-        engines: VoiceEngines,
+        engines: Synthesizer,
         publish: Callable[[ServerEvent], None],
         voice: str | None,
         stopped: Callable[[], bool],
@@ -76,8 +83,6 @@ class SpokenReply:
                 return
             if self.stopped():
                 return
-            from .engines import audio_frame
-
-            self.publish(audio_frame(speech, index=index, text=sentence))
+            self.publish(speech.frame(sentence, index))
             self.spoken.append(sentence)
             index += 1

@@ -6,6 +6,7 @@ engine (or another implementation of `TextToSpeech`).
 
 from __future__ import annotations
 
+import base64
 import importlib.util
 import threading
 from dataclasses import dataclass
@@ -16,6 +17,7 @@ from .errors import SynthesisFailed, TtsUnavailable, openai_client
 
 if TYPE_CHECKING:
     from ..config import TtsSettings
+    from ..protocol import AudioEvent
 
 OPENAI_VOICES = ("alloy", "ash", "ballad", "coral", "echo", "fable", "nova", "onyx", "sage")
 DEFAULT_VOICE = "default"
@@ -29,6 +31,23 @@ class Speech:
     @property
     def duration_ms(self) -> int:
         return round(1000 * len(self.pcm16) / 2 / self.sample_rate)
+
+    def frame(self, text: str, index: int | None = None) -> AudioEvent:
+        """The `audio` event of this speech (base64 WAV) saying `text` (`index`: a spoken
+        reply's sentence, in order)."""
+        from .decode import to_wav
+
+        frame: AudioEvent = {
+            "type": "audio",
+            "data": base64.b64encode(to_wav(self.pcm16, self.sample_rate)).decode("ascii"),
+            "format": "wav",
+            "sampleRate": self.sample_rate,
+            "durationMs": self.duration_ms,
+        }
+        if index is not None:
+            frame["index"] = index
+        frame["text"] = text
+        return frame
 
 
 class TextToSpeech(Protocol):
