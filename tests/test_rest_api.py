@@ -355,6 +355,8 @@ def test_config_get_masks_secrets_and_patch_persists(make_server, fake_openai):
         assert body["providers"]["anthropic"]["model"] == listed["anthropic"]["model"]
         assert body["providers"]["ollama"]["apiKey"] == "••••"
         assert body["providers"]["ollama"]["baseUrl"] == "http://••••@127.0.0.1:9/v1"
+        # Any user reads /api/providers: its URLs are masked the same way.
+        assert listed["ollama"]["baseUrl"] == "http://••••@127.0.0.1:9/v1"
         assert body["providers"]["openai"] == {
             "kind": "openai",
             "model": "gpt-4o-mini",

@@ -142,6 +142,21 @@ def test_daily_chat_budget_per_user(srv):
         assert today["maxBytes"] == 6000 and today["maxFiles"] == 4
 
 
+def test_a_resent_chat_is_not_charged_twice(srv):
+    """A resend with the same clientMessageId is answered by a replay of its turn, and a chat
+    refused because the session's turn is running did not run either: neither counts."""
+    with token_ws(srv, srv.tokens["dave"]) as dave:
+        first = dave.turn(message="x" * 4000, clientMessageId="once")
+        sid = first[0]["sessionId"]
+        for _ in range(3):  # each would be over the 6000 bytes of the day if it counted
+            again = dave.turn(message="x" * 4000, clientMessageId="once", sessionId=sid)
+            seqs = [[f["seq"] for f in frames if "seq" in f] for frames in (again, first)]
+            assert seqs[0] == seqs[1] and seqs[0], again
+        with bearer(srv.url, srv.tokens["dave"]) as http:
+            assert http.get("/api/usage").json()["today"]["bytes"] == 4000
+        assert dave.turn(message="y" * 1500, sessionId=sid)[-1]["type"] == "context_usage"
+
+
 def test_a_deleted_sessions_uploads_go_with_it(srv):
     with bearer(srv.url, srv.tokens["alice"]) as alice, token_ws(srv, srv.tokens["alice"]) as ws:
         only = upload(alice, "only.txt", 5).json()["id"]

@@ -17,7 +17,7 @@ import base64
 import contextlib
 import logging
 import weakref
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Callable, Sequence
 from datetime import UTC, datetime, timedelta
 from typing import TYPE_CHECKING
 from urllib.parse import quote
@@ -135,13 +135,17 @@ class DailyBudget:
         size, files = await store.chat_usage(user_id, day)
         return size + pending[0], files + pending[1]
 
-    async def charge(self, core: Prismd, user: Principal, size: int, files: int) -> None:
+    async def charge(
+        self, core: Prismd, user: Principal, size: int, files: int
+    ) -> Callable[[], None]:
         """Count a chat of `size` bytes and `files` files; raises ProtocolError
-        `rate_limited`, naming the limit, when it does not fit (nothing is counted then)."""
+        `rate_limited`, naming the limit, when it does not fit (nothing is counted then).
+        Returns what gives the chat back (it did not run: a resend answered by a replay, a
+        session whose turn is running)."""
         limits = core.settings.uploads
         max_bytes, max_files = limits.chat_bytes_per_day, limits.chat_files_per_day
         if not max_bytes and not max_files:
-            return
+            return lambda: None
         day = utc_day()
         key = (user.id, day)
         lock = self._locks.get(user.id)
@@ -164,10 +168,14 @@ class DailyBudget:
                     f"Daily limit reached: {what} per user per day (the count starts again at "
                     "00:00 UTC)",
                 )
-            pending = self._pending.setdefault(key, [0, 0])
-            pending[0] += size
-            pending[1] += files
-        write = core.store.add_chat_usage(user.id, day, size, files)
+        self._count(core, key, size, files)
+        return lambda: self._count(core, key, -size, -files)
+
+    def _count(self, core: Prismd, key: tuple[str, str], size: int, files: int) -> None:
+        pending = self._pending.setdefault(key, [0, 0])
+        pending[0] += size
+        pending[1] += files
+        write = core.store.add_chat_usage(key[0], key[1], size, files)
         write.add_done_callback(lambda _: self._written(key, size, files))
 
     def _written(self, key: tuple[str, str], size: int, files: int) -> None:
@@ -177,16 +185,17 @@ class DailyBudget:
             return
         pending[0] -= size
         pending[1] -= files
-        if pending[0] <= 0 and pending[1] <= 0:
+        if pending == [0, 0]:
             del self._pending[key]
 
 
 async def charge_chat(
     core: Prismd, user: Principal, message: str, files: Sequence[FileRecord]
-) -> None:
-    """Count a valid chat (its text and files) against the user's daily budget."""
+) -> Callable[[], None]:
+    """Count a valid chat (its text and files) against the user's daily budget; returns what
+    gives it back if it does not run after all."""
     size = len(message.encode("utf-8", "replace")) + sum(f.size for f in files)
-    await budget_of(core).charge(core, user, size, len(files))
+    return await budget_of(core).charge(core, user, size, len(files))
 
 
 _budgets: weakref.WeakKeyDictionary[Prismd, DailyBudget] = weakref.WeakKeyDictionary()

@@ -477,28 +477,39 @@ class Connection:
             if agent_id is not None and core.agents.find(agent_id, user.id, user.admin) is None:
                 agent_id = None  # the chosen agent was deleted since
         agent = core.agents.get(agent_id, namespace, user.admin)
+        ran = await sessions.ran_before(user, msg.sessionId, msg.clientMessageId)
+        if ran is not None:  # a resend: the turn it ran, again (not charged, nothing stored)
+            self._bind(ran[0], announce=ran[0] is not self.live)
+            await sessions.replay(ran[0], self, 0, ran[1])
+            return
         sent = upload_ids(msg)
         if sent:
             msg = await resolve_uploads(core, user, msg)
         # Everything that can refuse the chat (files, limits, provider, the user's daily
         # budget) is checked before a session is created or anything is stored.
         plan = core.runner.plan(msg, agent, user)
-        await charge_chat(core, user, plan.text, plan.files)
-        live = await sessions.for_chat(user, msg.sessionId, self.live, agent.id)
-        link_uploads(core, live.id, sent)  # kept while the session exists
-        self._bind(live, announce=live is not self.live)
-        done_turn = sessions.turn_for(live, msg.clientMessageId)
-        if done_turn is not None:
-            await sessions.replay(live, self, 0, done_turn)
-            return
-        sessions.set_agent(live, agent.id)
-        plan.preface, plan.meta = preface, meta
-        if self._closing:  # revoked while this chat was being prepared (or a voice turn's)
-            return
+        refund = await charge_chat(core, user, plan.text, plan.files)
+        started = False  # a chat that does not run is given back to the daily budget
         try:
-            await core.runner.start(live, plan)
-        except TurnAlreadyRan as ran:  # found once the session was read afresh
-            await sessions.replay(live, self, 0, ran.turn_id)
+            live = await sessions.for_chat(user, msg.sessionId, self.live, agent.id)
+            link_uploads(core, live.id, sent)  # kept while the session exists
+            self._bind(live, announce=live is not self.live)
+            done_turn = sessions.turn_for(live, msg.clientMessageId)
+            if done_turn is not None:  # a resend that raced the first send
+                await sessions.replay(live, self, 0, done_turn)
+                return
+            sessions.set_agent(live, agent.id)
+            plan.preface, plan.meta = preface, meta
+            if self._closing:  # revoked while this chat was being prepared (or a voice turn's)
+                return
+            try:
+                await core.runner.start(live, plan)
+                started = True
+            except TurnAlreadyRan as already:  # found once the session was read afresh
+                await sessions.replay(live, self, 0, already.turn_id)
+        finally:
+            if not started:
+                refund()
 
     async def _stop(self, msg: Stop) -> None:
         self.voice.cancel_transcription()  # a voice turn not begun yet never begins

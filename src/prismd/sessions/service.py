@@ -559,6 +559,19 @@ class SessionService:
             self._track(live, self.store.prune_events(live.id, live.first_seq))
         self.maybe_evict(live)
 
+    async def ran_before(
+        self, caller: Caller, session_id: str | None, client_message_id: str | None
+    ) -> tuple[LiveSession, str] | None:
+        """A resend: the caller's session and the turn that `client_message_id` already ran
+        as in it, if any (checked before a chat is charged or anything is stored)."""
+        if not session_id or not client_message_id:
+            return None
+        live = await self.get(check_session_id(session_id))
+        if live is None or not caller.owns(live.record.owner_id):
+            return None
+        turn_id = self.turn_for(live, client_message_id)
+        return (live, turn_id) if turn_id is not None else None
+
     def turn_for(self, live: LiveSession, client_message_id: str | None) -> str | None:
         """The turn a clientMessageId already ran as (idempotent send), if any."""
         return live.client_turns.get(client_message_id) if client_message_id else None

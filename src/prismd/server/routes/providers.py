@@ -11,6 +11,7 @@ from typing import Annotated, Any
 from fastapi import Body, Response
 from pydantic import BaseModel, ConfigDict, Field
 
+from ...auth.redact import mask_text, mask_url
 from ...config import PROVIDER_KINDS
 from ...core import Prismd
 from ...protocol import ErrorCode, ProtocolError
@@ -72,7 +73,9 @@ async def provider_info(core: Prismd, kind: str) -> dict[str, Any]:
     model = ps.model
     if configured and not model:
         model = await provider_model(core, kind)
-    info = {"kind": kind, "configured": configured, "model": model, "baseUrl": ps.base_url}
+    # Any user may read this: a URL's credentials (user:password@, ?key=) are masked.
+    base_url = mask_url(ps.base_url) if ps.base_url else None
+    info = {"kind": kind, "configured": configured, "model": model, "baseUrl": base_url}
     if configured:
         shown = core.providers.describe(kind, model)
         info.update(displayName=shown["displayName"], note=shown["note"], demo=shown["demo"])
@@ -111,7 +114,8 @@ _models_cache: weakref.WeakKeyDictionary[Prismd, dict[str, tuple[float, list[str
 def _failed(response: Response, code: ErrorCode | str, reason: str) -> None:
     # CortexPrism answers [] when the models cannot be listed; prismd says why in headers.
     response.headers["X-Prismd-Error"] = str(code)
-    response.headers["X-Prismd-Error-Detail"] = reason.encode("ascii", "replace").decode()[:300]
+    detail = mask_text(reason).encode("ascii", "replace").decode()[:300]
+    response.headers["X-Prismd-Error-Detail"] = detail
 
 
 async def _list_models(response: Response, get: Callable[[], Provider]) -> list[str] | None:
