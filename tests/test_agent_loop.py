@@ -15,7 +15,14 @@ from prismd.agent.runner import TurnPlan, TurnRunner
 from prismd.auth.service import LOCAL_PRINCIPAL, Principal
 from prismd.config import AgentSettings, Settings
 from prismd.protocol import Chat
-from prismd.providers.base import ModelRequest, StreamPart, TextDelta, ToolCall, Usage
+from prismd.providers.base import (
+    ModelRequest,
+    ProviderError,
+    StreamPart,
+    TextDelta,
+    ToolCall,
+    Usage,
+)
 from prismd.providers.registry import ProviderRegistry
 from prismd.sessions.bus import LocalBus
 from prismd.sessions.service import SessionService
@@ -185,3 +192,82 @@ def test_broken_tool_markup_gets_one_corrective_reprompt_in_native_mode(tmp_path
     assert done["stopReason"] == "end" and len(provider.requests) == 2
     assert done["finalContent"] == "Sorry, here it is without a tool."
     assert "<tool_call>" not in tab.text()
+
+
+def test_a_call_with_invalid_arguments_is_shown_to_the_model_with_its_error(tmp_path):
+    """Native arguments that are not JSON: the call runs as an error, and the next request
+    holds both the call and its error result (an unpaired result would be dropped, and the
+    model asked the same thing again with nothing to go on)."""
+
+    def model(request: ModelRequest) -> list[StreamPart]:
+        results = [m for m in request.messages if m.role == "tool"]
+        if not results:
+            return [ToolCall("c1", "current_time", '{"timezone": ')]
+        calls = [c for m in request.messages for c in m.tool_calls]
+        assert [c.id for c in calls] == ["c1"] and results[0].tool_call_id == "c1"
+        assert "not valid JSON" in results[0].text
+        return [TextDelta("fixed")]
+
+    tab, provider, _ = run(_turn(tmp_path, model))
+    assert tab.of("done")[0]["finalContent"] == "fixed" and len(provider.requests) == 2
+
+
+def test_the_corrective_reprompt_goes_once_it_has_worked(tmp_path):
+    seen: list[list[str]] = []
+
+    def model(request: ModelRequest) -> list[StreamPart]:
+        seen.append([m.text for m in request.messages if m.role == "user"])
+        if len(seen) == 1:
+            return [TextDelta('<tool_call>{"tool": "current_time", "args": {nope</tool_call>')]
+        if len(seen) == 2:
+            return [ToolCall("c1", "current_time", "{}")]
+        return [TextDelta("done")]
+
+    tab, _, _ = run(_turn(tmp_path, model))
+    assert tab.of("done")[0]["finalContent"] == "done" and len(seen) == 3
+    assert any(text.startswith("[prismd]") for text in seen[1])
+    assert not any(text.startswith("[prismd]") for text in seen[2])
+
+
+def _stored(tmp: Path) -> Any:
+    async def read() -> Any:
+        store = SqliteStore(tmp)
+        await store.open()
+        try:
+            (sid,) = [s.id for s in (await store.list_sessions(10, 0))[0]]
+            return (
+                await store.load_messages(sid),
+                await store.open_log(sid),
+                await store.usage_totals(None),
+            )
+        finally:
+            await store.close()
+
+    return run(read())
+
+
+def test_an_internal_error_ends_the_turn_in_the_store_too(tmp_path):
+    """A bug in the middle of a turn: the client gets `error internal`, and the store holds
+    the turn as ended in an error with what streamed (not `running`, to be repaired later)."""
+
+    def model(request: ModelRequest) -> Any:
+        yield TextDelta("half ")
+        raise RuntimeError("a bug")
+
+    tab, _, _ = run(_turn(tmp_path, model))
+    assert tab.of("error")[0]["code"] == "internal" and tab.of("done") == []
+    messages, log, _ = _stored(tmp_path)
+    assert [(m.role, m.status, m.content) for m in messages][-1] == ("assistant", "error", "half ")
+    assert log.running_turns == [] and log.streaming == []
+
+
+def test_a_failed_turn_records_what_its_model_calls_used(tmp_path):
+    def model(request: ModelRequest) -> list[StreamPart]:
+        if not any(m.role == "tool" for m in request.messages):
+            return [ToolCall("c1", "current_time", "{}"), Usage(10, 4)]
+        raise ProviderError("the model went away")
+
+    tab, _, _ = run(_turn(tmp_path, model))
+    assert tab.of("error")[0]["code"] == "provider_error"
+    _, _, totals = _stored(tmp_path)
+    assert (totals.turns, totals.tokens_in, totals.tokens_out) == (1, 10, 4)

@@ -127,6 +127,10 @@ class _Totals:
     llm_s: float = 0.0
     tool_s: float = 0.0
     rounds: int = 0
+    # Priced per model call, at the model that made it (a turn may fall back to another).
+    calls: int = 0
+    cost: float | None = 0.0  # None once a call's model has no known price
+    cost_source: dict[str, Any] | None = None
 
 
 class TurnRunner:
@@ -248,6 +252,10 @@ class _Execution:
         except Exception as exc:  # noqa: BLE001 - a bug must end the turn, not hang it
             log.exception("turn %s failed", self.turn.id)
             message = f"Internal error: {exc}"
+            try:  # the turn ends as an error in the store too, not `running` until a repair
+                self._end_in_error(message)
+            except Exception:  # noqa: BLE001
+                log.exception("turn %s: could not record its failure", self.turn.id)
             self.publish({"type": "error", "code": ErrorCode.INTERNAL.value, "error": message})
         finally:
             if self.speech is not None:
@@ -284,10 +292,7 @@ class _Execution:
                 raise
             stop_reason = "stopped"
         except ProviderError as exc:
-            self._close_answer("error", {"error": exc.message})
-            self.sessions.save_turn(
-                live, turn.id, status="error", stop_reason="error", ended_at=now_iso()
-            )
+            self._end_in_error(exc.message)
             if self.speech is not None:
                 await self.speech.finish(stopped=True)
             self.publish({"type": "error", "code": exc.code.value, "error": exc.message})
@@ -330,6 +335,7 @@ class _Execution:
                     ChatMessage("user", "[prismd] " + malformed_feedback(self.malformed))
                 )
                 continue
+            self.corrections.clear()  # understood: the re-prompt has done its work
             self._close_answer("complete", tool_calls=calls)
             started = time.monotonic()
             await asyncio.gather(*(self._run_tool(call) for call in calls))
@@ -495,6 +501,13 @@ class _Execution:
             )
         if self.answer is not None:
             self.answer.token_count = usage.output_tokens
+        provider, model = self.plan.provider, self.plan.model
+        cost, source = pricing.price(
+            provider.kind, provider.base_url, model, usage.input_tokens, usage.output_tokens
+        )
+        t.calls += 1
+        t.cost = None if cost is None or t.cost is None else t.cost + cost
+        t.cost_source = source if cost is not None else t.cost_source
         t.tokens_in += usage.input_tokens
         t.tokens_out += usage.output_tokens
         t.reasoning_tokens += usage.reasoning_tokens
@@ -638,8 +651,12 @@ class _Execution:
             # Passed back with the tool results while thinking is on (providers/anthropic.py).
             answer.meta["thinking"] = [t.to_json() for t in self.thinking]
         if tool_calls:
+            # Every call with a name, also one whose arguments were not valid JSON: its error
+            # result is stored under its id, and the model must see the call it answers.
             answer.tool_calls = [
-                ToolCallPart(c.id, c.name, c.arguments) for c in tool_calls if not c.error
+                ToolCallPart(c.id, c.name, c.arguments if c.args is not None else "{}")
+                for c in tool_calls
+                if c.name
             ]
         self.sessions.update_message(
             self.live,
@@ -653,14 +670,41 @@ class _Execution:
         )
         self.live.history.append(answer)
 
+    def _cost(self) -> tuple[float | None, dict[str, Any] | None]:
+        """The turn's cost: the sum of its model calls' (None when one of them has no known
+        price); a turn that made no call costs what its model charges for nothing."""
+        t, provider = self.totals, self.plan.provider
+        if t.calls == 0:
+            return pricing.price(provider.kind, provider.base_url, self.plan.model, 0, 0)
+        return (t.cost, t.cost_source) if t.cost is not None else (None, None)
+
+    def _end_in_error(self, message: str) -> None:
+        """The turn failed (the model, or prismd itself): what streamed is kept as an `error`
+        answer, and the turn is recorded with what its model calls used and cost."""
+        t, provider = self.totals, self.plan.provider
+        cost, _ = self._cost()
+        self._close_answer("error", {"error": message})
+        ended = now_iso()
+        self.sessions.save_turn(
+            self.live,
+            self.turn.id,
+            status="error",
+            stop_reason="error",
+            ended_at=ended,
+            provider=provider.kind,
+            model=self.plan.model,
+            tokens_in=t.tokens_in,
+            tokens_out=t.tokens_out,
+            cost_usd=cost,
+        )
+        self.sessions.add_turn_totals(self.live, t.tokens_in, t.tokens_out, cost, ended)
+
     def _finish(self, stop_reason: str) -> None:
         plan, t, live = self.plan, self.totals, self.live
         provider, model, chat = plan.provider, plan.model, plan.chat
         content = "".join(self.pieces)
         reasoning = "".join(self.reasoning)
-        cost, cost_source = pricing.price(
-            provider.kind, provider.base_url, model, t.tokens_in, t.tokens_out
-        )
+        cost, cost_source = self._cost()
         if cost_source is not None and t.estimated:
             cost_source = {**cost_source, "estimatedTokens": True}
         status = "complete" if stop_reason in ("end", "max_rounds") else "stopped"

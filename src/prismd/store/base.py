@@ -147,7 +147,7 @@ class LoginRecord:
 
 @dataclass(slots=True)
 class UsageTotals:
-    """Sums over stored turns (those that ended with an answer: `complete` or `stopped`)."""
+    """Sums over stored turns that ended (`complete`, `stopped` or `error`)."""
 
     turns: int = 0
     tokens_in: int = 0
@@ -528,8 +528,8 @@ class Store(abc.ABC):
 
     @abc.abstractmethod
     async def usage_totals(self, owner_id: str | None, since: str | None = None) -> UsageTotals:
-        """Totals of the turns (ended with an answer) of the owner's sessions (everyone's
-        when None), ended at or after `since` (ISO 8601) if given: one SQL aggregate, no
+        """Totals of the turns that ended (with an answer, stopped, or in an error: what their
+        model calls used counts) of the owner's sessions (everyone's when None), ended at or after `since` (ISO 8601) if given: one SQL aggregate, no
         message is read."""
 
     @abc.abstractmethod

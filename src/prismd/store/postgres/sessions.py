@@ -105,7 +105,7 @@ class PostgresSessions(PostgresCore):
         return bool(await self._call(op))
 
     async def usage_totals(self, owner_id: str | None, since: str | None = None) -> UsageTotals:
-        conds = ["t.status IN ('complete', 'stopped')"]
+        conds = ["t.status IN ('complete', 'stopped', 'error')"]
         args: list[Any] = []
         if owner_id is not None:
             args.append(owner_id)

@@ -112,7 +112,7 @@ class SqliteSessions(SqliteCore):
         return await self._call(op)
 
     async def usage_totals(self, owner_id: str | None, since: str | None = None) -> UsageTotals:
-        conds = ["t.status IN ('complete', 'stopped')"]
+        conds = ["t.status IN ('complete', 'stopped', 'error')"]
         args: list[Any] = []
         if owner_id is not None:
             conds.append("s.owner_id=?")
