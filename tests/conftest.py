@@ -44,6 +44,7 @@ def checked_event(frame: Any) -> dict[str, Any]:
     _SERVER_EVENT.validate_python(frame, strict=True)
     return frame
 
+
 # `make test` runs the same property-based examples every time (a run on a clean clone decides
 # whether a change lands, so it must not depend on luck); `HYPOTHESIS_PROFILE=explore make test`
 # draws new ones and keeps what it finds in .hypothesis/ to replay.

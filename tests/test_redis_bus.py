@@ -140,3 +140,29 @@ def test_a_deleted_session_detaches_everywhere(redis_server):
         await b.close()
 
     asyncio.run(main())
+
+
+def test_login_limits_count_in_the_process_while_redis_is_down():
+    """Redis unreachable: a login attempt is not a server error; the process counts alone
+    meanwhile, and still refuses the sixth failure of a minute."""
+    import redis.asyncio as aioredis
+
+    from prismd.auth.limits import RateLimited, RedisLimits
+
+    from .conftest import free_port
+
+    async def main() -> None:
+        dead = aioredis.Redis(port=free_port(), socket_connect_timeout=0.5)
+        limits = RedisLimits(dead, "p1", per_minute=5, delay_max_s=0)
+        tokens = [await limits.login_attempt("10.0.0.1", f"user{i}") for i in range(5)]
+        assert all(isinstance(t, float) for t in tokens)
+        try:
+            await limits.login_attempt("10.0.0.1", "another")
+        except RateLimited:
+            pass
+        else:
+            raise AssertionError("the sixth attempt of the minute was let through")
+        await limits.login_succeeded("10.0.0.1", "user0", tokens[0])  # not an error either
+        await dead.aclose()
+
+    asyncio.run(main())

@@ -125,6 +125,21 @@ def test_client_message_id_holds_across_processes(cluster, fake_openai):
     assert _seqs(again) == _seqs(first)
 
 
+def test_a_retry_on_one_process_is_seen_by_the_next_turn_on_another(cluster, fake_openai):
+    """Process A has the session loaded; process B drops its last exchange (retry, which logs
+    no event); A's next turn must not send the dropped exchange to the model."""
+    a, b = cluster.nodes
+    with a.client() as c:
+        first = c.turn(message="keep this question")
+        sid = first[0]["sessionId"]
+        c.turn(message="drop this question", sessionId=sid)
+        retried = httpx.post(f"{b.url}/api/sessions/{sid}/retry", timeout=10)
+        assert retried.status_code == 200, retried.text
+        c.turn(message="the next one", sessionId=sid)
+    users = [m["content"] for m in fake_openai.requests[-1]["messages"] if m["role"] == "user"]
+    assert users == ["keep this question", "the next one"]
+
+
 def test_stop_from_another_process_ends_the_turn(cluster, fake_openai):
     a, b = cluster.nodes
     fake_openai.script(Reply(text=PIECES * 5, delay_s=0.05), match="stop me elsewhere")

@@ -292,3 +292,40 @@ def test_a_lease_is_released_only_once_the_turns_writes_are_durable(tmp_path):
         await store.close()
 
     run(main())
+
+
+def test_a_cancelled_load_does_not_cancel_the_others_waiting_for_it(tmp_path):
+    """Two callers ask for a session not in memory; the first (which loads it) is cancelled,
+    say its connection closed: the second still gets the session, not a CancelledError."""
+
+    class SlowStore(SqliteStore):
+        gate: asyncio.Event
+
+        async def get_session(self, session_id: str) -> Any:
+            await self.gate.wait()
+            return await super().get_session(session_id)
+
+    async def main() -> None:
+        store = SlowStore(tmp_path)
+        store.gate = asyncio.Event()
+        store.gate.set()
+        await store.open()
+        sessions = SessionService(store, LocalBus())
+        await sessions.start()
+        live = sessions.create("assistant", "s_slow", LOCAL_PRINCIPAL.id)
+        await sessions.durable(live)
+        sessions.maybe_evict(live)
+        assert sessions.live("s_slow") is None
+        store.gate.clear()
+        loader = asyncio.create_task(sessions.get("s_slow"))
+        await asyncio.sleep(0)
+        waiter = asyncio.create_task(sessions.get("s_slow"))
+        await asyncio.sleep(0)
+        loader.cancel()
+        await asyncio.sleep(0)
+        store.gate.set()
+        found = await waiter
+        assert found is not None and found.id == "s_slow" and loader.cancelled()
+        await store.close()
+
+    asyncio.run(main())

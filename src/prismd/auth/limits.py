@@ -16,6 +16,7 @@ and is never locked out).
 from __future__ import annotations
 
 import asyncio
+import logging
 import math
 import secrets
 import time
@@ -24,6 +25,7 @@ from typing import Any
 
 from ..protocol import ErrorCode, PrismdError
 
+log = logging.getLogger("prismd.auth")
 WINDOW_S = 60.0
 NAME_FORGET_S = 900.0  # a username's failures are forgotten this long after the last one
 CONNECTIONS_TTL_S = 30.0  # a dead process's connection counts expire this long after it
@@ -144,6 +146,15 @@ class RedisLimits(LocalLimits):
             await asyncio.sleep(CONNECTIONS_TTL_S / 3)
 
     async def login_attempt(self, client: str, name: str) -> Any:
+        try:
+            return await self._shared_attempt(client, name)
+        except RateLimited:
+            raise
+        except Exception:  # noqa: BLE001 - Redis is down: this process counts alone meanwhile
+            log.warning("login limits: Redis unavailable, counting in this process only")
+            return await super().login_attempt(client, name)  # a float: see login_succeeded
+
+    async def _shared_attempt(self, client: str, name: str) -> Any:
         now = time.time()
         address = f"{self.PREFIX}addr:{client}"
         user = f"{self.PREFIX}name:{name}"
@@ -176,10 +187,16 @@ class RedisLimits(LocalLimits):
         return member
 
     async def login_succeeded(self, client: str, name: str, token: Any) -> None:
-        async with self.redis.pipeline(transaction=True) as pipe:
-            pipe.zrem(f"{self.PREFIX}addr:{client}", token)
-            pipe.delete(f"{self.PREFIX}name:{name}")
-            await pipe.execute()
+        if isinstance(token, float):  # counted locally while Redis was down
+            await super().login_succeeded(client, name, token)
+            return
+        try:
+            async with self.redis.pipeline(transaction=True) as pipe:
+                pipe.zrem(f"{self.PREFIX}addr:{client}", token)
+                pipe.delete(f"{self.PREFIX}name:{name}")
+                await pipe.execute()
+        except Exception:  # noqa: BLE001 - the failure is forgotten when its window ends
+            pass
 
     async def connect(self, client: str, limit: int) -> bool:
         if limit:

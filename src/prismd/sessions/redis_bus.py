@@ -111,7 +111,10 @@ class RedisBus(LocalBus):
         if seq > 0:
             if seq <= self._delivered.get(session_id, 0):
                 return
-            self._delivered[session_id] = seq
+            # Kept only while this process has connections to the session (unsubscribe
+            # forgets it): a session nobody here watches leaves nothing behind.
+            if self.subscribers(session_id):
+                self._delivered[session_id] = seq
         super().publish(session_id, seq, frame, exclude)
         self._send(EVENTS + session_id, seq, frame)
 

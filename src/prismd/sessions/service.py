@@ -164,7 +164,13 @@ class SessionService:
             return live
         pending = self._loading.get(session_id)
         if pending is not None:
-            return await asyncio.shield(pending)
+            try:
+                return await asyncio.shield(pending)
+            except asyncio.CancelledError:
+                task = asyncio.current_task()
+                if pending.cancelled() and not (task is not None and task.cancelling()):
+                    return await self.get(session_id)  # its loader was cancelled, not this
+                raise
         fut: asyncio.Future[LiveSession | None] = asyncio.get_running_loop().create_future()
         self._loading[session_id] = fut
         try:
@@ -173,6 +179,9 @@ class SessionService:
                 self._live[session_id] = live
             fut.set_result(live)
             return live
+        except asyncio.CancelledError:
+            fut.cancel()  # the waiters load it themselves
+            raise
         except BaseException as exc:
             fut.set_exception(exc)
             fut.exception()  # mark retrieved for waiters that never come
@@ -248,7 +257,9 @@ class SessionService:
         record = await self.store.get_session(live.id)
         if record is not None:
             live.record = record
-        if state.last_seq != live.last_seq:
+        # Turns elsewhere move the seq; a retry or a deleted message elsewhere writes no event
+        # but changes the count.
+        if state.last_seq != live.last_seq or state.messages != len(live.history):
             live.history = await self.store.load_messages(live.id, with_file_data=True)
         live.last_seq, live.first_seq = state.last_seq, state.first_seq
         live.client_turns = state.client_turns
@@ -410,7 +421,8 @@ class SessionService:
 
     async def rename(self, live: LiveSession, name: str) -> None:
         live.record.name = name.strip()
-        await self._track(live, self.store.update_session(live.id, name=live.record.name))
+        self._track(live, self.store.update_session(live.id, name=live.record.name))
+        await self.durable(live)
 
     def set_agent(self, live: LiveSession, agent_id: str) -> None:
         if live.record.agent_id != agent_id:
@@ -459,35 +471,52 @@ class SessionService:
                 ErrorCode.TURN_IN_PROGRESS, "A turn is in progress in this session: stop it first"
             )
 
+    @contextlib.asynccontextmanager
+    async def _editing(self, live: LiveSession) -> AsyncIterator[None]:
+        """A change to the history (retry, a deleted message): no turn runs meanwhile, here
+        (the turn lock is held for it) or on another process (the session's lease is, and
+        the history is read afresh first: another process may have changed it)."""
+        self._check_idle(live)
+        edit = Turn(id=new_id("edit"), client_message_id=None)
+        live.turn = edit
+        try:
+            await self.coordination.claim(live)
+            yield
+        finally:
+            if live.turn is edit:
+                live.turn = None
+                self.coordination.released(live)
+
     async def drop_last_exchange(self, live: LiveSession) -> MessageRecord | None:
         """Retry: drop the last user message and everything after it (the model no longer
         sees them; their clientMessageIds are released so a resend runs anew). Returns the
         dropped user message, None when there is none."""
-        self._check_idle(live)
-        history = live.history
-        last_user = next(
-            (i for i in range(len(history) - 1, -1, -1) if history[i].role == "user"), None
-        )
-        if last_user is None:
-            return None
-        # No await between the check above and this cut: a chat cannot slip in between.
-        dropped = history[last_user:]
-        del history[last_user:]
-        turns = {m.turn_id for m in dropped if m.turn_id}
-        for client_id in [k for k, v in live.client_turns.items() if v in turns]:
-            del live.client_turns[client_id]
-        await self._track(
-            live, self.store.delete_messages(live.id, [m.id for m in dropped], sorted(turns))
-        )
+        async with self._editing(live):
+            history = live.history
+            last_user = next(
+                (i for i in range(len(history) - 1, -1, -1) if history[i].role == "user"), None
+            )
+            if last_user is None:
+                return None
+            dropped = history[last_user:]
+            del history[last_user:]
+            turns = {m.turn_id for m in dropped if m.turn_id}
+            for client_id in [k for k, v in live.client_turns.items() if v in turns]:
+                del live.client_turns[client_id]
+            self._track(
+                live, self.store.delete_messages(live.id, [m.id for m in dropped], sorted(turns))
+            )
+            await self.durable(live)
         return dropped[0]
 
     async def delete_message(self, live: LiveSession, message_id: str) -> bool:
-        self._check_idle(live)
-        index = next((i for i, m in enumerate(live.history) if m.id == message_id), None)
-        if index is None:
-            return False
-        del live.history[index]
-        await self._track(live, self.store.delete_messages(live.id, [message_id]))
+        async with self._editing(live):
+            index = next((i for i, m in enumerate(live.history) if m.id == message_id), None)
+            if index is None:
+                return False
+            del live.history[index]
+            self._track(live, self.store.delete_messages(live.id, [message_id]))
+            await self.durable(live)
         return True
 
     async def reupload(self, caller: Caller, message: MessageRecord) -> list[dict[str, Any]]:

@@ -301,6 +301,7 @@ class SessionLog:
     client_turns: dict[str, str]  # clientMessageId -> turnId
     running_turns: list[str] = field(default_factory=list)
     streaming: list[StreamingMessage] = field(default_factory=list)
+    messages: int = 0  # how many messages the session holds (a retry elsewhere lowers it)
 
 
 @dataclass(slots=True)
@@ -528,9 +529,9 @@ class Store(abc.ABC):
 
     @abc.abstractmethod
     async def usage_totals(self, owner_id: str | None, since: str | None = None) -> UsageTotals:
-        """Totals of the turns that ended (with an answer, stopped, or in an error: what their
-        model calls used counts) of the owner's sessions (everyone's when None), ended at or after `since` (ISO 8601) if given: one SQL aggregate, no
-        message is read."""
+        """Totals of the turns that ended (with an answer, stopped, or in an error: what
+        their model calls used counts) of the owner's sessions (everyone's when None), ended
+        at or after `since` (ISO 8601) if given: one SQL aggregate, no message is read."""
 
     @abc.abstractmethod
     async def list_logins(self, user_id: str | None = None) -> list[LoginRecord]:

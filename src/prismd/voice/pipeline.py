@@ -87,6 +87,7 @@ class ConnectionVoice:
         # are ignored and its `audio_end` answers with this.
         self.refused: VoiceError | None = None
         self.transcribing: asyncio.Task[None] | None = None
+        self.stops = 0  # `stop`s so far: a voice turn that sees one after it began never starts
         self.tasks: set[asyncio.Task[None]] = set()
         self.stream: HandsFree | None = None
         self.speaking: set[asyncio.Task[None]] = set()
@@ -211,6 +212,7 @@ class ConnectionVoice:
     async def _voice_turn(
         self, chat: Chat, transcription: Callable[[], Awaitable[Transcript]]
     ) -> None:
+        stops = self.stops
         try:
             transcript = await transcription()
         except Cancelled:
@@ -235,6 +237,8 @@ class ConnectionVoice:
             "durationMs": round(transcript.duration_s * 1000),
         }
         await self._wait_for_stopping_turn(chat.sessionId)
+        if self.stops != stops:
+            return  # `stop` came while it waited for the interrupted turn to end
         try:
             await self.host.voice_turn(chat, event)
         except ProtocolError as exc:
@@ -255,6 +259,7 @@ class ConnectionVoice:
     def cancel_transcription(self) -> None:
         """`stop`: a recording in progress is discarded, and a voice turn not begun yet never
         begins."""
+        self.stops += 1
         if self.recording is not None:
             self._refuse(Cancelled("`stop` came while recording"))
         task, self.transcribing = self.transcribing, None

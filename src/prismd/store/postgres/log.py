@@ -43,6 +43,9 @@ class PostgresLog(PostgresCore):
                 "SELECT id, client_message_id, status FROM turns WHERE session_id=$1 ORDER BY pos",
                 session_id,
             )
+            messages = await c.fetchval(
+                "SELECT COUNT(*) FROM session_messages WHERE session_id=$1", session_id
+            )
             streaming = [
                 StreamingMessage(
                     r["id"],
@@ -66,6 +69,7 @@ class PostgresLog(PostgresCore):
                 },
                 running_turns=[t["id"] for t in turns if t["status"] == "running"],
                 streaming=streaming,
+                messages=int(messages),
             )
 
         return await self._snapshot(op)

@@ -40,6 +40,9 @@ class SqliteLog(SqliteCore):
                 "SELECT id, client_message_id, status FROM turns WHERE session_id=?",
                 (session_id,),
             ).fetchall()
+            (messages,) = db.execute(
+                "SELECT COUNT(*) FROM session_messages WHERE session_id=?", (session_id,)
+            ).fetchone()
             streaming = [
                 StreamingMessage(mid, turn_id, content, json.loads(meta or "{}").get("startSeq"))
                 for mid, turn_id, content, meta in db.execute(
@@ -54,6 +57,7 @@ class SqliteLog(SqliteCore):
                 client_turns={cmid: tid for tid, cmid, _ in turns if cmid is not None},
                 running_turns=[tid for tid, _, status in turns if status == "running"],
                 streaming=streaming,
+                messages=messages,
             )
 
         return await self._read(op)
