@@ -183,7 +183,8 @@ def test_usage_totals_sum_the_stored_turns(new_store):
             ("b1", "t1", "complete", 10, 5, 0.01, "2030-01-01T00:00:00.000Z"),
             ("b1", "t2", "stopped", 20, 2, 0.02, "2030-02-01T00:00:00.000Z"),
             ("b2", "t3", "complete", 7, 3, None, "2030-02-02T00:00:00.000Z"),  # no price
-            ("b2", "t4", "error", 0, 0, None, "2030-02-03T00:00:00.000Z"),  # no answer
+            ("b2", "t4", "error", 0, 0, None, "2030-02-03T00:00:00.000Z"),  # spent nothing
+            ("b2", "t7", "error", 4, 1, 0.005, "2030-02-04T00:00:00.000Z"),  # failed, after a call
             ("b2", "t5", "running", 0, 0, None, None),
             ("c1", "t6", "complete", 100, 50, 1.0, "2030-02-01T00:00:00.000Z"),
         ]
@@ -199,13 +200,13 @@ def test_usage_totals_sum_the_stored_turns(new_store):
             )
         await store.flush()
         bob = await store.usage_totals("bob")
-        assert (bob.turns, bob.tokens_in, bob.tokens_out, bob.sessions) == (3, 37, 10, 2)
-        assert abs(bob.cost_usd - 0.03) < 1e-9 and bob.unpriced_turns == 1
-        assert bob.to_json()["costKnown"] is False and bob.to_json()["totalTokens"] == 47
+        assert (bob.turns, bob.tokens_in, bob.tokens_out, bob.sessions) == (4, 41, 11, 2)
+        assert abs(bob.cost_usd - 0.035) < 1e-9 and bob.unpriced_turns == 1
+        assert bob.to_json()["costKnown"] is False and bob.to_json()["totalTokens"] == 52
         recent = await store.usage_totals("bob", since="2030-01-15T00:00:00.000Z")
-        assert (recent.turns, recent.tokens_in, recent.sessions) == (2, 27, 2)
+        assert (recent.turns, recent.tokens_in, recent.sessions) == (3, 31, 2)
         everyone = await store.usage_totals(None)
-        assert (everyone.turns, everyone.tokens_in, everyone.sessions) == (4, 137, 3)
+        assert (everyone.turns, everyone.tokens_in, everyone.sessions) == (5, 141, 3)
         nobody = await store.usage_totals("nobody")
         assert (nobody.turns, nobody.cost_usd, nobody.to_json()["costKnown"]) == (0, 0.0, True)
         await store.close()

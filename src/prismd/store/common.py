@@ -73,6 +73,12 @@ _UNREFERENCED = (
     "NOT EXISTS (SELECT 1 FROM upload_refs r JOIN sessions s ON s.id = r.session_id "
     "WHERE r.upload_id = uploads.id)"
 )
+# The turns a user's usage totals count (both dialects): ended ones, and a failed one only
+# when its model calls spent something (a turn refused before any call used nothing).
+_COUNTED_TURN = (
+    "(t.status IN ('complete', 'stopped') OR (t.status = 'error' AND "
+    "(COALESCE(t.tokens_in, 0) + COALESCE(t.tokens_out, 0) > 0 OR t.cost_usd IS NOT NULL)))"
+)
 # The most writes a store's writer applies in one transaction.
 MAX_BATCH = 4096
 # A token's last use is written at most this often (every request used to write it).

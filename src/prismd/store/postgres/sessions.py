@@ -8,7 +8,14 @@ from __future__ import annotations
 from typing import Any
 
 from ..base import SessionRecord, UsageTotals, Written
-from ..common import _SESSION_COLUMNS, _SESSION_FIELDS, _check_fields, _name_pattern, _session_row
+from ..common import (
+    _COUNTED_TURN,
+    _SESSION_COLUMNS,
+    _SESSION_FIELDS,
+    _check_fields,
+    _name_pattern,
+    _session_row,
+)
 from .connection import Conn
 from .core import PostgresCore, _count
 
@@ -105,7 +112,7 @@ class PostgresSessions(PostgresCore):
         return bool(await self._call(op))
 
     async def usage_totals(self, owner_id: str | None, since: str | None = None) -> UsageTotals:
-        conds = ["t.status IN ('complete', 'stopped', 'error')"]
+        conds = [_COUNTED_TURN]
         args: list[Any] = []
         if owner_id is not None:
             args.append(owner_id)

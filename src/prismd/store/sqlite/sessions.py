@@ -10,6 +10,7 @@ from typing import Any
 
 from ..base import SessionRecord, UsageTotals, Written
 from ..common import (
+    _COUNTED_TURN,
     _SESSION_COLUMNS,
     _SESSION_FIELDS,
     _SESSION_FIELDS_ORDER,
@@ -112,7 +113,7 @@ class SqliteSessions(SqliteCore):
         return await self._call(op)
 
     async def usage_totals(self, owner_id: str | None, since: str | None = None) -> UsageTotals:
-        conds = ["t.status IN ('complete', 'stopped', 'error')"]
+        conds = [_COUNTED_TURN]
         args: list[Any] = []
         if owner_id is not None:
             conds.append("s.owner_id=?")
