@@ -136,6 +136,36 @@ def test_coalesce_merges_neighbouring_deltas_only():
     assert coalesce(parts) == [TextDelta("ab"), ReasoningDelta("r"), TextDelta("c"), Usage(1, 2)]
 
 
+def test_price_table_loads_on_first_use_not_at_startup():
+    """An idle server does not hold genai-prices' table (~5.5 MB); the first connection loads
+    it in a thread, and a price asked for before that loads it there and then."""
+    import json
+    import subprocess
+    import sys
+
+    code = """
+import json, sys
+from prismd.server.app import create_app
+from prismd.providers import pricing
+idle = "genai_prices" in sys.modules
+thread = pricing.preload()
+thread.join()
+again = pricing.preload()
+print(json.dumps([idle, "genai_prices" in sys.modules, again is None,
+                  pricing.price("openai", None, "gpt-4o-mini", 1_000_000, 0)[0]]))
+"""
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    idle, loaded, once, cost = json.loads(out.stdout.strip().splitlines()[-1])
+    assert (idle, loaded, once) == (False, True, True)
+    assert cost == pytest.approx(0.15)
+    cold = (
+        "from prismd.providers import pricing\n"
+        "print(pricing.price('openai', None, 'gpt-4o-mini', 0, 1_000_000)[0])"
+    )
+    out = subprocess.run([sys.executable, "-c", cold], capture_output=True, text=True, check=True)
+    assert float(out.stdout.strip()) == pytest.approx(0.6)
+
+
 @pytest.mark.parametrize(
     ("kind", "model"),
     [

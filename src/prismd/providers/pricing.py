@@ -1,21 +1,48 @@
-"""Prices and context windows from the `genai-prices` package (no made-up defaults)."""
+"""Prices and context windows from the `genai-prices` package (no made-up defaults).
+
+The table (~5.5 MB in the server) is loaded on first use, not at startup: `load()` runs in a
+thread when the first WebSocket connects, so an idle server does not hold it and the first
+turn does not wait for it.
+"""
 
 from __future__ import annotations
 
 import functools
+import threading
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from decimal import Decimal
 from importlib.metadata import version
 from typing import Any
 
-from genai_prices import Usage as PriceUsage
-from genai_prices.data_snapshot import get_snapshot
-
 _OFFICIAL = {"openai": "openai", "anthropic": "anthropic"}
 TABLE = "genai-prices"
 TABLE_VERSION = version("genai-prices")
 MTOK = Decimal(1_000_000)
+
+_snapshot: Any = None
+_loading = threading.Lock()
+
+
+def load() -> Any:
+    """The price table (imported once, from any thread)."""
+    global _snapshot
+    if _snapshot is None:
+        with _loading:
+            if _snapshot is None:
+                from genai_prices.data_snapshot import get_snapshot
+
+                _snapshot = get_snapshot()
+    return _snapshot
+
+
+def preload() -> threading.Thread | None:
+    """Load the table in a thread of its own if it is not loaded (or loading) yet."""
+    if _snapshot is not None or _loading.locked():
+        return None
+    thread = threading.Thread(target=load, name="price table", daemon=True)
+    thread.start()
+    return thread
 
 
 @dataclass(frozen=True, slots=True)
@@ -35,7 +62,7 @@ def lookup(kind: str, base_url: str | None, model: str) -> ModelInfo | None:
     """
     if kind in ("ollama", "local") or not model:
         return None
-    snapshot = get_snapshot()
+    snapshot = load()
     attempts: list[tuple[str | None, str | None]] = []
     if base_url:
         attempts.append((None, base_url))
@@ -68,6 +95,8 @@ def price(
         # without its general machinery (~0.2 ms a call, once per turn on the hot path).
         total = (Decimal(tokens_in) * (per_in or 0) + Decimal(tokens_out) * (per_out or 0)) / MTOK
     else:  # tiered prices (by context size…): genai-prices decides
+        from genai_prices import Usage as PriceUsage
+
         try:
             total = info.model.calc_price(
                 PriceUsage(input_tokens=tokens_in, output_tokens=tokens_out),

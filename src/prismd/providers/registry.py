@@ -128,7 +128,6 @@ class ProviderRegistry:
         try:
             provider = self.get(self.default_kind)
             provider.warm_up()
-            pricing.lookup(provider.kind, provider.base_url, provider.default_model)
         except ProtocolError as exc:
             log.warning("%s", exc.message)
 

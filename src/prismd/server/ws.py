@@ -45,6 +45,7 @@ from ..protocol import (
     error_frame,
     parse_client_message,
 )
+from ..providers import pricing
 from ..sessions.coordination import TurnAlreadyRan
 from ..sessions.ids import new_id
 from ..sessions.service import LiveSession, Turn
@@ -72,6 +73,7 @@ async def ws_endpoint(websocket: WebSocket) -> None:
         # The auth middleware refuses such an upgrade; should one get here, it fails closed.
         await websocket.close(code=1008)
         return
+    pricing.preload()  # the price table, before this connection's first turn needs it
     await Connection(websocket, core).run()
 
 
