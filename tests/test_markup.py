@@ -604,6 +604,24 @@ def test_unknown_tool_in_other_styles() -> None:
     assert isinstance(f.malformed[0], MalformedCall)
 
 
+def test_tag_style_arguments_with_stray_text_are_malformed() -> None:
+    """Both tag styles go through one argument reader: text between or after the pairs makes
+    the call malformed (never a call with half its arguments), and the message names the
+    style's expected layout."""
+    f = MarkupFilter(["search"])
+    f.feed("<tool_call>search<arg_key>q</arg_key><arg_value>a</arg_value> stray </tool_call>")
+    f.feed("<function=search><parameter=q>\na\n</parameter>stray</function>")
+    f.feed("<function=search><parameter=q>\nline one\n\n</parameter></function>")
+    f.finish()
+    assert [m.error for m in f.malformed] == [
+        "search: could not read the arguments: expected "
+        "<arg_key>KEY</arg_key><arg_value>VALUE</arg_value> pairs",
+        "search: could not read the arguments: expected <parameter=KEY>VALUE</parameter> blocks",
+    ]
+    # One line break is taken off each end of a <parameter> value, and only one.
+    assert [c.args for c in f.calls] == [{"q": "line one\n"}]
+
+
 def test_calls_keep_their_markup() -> None:
     f = MarkupFilter(TOOLS)
     f.feed('a {"tool": "search", "args": {"query": "q"}} b')

@@ -34,7 +34,7 @@ from __future__ import annotations
 import functools
 import json
 import re
-from collections.abc import Collection, Iterable
+from collections.abc import Callable, Collection, Iterable
 from dataclasses import dataclass
 from typing import Any
 
@@ -167,6 +167,16 @@ def _fix_json(s: str) -> str:
         out.append('"')
     out.extend(reversed(closers))
     return "".join(out)
+
+
+def _one_newline_off(value: str) -> str:
+    """A <parameter> block's value without the line break after its opening tag and before
+    its closing one (the layout models write), and nothing more."""
+    if value.startswith("\n"):
+        value = value[1:]
+    if value.endswith("\n"):
+        value = value[:-1]
+    return value
 
 
 def _decode_value(value: str) -> Any:
@@ -733,24 +743,15 @@ class MarkupFilter:
                 "could not read the tool call: expected a JSON object like "
                 '{"tool": NAME, "args": {...}} inside <tool_call>…</tool_call>',
             )
-        unknown = self._unknown(name, raw)
-        if unknown is not None:
-            return unknown
-        args: dict[str, Any] = {}
-        if idx >= 0:
-            pos = idx
-            for m in _RX_GLM_PAIR.finditer(text, idx):
-                if text[pos : m.start()].strip():
-                    break
-                args[m.group(1).strip()] = _decode_value(m.group(2).strip())
-                pos = m.end()
-            if text[pos:].strip():
-                return MalformedCall(
-                    raw,
-                    f"{name}: could not read the arguments: expected "
-                    "<arg_key>KEY</arg_key><arg_value>VALUE</arg_value> pairs",
-                )
-        return ParsedCall(name, args, raw)
+        return self._call_with_pairs(
+            name,
+            text,
+            len(text) if idx < 0 else idx,
+            _RX_GLM_PAIR,
+            str.strip,
+            "<arg_key>KEY</arg_key><arg_value>VALUE</arg_value> pairs",
+            raw,
+        )
 
     def _parse_function(self, inner: str, raw: str) -> ParsedCall | MalformedCall:
         text = inner.strip()
@@ -762,27 +763,41 @@ class MarkupFilter:
             return MalformedCall(
                 raw, "could not read the tool name: expected <function=NAME>…</function>"
             )
+        return self._call_with_pairs(
+            name,
+            params,
+            0,
+            _RX_PARAM,
+            _one_newline_off,
+            "<parameter=KEY>VALUE</parameter> blocks",
+            raw,
+        )
+
+    def _call_with_pairs(
+        self,
+        name: str,
+        text: str,
+        pos: int,
+        pair: re.Pattern[str],
+        value_of: Callable[[str], str],
+        expected: str,
+        raw: str,
+    ) -> ParsedCall | MalformedCall:
+        """The one reader of tag-style arguments (GLM's <arg_key>/<arg_value> pairs, Qwen's
+        <parameter=KEY> blocks): consecutive `pair` matches from `pos` to the end of `text`,
+        each value decoded as a JSON scalar where it is one; anything else between or after
+        them makes the call malformed."""
         unknown = self._unknown(name, raw)
         if unknown is not None:
             return unknown
         args: dict[str, Any] = {}
-        pos = 0
-        for m in _RX_PARAM.finditer(params):
-            if params[pos : m.start()].strip():
+        for m in pair.finditer(text, pos):
+            if text[pos : m.start()].strip():
                 break
-            value = m.group(2)
-            if value.startswith("\n"):
-                value = value[1:]
-            if value.endswith("\n"):
-                value = value[:-1]
-            args[m.group(1).strip()] = _decode_value(value)
+            args[m.group(1).strip()] = _decode_value(value_of(m.group(2)))
             pos = m.end()
-        if params[pos:].strip():
-            return MalformedCall(
-                raw,
-                f"{name}: could not read the arguments: expected "
-                "<parameter=KEY>VALUE</parameter> blocks",
-            )
+        if text[pos:].strip():
+            return MalformedCall(raw, f"{name}: could not read the arguments: expected {expected}")
         return ParsedCall(name, args, raw)
 
     def _unknown(self, name: str, raw: str) -> MalformedCall | None:
