@@ -15,7 +15,7 @@ import pytest
 from prismd.auth import Principal
 from prismd.config import UploadsSettings
 from prismd.protocol import ErrorCode, ProtocolError
-from prismd.server.uploads import DailyBudget, utc_day
+from prismd.server.uploads import BUDGET_REFRESH_S, DailyBudget, utc_day
 from prismd.store.base import (
     FileRecord,
     MessageRecord,
@@ -168,6 +168,67 @@ def test_the_daily_budget_never_counts_past_its_limit(new_store):
         assert await store.chat_usage("bob", day) == (1000, 10)
         assert await budget.used(store, "bob", day) == (1000, 10)  # nothing counted twice
         assert not await charge(bob)
+        await store.close()
+
+    run(main())
+
+
+def test_the_daily_budget_reads_the_store_once_per_refresh(new_store):
+    """A user's chats sent at once do not each wait for a store read (they queued behind one
+    another on the user's lock: 500 chats, 500 reads); another process's counts are seen once
+    the last read is BUDGET_REFRESH_S old; a read that fails is not trusted."""
+
+    async def main() -> None:
+        store = await _open(new_store)
+        limits = UploadsSettings(chat_bytes_per_day=1000, chat_files_per_day=0)
+        core = SimpleNamespace(settings=SimpleNamespace(uploads=limits), store=store)
+        reads: list[str] = []
+        real_read = store.chat_usage
+
+        async def counted_read(user_id: str, day: str) -> tuple[int, int]:
+            reads.append(user_id)
+            return await real_read(user_id, day)
+
+        store.chat_usage = counted_read  # type: ignore[method-assign]
+        clock = [0.0]
+        here, there = (DailyBudget(clock=lambda: clock[0]) for _ in range(2))  # two processes
+        bob = Principal("bob", "bob", False, "token")
+
+        async def charge(budget: DailyBudget) -> bool:
+            try:
+                await budget.charge(core, bob, 100, 0)  # type: ignore[arg-type]
+            except ProtocolError:
+                return False
+            return True
+
+        assert sum(await asyncio.gather(*(charge(here) for _ in range(6)))) == 6
+        assert reads == ["bob"]  # one read for six chats
+        await store.flush()
+        assert await charge(there) and await charge(there)  # it read the 600 bytes: 800
+        assert reads == ["bob", "bob"]
+        await store.flush()
+        # `here` still goes by its read and its own counts (600: `there`'s chats unseen)...
+        assert await charge(here)
+        assert reads == ["bob", "bob"]
+        await store.flush()
+        # ...but once its read is old, it reads again and sees `there`'s chats: 900 used.
+        clock[0] += BUDGET_REFRESH_S
+        assert await charge(here)  # 1000
+        assert not await charge(here)
+        assert reads == ["bob", "bob", "bob"]
+        await store.flush()
+        assert await store.chat_usage("bob", utc_day()) == (1000, 0)
+        # A failed read refuses nothing silently and is not kept as the user's totals.
+        clock[0] += BUDGET_REFRESH_S
+
+        async def broken(user_id: str, day: str) -> tuple[int, int]:
+            raise RuntimeError("store down")
+
+        store.chat_usage = broken  # type: ignore[method-assign]
+        with pytest.raises(RuntimeError):
+            await here.charge(core, bob, 1, 0)  # type: ignore[arg-type]
+        store.chat_usage = counted_read  # type: ignore[method-assign]
+        assert not await charge(here)  # read again: 1000 used
         await store.close()
 
     run(main())

@@ -16,8 +16,10 @@ import asyncio
 import base64
 import contextlib
 import logging
+import time
 import weakref
 from collections.abc import AsyncIterator, Callable, Sequence
+from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import TYPE_CHECKING
 from urllib.parse import quote
@@ -117,23 +119,63 @@ def utc_day(now: datetime | None = None) -> str:
     return (now or datetime.now(UTC)).date().isoformat()
 
 
+# How long a check trusts the store's totals it read for a user's day, with this process's own
+# counts added since: one process counts every chat it lets through, so this bounds only what
+# other processes (several workers) let through unseen.
+BUDGET_REFRESH_S = 2.0
+
+
+@dataclass(slots=True)
+class _Seen:
+    """A user's totals of one day as read from the store at `at`, and what this process
+    counted since the read began (then still pending writes included)."""
+
+    day: str
+    at: float
+    since: list[int]
+    base: tuple[int, int] = (0, 0)
+
+
 class DailyBudget:
     """Each user's chat bytes and files of the day (`chat_bytes_per_day`,
     `chat_files_per_day`), checked before a chat runs. The totals are the store's (read on a
-    reader, never behind the stream's writes) plus what this process counted and has not yet
-    written; the count itself is a queued write the chat does not wait for. One check at a
-    time per user, so chats sent at once cannot all pass a budget that only one fits."""
+    reader, never behind the stream's writes, at most every BUDGET_REFRESH_S per user) plus
+    what this process counted since; the count itself is a queued write the chat does not wait
+    for. One check at a time per user, so chats sent at once cannot all pass a budget that only
+    one fits; and since a check rarely reads, a user's chats sent at once do not queue behind
+    one store read each. With several processes, what the others let through in the last
+    BUDGET_REFRESH_S can pass unseen."""
 
-    def __init__(self) -> None:
+    def __init__(self, clock: Callable[[], float] = time.monotonic) -> None:
         self._pending: dict[tuple[str, str], list[int]] = {}
+        self._seen: dict[str, _Seen] = {}
         self._locks: weakref.WeakValueDictionary[str, asyncio.Lock] = weakref.WeakValueDictionary()
+        self._clock = clock
 
     async def used(self, store: Store, user_id: str, day: str) -> tuple[int, int]:
+        """The day's totals read afresh: the store's, and this process's pending counts."""
         # What is pending is taken before the read: a count that becomes durable meanwhile is
         # then counted once or twice (refusing early at worst), never missed.
         pending = tuple(self._pending.get((user_id, day), (0, 0)))
         size, files = await store.chat_usage(user_id, day)
         return size + pending[0], files + pending[1]
+
+    async def _checked(self, store: Store, user_id: str, day: str) -> tuple[int, int]:
+        """The totals a check goes by (called with the user's lock held): the last read while it
+        is recent, with this process's counts since; otherwise a new read."""
+        seen = self._seen.get(user_id)
+        now = self._clock()
+        if seen is None or seen.day != day or now - seen.at >= BUDGET_REFRESH_S:
+            # Counts made from here on add to `since` (see _count), as the pending ones do.
+            seen = _Seen(day, now, list(self._pending.get((user_id, day), (0, 0))))
+            self._seen[user_id] = seen
+            try:
+                seen.base = await store.chat_usage(user_id, day)
+            except BaseException:
+                if self._seen.get(user_id) is seen:
+                    del self._seen[user_id]
+                raise
+        return seen.base[0] + seen.since[0], seen.base[1] + seen.since[1]
 
     async def charge(
         self, core: Prismd, user: Principal, size: int, files: int
@@ -152,7 +194,7 @@ class DailyBudget:
         if lock is None:
             lock = self._locks[user.id] = asyncio.Lock()
         async with lock:
-            used, count = await self.used(core.store, user.id, day)
+            used, count = await self._checked(core.store, user.id, day)
             if max_files and count + files > max_files:
                 what = f"{count} files sent today, the limit is {max_files} files"
             elif max_bytes and used + size > max_bytes:
@@ -168,13 +210,17 @@ class DailyBudget:
                     f"Daily limit reached: {what} per user per day (the count starts again at "
                     "00:00 UTC)",
                 )
-        self._count(core, key, size, files)
+            self._count(core, key, size, files)
         return lambda: self._count(core, key, -size, -files)
 
     def _count(self, core: Prismd, key: tuple[str, str], size: int, files: int) -> None:
         pending = self._pending.setdefault(key, [0, 0])
         pending[0] += size
         pending[1] += files
+        seen = self._seen.get(key[0])
+        if seen is not None and seen.day == key[1]:
+            seen.since[0] += size
+            seen.since[1] += files
         write = core.store.add_chat_usage(key[0], key[1], size, files)
         write.add_done_callback(lambda _: self._written(key, size, files))
 
