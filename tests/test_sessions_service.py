@@ -19,7 +19,9 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from prismd.auth.service import LOCAL_PRINCIPAL
+from prismd.protocol import ErrorCode, ProtocolError
 from prismd.sessions.bus import LocalBus
+from prismd.sessions.coordination import DistributedCoordination
 from prismd.sessions.service import SessionService
 from prismd.store.base import EventRow, Written
 from prismd.store.sqlite import SqliteStore
@@ -236,44 +238,87 @@ def test_coalescing_keeps_the_text_and_the_numbering(steps):
         run(main(Path(tmp)))
 
 
-def test_a_lease_is_released_only_once_the_turns_writes_are_durable(tmp_path):
-    """Several processes: a turn still `running` in the store with no lease is taken for a dead
-    process's and repaired. So the lease is given up after the turn's last writes are durable,
-    never before (a bench with 300 streams once repaired finished turns this way)."""
-    from prismd.sessions.coordination import DistributedCoordination
+class _Leases:
+    """PostgresStore's lease methods over a GatedStore: every acquire after `busy` refusals
+    succeeds; `running` is what running_turn answers."""
 
-    class Leases:
-        def __init__(self, store: GatedStore) -> None:
-            self.store = store
-            self.released_when_pending: list[int] = []
+    def __init__(self, store: GatedStore, busy: int = 0, running: str | None = None) -> None:
+        self.store = store
+        self.released_when_pending: list[int] = []
+        self.busy = busy
+        self.running = running
+        self.attempts = 0
 
-        async def acquire_lease(self, session_id: str, owner: str, ttl_s: float) -> bool:
-            return True
+    async def acquire_lease(self, session_id: str, owner: str, ttl_s: float) -> bool:
+        self.attempts += 1
+        return self.attempts > self.busy
 
-        async def release_lease(self, session_id: str, owner: str) -> None:
-            self.released_when_pending.append(len(self.store.gates))
+    async def running_turn(self, session_id: str) -> str | None:
+        return self.running
 
-        def keep_leases(self, *args: Any) -> Any:
-            return lambda: None
+    async def release_lease(self, session_id: str, owner: str) -> None:
+        self.released_when_pending.append(len(self.store.gates))
 
-        async def expired_turns(self) -> list[str]:
-            return []
+    def keep_leases(self, *args: Any) -> Any:
+        return lambda: None
 
-        def __getattr__(self, name: str) -> Any:
-            return getattr(self.store, name)
+    async def expired_turns(self) -> list[str]:
+        return []
 
-    class Bus(LocalBus):
-        def listen(self, channel: str, handler: Any) -> None:
-            pass
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.store, name)
 
-        def unlisten(self, channel: str) -> None:
-            pass
+
+class _SilentBus(LocalBus):
+    def listen(self, channel: str, handler: Any) -> None:
+        pass
+
+    def unlisten(self, channel: str) -> None:
+        pass
+
+
+def test_a_chat_waits_for_a_lease_on_its_way_back_not_for_a_running_turn(tmp_path):
+    """Several processes: a lease held while no turn runs in the store is being given up (a
+    turn that just ended on another process, whose client sends the next chat here at once;
+    a retry there). The chat waits for it instead of answering turn_in_progress; a lease
+    held by a running turn is refused at once."""
+
+    async def begin(leases: _Leases) -> Any:
+        bus = _SilentBus()
+        sessions = SessionService(leases.store, bus)
+        sessions.coordination = DistributedCoordination(leases, bus, "me")  # type: ignore[arg-type]
+        await sessions.coordination.start(sessions)
+        live = sessions.create("assistant")
+        try:
+            return await sessions.begin_turn(live, None)
+        finally:
+            await sessions.coordination.close()
 
     async def main() -> None:
         store = GatedStore(tmp_path)
         await store.open()
-        leases = Leases(store)
-        bus = Bus()
+        await store.release_all()
+        releasing = _Leases(store, busy=3)
+        assert (await begin(releasing)).id and releasing.attempts == 4
+        running = _Leases(store, busy=3, running="t_elsewhere")
+        with pytest.raises(ProtocolError) as refused:
+            await begin(running)
+        assert refused.value.code == ErrorCode.TURN_IN_PROGRESS and running.attempts == 1
+        await store.close()
+
+    run(main())
+
+
+def test_a_lease_is_released_only_once_the_turns_writes_are_durable(tmp_path):
+    """Several processes: a turn still `running` in the store with no lease is taken for a dead
+    process's and repaired. So the lease is given up after the turn's last writes are durable,
+    never before (a bench with 300 streams once repaired finished turns this way)."""
+
+    async def main() -> None:
+        store = GatedStore(tmp_path)
+        await store.open()
+        leases = _Leases(store)
+        bus = _SilentBus()
         sessions = SessionService(store, bus)
         sessions.coordination = DistributedCoordination(leases, bus, "me")  # type: ignore[arg-type]
         await sessions.coordination.start(sessions)

@@ -33,6 +33,8 @@ log = logging.getLogger("prismd.coordination")
 LEASE_S = 6.0  # a dead process's turn is taken over this long after its last renewal
 RENEW_S = 1.5  # by a thread of its own (PostgresStore.keep_leases): a busy loop does not delay it
 REAP_S = 1.0
+RELEASING_S = 1.0  # how long a chat waits for a lease that another process is giving up
+RELEASE_POLL_S = 0.02
 COMMANDS = "prismd:c:"
 
 
@@ -123,7 +125,7 @@ class DistributedCoordination(LocalCoordination):
         try:
             # The lease lives on the session's row: a new session's row must be written first.
             await self.service.durable(live)
-            taken = await self.store.acquire_lease(live.id, self.origin, LEASE_S)
+            taken = await self._acquire(live.id)
         except Exception as exc:  # noqa: BLE001 - the store is down: a coded refusal
             raise _unavailable(exc) from None
         if not taken:
@@ -143,6 +145,21 @@ class DistributedCoordination(LocalCoordination):
         except BaseException:
             self.released(live)
             raise
+
+    async def _acquire(self, session_id: str) -> bool:
+        """Take the session's lease. Held while no turn runs in the store, it is on its way
+        back: a turn that just ended elsewhere (its client may already send the next chat
+        here) or a history edit (a retry) gives it up once its writes are durable. Then wait
+        for it, up to RELEASING_S; a running turn is refused at once."""
+        deadline = asyncio.get_running_loop().time() + RELEASING_S
+        while not await self.store.acquire_lease(session_id, self.origin, LEASE_S):
+            if (
+                asyncio.get_running_loop().time() >= deadline
+                or await self.store.running_turn(session_id) is not None
+            ):
+                return False
+            await asyncio.sleep(RELEASE_POLL_S)
+        return True
 
     def released(self, live: LiveSession) -> None:
         if self._held.pop(live.id, None) is None:
