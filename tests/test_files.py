@@ -9,8 +9,6 @@ import os
 import re
 import time
 import zlib
-from collections.abc import Callable
-from typing import Any
 
 import httpx
 import psutil
@@ -19,6 +17,7 @@ from prismd.agent.files import PDF_PARALLEL, PdfLimits, pdf_text
 from prismd.testing.fake_models import Reply
 
 from .conftest import PrismdServer, of_type, openai_env, stored_rows
+from .waiting import wait_for
 
 PNG_1PX = base64.b64decode(
     "iVBORw0KGgoAAAANSUhEUgAAAAEAAAABCAYAAAAfFcSJAAAADUlEQVR4nGNgYGD4DwABBAEAwS2OUAAAAABJRU5ErkJggg=="
@@ -36,19 +35,7 @@ def make_pdf(text: str) -> bytes:
         b"<< /Length %d >>\nstream\n" % len(stream) + stream + b"\nendstream",
         b"<< /Type /Font /Subtype /Type1 /BaseFont /Helvetica >>",
     ]
-    out = bytearray(b"%PDF-1.4\n")
-    offsets = []
-    for i, body in enumerate(objects, 1):
-        offsets.append(len(out))
-        out += b"%d 0 obj\n" % i + body + b"\nendobj\n"
-    xref = len(out)
-    out += b"xref\n0 %d\n0000000000 65535 f \n" % (len(objects) + 1)
-    out += b"".join(b"%010d 00000 n \n" % o for o in offsets)
-    out += b"trailer\n<< /Size %d /Root 1 0 R >>\nstartxref\n%d\n%%%%EOF\n" % (
-        len(objects) + 1,
-        xref,
-    )
-    return bytes(out)
+    return _assemble(objects)
 
 
 def b64(data: bytes) -> str:
@@ -176,6 +163,7 @@ def pages_pdf(texts: list[str]) -> bytes:
 
 
 def _assemble(objects: list[bytes]) -> bytes:
+    """A PDF file of these objects (object 1 the catalog), with a correct xref."""
     out = bytearray(b"%PDF-1.4\n")
     offsets = []
     for i, body in enumerate(objects, 1):
@@ -200,14 +188,6 @@ def extractors(root: int | None = None) -> list[psutil.Process]:
             if any("PdfReader" in arg for arg in proc.cmdline()) and proc.name() != "bwrap":
                 found.append(proc)
     return found
-
-
-def wait_for(condition: Callable[[], Any], within: float, what: str) -> Any:
-    deadline = time.monotonic() + within
-    while not (value := condition()):
-        assert time.monotonic() < deadline, f"timed out waiting for {what}"
-        time.sleep(0.02)
-    return value
 
 
 def test_pdf_limits_end_in_a_note_for_the_model() -> None:
@@ -278,7 +258,7 @@ def test_a_pdf_bomb_does_not_stall_the_server(tmp_path, fake_openai):
                     {"filename": "r.pdf", "mimeType": "application/pdf", "data": b64(bomb_pdf(20))}
                 ],
             )
-            running = wait_for(lambda: extractors(srv.proc.pid), 30, "the extractor")
+            running = wait_for(lambda: extractors(srv.proc.pid), "the extractor", 30)
             # Meanwhile, for someone else: health, a login, a chat with a tool.
             assert httpx.get(f"{srv.url}/api/health", timeout=10).status_code == 200
             login = httpx.post(

@@ -40,6 +40,7 @@ from prismd.tools.builtins import builtin_tools
 from prismd.tools.registry import ToolRegistry
 
 from .conftest import ROOT, Client, PrismdServer, of_type, text_of
+from .waiting import wait_for
 
 MISSING = [m for m in ("xllamacpp", local.DEMO_PACKAGE) if importlib.util.find_spec(m) is None]
 TURN_S = 180.0  # a deadline, never a measurement: a loaded CI machine is slow, not wrong
@@ -104,29 +105,28 @@ def runtime_status(srv: PrismdServer) -> dict[str, Any]:
 
 def runtime(srv: PrismdServer, restarts: int = 0) -> psutil.Process:
     """The runtime process of `srv`, once its model is loaded (after `restarts` restarts)."""
-    deadline = time.monotonic() + TURN_S
-    while True:
+
+    def loaded() -> dict[str, Any] | None:
         status = runtime_status(srv)
-        if status["state"] == "ready" and status["restarts"] >= restarts:
-            proc = psutil.Process(status["pid"])
-            assert srv.proc is not None and proc.ppid() == srv.proc.pid
-            return proc
         assert status["state"] != "failed", status
-        assert time.monotonic() < deadline, f"the local model did not load: {status}"
-        time.sleep(0.05)
+        return status if status["state"] == "ready" and status["restarts"] >= restarts else None
+
+    status = wait_for(loaded, "the local model to load", TURN_S, detail=lambda: runtime_status(srv))
+    proc = psutil.Process(status["pid"])
+    assert srv.proc is not None and proc.ppid() == srv.proc.pid
+    return proc
 
 
 def gone(proc: psutil.Process) -> None:
     """Wait until `proc` has ended (a zombie has ended; its new parent reaps it)."""
-    deadline = time.monotonic() + 15
-    while True:
+
+    def ended() -> bool:
         try:
-            if proc.status() == psutil.STATUS_ZOMBIE:
-                return
+            return proc.status() == psutil.STATUS_ZOMBIE
         except psutil.NoSuchProcess:
-            return
-        assert time.monotonic() < deadline, f"the runtime (pid {proc.pid}) outlived prismd"
-        time.sleep(0.05)
+            return True
+
+    wait_for(ended, f"the runtime (pid {proc.pid}) to end with prismd", 15)
 
 
 def first_chunk(c: Client) -> None:

@@ -28,6 +28,7 @@ from prismd.tools.registry import ToolRegistry
 
 from .conftest import free_port, of_type, openai_env
 from .test_compat_rest import Api
+from .waiting import until, wait_for
 
 FIXTURE = str(Path(__file__).resolve().parent / "mcp_fixture_server.py")
 
@@ -58,15 +59,6 @@ def quick_restarts(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(mcp_module, "RESTART_DELAY_MAX_S", 0.2)
 
 
-async def until(condition, what: str, within: float = 20) -> None:
-    """Wait for a condition (polled), with a deadline."""
-    deadline = time.monotonic() + within
-    while not condition():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out waiting for {what}")
-        await asyncio.sleep(0.02)
-
-
 def fixture_children() -> list[psutil.Process]:
     found = []
     for p in psutil.Process().children(recursive=True):
@@ -81,7 +73,8 @@ def fixture_children() -> list[psutil.Process]:
 async def wait_for_log(caplog: pytest.LogCaptureFixture, text: str, count: int = 1) -> None:
     await until(
         lambda: sum(text in r.getMessage() for r in caplog.records) >= count,
-        f"{text!r} logged {count} times: {caplog.text}",
+        f"{text!r} logged {count} times",
+        detail=lambda: caplog.text,
     )
 
 
@@ -556,13 +549,13 @@ command = "/nonexistent/prismd-mcp-server"
         return {t["name"] for t in body["tools"]}, {s["name"]: s for s in body["mcpServers"]}
 
     def wait_until(condition, what: str) -> tuple[set[str], dict[str, dict]]:
-        deadline = time.monotonic() + 30
-        while True:
-            names, servers = tools_now()
-            if condition(names, servers):
-                return names, servers
-            assert time.monotonic() < deadline, f"timed out waiting for {what}: {servers}"
-            time.sleep(0.05)
+        seen: list[object] = [None]
+
+        def now() -> tuple[set[str], dict[str, dict]] | None:
+            names, servers = seen[0] = tools_now()
+            return (names, servers) if condition(names, servers) else None
+
+        return wait_for(now, what, detail=lambda: seen[0])
 
     def turn(*replies: Reply) -> list[dict]:
         before = len(fake_openai.requests)

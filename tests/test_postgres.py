@@ -47,6 +47,7 @@ from .test_store import (
     make_legacy_install,
     make_memory_db,
 )
+from .waiting import until
 
 HANG_GUARD_S = 30  # an await that takes this long has hung: the test fails, it does not wait
 
@@ -57,15 +58,6 @@ def run(coro: Awaitable[Any]) -> Any:
 
 async def within(aw: Awaitable[Any]) -> Any:
     return await asyncio.wait_for(aw, HANG_GUARD_S)
-
-
-async def eventually(check: Callable[[], Awaitable[bool]], what: str) -> None:
-    """Poll `check` until it is true (a condition met, not a time waited)."""
-    deadline = time.monotonic() + HANG_GUARD_S
-    while not await check():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"never: {what}")
-        await asyncio.sleep(0.05)
 
 
 def prismd(*args: str, env: dict[str, str]) -> subprocess.CompletedProcess[str]:
@@ -189,7 +181,9 @@ def test_a_lease_has_one_owner_and_expires_by_the_database_clock(pg_url, monkeyp
         # A stops renewing s1 (a short last renewal): it expires by the database's clock and
         # B takes it; A has lost it for good.
         assert await store.renew_leases(["s1"], "A", 0.2) == ["s1"]
-        await eventually(lambda: store.acquire_lease("s1", "B", 30), "B takes the expired lease")
+        await until(
+            lambda: store.acquire_lease("s1", "B", 30), "B takes the expired lease", HANG_GUARD_S
+        )
         assert await store.renew_leases(["s1", "s2"], "A", 30) == ["s2"]
         assert await store.acquire_lease("s1", "A", 30) is False
 
@@ -217,7 +211,9 @@ def test_running_turns_without_a_live_lease_are_the_crashed_ones(pg_url):
         assert await store.expired_turns() == []  # a live process runs it
         assert await store.crashed_sessions() == []  # so a starting process leaves it alone
         assert await store.renew_leases(["s1"], "A", 0.1) == ["s1"]
-        await eventually(lambda: _contains(store.expired_turns(), "s1"), "the lease expires")
+        await until(
+            lambda: _contains(store.expired_turns(), "s1"), "the lease expires", HANG_GUARD_S
+        )
         assert await store.crashed_sessions() == ["s1"]
         await store.save_turn("s1", "t1", status="interrupted")
         assert await store.expired_turns() == []

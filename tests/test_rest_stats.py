@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import asyncio
 import threading
-import time
 from pathlib import Path
 from typing import Any
 
@@ -30,6 +29,7 @@ from prismd.store.sqlite import SqliteStore
 
 from .conftest import PrismdServer, of_type, openai_env
 from .test_store import new_store  # noqa: F401 - a fixture: both stores
+from .waiting import wait_for
 
 
 class HeldStore(SqliteStore):
@@ -135,13 +135,6 @@ def test_session_activity_counts_in_the_store(new_store) -> None:  # noqa: F811
     asyncio.run(main())
 
 
-def _wait(condition: Any, what: str, timeout: float = 15) -> None:
-    deadline = time.monotonic() + timeout
-    while not condition():
-        assert time.monotonic() < deadline, f"timed out waiting for {what}"
-        time.sleep(0.02)
-
-
 def test_stats_and_rows_count_each_turn_once(make_server: Any, fake_openai: Any) -> None:
     """Turns with the session dropped from memory and loaded again between them (by the next
     chat, by a route that loads it), and read live (a client bound) and stored: the stats, the
@@ -179,12 +172,12 @@ def test_stats_and_rows_count_each_turn_once(make_server: Any, fake_openai: Any)
                     done.append(of_type(c.turn(message=f"again {n}", sessionId=sid), "done")[0])
                     ran += 1
                     check(sid, ran, done)
-            _wait(lambda: live_sessions() == 0, "the session to be dropped from memory")
+            wait_for(lambda: live_sessions() == 0, "the session to be dropped from memory")
             check(sid, ran, done)  # stored
             # A route that loads the session (and drops it after): loaded from the row.
             renamed = http.patch(f"/api/sessions/{sid}", json={"name": f"after {ran}"})
             assert renamed.status_code == 200, renamed.text
-            _wait(lambda: live_sessions() == 0, "the session to be dropped again")
+            wait_for(lambda: live_sessions() == 0, "the session to be dropped again")
             check(sid, ran, done)
         srv.restart()  # and from the database alone
         check(sid, ran, done)

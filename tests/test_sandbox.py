@@ -18,7 +18,6 @@ import sqlite3
 import subprocess
 import sys
 import threading
-import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -31,6 +30,7 @@ from prismd.tools.base import ToolContext, ToolError
 from prismd.tools.builtins import CodeExec, Shell, _cgroup, isolation, sandbox
 
 from .conftest import PrismdServer, openai_env
+from .waiting import wait_for
 
 PY = sys.executable
 TOOLS = {"code_exec": CodeExec(), "shell": Shell()}
@@ -285,16 +285,6 @@ def _pids_named(token: str) -> list[int]:
     return found
 
 
-def _wait_for(condition: Callable[[], Any], within: float, what: str) -> Any:
-    deadline = time.monotonic() + within
-    while True:
-        value = condition()
-        if value:
-            return value
-        assert time.monotonic() < deadline, f"timed out waiting for {what}"
-        time.sleep(0.02)
-
-
 @pytest.mark.parametrize("ending", ["end", "timeout", "stop"])
 def test_a_double_fork_with_setsid_is_gone_when_the_tool_ends(
     caller: tuple[str, ToolContext], ending: str
@@ -322,7 +312,7 @@ def test_a_double_fork_with_setsid_is_gone_when_the_tool_ends(
     thread = threading.Thread(target=asyncio.run, args=(scenario(),))
     thread.start()
     loop_ready.wait(10)
-    _wait_for(lambda: _pids_named(token), 30, "the double-forked process")
+    wait_for(lambda: _pids_named(token), "the double-forked process", 30)
     if ending == "end":
         (ctx.workspace / "release").write_text("")
     elif ending == "stop":
@@ -441,12 +431,12 @@ def test_kill_9_of_the_server_leaves_no_sandboxed_process_and_the_next_start_swe
             c.send(type="chat", message="run it")
             c.until("tool_start")
             for name in ("main", "grandchild"):
-                _wait_for(lambda n=name: _pids_named(f"{token}-{n}"), 30, f"the {name}")
+                wait_for(lambda n=name: _pids_named(f"{token}-{n}"), f"the {name}", 30)
         groups = _marked_groups(owner)
         srv.kill()  # kill -9
         # The parent-death signal: everything the run started dies with the server.
         for name in ("main", "grandchild"):
-            _wait_for(lambda n=name: not _pids_named(f"{token}-{n}"), 10, f"{name} to go")
+            wait_for(lambda n=name: not _pids_named(f"{token}-{n}"), f"{name} to go", 10)
         assert groups == _marked_groups(owner)  # its run cgroup is left behind, empty
 
         # What a server that died may leave: a marked process that missed the signal, and a
@@ -476,11 +466,11 @@ def test_kill_9_of_the_server_leaves_no_sandboxed_process_and_the_next_start_swe
                     f.write(str(in_group))
             assert len(_marked_groups(owner)) > len(groups)
         srv.start()
-        assert _wait_for(lambda: leftover.poll() is not None, 10, "the marked leftover")
+        assert wait_for(lambda: leftover.poll() is not None, "the marked leftover", 10)
         assert leftover.returncode == -signal.SIGKILL
         if in_group is not None:
             orphan = in_group
-            _wait_for(lambda: not os.path.exists(f"/proc/{orphan}"), 10, "the cgroup's process")
+            wait_for(lambda: not os.path.exists(f"/proc/{orphan}"), "the cgroup's process", 10)
         assert _marked_groups(owner) == []
         assert "removed what a server that died left behind" in srv.log.read_text()
         health = srv.get("/api/health")

@@ -9,6 +9,7 @@ processes started by tests/conftest.py's PrismdServer, the scripted fake model o
 
 from __future__ import annotations
 
+import contextlib
 import json
 import threading
 import time
@@ -24,6 +25,7 @@ from prismd.testing.postgres_server import PostgresServer
 
 from .conftest import Client, PrismdServer, of_type, openai_env, text_of
 from .test_tool_turns import call
+from .waiting import wait_for
 
 PIECES = [f"p{i:03d} " for i in range(60)]
 CONFIG = """
@@ -62,6 +64,16 @@ def cluster(tmp_path_factory, fake_openai, make_pg_database, redis_server) -> It
 
 def _seqs(frames: list[dict[str, Any]]) -> list[int]:
     return [f["seq"] for f in frames if "seq" in f]
+
+
+def _followed_elsewhere(on_a: Any, on_b: Any, message: str) -> tuple[str, list[dict[str, Any]]]:
+    """`message` sent on `on_a`; once it streams, `on_b` (on the other process) resumes its
+    session and sees it stream too. The session id and what `on_b` saw so far."""
+    on_a.send(type="chat", message=message)
+    sid = on_a.until("chunk")[0]["sessionId"]
+    on_b.send(type="resume", sessionId=sid)
+    assert on_b.recv()["type"] == "session"
+    return sid, on_b.until("chunk")
 
 
 def _until_turn_end(c: Client, timeout: float = 30) -> list[dict[str, Any]]:
@@ -144,15 +156,10 @@ def test_stop_from_another_process_ends_the_turn(cluster, fake_openai):
     a, b = cluster.nodes
     fake_openai.script(Reply(text=PIECES * 5, delay_s=0.05), match="stop me elsewhere")
     with a.client() as on_a, b.client() as on_b:
-        on_a.send(type="chat", message="stop me elsewhere")
-        head = on_a.until("chunk")
-        sid = head[0]["sessionId"]
-        on_b.send(type="resume", sessionId=sid)
-        assert on_b.recv()["type"] == "session"
-        on_b.until("chunk")
+        _followed_elsewhere(on_a, on_b, "stop me elsewhere")
         on_b.send(type="stop")
         tail = _until_turn_end(on_b)
-        seen_a = head + _until_turn_end(on_a)
+        seen_a = _until_turn_end(on_a)  # from its first chunk on: `done` is among these
     assert of_type(tail, "stopped") and of_type(tail, "done")[0]["stopReason"] == "stopped"
     assert of_type(seen_a, "done")[0]["stopReason"] == "stopped"
     assert fake_openai.wait_aborted(1, timeout=10)  # the upstream request was closed
@@ -258,12 +265,7 @@ def test_kill_9_of_the_process_running_a_turn(
     try:
         fake_openai.script(Reply(text=PIECES * 10, delay_s=0.05), match="killed mid-turn")
         with a.client() as on_a, b.client() as on_b:
-            on_a.send(type="chat", message="killed mid-turn")
-            head = on_a.until("chunk")
-            sid = head[0]["sessionId"]
-            on_b.send(type="resume", sessionId=sid)
-            assert on_b.recv()["type"] == "session"
-            seen = on_b.until("chunk")
+            sid, seen = _followed_elsewhere(on_a, on_b, "killed mid-turn")
             a.kill()
             seen += on_b.until("context_usage", timeout=30)  # the lease (6 s) runs out
         done = of_type(seen, "done")[0]
@@ -285,12 +287,7 @@ def test_a_redis_restart_loses_no_event(cluster, fake_openai, redis_server):
     a, b = cluster.nodes
     fake_openai.script(Reply(text=PIECES * 2, delay_s=0.03), match="through a redis restart")
     with a.client() as on_a, b.client() as on_b:
-        on_a.send(type="chat", message="through a redis restart")
-        head = on_a.until("chunk")
-        sid = head[0]["sessionId"]
-        on_b.send(type="resume", sessionId=sid)
-        assert on_b.recv()["type"] == "session"
-        seen = on_b.until("chunk")
+        sid, seen = _followed_elsewhere(on_a, on_b, "through a redis restart")
         redis_server.restart()
         seen += _until_turn_end(on_b, timeout=60)
         _until_turn_end(on_a, timeout=60)
@@ -378,18 +375,17 @@ def test_serve_with_several_workers(tmp_path, fake_openai, make_pg_database, red
     try:
         node = PrismdServer(tmp_path, env)
         node.port = port
-        deadline = time.monotonic() + 60
         pids: set[int] = set()
-        while len(pids) < 2:  # both workers answer (each reports its process in health)
-            assert proc.poll() is None and time.monotonic() < deadline, (
-                tmp_path / "serve.log"
-            ).read_text()
-            try:
+
+        def both_answered() -> bool:  # each worker reports its process in health
+            assert proc.poll() is None, (tmp_path / "serve.log").read_text()
+            with contextlib.suppress(httpx.HTTPError):
                 body = httpx.get(f"{node.url}/api/health", timeout=2).json()
                 if "pid" in body:
                     pids.add(body["pid"])
-            except httpx.HTTPError:
-                time.sleep(0.1)
+            return len(pids) >= 2
+
+        wait_for(both_answered, "both workers to answer", 60)
         fake_openai.script(Reply(text=["two ", "workers"]), match="workers")
         with node.client() as c:
             frames = c.turn(message="workers")

@@ -38,6 +38,7 @@ from prismd.tools.builtins import (
 from prismd.tools.builtins.web_fetch import WebFetch
 
 from .test_store import HOSTILE_QUERIES, new_store  # noqa: F401 - a fixture: both stores
+from .waiting import until, wait_for
 
 TOOLS = {t.spec.name: t for t in builtin_tools()}
 
@@ -359,10 +360,7 @@ def _session_members(sid: int) -> set[int]:
 
 
 def _wait_gone(sid: int, within: float = 2.0) -> None:
-    deadline = time.monotonic() + within
-    while _live(_session_members(sid)):
-        assert time.monotonic() < deadline, f"processes of {sid} still alive"
-        time.sleep(0.05)
+    wait_for(lambda: not _live(_session_members(sid)), f"the processes of {sid} to end", within)
 
 
 async def _running(started: list[int], name: str, count: int) -> None:
@@ -380,10 +378,7 @@ async def _running(started: list[int], name: str, count: int) -> None:
                     found += alive and proc.name().startswith(name)
         return found
 
-    deadline = time.monotonic() + 30
-    while running() < count:
-        assert time.monotonic() < deadline, f"{count} {name} processes did not start"
-        await asyncio.sleep(0.02)
+    await until(lambda: running() >= count, f"{count} {name} processes to start")
 
 
 def test_shell_runs_in_workspace(ctx: ToolContext) -> None:

@@ -5,10 +5,12 @@ from __future__ import annotations
 
 import threading
 import time
+from typing import Any
 
 from prismd.testing.fake_models import Reply
 
 from .conftest import of_type, openai_env, text_of
+from .waiting import wait_for
 
 # Run in both configurations: one process on SQLite, and PostgreSQL + Redis (conftest.py).
 BACKENDS = ("embedded", "scaled")
@@ -233,12 +235,14 @@ def test_kill_mid_stream_keeps_the_partial_answer(make_server, fake_openai):
         srv.kill()
     sid = frames[0]["sessionId"]
     srv.start()
+
     # One process: repaired at start. Several (scaled): once the dead process's lease on the
     # session has run out, by whichever process notices first.
-    deadline = time.monotonic() + 30
-    while (msgs := srv.get(f"/api/sessions/{sid}/messages").json())[-1]["status"] == "streaming":
-        assert time.monotonic() < deadline, msgs[-1]
-        time.sleep(0.2)
+    def repaired() -> list[dict[str, Any]] | None:
+        msgs: list[dict[str, Any]] = srv.get(f"/api/sessions/{sid}/messages").json()
+        return msgs if msgs[-1]["status"] != "streaming" else None
+
+    msgs = wait_for(repaired, "the crashed turn to be repaired")
     assert msgs[-1]["role"] == "assistant" and msgs[-1]["status"] == "interrupted"
     assert msgs[-1]["content"].startswith(text_of(frames))
     session = srv.get(f"/api/sessions/{sid}").json()

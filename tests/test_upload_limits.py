@@ -7,7 +7,6 @@ Real server processes, real HTTP and WebSockets, real files on disk."""
 from __future__ import annotations
 
 import base64
-import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -19,6 +18,7 @@ from prismd.testing.fake_models import FakeModelServer
 from .conftest import PrismdServer, openai_env, stored_rows
 from .test_auth import bearer, cli
 from .test_security_auth import add_user, token_for, token_ws
+from .waiting import wait_for
 
 LIMITS = """
 [uploads]
@@ -204,10 +204,10 @@ def test_the_server_prunes_unused_uploads_by_itself(make_server, fake):
         with srv.client() as ws:
             ws.turn(message="keep it", files=[{"fileId": used["id"]}])
         unused = local.post("/api/upload", files={"file": ("u.txt", b"u", "text/plain")}).json()
-        deadline = time.monotonic() + 30
-        while local.get(f"/api/uploads/{unused['id']}").status_code == 200:
-            assert time.monotonic() < deadline, "the unused upload was never pruned"
-            time.sleep(0.1)
+        wait_for(
+            lambda: local.get(f"/api/uploads/{unused['id']}").status_code != 200,
+            "the unused upload to be pruned",
+        )
         assert local.get(f"/api/uploads/{used['id']}").content == b"s"
     assert "removed 1 unused upload(s)" in srv.log.read_text()
 

@@ -11,7 +11,6 @@ from __future__ import annotations
 import base64
 import socket
 import threading
-import time
 import uuid
 from typing import Any
 
@@ -21,6 +20,7 @@ import pytest
 from .conftest import PrismdServer, of_type, openai_env
 from .test_auth import PASSWORDS, add_user, bearer, make_token, ws_client
 from .voice_fixtures import HAVE_ESPEAK, chunks, encode, espeak_wav, wer
+from .waiting import wait_for
 
 pytestmark = pytest.mark.skipif(not HAVE_ESPEAK, reason="espeak-ng is not installed")
 
@@ -52,7 +52,7 @@ def srv(tmp_path_factory, fake_openai):
     tokens = {name: make_token(home, name) for name in ("alice", "bob", "carol")}
     server = PrismdServer(home, openai_env(fake_openai), BOUNDS).start()
     server.tokens = tokens  # type: ignore[attr-defined]
-    wait_for(server, lambda s: s["stt"]["loaded"] and s["tts"]["loaded"] and s["vad"]["loaded"])
+    wait_status(server, lambda s: s["stt"]["loaded"] and s["tts"]["loaded"] and s["vad"]["loaded"])
     yield server
     server.stop()
 
@@ -86,15 +86,15 @@ def status(srv: PrismdServer) -> dict[str, Any]:
     return body
 
 
-def wait_for(srv: PrismdServer, condition: Any, what: str = "status") -> dict[str, Any]:
+def wait_status(srv: PrismdServer, condition: Any, what: str = "status") -> dict[str, Any]:
     """Poll /api/voice/status until `condition(status)`; its last value."""
-    deadline = time.monotonic() + 120
-    while True:
-        current = status(srv)
-        if condition(current):
-            return current
-        assert time.monotonic() < deadline, f"{what} not reached: {current}"
-        time.sleep(0.02)
+    seen: list[Any] = [None]
+
+    def now() -> dict[str, Any] | None:
+        current = seen[0] = status(srv)
+        return current if condition(current) else None
+
+    return wait_for(now, what, 120, detail=lambda: seen[0])
 
 
 def connect(srv: PrismdServer, user: str) -> Any:
@@ -169,7 +169,7 @@ def test_a_second_users_turn_goes_before_the_first_users_queued_clips(srv, quest
     for t in threads:
         t.start()
     # All three are in: each is cut into segments, queued for the speech-to-text thread.
-    wait_for(srv, lambda s: s["work"]["requests"] == 3 and s["work"]["stt"]["queued"] >= 10)
+    wait_status(srv, lambda s: s["work"]["requests"] == 3 and s["work"]["stt"]["queued"] >= 10)
     fourth = transcribe(srv, "bob", question)
     assert fourth.status_code == 429 and fourth.json()["code"] == "rate_limited"
     assert "voice.max_user_transcriptions" in fourth.json()["error"]
@@ -189,7 +189,7 @@ def test_a_second_users_turn_goes_before_the_first_users_queued_clips(srv, quest
         assert reply.status_code == 200 and wer(text, reply.json()["text"]) < 0.3, reply.text
     after = status(srv)["work"]["stt"]
     assert after["done"] - before >= 3 * 5  # each clip went as several jobs
-    wait_for(srv, lambda s: s["work"]["requests"] == 0)
+    wait_status(srv, lambda s: s["work"]["requests"] == 0)
 
 
 def test_audio_over_the_users_queued_seconds_is_refused(srv, question):
@@ -216,7 +216,7 @@ def test_recordings_in_progress_are_bounded_per_user(srv, question):
     try:
         for c in conns[:3]:
             record(c, question, 1)
-        wait_for(srv, lambda s: s["work"]["requests"] == 3)
+        wait_status(srv, lambda s: s["work"]["requests"] == 3)
         record(conns[3], question, 1)
         err = conns[3].recv(timeout=30)
         assert err["code"] == "rate_limited" and "voice.max_user_transcriptions" in err["error"]
@@ -230,7 +230,7 @@ def test_recordings_in_progress_are_bounded_per_user(srv, question):
     finally:
         for c in conns:
             c.close()
-    wait_for(srv, lambda s: s["work"]["requests"] == 0 and s["work"]["bufferedAudioBytes"] == 0)
+    wait_status(srv, lambda s: s["work"]["requests"] == 0 and s["work"]["bufferedAudioBytes"] == 0)
 
 
 def test_recorded_audio_is_bounded_per_user_and_in_total(srv, question):
@@ -247,13 +247,13 @@ def test_recorded_audio_is_bounded_per_user_and_in_total(srv, question):
     bob, bob2, alice = connect(srv, "bob"), connect(srv, "bob"), connect(srv, "alice")
     try:
         hold(bob, 4)
-        wait_for(srv, lambda s: s["work"]["bufferedAudioBytes"] == 3_600_000)
+        wait_status(srv, lambda s: s["work"]["bufferedAudioBytes"] == 3_600_000)
         hold(bob2, 1)
         err = bob2.recv(timeout=30)
         assert err["code"] == "rate_limited" and "voice.max_user_audio_bytes" in err["error"]
         assert status(srv)["work"]["bufferedAudioBytes"] == 3_600_000
         hold(alice, 2)
-        wait_for(srv, lambda s: s["work"]["bufferedAudioBytes"] == 5_400_000)
+        wait_status(srv, lambda s: s["work"]["bufferedAudioBytes"] == 5_400_000)
         with connect(srv, "carol") as carol:
             hold(carol, 1)
             err = carol.recv(timeout=30)
@@ -263,12 +263,12 @@ def test_recorded_audio_is_bounded_per_user_and_in_total(srv, question):
             assert carol.recv(timeout=30)["code"] == "rate_limited"
         chat_and_login(srv, "carol")
         bob.close()  # bob goes: what he held is freed at once
-        wait_for(srv, lambda s: s["work"]["bufferedAudioBytes"] == 1_800_000)
+        wait_status(srv, lambda s: s["work"]["bufferedAudioBytes"] == 1_800_000)
         assert wer(QUESTION, voice_turn(srv, "carol", question)["text"]) <= 0.34
     finally:
         for c in (bob, bob2, alice):
             c.close()
-    wait_for(srv, lambda s: s["work"]["bufferedAudioBytes"] == 0)
+    wait_status(srv, lambda s: s["work"]["bufferedAudioBytes"] == 0)
 
 
 # ---------------------------------------------------------------- cancellation
@@ -276,13 +276,13 @@ def test_recorded_audio_is_bounded_per_user_and_in_total(srv, question):
 
 def queued_work(srv: PrismdServer) -> dict[str, Any]:
     """Wait until bob's long recording has jobs queued; the stt figures then."""
-    stt: dict[str, Any] = wait_for(srv, lambda s: s["work"]["stt"]["queued"] >= 8)["work"]["stt"]
+    stt: dict[str, Any] = wait_status(srv, lambda s: s["work"]["stt"]["queued"] >= 8)["work"]["stt"]
     return stt
 
 
 def dropped(srv: PrismdServer, queued: dict[str, Any]) -> None:
     """Most of the jobs queued then were dropped, not run (the one running may finish)."""
-    after = wait_for(srv, lambda s: s["work"]["stt"]["queued"] == 0)["work"]["stt"]
+    after = wait_status(srv, lambda s: s["work"]["stt"]["queued"] == 0)["work"]["stt"]
     assert after["cancelled"] - queued["cancelled"] >= queued["queued"] // 2, (queued, after)
     assert after["done"] - queued["done"] <= queued["queued"] // 2, (queued, after)
 
@@ -295,7 +295,7 @@ def test_a_recording_whose_connection_closes_is_dropped(srv, question, long_spee
         queued = queued_work(srv)
     dropped(srv, queued)
     assert wer(QUESTION, voice_turn(srv, "carol", question)["text"]) <= 0.34
-    wait_for(srv, lambda s: s["work"]["requests"] == 0)
+    wait_status(srv, lambda s: s["work"]["requests"] == 0)
 
 
 def test_stop_while_recording_drops_the_recording(srv, long_speech):
@@ -311,7 +311,7 @@ def test_stop_while_recording_drops_the_recording(srv, long_speech):
         assert err["code"] == "transcription_failed" and "stop" in err["error"], err
         c.send(type="ping")
         assert c.recv(timeout=30)["type"] == "pong"
-    wait_for(srv, lambda s: s["work"]["requests"] == 0)
+    wait_status(srv, lambda s: s["work"]["requests"] == 0)
 
 
 def test_a_rest_transcription_whose_client_disconnects_is_dropped(srv, long_speech):
@@ -335,4 +335,4 @@ def test_a_rest_transcription_whose_client_disconnects_is_dropped(srv, long_spee
         sock.sendall(head + body)
         queued = queued_work(srv)
     dropped(srv, queued)
-    wait_for(srv, lambda s: s["work"]["requests"] == 0)
+    wait_status(srv, lambda s: s["work"]["requests"] == 0)

@@ -12,21 +12,14 @@ from prismd.config import VoiceSettings
 from prismd.voice.errors import Cancelled, SpeechBusy
 from prismd.voice.scheduler import FairExecutor, SpeechLimits
 
-
-async def until(condition: Any) -> None:
-    """Wait for `condition()` (polled; the worker thread has no event to await)."""
-    loop = asyncio.get_running_loop()
-    deadline = loop.time() + 10
-    while not condition():
-        assert loop.time() < deadline, "condition not reached"
-        await asyncio.sleep(0.005)
+from .waiting import until
 
 
 async def held(executor: FairExecutor) -> tuple[threading.Event, asyncio.Future[Any]]:
     """Keep the worker busy until the returned event is set."""
     gate = threading.Event()
     running = executor.submit("someone", gate.wait, 10)
-    await until(lambda: executor.running is not None)
+    await until(lambda: executor.running is not None, "the worker to take the work", 10)
     return gate, running
 
 
