@@ -26,7 +26,7 @@ from .sessions.redis_bus import RedisBus  # imports redis only when one is built
 from .sessions.service import SessionService
 from .store import make_store
 from .store.base import LOCAL_USER_ID, Store
-from .tools.builtins import builtin_tools
+from .tools.builtins import builtin_tools, sandbox
 from .tools.registry import ToolRegistry
 
 if TYPE_CHECKING:
@@ -83,6 +83,8 @@ class Prismd:
         return bus, DistributedCoordination(self.store, bus, self.origin)
 
     async def start(self) -> None:
+        # What sandboxed runs of servers that died left behind (blocking: milliseconds).
+        await asyncio.to_thread(sandbox.sweep_leftovers)
         await self.store.open()
         if isinstance(self.bus, RedisBus):
             await self.bus.start()

@@ -56,9 +56,6 @@ class CodeExec(Tool):
         },
     )
 
-    def __init__(self) -> None:
-        sandbox.sweep_leftovers()  # at server start, once per process
-
     async def run(self, args: dict[str, Any], ctx: ToolContext) -> str:
         code = args.get("code")
         if not isinstance(code, str) or not code.strip():

@@ -830,8 +830,8 @@ _swept = False
 def sweep_leftovers() -> dict[str, int]:
     """Remove what servers that are no longer running left behind: their run cgroups (killing
     what is still in them), processes marked with their id (a sandbox whose parent-death signal
-    was missed) and the fallback's run directories. Called once per process, when the tools are
-    built at server start. Blocking (milliseconds)."""
+    was missed) and the fallback's run directories. Called once per process, at server start
+    (Prismd.start, in a thread). Blocking (milliseconds)."""
     global _swept
     if _swept:
         return {}

@@ -77,9 +77,6 @@ class Shell(Tool):
         host_level=True,
     )
 
-    def __init__(self) -> None:
-        sandbox.sweep_leftovers()  # at server start, once per process
-
     async def run(self, args: dict[str, Any], ctx: ToolContext) -> str:
         command = args.get("command")
         if not isinstance(command, str) or not command.strip():
