@@ -72,9 +72,6 @@ class AgentDirectory:
         found = self.lookup(agent_id, user_id, admin)
         return found.agent if found is not None else None
 
-    def is_config(self, agent_id: str) -> bool:
-        return agent_id in self._config
-
     def taken(self, agent_id: str, owner_id: str) -> bool:
         """Whether `owner_id` cannot create `agent_id`: a config agent's id (public) or one of
         their own. Another user's agent of that id does not count (ids are per user)."""

@@ -498,7 +498,6 @@ class MarkupFilter:
         self.calls: list[ParsedCall] = []
         self.malformed: list[MalformedCall] = []
         self._known = None if tool_names is None else frozenset(tool_names)
-        self._parse_tools = parse_tools
         # What depends only on the tool names is built once per set of names (a turn's every
         # round makes a filter).
         g = _grammar(self._known or frozenset(), parse_tools)
@@ -506,7 +505,6 @@ class MarkupFilter:
         self._name_prefixes = g.name_prefixes
         self._rx_text = g.rx_text
         self._rx_text_special = g.rx_text_special
-        self._text_tags = g.text_tags
         self._text_partials = g.text_partials
         self._text_maxlen = g.text_maxlen
         self._rx_think = g.rx_think
@@ -831,7 +829,6 @@ class _Grammar:
     name_prefixes: frozenset[str]
     rx_text: re.Pattern[str]
     rx_text_special: re.Pattern[str]
-    text_tags: frozenset[str]
     text_partials: frozenset[str]
     text_maxlen: int
     rx_think: re.Pattern[str]
@@ -854,7 +851,6 @@ def _grammar(names: frozenset[str], parse_tools: bool) -> _Grammar:
         name_prefixes=frozenset(n[:i] for n in names for i in range(len(n) + 1)),
         rx_text=re.compile("|".join(alternatives)),
         rx_text_special=re.compile(r"[<{`]" if json_calls else "<"),
-        text_tags=frozenset(tags),
         text_partials=_proper_prefixes(tags),
         text_maxlen=max(map(len, tags)),
         rx_think=re.compile("|".join(re.escape(t) for t in think_tags)),

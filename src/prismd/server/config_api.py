@@ -100,14 +100,6 @@ def _set(tree: dict[str, Any], dotted: str, value: Any) -> None:
         tree[last] = value
 
 
-def _get(tree: dict[str, Any], dotted: str) -> Any:
-    for key in dotted.split("."):
-        if not isinstance(tree, dict):
-            return None
-        tree = tree.get(key)  # type: ignore[assignment]
-    return tree
-
-
 # One change at a time per server: each validates against the settings the one before left,
 # and the file is read, changed and replaced whole.
 _locks: weakref.WeakKeyDictionary[Prismd, asyncio.Lock] = weakref.WeakKeyDictionary()
