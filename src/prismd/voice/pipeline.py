@@ -248,13 +248,11 @@ class ConnectionVoice:
             self._error(ErrorCode.INTERNAL, "Internal server error")
 
     async def _wait_for_stopping_turn(self, session_id: str | None) -> None:
-        loop = asyncio.get_running_loop()
-        deadline = loop.time() + STOPPING_WAIT_S
-        # Polled: the interrupted turn ends within milliseconds, and a Turn has no end event.
-        while (turn := self.host.turn_of(session_id)) is not None and turn.stop_requested:
-            if loop.time() > deadline:
-                break
-            await asyncio.sleep(0.01)
+        """An interrupted turn (barge-in) ends within milliseconds: its task's end is awaited
+        (at most STOPPING_WAIT_S) so that the new utterance's turn is not refused."""
+        turn = self.host.turn_of(session_id)
+        if turn is not None and turn.stop_requested and turn.task is not None:
+            await asyncio.wait({turn.task}, timeout=STOPPING_WAIT_S)
 
     def cancel_transcription(self) -> None:
         """`stop`: a recording in progress is discarded, and a voice turn not begun yet never
