@@ -18,6 +18,7 @@ import sqlite3
 import subprocess
 import sys
 import threading
+import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -641,15 +642,24 @@ def test_file_tools_race_a_sandboxed_shell_swapping_symlinks(
     (outside / "f.txt").write_text("ROOT-ONLY-CONTENT\n")
     os.chmod(tmp_path, 0o755)
     run("shell", alice, command="mkdir -p a && echo inside > a/f.txt")
+    # It swaps until told to stop: once the file tools have met both states of `a` (a
+    # probabilistic race, so it runs until it has happened, not for a fixed time).
     swapper = (
-        f"end=$(( $(date +%s) + 4 )); while [ $(date +%s) -lt $end ]; do "
-        f"mv a a.d && ln -s {outside} a && rm a && mv a.d a; done; echo swapped"
+        f"while [ ! -e stop ]; do mv a a.d && ln -s {outside} a && rm a && mv a.d a; done; "
+        "echo swapped"
     )
+
+    def kinds_of(seen: list[str]) -> set[str]:
+        return {s.split(":")[0].split(" ")[0] for s in seen}
 
     async def scenario() -> list[str]:
         shell = asyncio.create_task(TOOLS["shell"].run({"command": swapper}, alice))
-        seen = []
-        while not shell.done():
+        seen: list[str] = []
+        deadline = time.monotonic() + 60  # a hang guard: the assertions below then fail
+        while not shell.done() and time.monotonic() < deadline:
+            kinds = kinds_of(seen)
+            if len(seen) > 10 and kinds & {"created", "overwrote"} and "refused" in kinds:
+                break
             for tool, args in (
                 (FileWrite(), {"path": "a/f.txt", "content": "written\n"}),
                 (FileRead(), {"path": "a/f.txt"}),
@@ -658,6 +668,7 @@ def test_file_tools_race_a_sandboxed_shell_swapping_symlinks(
                     seen.append(await tool.run(args, alice))
                 except ToolError as exc:
                     seen.append(f"refused: {exc}")
+        (alice.workspace / "stop").write_text("")
         seen.append(await shell)
         return seen
 
@@ -667,7 +678,7 @@ def test_file_tools_race_a_sandboxed_shell_swapping_symlinks(
     assert not any("ROOT-ONLY" in s for s in seen)
     assert sorted(p.name for p in outside.iterdir()) == ["f.txt"]
     assert (outside / "f.txt").read_text() == "ROOT-ONLY-CONTENT\n"
-    kinds = {s.split(":")[0].split(" ")[0] for s in seen[:-1]}
+    kinds = kinds_of(seen[:-1])
     assert kinds & {"created", "overwrote"} and "refused" in kinds  # both sides of the race
 
 

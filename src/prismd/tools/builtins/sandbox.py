@@ -56,7 +56,7 @@ import sys
 import tempfile
 import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -703,16 +703,12 @@ class _Plan:
             self.group.close_fds()
 
     def cleanup_sync(self) -> None:
+        """`cleanup`, blocking (a probe's run, outside the event loop)."""
         self.spawned()
-        if self.group is not None:
-            for _ in range(100):
-                self.group.kill()
-                if self.group.remove():
-                    break
-                time.sleep(0.01)
-            else:
-                _pending_groups.append(self.group)
-            self.group = None
+        group, self.group = self.group, None
+        if group is not None:
+            for _ in _removal(group):
+                time.sleep(REMOVE_RETRY_S)
         if self.tmp is not None:
             shutil.rmtree(self.tmp, ignore_errors=True)
             self.tmp = None
@@ -723,19 +719,27 @@ class _Plan:
         self.spawned()
         group, self.group = self.group, None
         if group is not None:
-            for _ in range(100):
-                group.kill()
-                if group.remove():
-                    break
-                await asyncio.sleep(0.01)
-            else:
-                _pending_groups.append(group)
+            for _ in _removal(group):
+                await asyncio.sleep(REMOVE_RETRY_S)
         if self.tmp is not None:
             tmp, self.tmp = self.tmp, None
             await asyncio.to_thread(shutil.rmtree, tmp, True)
 
 
 _pending_groups: list[_cgroup.RunGroup] = []  # groups that could not be removed at once
+REMOVE_RETRY_S = 0.01  # between two tries to remove a run's cgroup (at most 100 tries)
+
+
+def _removal(group: _cgroup.RunGroup) -> Iterator[None]:
+    """Kill what is left in `group` and remove it, trying again (the caller waits
+    REMOVE_RETRY_S at each yield) while killed processes are still going; a group still there
+    after 100 tries is left for `_retry_pending_groups`."""
+    for _ in range(100):
+        group.kill()
+        if group.remove():
+            return
+        yield
+    _pending_groups.append(group)
 
 
 def _retry_pending_groups() -> None:
