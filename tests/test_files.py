@@ -7,7 +7,6 @@ import base64
 import contextlib
 import os
 import re
-import time
 import zlib
 
 import httpx
@@ -17,7 +16,7 @@ from prismd.agent.files import PDF_PARALLEL, PdfLimits, pdf_text
 from prismd.testing.fake_models import Reply
 
 from .conftest import PrismdServer, of_type, openai_env, stored_rows
-from .waiting import wait_for
+from .waiting import until, wait_for
 
 PNG_1PX = base64.b64decode(
     "iVBORw0KGgoAAAANSUhEUgAAAAEAAAABCAYAAAAfFcSJAAAADUlEQVR4nGNgYGD4DwABBAEAwS2OUAAAAABJRU5ErkJggg=="
@@ -215,17 +214,15 @@ def test_pdf_extraction_is_bounded_and_cancelled_with_its_caller() -> None:
         tasks = [
             asyncio.create_task(pdf_text(bomb_pdf(), PdfLimits(timeout_s=60))) for _ in range(3)
         ]
-        seen = 0
-        deadline = time.monotonic() + 30
-        while seen < PDF_PARALLEL:
-            assert time.monotonic() < deadline, "the extractors did not start"
+
+        async def bound_reached() -> bool:
             running = await asyncio.to_thread(extractors, os.getpid())
-            assert len(running) <= PDF_PARALLEL
-            seen = max(seen, len(running))
-            await asyncio.sleep(0.05)
-        for _ in range(10):  # a while later: still no more than the bound
-            assert len(await asyncio.to_thread(extractors, os.getpid())) <= PDF_PARALLEL
-            await asyncio.sleep(0.05)
+            assert len(running) <= PDF_PARALLEL  # never more, at any look
+            return len(running) == PDF_PARALLEL
+
+        await until(bound_reached, f"{PDF_PARALLEL} extractors to run")
+        for _ in range(10):  # ten more looks (each scans /proc): still no more than the bound
+            await bound_reached()
         for task in tasks:
             task.cancel()
         results = await asyncio.gather(*tasks, return_exceptions=True)
